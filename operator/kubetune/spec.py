@@ -1,0 +1,542 @@
+"""The FineTuneJob spec: the single source of truth.
+
+These typed models are what `kubetune run` reads, what the operator reads from the custom
+resource, what the CRD's OpenAPI schema (and so `kubectl explain`) is generated from, and what
+the trainer is configured by. Field names are camelCase in YAML (Kubernetes style) and
+snake_case in Python. Unknown fields are rejected everywhere except `metadata`.
+
+This module imports nothing heavy (no torch), so the operator image can use it.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ["ftj"]
+
+# Exit codes of the trainer. The operator decides what to do with a failed pod from these.
+EXIT_OK = 0
+EXIT_RETRYABLE = 1  # any unexpected crash: retried, counted against runPolicy.maxRestarts
+EXIT_CONFIG_ERROR = 3  # bad spec or bad data: never retried
+EXIT_PREEMPTED = 143  # SIGTERM received, checkpoint saved: restarted without counting
+
+BUNDLED_PREFIX = "bundled://"
+BUNDLED_MODELS = {"smollm2-135m-instruct"}
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+class SecretKeyRef(SpecModel):
+    """A reference to a Kubernetes Secret; values are passed to pods as environment only."""
+
+    name: str = Field(description="Name of a Secret in the job's namespace.", min_length=1)
+
+
+class MethodType(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+
+
+class LoraSpec(SpecModel):
+    """Low-rank adapter settings (PEFT LoraConfig)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt (for example q_proj, v_proj), or the single entry 'all-linear' "
+        "for every linear layer except the output head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Extra modules trained in full and saved with the adapter (for example lm_head).",
+    )
+
+
+class QuantizationSpec(SpecModel):
+    """4-bit quantization of the frozen base model for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4] = Field(4, description="Bits per weight of the frozen base model. Only 4 is supported.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (normal float) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the matrix multiplications and of a merged export."
+    )
+
+
+class MethodSpec(SpecModel):
+    """How the weights are trained."""
+
+    type: MethodType = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
+                             "base; qlora: adapters on a 4-bit quantized frozen base.")
+    lora: LoraSpec | None = Field(None, description="Adapter settings; defaults apply for lora and qlora when omitted.")
+    quantization: QuantizationSpec | None = Field(None, description="Required for qlora, not allowed otherwise.")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> MethodSpec:
+        if self.type == MethodType.qlora.value and self.quantization is None:
+            raise ValueError("method.type qlora requires method.quantization (for example {bits: 4, type: nf4})")
+        if self.type != MethodType.qlora.value and self.quantization is not None:
+            raise ValueError(f"method.quantization is only valid with method.type qlora, not {self.type}")
+        if self.type == MethodType.full.value and self.lora is not None:
+            raise ValueError("method.lora is only valid with method.type lora or qlora, not full")
+        if self.type != MethodType.full.value and self.lora is None:
+            self.lora = LoraSpec()
+        return self
+
+
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    source: str = Field(
+        min_length=1,
+        description="Where the base model is: a local directory in Hugging Face format, s3://bucket/prefix/, "
+        "a Hugging Face hub id (org/name, or hf://org/name), or bundled://smollm2-135m-instruct.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.source.startswith(BUNDLED_PREFIX):
+            name = self.source[len(BUNDLED_PREFIX):]
+            if name not in BUNDLED_MODELS:
+                raise ValueError(f"unknown bundled model {name!r}; bundled models: {sorted(BUNDLED_MODELS)}")
+        return self
+
+
+class TaskType(str, Enum):
+    instruction = "instruction"
+    chat = "chat"
+    completion = "completion"
+
+
+class TaskSpec(SpecModel):
+    """What the model learns to do, and how examples become tokens."""
+
+    type: TaskType = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
+                           "messages list rendered by the chat template; completion: raw text for continued "
+                           "pretraining, cut into fixed-length blocks.")
+    template: Literal["alpaca", "chat-template", "plain"] = Field(
+        "alpaca",
+        description="Prompt template for instruction rows: alpaca (the Stanford Alpaca prompt), chat-template "
+        "(the row becomes a user/assistant exchange rendered by the tokenizer's chat template) or plain "
+        "(instruction and input joined by newlines). Chat rows always use the chat template.",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on prompt tokens. By default only response tokens are learned."
+    )
+
+
+class FileType(str, Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    json = "json"
+    parquet = "parquet"
+    csv = "csv"
+    txt = "txt"
+
+
+class DatasetFormat(str, Enum):
+    alpaca = "alpaca"
+    messages = "messages"
+    text = "text"
+
+
+class DatasetSpec(SpecModel):
+    """One dataset: files, their row format and their weight in the mixture."""
+
+    source: str = Field(
+        min_length=1,
+        description="A file, a directory or a glob, local or s3://bucket/key (globs allowed in the key).",
+    )
+    file_type: FileType = Field(FileType.auto, description="File format; auto picks it from the extension.")
+    format: DatasetFormat | None = Field(
+        None,
+        description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}) or "
+        "text (a text column, or whole lines of a .txt file). Defaults from task.type.",
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of this dataset in the training mixture, "
+                          "counted in examples (not tokens).")
+    text_field: str = Field("text", min_length=1, description="Column holding the text for the text format.")
+    messages_field: str = Field("messages", min_length=1, description="Column holding the messages list.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many rows (after cleaning).")
+
+
+class ValidationSpec(SpecModel):
+    """Held-out data for evaluation: a fraction of the training data, or separate files."""
+
+    fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of each training dataset held out. "
+                                   "Default 0.05 when no datasets are given.")
+    datasets: list[DatasetSpec] | None = Field(None, min_length=1, description="Separate validation files.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many examples.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationSpec:
+        if self.fraction is not None and self.datasets is not None:
+            raise ValueError("validation: give either fraction or datasets, not both")
+        if self.fraction is None and self.datasets is None:
+            self.fraction = 0.05
+        return self
+
+
+class CleaningSpec(SpecModel):
+    """Row cleaning applied to every dataset before tokenization; counts are reported."""
+
+    strip: bool = Field(True, description="Strip leading and trailing whitespace from every text field.")
+    drop_empty: bool = Field(True, description="Drop rows whose response (or text) is empty.")
+    drop_duplicates: bool = Field(True, description="Drop exact duplicate rows.")
+    min_chars: int = Field(0, ge=0, description="Drop rows shorter than this many characters in total.")
+    max_chars: int | None = Field(None, ge=1, description="Drop rows longer than this many characters in total.")
+    skip_invalid_rows: bool = Field(
+        False, description="Skip and count malformed rows instead of failing with their file:line."
+    )
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Scheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    inverse_sqrt = "inverse_sqrt"
+    cosine_with_min_lr = "cosine_with_min_lr"
+
+
+class EarlyStoppingSpec(SpecModel):
+    """Stop when the evaluation metric stops improving; the best checkpoint is kept."""
+
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    metric: Literal["eval_loss", "eval_perplexity"] = Field("eval_loss", description="Metric watched (lower is better).")
+    min_delta: float = Field(0.0, ge=0, description="Smallest decrease that counts as an improvement.")
+
+
+class TrainingSpec(SpecModel):
+    """Optimization hyperparameters."""
+
+    epochs: float | None = Field(None, gt=0, description="Passes over the training mixture. Default 1 when "
+                                 "maxSteps is not set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Scheduler = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (overrides warmupRatio).")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of total steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    batch_size_per_device: int = Field(4, ge=1, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, ge=8, description="Longest sequence in tokens; longer examples are truncated.")
+    packing: bool = Field(False, description="Pack several examples into each sequence (instruction and chat "
+                          "tasks); completion tasks are always cut into full blocks.")
+    precision: Precision = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
+                                 "GPUs, fp32 on CPU.")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations to save memory. "
+                                                "Default: on for GPUs, off on CPU.")
+    seed: int = Field(42, description="Seed for data order, initialization and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop early on an evaluation plateau.")
+
+    @model_validator(mode="after")
+    def _check_training(self) -> TrainingSpec:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("training: give warmupSteps or warmupRatio, not both")
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
+
+
+class CheckpointSpec(SpecModel):
+    """Checkpoints: complete only once their manifest is written."""
+
+    every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps (always at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep this many newest complete checkpoints (plus the best).")
+
+
+class EvaluationSpec(SpecModel):
+    """Held-out evaluation and sample generations."""
+
+    every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (always before "
+                                    "and after training).")
+    perplexity: bool = Field(True, description="Report held-out perplexity.")
+    sample_prompts: list[str] = Field(default_factory=list, description="Prompts to generate from before and "
+                                      "after training; defaults to a few held-out prompts.")
+    num_sample_prompts: int = Field(3, ge=0, description="Held-out prompts used when samplePrompts is empty.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per sample prompt.")
+
+
+class ExportKind(str, Enum):
+    adapter = "adapter"
+    merged = "merged"
+    int8 = "int8"
+    onnx = "onnx"
+
+
+class S3Spec(SpecModel):
+    """S3-compatible endpoint settings (AWS S3, MinIO, Ceph RGW, SeaweedFS)."""
+
+    endpoint_url: str | None = Field(None, description="Endpoint URL, for example http://minio.storage:9000.")
+    region: str | None = Field(None, description="Region name.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="Bucket addressing style; "
+                                                                 "path for most self-hosted servers.")
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
+    ca_bundle: str | None = Field(None, description="Path of a CA bundle file to verify the server with.")
+
+
+class OutputSpec(SpecModel):
+    """Where checkpoints, exports and the run summary go."""
+
+    uri: str | None = Field(None, description="A local directory or s3://bucket/prefix/. Required in a cluster; "
+                            "kubetune run defaults to ./runs/<name>.")
+    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
+                                                        "AWS_SECRET_ACCESS_KEY for S3.")
+    exports: list[ExportKind] = Field(default_factory=lambda: [ExportKind.adapter], description="Artifacts to "
+                                      "export: adapter (PEFT), merged (plain transformers), int8, onnx.")
+
+
+class StorageSpec(SpecModel):
+    """Object-storage settings shared by the model, the datasets and the output."""
+
+    s3: S3Spec = Field(default_factory=S3Spec, description="S3 endpoint settings.")
+    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Default Secret with AWS keys for every "
+                                                        "s3:// location.")
+
+
+class WandbSpec(SpecModel):
+    project: str = Field(min_length=1, description="Weights & Biases project.")
+    entity: str | None = Field(None, description="Team or user.")
+    mode: Literal["online", "offline"] = Field("online", description="offline writes runs to the output only.")
+    api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret with WANDB_API_KEY.")
+
+
+class MlflowSpec(SpecModel):
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking URI (http(s)://... or file:...).")
+    experiment: str = Field("kubetune", description="Experiment name.")
+    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with MLFLOW_TRACKING_TOKEN or "
+                                                        "MLFLOW_TRACKING_USERNAME/PASSWORD.")
+
+
+class TrackingSpec(SpecModel):
+    """Experiment tracking."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to the output.")
+    wandb: WandbSpec | None = Field(None, description="Log to Weights & Biases.")
+    mlflow: MlflowSpec | None = Field(None, description="Log to MLflow.")
+
+
+class Strategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed_zero1 = "deepspeed-zero1"
+    deepspeed_zero2 = "deepspeed-zero2"
+    deepspeed_zero3 = "deepspeed-zero3"
+
+
+class ResourcesSpec(SpecModel):
+    """Pods, GPUs and placement of the training workers."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Worker pods (one per node).")
+    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (and training processes) per pod; 0 trains on CPU.")
+    strategy: Strategy = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
+    image: str | None = Field(None, description="Trainer image; the platform default when omitted.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
+    cpu: str | None = Field(None, description="CPU request and limit per pod, for example '16'.")
+    memory: str | None = Field(None, description="Memory request and limit per pod, for example '128Gi'.")
+    shared_memory: str = Field("8Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (core/v1 Toleration).")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    service_account_name: str | None = Field(None, description="ServiceAccount the pods run as.")
+
+
+class SchedulingSpec(SpecModel):
+    """Queueing."""
+
+    queue_name: str | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
+                                   "by Kueue.")
+    priority_class_name: str | None = Field(None, description="Kueue WorkloadPriorityClass.")
+
+
+class RunPolicySpec(SpecModel):
+    """Restarts and lifetimes."""
+
+    max_restarts: int = Field(3, ge=0, description="Restarts of the worker group after retryable failures "
+                                    "(preemptions do not count).")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds of "
+                                                "running.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the FineTuneJob this long after "
+                                                   "it finished.")
+
+
+class FineTuneJobSpec(SpecModel):
+    """What to fine-tune, on what, how, and where the results go."""
+
+    model: ModelSpec = Field(description="The base model.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Training method: full, lora or qlora.")
+    task: TaskSpec = Field(description="The task and prompt format.")
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets, mixed by weight.")
+    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Held-out evaluation data.")
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row cleaning.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation and samples.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Outputs and exports.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage settings.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and placement.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Restarts and lifetimes.")
+    suspend: bool = Field(False, description="Remove the workers but keep checkpoints; false resumes.")
+
+    @model_validator(mode="after")
+    def _check_spec(self) -> FineTuneJobSpec:
+        task = self.task.type
+        for index, dataset in enumerate(self.datasets + (self.validation.datasets or [])):
+            fmt = dataset.format or default_format(task)
+            if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
+                raise ValueError(f"datasets[{index}].format: a completion task takes text datasets, not {fmt}")
+        if self.method.type == MethodType.full.value:
+            bad = [e for e in self.output.exports if e == ExportKind.adapter.value]
+            if bad:
+                raise ValueError("output.exports: 'adapter' needs method lora or qlora; full fine-tuning exports "
+                                 "'merged' (the full model), 'int8' or 'onnx'")
+        return self
+
+
+def default_format(task: str) -> str:
+    """Row format a dataset has when its spec does not say."""
+    return {
+        TaskType.instruction.value: DatasetFormat.alpaca.value,
+        TaskType.chat.value: DatasetFormat.messages.value,
+        TaskType.completion.value: DatasetFormat.text.value,
+    }[task]
+
+
+class ObjectMeta(BaseModel):
+    """Kubernetes object metadata; only name is required for `kubetune run`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL.pattern)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(SpecModel):
+    """A FineTuneJob manifest (as applied with kubectl or run with `kubetune run`)."""
+
+    model_config = ConfigDict(extra="ignore")  # status and other server fields are ignored
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+
+
+# ----- status (written by the operator; its schema goes into the CRD) -----
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    initializing = "Initializing"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class Condition(SpecModel):
+    type: str = Field(description="Condition type, for example Running or Complete.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One-word CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="Spec generation this condition was computed for.")
+
+
+class ProgressStatus(SpecModel):
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    epoch: float | None = Field(None, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Latest training loss.")
+    eval_loss: float | None = Field(None, description="Latest held-out loss.")
+    tokens_per_second: float | None = Field(None, description="Training throughput in non-padding tokens/s.")
+    trained_tokens: int | None = Field(None, description="Non-padding tokens trained so far.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds to finish training.")
+    percent: int | None = Field(None, description="step / totalSteps in percent.")
+    updated_at: str | None = Field(None, description="When the trainer reported these figures.")
+
+
+class CheckpointStatus(SpecModel):
+    step: int = Field(description="Step of the latest complete checkpoint.")
+    uri: str = Field(description="Where it is.")
+    time: str | None = Field(None, description="When it completed.")
+
+
+class ArtifactStatus(SpecModel):
+    kind: str = Field(description="adapter, merged, int8, onnx, summary, ...")
+    uri: str = Field(description="Where the artifact is.")
+    sha256: str = Field(description="Digest of the artifact (of its manifest for directories).")
+    size_bytes: int = Field(description="Size in bytes.")
+
+
+class MetricsStatus(SpecModel):
+    baseline_perplexity: float | None = Field(None, description="Held-out perplexity before training.")
+    final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
+    baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
+    final_eval_loss: float | None = Field(None, description="Held-out loss after training.")
+
+
+class FineTuneJobStatus(SpecModel):
+    """Observed state, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+    phase: Phase | None = Field(None, description="Pending, Initializing, Running, Succeeded, Failed or Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    progress: ProgressStatus | None = Field(None, description="Training progress as reported by the trainer.")
+    checkpoint: CheckpointStatus | None = Field(None, description="Latest complete checkpoint.")
+    artifacts: list[ArtifactStatus] = Field(default_factory=list, description="Exported artifacts with digests.")
+    metrics: MetricsStatus | None = Field(None, description="Evaluation results.")
+    restarts: int = Field(0, description="Worker-group restarts counted against runPolicy.maxRestarts.")
+    preemptions: int = Field(0, description="Restarts after preemption (not counted).")
+    start_time: str | None = Field(None, description="When the workers first started.")
+    completion_time: str | None = Field(None, description="When the job finished.")
+    observed_generation: int | None = Field(None, description="Latest spec generation acted on.")
+    message: str | None = Field(None, description="Latest human-readable state.")
+
+

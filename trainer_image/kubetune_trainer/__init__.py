@@ -1,0 +1,1 @@
+"""The kubetune trainer: one FineTuneJob spec in, a fine-tuned model and a run summary out."""

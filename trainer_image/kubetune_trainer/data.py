@@ -1,0 +1,528 @@
+"""Datasets: read files, check every row, clean, split, mix by weight, tokenize with loss masks.
+
+Reading is plain Python so that every rejected row can be named by file:line and field.
+The pipeline, top to bottom:
+
+    read_rows -> check_row -> clean -> split (validation) -> mix (weights) -> tokenize -> pack/blocks
+
+Mixture weights count *examples*: with weights w_i the training mixture holds
+N = sum of the cleaned dataset sizes examples, of which round(N * w_i / sum(w)) come from dataset i
+(sampled without replacement while it lasts, then repeated). Tokens per example vary by dataset,
+so the token shares follow the example shares times each dataset's mean length; the run summary
+reports both.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune import storage
+from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
+
+from kubetune_trainer.errors import DataError
+
+IGNORE_INDEX = -100
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+SUFFIX_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+                ".txt": "txt", ".md": "txt"}
+
+
+@dataclass
+class Row:
+    """One checked row: where it came from and its normalized content."""
+
+    origin: str  # file:line
+    format: str  # alpaca | messages | text
+    content: dict[str, Any]
+
+
+@dataclass
+class DatasetReport:
+    """What happened to one dataset's rows."""
+
+    source: str
+    files: list[str] = field(default_factory=list)
+    read: int = 0
+    invalid: int = 0
+    empty: int = 0
+    duplicates: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    kept: int = 0
+    invalid_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def resolve_files(source: str, cache_dir: Path) -> list[tuple[str, Path]]:
+    """Expand a path, directory, glob or s3:// URI to (display name, local path) pairs."""
+    if storage.is_s3(source):
+        uris = storage.expand(source)
+        if not uris:
+            raise DataError(f"{source}: no objects match")
+        pairs = []
+        for uri in uris:
+            local = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            storage.download_file(uri, local)
+            pairs.append((uri, local))
+        return pairs
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_TYPES)
+    elif any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{source}: no such file or directory")
+    if not files:
+        raise DataError(f"{source}: no data files match (looked for {', '.join(sorted(SUFFIX_TYPES))})")
+    return [(str(p), p) for p in files]
+
+
+def _file_type(spec: DatasetSpec, name: str) -> str:
+    if spec.file_type != "auto":
+        return spec.file_type
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUFFIX_TYPES:
+        raise DataError(f"{name}: cannot tell the file type from {suffix!r}; set fileType to one of "
+                        "jsonl, json, parquet, csv, txt")
+    return SUFFIX_TYPES[suffix]
+
+
+def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line, item) for each element of a top-level JSON array, keeping line numbers."""
+    decoder = json.JSONDecoder()
+    index = 0
+    length = len(text)
+
+    def skip_ws(i: int) -> int:
+        while i < length and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    index = skip_ws(index)
+    if index >= length or text[index] != "[":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        if isinstance(value, dict):
+            for key in ("data", "rows", "examples", "train"):
+                if isinstance(value.get(key), list):
+                    for i, item in enumerate(value[key]):
+                        yield 1, item if not isinstance(item, dict) else {**item, "__index__": i}
+                    return
+        raise DataError(f"{name}:1: expected a JSON array of rows (or use a .jsonl file with one row per line)")
+    index = skip_ws(index + 1)
+    if index < length and text[index] == "]":
+        return
+    while index < length:
+        line = text.count("\n", 0, index) + 1
+        try:
+            item, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        yield line, item
+        index = skip_ws(index)
+        if index < length and text[index] == ",":
+            index = skip_ws(index + 1)
+        elif index < length and text[index] == "]":
+            return
+        else:
+            line = text.count("\n", 0, index) + 1
+            raise DataError(f"{name}:{line}: not valid JSON: expected ',' or ']' between rows")
+    raise DataError(f"{name}: not valid JSON: the array is not closed")
+
+
+def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield (origin, raw row, parse error) from one file; origin is 'file:line'."""
+    if file_type == "jsonl":
+        with path.open(encoding="utf-8", errors="strict") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{name}:{number}", json.loads(line), None
+                except json.JSONDecodeError as error:
+                    yield f"{name}:{number}", None, f"not valid JSON: {error.msg} at column {error.colno}"
+    elif file_type == "json":
+        for number, item in _json_array_items(path.read_text(encoding="utf-8"), name):
+            if isinstance(item, dict):
+                item.pop("__index__", None)
+            yield f"{name}:{number}", item, None
+    elif file_type == "csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            start = 2
+            for record in reader:
+                yield f"{name}:{start}", dict(record), None
+                start = reader.line_num + 1
+    elif file_type == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for number, record in enumerate(table.to_pylist(), start=1):
+            yield f"{name}:row {number}", record, None
+    elif file_type == "txt":
+        paragraph: list[str] = []
+        first_line = 0
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    if not paragraph:
+                        first_line = number
+                    paragraph.append(line.rstrip("\n"))
+                elif paragraph:
+                    yield f"{name}:{first_line}", {"text": "\n".join(paragraph)}, None
+                    paragraph = []
+        if paragraph:
+            yield f"{name}:{first_line}", {"text": "\n".join(paragraph)}, None
+    else:  # pragma: no cover - the spec enum prevents this
+        raise DataError(f"{name}: unsupported file type {file_type}")
+
+
+# ---------------------------------------------------------------- checking rows
+
+
+def _require_string(row: dict[str, Any], key: str, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise ValueError(f"missing required field '{key}'")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field '{key}' must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
+    """Validate one raw row for its format; raises ValueError naming the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object with fields, got {type(raw).__name__}")
+    if fmt == DatasetFormat.alpaca.value:
+        return {
+            "instruction": _require_string(raw, "instruction"),
+            "input": _require_string(raw, "input", required=False),
+            "output": _require_string(raw, "output"),
+        }
+    if fmt == DatasetFormat.messages.value:
+        messages = raw.get(spec.messages_field)
+        if messages is None:
+            raise ValueError(f"missing required field '{spec.messages_field}' (a list of {{role, content}})")
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                raise ValueError(f"field '{spec.messages_field}' must be a list of {{role, content}}") from None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"field '{spec.messages_field}' must be a non-empty list of {{role, content}}")
+        checked = []
+        for index, message in enumerate(messages):
+            where = f"{spec.messages_field}[{index}]"
+            if not isinstance(message, dict):
+                raise ValueError(f"{where} must be an object with role and content")
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}")
+            content = message.get("content")
+            if not isinstance(content, str):
+                raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
+            checked.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in checked):
+            raise ValueError(f"field '{spec.messages_field}' has no assistant message to learn from")
+        return {"messages": checked}
+    return {"text": _require_string(raw, spec.text_field)}
+
+
+def _strip(content: dict[str, Any]) -> dict[str, Any]:
+    if "messages" in content:
+        return {"messages": [{"role": m["role"], "content": m["content"].strip()} for m in content["messages"]]}
+    return {k: v.strip() for k, v in content.items()}
+
+
+def _is_empty(content: dict[str, Any]) -> bool:
+    if "messages" in content:
+        return any(m["role"] == "assistant" and not m["content"] for m in content["messages"])
+    if "output" in content:
+        return not content["output"] or not content["instruction"]
+    return not content["text"]
+
+
+def _char_count(content: dict[str, Any]) -> int:
+    if "messages" in content:
+        return sum(len(m["content"]) for m in content["messages"])
+    return sum(len(v) for v in content.values())
+
+
+def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cache_dir: Path) -> tuple[list[Row],
+                                                                                                     DatasetReport]:
+    """Read, check and clean one dataset; invalid rows fail with file:line unless skipping is on."""
+    fmt = spec.format or default_format(task)
+    report = DatasetReport(source=spec.source)
+    seen: set[str] = set()
+    rows: list[Row] = []
+    for name, path in resolve_files(spec.source, cache_dir):
+        report.files.append(name)
+        file_type = _file_type(spec, name)
+        if file_type == "txt" and fmt != DatasetFormat.text.value:
+            raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
+        for origin, raw, parse_error in read_raw(name, path, file_type):
+            report.read += 1
+            try:
+                if parse_error:
+                    raise ValueError(parse_error)
+                content = check_row(raw, fmt, spec)
+            except ValueError as error:
+                message = f"{origin}: {error}"
+                if not cleaning.skip_invalid_rows:
+                    raise DataError(message + " (set cleaning.skipInvalidRows: true to skip such rows)") from None
+                report.invalid += 1
+                if len(report.invalid_examples) < 5:
+                    report.invalid_examples.append(message)
+                continue
+            if cleaning.strip:
+                content = _strip(content)
+            if cleaning.drop_empty and _is_empty(content):
+                report.empty += 1
+                continue
+            chars = _char_count(content)
+            if chars < cleaning.min_chars:
+                report.too_short += 1
+                continue
+            if cleaning.max_chars is not None and chars > cleaning.max_chars:
+                report.too_long += 1
+                continue
+            if cleaning.drop_duplicates:
+                key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+                if key in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(key)
+            rows.append(Row(origin=origin, format=fmt, content=content))
+            if spec.max_examples is not None and len(rows) >= spec.max_examples:
+                break
+        if spec.max_examples is not None and len(rows) >= spec.max_examples:
+            break
+    report.kept = len(rows)
+    if not rows:
+        raise DataError(f"{spec.source}: no usable rows after cleaning (read {report.read}, invalid "
+                        f"{report.invalid}, empty {report.empty}, duplicates {report.duplicates}, too short "
+                        f"{report.too_short}, too long {report.too_long})")
+    return rows, report
+
+
+# ---------------------------------------------------------------- split and mix
+
+
+def mixture_quotas(sizes: list[int], weights: list[float], total: int | None = None) -> list[int]:
+    """Examples drawn from each dataset: proportional to weight, summing to `total` (default sum of sizes)."""
+    total = sum(sizes) if total is None else total
+    weight_sum = sum(weights)
+    exact = [total * w / weight_sum for w in weights]
+    quotas = [int(x) for x in exact]
+    # Largest-remainder rounding keeps the sum exact and the shares as close as possible.
+    for index in sorted(range(len(exact)), key=lambda i: exact[i] - quotas[i], reverse=True)[: total - sum(quotas)]:
+        quotas[index] += 1
+    return quotas
+
+
+def mix(datasets: list[list[Row]], weights: list[float], seed: int) -> list[Row]:
+    """Sample a weighted mixture (weights count examples) and shuffle it."""
+    rng = random.Random(seed)
+    mixed: list[Row] = []
+    for rows, quota in zip(datasets, mixture_quotas([len(r) for r in datasets], weights), strict=True):
+        order = list(rows)
+        rng.shuffle(order)
+        repeats, remainder = divmod(quota, len(order))
+        mixed.extend(order * repeats + order[:remainder])
+    rng.shuffle(mixed)
+    return mixed
+
+
+@dataclass
+class PreparedData:
+    """Rows ready to tokenize, with the report of how they were obtained."""
+
+    train: list[Row]
+    validation: list[Row]
+    reports: list[DatasetReport]
+    validation_reports: list[DatasetReport]
+    mixture: list[dict[str, Any]]
+
+
+def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path) -> PreparedData:
+    """Read every dataset, hold out validation rows and build the weighted training mixture."""
+    task = spec.task.type
+    per_dataset: list[list[Row]] = []
+    reports: list[DatasetReport] = []
+    validation: list[Row] = []
+    rng = random.Random(spec.training.seed)
+    for dataset in spec.datasets:
+        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir)
+        if spec.validation.fraction is not None:
+            order = list(rows)
+            rng.shuffle(order)
+            held = max(1, round(len(order) * spec.validation.fraction)) if len(order) > 1 else 0
+            validation.extend(order[:held])
+            rows = order[held:]
+        per_dataset.append(rows)
+        reports.append(report)
+    validation_reports = []
+    for dataset in spec.validation.datasets or []:
+        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir)
+        validation.extend(rows)
+        validation_reports.append(report)
+    if not validation:
+        raise DataError("validation: no held-out rows (the datasets are too small for validation.fraction; add "
+                        "rows or give validation.datasets)")
+    if spec.validation.max_examples is not None:
+        validation = validation[: spec.validation.max_examples]
+    weights = [d.weight for d in spec.datasets]
+    train = mix(per_dataset, weights, spec.training.seed)
+    quotas = mixture_quotas([len(r) for r in per_dataset], weights)
+    mixture = [
+        {"source": d.source, "weight": d.weight, "rows": len(r), "examples": q}
+        for d, r, q in zip(spec.datasets, per_dataset, quotas, strict=True)
+    ]
+    return PreparedData(train, validation, reports, validation_reports, mixture)
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+def render_segments(row: Row, task_template: str, tokenizer: Any) -> list[tuple[str, bool]]:
+    """Split a row into (text, is_response) segments; only response segments are learned by default."""
+    content = row.content
+    eos = tokenizer.eos_token or ""
+    if row.format == DatasetFormat.text.value:
+        return [(content["text"], True)]
+    if row.format == DatasetFormat.alpaca.value:
+        if task_template == "chat-template":
+            user = content["instruction"] + (f"\n\n{content['input']}" if content["input"] else "")
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": content["output"]}]
+            return _chat_segments(messages, tokenizer, row.origin)
+        if task_template == "plain":
+            prompt = content["instruction"] + (f"\n\n{content['input']}" if content["input"] else "") + "\n\n"
+        else:
+            prompt = ALPACA_PROMPT.format(
+                with_input=", paired with an input that provides further context" if content["input"] else "",
+                instruction=content["instruction"],
+                input_block=f"### Input:\n{content['input']}\n\n" if content["input"] else "",
+            )
+        return [(prompt, False), (content["output"] + eos, True)]
+    return _chat_segments(content["messages"], tokenizer, row.origin)
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> list[tuple[str, bool]]:
+    """Render with the chat template, marking each assistant turn as a response segment."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{origin}: the model's tokenizer has no chat template; use a model with one, or "
+                        "task.template alpaca/plain for instruction data")
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not prefix.startswith(rendered) or not full.startswith(prefix):
+            raise DataError(f"{origin}: the chat template does not render turns as a growing prefix; "
+                            "cannot locate the assistant's tokens")
+        segments.append((prefix[len(rendered):], False))
+        segments.append((full[len(prefix):], True))
+        rendered = full
+    return [s for s in segments if s[0]]
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_row(row: Row, tokenizer: Any, template: str, train_on_prompt: bool, max_length: int) -> tuple[
+        TokenizedExample, bool]:
+    """Tokenize one row; labels are IGNORE_INDEX on prompt tokens. Returns (example, truncated)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_response in render_segments(row, template, tokenizer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids))
+    truncated = len(input_ids) > max_length
+    return TokenizedExample(input_ids[:max_length], labels[:max_length]), truncated
+
+
+def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:
+    """Greedily concatenate whole examples into sequences of at most max_length tokens."""
+    packed: list[TokenizedExample] = []
+    current = TokenizedExample([], [])
+    for example in examples:
+        if current.input_ids and len(current.input_ids) + len(example.input_ids) > max_length:
+            packed.append(current)
+            current = TokenizedExample([], [])
+        current.input_ids.extend(example.input_ids)
+        current.labels.extend(example.labels)
+    if current.input_ids:
+        packed.append(current)
+    return packed
+
+
+def blocks(texts: list[str], tokenizer: Any, block_size: int) -> list[TokenizedExample]:
+    """Continued pretraining: concatenate texts (EOS between) and cut into full blocks."""
+    stream: list[int] = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+    count = len(stream) // block_size
+    if count == 0 and stream:
+        return [TokenizedExample(stream, list(stream))]  # shorter than one block: keep it whole
+    return [TokenizedExample(stream[i * block_size:(i + 1) * block_size],
+                             stream[i * block_size:(i + 1) * block_size]) for i in range(count)]
+
+
+def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packing: bool | None = None) -> tuple[
+        list[TokenizedExample], dict[str, int]]:
+    """Turn rows into training sequences following the task; returns sequences and counts."""
+    max_length = spec.training.max_seq_length
+    stats = {"rows": len(rows), "truncated": 0, "noTrainableTokens": 0}
+    if spec.task.type == TaskType.completion.value:
+        sequences = blocks([r.content["text"] for r in rows], tokenizer, max_length)
+    else:
+        sequences = []
+        for row in rows:
+            example, truncated = tokenize_row(row, tokenizer, spec.task.template, spec.task.train_on_prompt,
+                                              max_length)
+            stats["truncated"] += int(truncated)
+            if all(label == IGNORE_INDEX for label in example.labels):
+                stats["noTrainableTokens"] += 1  # the response was cut off entirely: nothing to learn
+                continue
+            sequences.append(example)
+        if packing if packing is not None else spec.training.packing:
+            sequences = pack(sequences, max_length)
+    stats["sequences"] = len(sequences)
+    stats["tokens"] = sum(len(s.input_ids) for s in sequences)
+    stats["trainableTokens"] = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in sequences)
+    if not sequences:
+        raise DataError("no training sequences after tokenization (every response was truncated away?); raise "
+                        "training.maxSeqLength or shorten the prompts")
+    return sequences, stats
