@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
+from kubetune.storage import S3Options
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
 
 from kubetune_trainer.errors import DataError
@@ -55,6 +56,7 @@ class DatasetReport:
 
     source: str
     files: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)
     read: int = 0
     invalid: int = 0
     empty: int = 0
@@ -71,17 +73,17 @@ class DatasetReport:
 # ---------------------------------------------------------------- reading files
 
 
-def resolve_files(source: str, cache_dir: Path) -> list[tuple[str, Path]]:
+def resolve_files(source: str, cache_dir: Path, s3: S3Options | None = None) -> list[tuple[str, Path]]:
     """Expand a path, directory, glob or s3:// URI to (display name, local path) pairs."""
     if storage.is_s3(source):
-        uris = storage.expand(source)
+        uris = storage.expand(source, options=s3)
         if not uris:
             raise DataError(f"{source}: no objects match")
         pairs = []
         for uri in uris:
             local = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(uri).name
             local.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_file(uri, local)
+            storage.download_file(uri, local, options=s3)
             pairs.append((uri, local))
         return pairs
     path = Path(source).expanduser()
@@ -96,6 +98,14 @@ def resolve_files(source: str, cache_dir: Path) -> list[tuple[str, Path]]:
     if not files:
         raise DataError(f"{source}: no data files match (looked for {', '.join(sorted(SUFFIX_TYPES))})")
     return [(str(p), p) for p in files]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _file_type(spec: DatasetSpec, name: str) -> str:
@@ -273,15 +283,16 @@ def _char_count(content: dict[str, Any]) -> int:
     return sum(len(v) for v in content.values())
 
 
-def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cache_dir: Path) -> tuple[list[Row],
-                                                                                                     DatasetReport]:
+def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cache_dir: Path,
+                      s3: S3Options | None = None) -> tuple[list[Row], DatasetReport]:
     """Read, check and clean one dataset; invalid rows fail with file:line unless skipping is on."""
     fmt = spec.format or default_format(task)
     report = DatasetReport(source=spec.source)
     seen: set[str] = set()
     rows: list[Row] = []
-    for name, path in resolve_files(spec.source, cache_dir):
+    for name, path in resolve_files(spec.source, cache_dir, s3):
         report.files.append(name)
+        report.hashes[name] = _sha256(path)
         file_type = _file_type(spec, name)
         if file_type == "txt" and fmt != DatasetFormat.text.value:
             raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
@@ -369,7 +380,7 @@ class PreparedData:
     mixture: list[dict[str, Any]]
 
 
-def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path) -> PreparedData:
+def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path, s3: S3Options | None = None) -> PreparedData:
     """Read every dataset, hold out validation rows and build the weighted training mixture."""
     task = spec.task.type
     per_dataset: list[list[Row]] = []
@@ -377,7 +388,7 @@ def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path) -> PreparedData:
     validation: list[Row] = []
     rng = random.Random(spec.training.seed)
     for dataset in spec.datasets:
-        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir)
+        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir, s3)
         if spec.validation.fraction is not None:
             order = list(rows)
             rng.shuffle(order)
@@ -388,7 +399,7 @@ def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path) -> PreparedData:
         reports.append(report)
     validation_reports = []
     for dataset in spec.validation.datasets or []:
-        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir)
+        rows, report = load_dataset_rows(dataset, task, spec.cleaning, cache_dir, s3)
         validation.extend(rows)
         validation_reports.append(report)
     if not validation:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
+from kubetune.storage import S3Options
 from kubetune.spec import BUNDLED_PREFIX, FineTuneJobSpec, MethodType, ModelSpec
 
 from kubetune_trainer.errors import ConfigError
@@ -64,13 +65,13 @@ def bundled_model_dir(name: str) -> Path:
     return target
 
 
-def resolve_model_dir(model: ModelSpec) -> str:
+def resolve_model_dir(model: ModelSpec, s3: S3Options | None = None) -> str:
     """A local directory (or, for the hub, an id) that from_pretrained can load."""
     source = model.source
     if source.startswith(BUNDLED_PREFIX):
         return str(bundled_model_dir(source[len(BUNDLED_PREFIX):]))
     if storage.is_s3(source):
-        return str(storage.cached_model(source))
+        return str(storage.cached_model(source, options=s3, cache_root=cache_root() / "models"))
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

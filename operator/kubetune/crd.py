@@ -1,0 +1,343 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the pydantic models in kubetune.spec.
+
+`python -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml` writes it. The OpenAPI schema is
+the pydantic JSON schema made structural: `$ref`s inlined, `Optional[...]` turned into a plain
+optional field, `exclusiveMinimum: 0` into `minimum: 0` + `exclusiveMinimum: true`, free-form
+dicts marked `x-kubernetes-preserve-unknown-fields`. Descriptions, defaults, enums and bounds are
+kept. The cross-field checks of the pydantic validators are repeated as CEL rules
+(`x-kubernetes-validations`) so the API server rejects what `kubetune validate` rejects, with a
+message that names the field. Immutability (transition rules with `oldSelf`) is CRD-only.
+
+CRD-only size bounds: CEL rules are rejected by the API server when their estimated worst-case
+cost is too high, and unbounded strings and lists are costed as if they filled the 3 MiB request
+limit. So every string without a `maxLength` gets :data:`DEFAULT_MAX_LENGTH` (or a per-field
+value from :data:`MAX_LENGTHS`) and every list without `maxItems` gets one from :data:`MAX_ITEMS`
+(or :data:`DEFAULT_MAX_ITEMS`). These bounds are far above any real manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+import yaml
+
+from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, FineTuneJobSpec, FineTuneJobStatus
+
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+CATEGORIES = ["kubetune"]
+# metadata.name bound: the Job is <name>-<attempt>, its pods' hostnames <name>-<attempt>-<index>,
+# and the headless Service <name> must be a DNS-1035 label (63 characters, starting with a letter).
+MAX_NAME_LENGTH = 48
+
+DEFAULT_MAX_LENGTH = 1024
+MAX_LENGTHS: dict[str, int] = {
+    "spec.evaluation.samplePrompts[]": 8192,
+    "spec.model.source": 2048,
+    "spec.datasets[].source": 2048,
+    "spec.validation.datasets[].source": 2048,
+    "spec.output.uri": 2048,
+    "spec.tracking.mlflow.trackingUri": 2048,
+    "spec.storage.s3.endpointUrl": 2048,
+    "spec.storage.s3.caBundle": 2048,
+    "status.message": 32768,
+    "status.conditions[].message": 32768,
+    "status.checkpoint.uri": 4096,
+    "status.artifacts[].uri": 4096,
+}
+DEFAULT_MAX_ITEMS = 256
+MAX_ITEMS: dict[str, int] = {
+    "spec.datasets": 64,
+    "spec.validation.datasets": 64,
+    "spec.evaluation.samplePrompts": 64,
+    "spec.output.exports": 8,
+    "status.conditions": 32,
+    "status.artifacts": 256,
+}
+
+# Fields of spec that may never change after creation (a resumed run must train the same thing).
+IMMUTABLE_FIELDS = ["model", "method", "task", "datasets", "validation", "cleaning", "training", "checkpoint",
+                    "evaluation", "output", "storage", "tracking"]
+# Fields that may change only while the job is suspended (or in the same update that suspends it).
+SUSPENDED_ONLY_FIELDS = ["resources", "scheduling"]
+
+
+def _rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _opt(path: str, expr: str) -> str:
+    """`!has(a.b) || expr`, for rules on a field that may be absent."""
+    obj, _, field = path.rpartition(".")
+    return f"!has({obj}.{field}) || {expr}"
+
+
+# CEL rules by schema path (relative to the CR root), mirroring the pydantic validators.
+_NOT_TEXT = "has(d.format) && d.format != 'text'"
+VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
+    "spec.model": [
+        _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
+              "spec.model.source: unknown bundled model; bundled models: bundled://smollm2-135m-instruct",
+              ".source", "FieldValueNotSupported"),
+    ],
+    "spec.method": [
+        _rule("!has(self.type) || self.type != 'qlora' || has(self.quantization)",
+              "spec.method.quantization is required when method.type is qlora (for example {bits: 4, type: nf4})",
+              ".quantization", "FieldValueRequired"),
+        _rule("!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
+              "spec.method.quantization is only valid with method.type qlora", ".quantization",
+              "FieldValueForbidden"),
+        _rule("!has(self.lora) || !has(self.type) || self.type != 'full'",
+              "spec.method.lora is only valid with method.type lora or qlora, not full", ".lora",
+              "FieldValueForbidden"),
+    ],
+    "spec.training": [
+        _rule("!(has(self.warmupSteps) && has(self.warmupRatio))",
+              "spec.training: give warmupSteps or warmupRatio, not both", ".warmupRatio", "FieldValueForbidden"),
+    ],
+    "spec.validation": [
+        _rule("!(has(self.fraction) && has(self.datasets))",
+              "spec.validation: give either fraction or datasets, not both", ".datasets", "FieldValueForbidden"),
+    ],
+    "spec": [
+        _rule(f"self.task.type != 'completion' || !self.datasets.exists(d, {_NOT_TEXT})",
+              "spec.datasets[].format: a completion task takes text datasets only", ".datasets",
+              "FieldValueInvalid"),
+        _rule("self.task.type != 'completion' || !has(self.validation) || !has(self.validation.datasets) || "
+              f"!self.validation.datasets.exists(d, {_NOT_TEXT})",
+              "spec.validation.datasets[].format: a completion task takes text datasets only",
+              ".validation", "FieldValueInvalid"),
+        _rule("!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
+              "(has(self.output) && has(self.output.exports) && !('adapter' in self.output.exports))",
+              "spec.output.exports: 'adapter' (the default) needs method lora or qlora; full fine-tuning must "
+              "set exports to 'merged' (the full model), 'int8' and/or 'onnx'", ".output", "FieldValueInvalid"),
+        # Transition rules (updates only): what a resumed run depends on never changes.
+        *[_rule(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+                f"spec.{f} is immutable: create a new FineTuneJob to train something else", f".{f}",
+                "FieldValueForbidden") for f in IMMUTABLE_FIELDS],
+        *[_rule(f"self.suspend || oldSelf.suspend || (has(self.{f}) == has(oldSelf.{f}) && "
+                f"(!has(self.{f}) || self.{f} == oldSelf.{f}))",
+                f"spec.{f} can only change while the job is suspended (set spec.suspend: true first)", f".{f}",
+                "FieldValueForbidden") for f in SUSPENDED_ONLY_FIELDS],
+        _rule("!has(self.resources) || !has(oldSelf.resources) || "
+              "self.resources.strategy == oldSelf.resources.strategy",
+              "spec.resources.strategy is immutable: checkpoints of one strategy do not resume in another",
+              ".resources.strategy", "FieldValueForbidden"),
+    ],
+    "": [
+        _rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
+              "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+              f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase "
+              "letters, digits and '-', starting with a letter): it names the worker Service and pods",
+              ".metadata.name", "FieldValueInvalid"),
+    ],
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "description": "full, lora or qlora."},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model."},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+     "description": "Percent of the planned optimizer steps done."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1,
+     "description": "Optimizer steps done."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
+     "description": "Estimated seconds to finish training."},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
+     "description": "Counted restarts of the worker group."},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1,
+     "description": "Worker pods."},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode", "priority": 1,
+     "description": "GPUs per worker pod."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+class SchemaError(ValueError):
+    """The pydantic schema has a construct that cannot be made structural."""
+
+
+def _deref(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline a `$ref` (siblings such as description and default win over the target's)."""
+    if "$ref" not in node:
+        return node
+    target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+    target.update({k: v for k, v in node.items() if k != "$ref"})
+    return _deref(target, defs)
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: bool) -> dict[str, Any]:
+    node = _deref(node, defs)
+    nullable = False
+    if "anyOf" in node:
+        branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+        nullable = len(branches) < len(node["anyOf"])
+        if len(branches) != 1:
+            raise SchemaError(f"{path}: anyOf with {len(branches)} non-null branches is not structural")
+        merged = _deref(branches[0], defs)
+        merged.update({k: v for k, v in node.items() if k != "anyOf"})
+        node = merged
+    out: dict[str, Any] = {}
+    kind = node.get("type")
+    if "const" in node:
+        out["type"] = kind or "string"
+        out["enum"] = [node["const"]]
+    elif kind:
+        out["type"] = kind
+    if "description" in node:
+        out["description"] = node["description"]
+    if "enum" in node:
+        out["type"] = out.get("type", "string")
+        out["enum"] = list(node["enum"])
+    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"):
+        if key in node:
+            out[key] = node[key]
+    for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if key in node:
+            out[bound] = node[key]
+            out[key] = True
+    if out.get("type") == "string" and "enum" not in out and "maxLength" not in out:
+        out["maxLength"] = MAX_LENGTHS.get(path, DEFAULT_MAX_LENGTH)
+    if kind == "array":
+        out["items"] = _structural(node.get("items", {}), defs, path + "[]", spec=spec)
+        if "maxItems" not in out:
+            out["maxItems"] = MAX_ITEMS.get(path, DEFAULT_MAX_ITEMS)
+    elif kind == "object":
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        if props:
+            out["properties"] = {}
+            for name, sub in props.items():
+                child = _structural(sub, defs, f"{path}.{name}", spec=spec)
+                if "description" not in child:
+                    raise SchemaError(f"{path}.{name}: every field needs a description")
+                out["properties"][name] = child
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(extra, dict) and extra:
+            value = _structural(extra, defs, path + "{}", spec=spec)
+            if value.get("type") in (None, "object") and "properties" not in value:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            else:
+                out["additionalProperties"] = value
+        else:  # a free-form dict (dict[str, Any]): core/v1 objects such as affinity or tolerations
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif not kind and "enum" not in out:
+        raise SchemaError(f"{path}: no type")
+    if "default" in node and node["default"] is not None:
+        out["default"] = node["default"]
+    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")):
+        # default_factory sub-objects: `{}` lets the API server fill their nested defaults
+        out["default"] = {}
+    if path in VALIDATION_RULES:
+        out["x-kubernetes-validations"] = copy.deepcopy(VALIDATION_RULES[path])
+    return out
+
+
+def _strip_default_for_required(schema: dict[str, Any]) -> None:
+    """A property listed in `required` must not carry a default (it would never apply)."""
+    for name in schema.get("required", []):
+        schema.get("properties", {}).get(name, {}).pop("default", None)
+    for sub in schema.get("properties", {}).values():
+        _strip_default_for_required(sub)
+    if "items" in schema:
+        _strip_default_for_required(schema["items"])
+
+
+def model_schema(model: type, path: str, *, spec: bool) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of one pydantic model (camelCase field names)."""
+    raw = model.model_json_schema(by_alias=True)
+    defs = raw.pop("$defs", {})
+    schema = _structural(raw, defs, path, spec=spec)
+    _strip_default_for_required(schema)
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    """Schema of .status; conditions are a map keyed by type."""
+    schema = model_schema(FineTuneJobStatus, "status", spec=False)
+    schema.pop("default", None)
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    conditions["items"].setdefault("description", "A Kubernetes-style condition.")
+    return schema
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the v1alpha1 version."""
+    spec = model_schema(FineTuneJobSpec, "spec", spec=True)
+    spec.pop("default", None)
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": "FineTuneJob fine-tunes a large language model (full, LoRA or QLoRA) on one or more "
+                       "worker pods and exports the result to object storage.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this "
+                           "representation of an object: kubetune.io/v1alpha1."},
+            "kind": {"type": "string", "description": "Kind is the REST resource this object represents: "
+                     "FineTuneJob."},
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec,
+            "status": status_schema(),
+        },
+        "x-kubernetes-validations": copy.deepcopy(VALIDATION_RULES[""]),
+    }
+    return schema
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "scope": "Namespaced",
+            "versions": [{
+                "name": API_VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                "schema": {"openAPIV3Schema": openapi_schema()},
+            }],
+        },
+    }
+
+
+def render_yaml() -> str:
+    """The CRD as the YAML committed in crds/finetunejobs.kubetune.io.yaml."""
+    header = "# Generated by `python -m kubetune.crd` from operator/kubetune/spec.py. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, default_flow_style=False, width=100,
+                                   allow_unicode=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the CRD YAML to stdout."""
+    sys.stdout.write(render_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

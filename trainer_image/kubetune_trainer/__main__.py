@@ -1,0 +1,81 @@
+"""Trainer entry point: `python -m kubetune_trainer --config job.yaml` (what the pods run).
+
+Exit codes (the operator acts on them):
+    0    succeeded
+    3    configuration or data error: retrying cannot help, the job fails at once
+    143  preempted (SIGTERM): a checkpoint was saved, restart to resume; not counted as a failure
+    other  unexpected failure: retried from the latest complete checkpoint, up to runPolicy.maxRestarts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from kubetune.manifest import ManifestError, load_job
+from kubetune.spec import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kubetune-trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="FineTuneJob manifest (YAML)")
+    parser.add_argument("--output", help="override spec.output.uri (a directory or s3://bucket/prefix)")
+    parser.add_argument("--deepspeed", help="DeepSpeed config JSON (rendered by the operator)")
+    parser.add_argument("--resume", choices=["auto", "latest", "never"], default="auto",
+                        help="auto/latest: continue from the latest complete checkpoint if there is one")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+def run_trainer(config: str, output: str | None = None, deepspeed: str | None = None, resume: str = "auto",
+                show_progress: bool = True) -> tuple[int, dict | None]:
+    """Run one training process; returns (exit code, summary or None). Never raises."""
+    from kubetune_trainer.errors import ConfigError
+
+    try:
+        job = load_job(config)
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR, None
+    try:
+        from kubetune_trainer.train import make_context, run
+
+        deepspeed_config = None
+        if deepspeed:
+            deepspeed_config = json.loads(Path(deepspeed).read_text())
+        elif job.spec.resources.strategy.startswith("deepspeed") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from kubetune.distributed import deepspeed_config as make_ds_config
+
+            deepspeed_config = make_ds_config(job.spec)
+        ctx = make_context(job, output=output, deepspeed_config=deepspeed_config, resume=resume,
+                           show_progress=show_progress)
+        summary = run(ctx)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR, None
+    except KeyboardInterrupt:
+        return EXIT_PREEMPTED, None
+    except Exception:  # noqa: BLE001 - any other failure is retryable from the last checkpoint
+        traceback.print_exc()
+        from kubetune_trainer.callbacks import PreemptionHandler
+
+        return (EXIT_PREEMPTED if PreemptionHandler.requested else EXIT_RETRYABLE), None
+    if summary.get("preempted"):
+        print(f"[kubetune] preempted at step {summary['step']}; checkpoint saved, exit {EXIT_PREEMPTED}", flush=True)
+        return EXIT_PREEMPTED, summary
+    return EXIT_OK, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    code, _ = run_trainer(args.config, args.output, args.deepspeed, args.resume, show_progress=not args.quiet)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

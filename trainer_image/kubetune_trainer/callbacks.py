@@ -1,0 +1,271 @@
+"""Trainer callbacks: progress (terminal, progress.json, the CR status), checkpoints, preemption."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from kubetune.checkpoints import CheckpointStore
+
+from kubetune_trainer.data import IGNORE_INDEX
+
+
+@dataclass
+class PaddingCollator:
+    """Pad a batch to its longest sequence; labels are padded with IGNORE_INDEX."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+            labels[row, :length] = torch.as_tensor(feature["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class ProgressReporter(TrainerCallback):
+    """Shows progress (step/total, loss, tokens/s, ETA) and publishes it.
+
+    On rank 0 it keeps `progress.json` in the work directory fresh, appends every log line to
+    `metrics.jsonl`, and, when running in a cluster, patches the FineTuneJob status through
+    `kubetune_trainer.status_reporter` (at most every few seconds).
+    """
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.trainer: Any = None
+        self.baseline: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.started = 0.0
+        self.start_step = 0
+        self.start_tokens = 0
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self.bar: Any = None
+        self.task: Any = None
+        self.status = None
+        if ctx.is_main:
+            from kubetune_trainer.status_reporter import StatusReporter
+
+            self.status = StatusReporter.from_env()
+
+    # ---- figures
+    def tokens_per_second(self, state: Any) -> float:
+        elapsed = time.time() - self.started
+        tokens = int(state.num_input_tokens_seen or 0) - self.start_tokens
+        return tokens / elapsed if elapsed > 0 else 0.0
+
+    def mean_tokens_per_second(self) -> float:
+        return round(self._tps, 2) if hasattr(self, "_tps") else 0.0
+
+    def eta_seconds(self, state: Any) -> int | None:
+        done = state.global_step - self.start_step
+        if done <= 0 or not state.max_steps:
+            return None
+        per_step = (time.time() - self.started) / done
+        return int(per_step * (state.max_steps - state.global_step))
+
+    def progress(self, state: Any) -> dict[str, Any]:
+        self._tps = self.tokens_per_second(state)
+        total = state.max_steps or None
+        return {
+            "step": state.global_step,
+            "totalSteps": total,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": self.last_loss,
+            "evalLoss": self.last_eval_loss,
+            "tokensPerSecond": round(self._tps, 2),
+            "trainedTokens": int(state.num_input_tokens_seen or 0),
+            "etaSeconds": self.eta_seconds(state),
+            "percent": int(100 * state.global_step / total) if total else None,
+            "updatedAt": _now(),
+        }
+
+    # ---- callback events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.time()
+        self.start_step = state.global_step
+        self.start_tokens = int(state.num_input_tokens_seen or 0)
+        if not self.ctx.is_main:
+            return
+        if self.ctx.show_progress and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step,
+                                          loss="-", tps="-")
+            self.bar.start()
+        self._publish(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+        if self.status is not None:
+            self.status.report(progress=self.progress(state))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not self.ctx.is_main or not logs:
+            return
+        if "loss" in logs:
+            self.last_loss = round(float(logs["loss"]), 4)
+        if "eval_loss" in logs:
+            self.last_eval_loss = round(float(logs["eval_loss"]), 4)
+        record = {"step": state.global_step, "time": _now(), **{k: v for k, v in logs.items()
+                                                                 if isinstance(v, (int, float))}}
+        self.history.append(record)
+        with (self.ctx.work_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        progress = self._publish(state)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step, loss=self.last_loss,
+                            tps=f"{progress['tokensPerSecond']:.0f}")
+        elif self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
+            eta = progress["etaSeconds"]
+            print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss}  "
+                  f"eval_loss {self.last_eval_loss}  {progress['tokensPerSecond']:.0f} tok/s  "
+                  f"ETA {eta if eta is not None else '-'}s", flush=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if self.ctx.is_main:
+            self._publish(state)
+
+    def _publish(self, state: Any) -> dict[str, Any]:
+        progress = self.progress(state)
+        path = self.ctx.work_dir / "progress.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress))
+        tmp.replace(path)
+        if self.status is not None:
+            self.status.report(progress=progress, force=True)
+        return progress
+
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        if self.status is not None:
+            self.status.report(checkpoint={"step": step, "uri": uri, "time": _now()}, force=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Final figures to the CR status: metrics and artifacts."""
+        if self.status is None:
+            return
+        metrics = summary["metrics"]
+        self.status.report(
+            metrics={"baselinePerplexity": metrics["baselinePerplexity"],
+                     "finalPerplexity": metrics["finalPerplexity"],
+                     "baselineEvalLoss": metrics["baselineEvalLoss"],
+                     "finalEvalLoss": metrics["finalEvalLoss"]},
+            artifacts=[{k: a[k] for k in ("kind", "uri", "sha256", "sizeBytes")} for a in summary["artifacts"]],
+            force=True,
+        )
+        self.status.close()
+
+    def write_loss_plot(self) -> Path | None:
+        """PNG plot of training and evaluation loss against steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.history if "eval_loss" in r]
+        if not train and not evals:
+            return None
+        figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+        if train:
+            axis.plot(*zip(*train, strict=True), label="train loss")
+        if evals:
+            axis.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_title(f"{self.ctx.job.metadata.name}: loss")
+        axis.legend()
+        axis.grid(alpha=0.3)
+        path = self.ctx.work_dir / "loss.png"
+        figure.tight_layout()
+        figure.savefig(path)
+        plt.close(figure)
+        return path
+
+
+class CheckpointPublisher(TrainerCallback):
+    """Makes each saved checkpoint complete (manifest written last), publishes it and prunes old ones."""
+
+    def __init__(self, ctx: Any, store: CheckpointStore, config_hash: str, reporter: ProgressReporter):
+        self.ctx = ctx
+        self.store = store
+        self.config_hash = config_hash
+        self.reporter = reporter
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.ctx.is_main:
+            return
+        local = Path(args.output_dir) / f"step-{state.global_step}"
+        baseline = self.ctx.work_dir / "baseline.json"
+        if baseline.exists():
+            (local / "kubetune_baseline.json").write_text(baseline.read_text())
+        best = getattr(state, "best_global_step", None)
+        future = self.store.publish(local, state.global_step, self.config_hash,
+                                    extra={"epoch": state.epoch, "job": self.ctx.job.metadata.name},
+                                    keep_last=self.ctx.spec.checkpoint.keep_last, protect={best} if best else ())
+        step, uri = state.global_step, self.store.step_uri(state.global_step)
+        # Reported only once complete (for S3: once the manifest is uploaded).
+        future.add_done_callback(lambda f: f.exception() is None and self.reporter.report_checkpoint(step, uri))
+
+
+class PreemptionHandler(TrainerCallback):
+    """SIGTERM: finish the current step, save a checkpoint, stop; the process then exits 143.
+
+    Every rank must stop at the same step, so under torch.distributed the flag is all-reduced.
+    """
+
+    requested = False
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @classmethod
+    def _on_sigterm(cls, signum: int, frame: Any) -> None:
+        cls.requested = True
+
+    def _any_rank_requested(self) -> bool:
+        flag = PreemptionHandler.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(tensor.item())
+            PreemptionHandler.requested = flag
+        return flag
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._any_rank_requested():
+            print(f"[kubetune] SIGTERM: saving a checkpoint at step {state.global_step} and stopping",
+                  flush=True)
+            control.should_save = True
+            control.should_training_stop = True

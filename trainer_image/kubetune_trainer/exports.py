@@ -1,0 +1,155 @@
+"""Exports listed in spec.output.exports, each with a model card and a digest.
+
+    adapter  PEFT adapter (lora/qlora)
+    merged   adapter merged into the base (a QLoRA base is dequantized to the compute dtype first),
+             loadable by plain transformers without peft; for full fine-tuning, the trained model
+    int8     dynamic int8 quantization of the Linear layers of the merged model
+    onnx     the merged model as ONNX with dynamic batch and sequence axes, checked with ONNX Runtime
+
+Every export is a directory under `<output>/exports/<kind>/`. Its digest is the sha256 of its
+`manifest.json` (which lists each file's sha256 and size), so one digest pins every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubetune import storage
+from kubetune.checkpoints import sha256_file, write_manifest
+
+ExportFn = Callable[..., dict[str, Any]]
+EXPORTERS: dict[str, ExportFn] = {}
+
+
+def exporter(kind: str) -> Callable[[ExportFn], ExportFn]:
+    """Register an export function for a kind."""
+    def register(fn: ExportFn) -> ExportFn:
+        EXPORTERS[kind] = fn
+        return fn
+    return register
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@exporter("adapter")
+def export_adapter(trainer: Any, target: Path, **_: Any) -> dict[str, Any]:
+    """The PEFT adapter as trained (trainer.save_model gathers it under DeepSpeed/FSDP)."""
+    trainer.save_model(str(target))
+    return {}
+
+
+def merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
+    """A plain transformers model with the adapter merged in (never into 4-bit weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = trainer.model
+    if not _is_peft(getattr(model, "module", model)):
+        return getattr(model, "module", model)
+    from peft import PeftModel
+
+    dtype = torch.float32
+    if spec.method.quantization is not None and torch.cuda.is_available():
+        dtype = getattr(torch, spec.method.quantization.compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+@exporter("merged")
+def export_merged(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any,
+                  adapter_dir: Path, **_: Any) -> dict[str, Any]:
+    """Merged weights (safetensors) + tokenizer + generation config."""
+    model = merged_model(trainer, base_model_dir, spec, adapter_dir)
+    if hasattr(trainer, "is_deepspeed_enabled") and trainer.is_deepspeed_enabled and not _is_peft(model):
+        trainer.save_model(str(target))
+    else:
+        model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    return {}
+
+
+def model_card(ctx: Any, kind: str, data_report: dict[str, Any], baseline: dict[str, Any],
+               final: dict[str, Any], details: dict[str, Any]) -> str:
+    """README.md beside each export: base model, data with hashes, method, hyperparameters, metrics."""
+    spec = ctx.spec
+    lines = [
+        f"# {ctx.job.metadata.name} ({kind})",
+        "",
+        f"Fine-tuned with kubetune from `{spec.model.source}`.",
+        "",
+        "## Method",
+        "",
+        f"- method: {spec.method.type}",
+    ]
+    if spec.method.lora:
+        lora = spec.method.lora
+        lines.append(f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+                     f"target modules={', '.join(lora.target_modules)}")
+    if spec.method.quantization:
+        quant = spec.method.quantization
+        lines.append(f"- 4-bit base: {quant.type}, double quantization={quant.double_quant}, "
+                     f"compute dtype={quant.compute_dtype}")
+    lines += ["", "## Data", ""]
+    for report in data_report["datasets"]:
+        files = ", ".join(f"`{Path(f).name}` sha256:{report.get('hashes', {}).get(f, '?')[:16]}"
+                          for f in report["files"])
+        lines.append(f"- {report['source']}: {report['kept']} rows kept of {report['read']} read ({files})")
+    lines += ["", "## Hyperparameters", "", "```json",
+              json.dumps(spec.training.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2),
+              "```", "", "## Metrics", "",
+              "| | before | after |", "|---|---|---|",
+              f"| held-out loss | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
+              f"| held-out perplexity | {baseline['perplexity']:.3f} | {final['perplexity']:.3f} |"]
+    for key, value in details.items():
+        lines.append(f"| {key} | | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data_report: dict[str, Any],
+               baseline: dict[str, Any], final: dict[str, Any], eval_set: Any = None) -> list[dict[str, Any]]:
+    """Run every requested export, write model cards and manifests, upload, and list the artifacts."""
+    spec = ctx.spec
+    kinds = list(spec.output.exports)
+    exports_dir = ctx.work_dir / "exports"
+    adapter_dir = exports_dir / "adapter"
+    artifacts: list[dict[str, Any]] = []
+    # Adapter weights are the input of every other export of a LoRA run: save them even if unlisted.
+    needs_adapter = _is_peft(getattr(trainer.model, "module", trainer.model))
+    ordered = (["adapter"] if needs_adapter else []) + [k for k in kinds if k != "adapter"]
+    for kind in ordered:
+        target = exports_dir / kind
+        if ctx.is_main and target.exists():
+            shutil.rmtree(target)
+        details = EXPORTERS[kind](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
+                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set,
+                                  final_eval_loss=final["eval_loss"], ctx=ctx)
+        if not ctx.is_main or kind not in kinds:
+            continue
+        (target / "README.md").write_text(model_card(ctx, kind, data_report, baseline, final, details or {}))
+        manifest = write_manifest(target, step=trainer.state.global_step, config_hash="", extra={"kind": kind})
+        digest = sha256_file(target / "manifest.json")
+        size = sum(entry["size"] for entry in manifest["files"])
+        uri = str(target)
+        if ctx.output_is_s3:
+            uri = ctx.output_path(f"exports/{kind}")
+            storage.upload_tree(target, uri, options=ctx.s3)
+        artifacts.append({"kind": kind, "uri": uri, "sha256": digest, "sizeBytes": size, **(details or {})})
+    if ctx.is_main:
+        for name in ("samples", "loss.png", "metrics.jsonl"):
+            path = ctx.work_dir / name
+            if not path.exists():
+                continue
+            uri = str(path)
+            if ctx.output_is_s3:
+                uri = ctx.output_path(name)
+                (storage.upload_tree if path.is_dir() else storage.upload_file)(path, uri, options=ctx.s3)
+            if path.is_file():
+                artifacts.append({"kind": {"loss.png": "loss-plot", "metrics.jsonl": "metrics"}[name], "uri": uri,
+                                  "sha256": sha256_file(path), "sizeBytes": path.stat().st_size})
+    return artifacts

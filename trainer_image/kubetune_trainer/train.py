@@ -1,0 +1,379 @@
+"""The training recipe: one FineTuneJob spec in, a fine-tuned model and a run summary out.
+
+Read it top to bottom, like a torchtune recipe:
+
+    run()
+      1. where things go: output (local or s3://), a local work dir, the checkpoint store
+      2. data: read, check, clean, split, mix, tokenize            (data.py)
+      3. model: resolve the source, load with the method            (models.py)
+      4. a transformers Trainer with our callbacks                  (callbacks.py)
+      5. baseline evaluation and samples, train (resuming from the latest complete checkpoint),
+         final evaluation and samples
+      6. exports, then the run summary, written last                (exports.py)
+
+The same code runs as one process (`kubetune run`) and as every rank under torchrun in a pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune import storage
+from kubetune.checkpoints import CheckpointStore, config_hash
+from kubetune.storage import S3Options
+from kubetune.spec import FineTuneJob, FineTuneJobSpec
+
+from kubetune_trainer import data as data_lib
+from kubetune_trainer import models as model_lib
+from kubetune_trainer.errors import ConfigError
+
+SUMMARY_NAME = "summary.json"
+
+
+@dataclass
+class RunContext:
+    """Where this run reads and writes, and which process it is."""
+
+    job: FineTuneJob
+    output_uri: str  # local directory or s3://bucket/prefix
+    work_dir: Path  # local: checkpoints are written here first (== output for local runs)
+    rank: int = 0
+    world_size: int = 1
+    deepspeed_config: dict[str, Any] | None = None
+    resume: str = "auto"  # auto | latest | never
+    show_progress: bool = True
+    s3: S3Options | None = None  # endpoint, TLS and addressing for every s3:// location of the job
+
+    @property
+    def spec(self) -> FineTuneJobSpec:
+        return self.job.spec
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def output_is_s3(self) -> bool:
+        return storage.is_s3(self.output_uri)
+
+    def output_path(self, relative: str) -> str:
+        """URI of a file under the output."""
+        return self.output_uri.rstrip("/") + "/" + relative
+
+
+def training_config_hash(spec: FineTuneJobSpec) -> str:
+    """Hash of what decides the training trajectory; a checkpoint only resumes a run with the same hash."""
+    relevant = spec.model_dump(mode="json", include={"model", "method", "task", "datasets", "validation",
+                                                      "cleaning", "training"})
+    relevant["model"].pop("credentials_secret_ref", None)
+    return config_hash(relevant)
+
+
+def make_context(job: FineTuneJob, output: str | None = None, deepspeed_config: dict | None = None,
+                 resume: str = "auto", show_progress: bool = True) -> RunContext:
+    """Decide the output and work directories and read the rank from torchrun's environment."""
+    output_uri = output or job.spec.output.uri or f"runs/{job.metadata.name}"
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if storage.is_s3(output_uri):
+        base = Path(os.environ.get("KUBETUNE_WORKDIR", model_lib.cache_root() / "work"))
+        work_dir = base / config_hash({"output": output_uri})[:16]
+    else:
+        output_uri = str(Path(output_uri).expanduser().resolve())
+        work_dir = Path(output_uri)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return RunContext(job=job, output_uri=output_uri, work_dir=work_dir, rank=rank, world_size=world_size,
+                      deepspeed_config=deepspeed_config, resume=resume, show_progress=show_progress,
+                      s3=S3Options.from_spec(job.spec.storage))
+
+
+def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_hash: str) -> str | None:
+    """The local path of the latest complete checkpoint to resume from, or None to start fresh."""
+    if ctx.resume == "never":
+        return None
+    latest = store.latest()
+    if latest is None:
+        if ctx.resume == "latest":
+            print(f"[kubetune] no complete checkpoint under {ctx.output_uri}; starting from the beginning")
+        return None
+    manifest = latest.manifest
+    if manifest.get("configHash") not in (None, expected_hash):
+        raise ConfigError(
+            f"output {ctx.output_uri} holds checkpoints of a different training configuration "
+            f"(hash {manifest.get('configHash')} != {expected_hash}); use a new output.uri, or delete the old "
+            "checkpoints to start over")
+    local = ctx.work_dir / "checkpoints" / f"step-{latest.step}"
+    path = store.fetch(latest.step, local)
+    print(f"[kubetune] resuming from complete checkpoint step {latest.step} ({latest.uri})")
+    return str(path)
+
+
+def build_datasets(ctx: RunContext, tokenizer: Any) -> tuple[Any, Any, dict[str, Any], list[data_lib.Row]]:
+    """Read, clean, split, mix and tokenize; returns (train, eval, data report, validation rows)."""
+    from datasets import Dataset
+
+    prepared = data_lib.prepare_rows(ctx.spec, model_lib.cache_root() / "data", ctx.s3)
+    train_sequences, train_stats = data_lib.tokenize_rows(prepared.train, tokenizer, ctx.spec)
+    eval_sequences, eval_stats = data_lib.tokenize_rows(prepared.validation, tokenizer, ctx.spec, packing=False)
+
+    def to_dataset(sequences: list[data_lib.TokenizedExample]) -> Any:
+        return Dataset.from_dict({"input_ids": [s.input_ids for s in sequences],
+                                  "labels": [s.labels for s in sequences]})
+
+    report = {
+        "datasets": [r.as_dict() for r in prepared.reports],
+        "validationDatasets": [r.as_dict() for r in prepared.validation_reports],
+        "mixture": prepared.mixture,
+        "mixtureWeightsCount": "examples",
+        "train": train_stats,
+        "validation": eval_stats,
+    }
+    return to_dataset(train_sequences), to_dataset(eval_sequences), report, prepared.validation
+
+
+def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None) -> Any:
+    """Map the spec onto transformers' TrainingArguments."""
+    import torch
+    import transformers.trainer
+    from transformers import TrainingArguments
+
+    # Checkpoints are named step-N (our layout) instead of checkpoint-N.
+    transformers.trainer.PREFIX_CHECKPOINT_DIR = "step"
+    training = ctx.spec.training
+    on_gpu = torch.cuda.is_available()
+    gradient_checkpointing = training.gradient_checkpointing
+    if gradient_checkpointing is None:
+        gradient_checkpointing = on_gpu
+    warmup: float = 0
+    if training.warmup_steps is not None:
+        warmup = training.warmup_steps
+    elif training.warmup_ratio is not None:
+        warmup = training.warmup_ratio
+    save_steps = ctx.spec.checkpoint.every_steps
+    early = training.early_stopping
+    if early is not None and eval_steps is None:
+        raise ConfigError("training.earlyStopping needs evaluation.everySteps (the plateau is measured there)")
+    if early is not None:
+        save_steps = save_steps or eval_steps
+        if save_steps % eval_steps:
+            raise ConfigError(f"training.earlyStopping: checkpoint.everySteps ({save_steps}) must be a multiple of "
+                              f"evaluation.everySteps ({eval_steps}) so the best evaluation has a checkpoint")
+    strategy = ctx.spec.resources.strategy
+    fsdp_kwargs: dict[str, Any] = {}
+    if strategy == "fsdp" and ctx.world_size > 1:
+        from kubetune.distributed import fsdp_options
+
+        fsdp_kwargs = fsdp_options(ctx.spec)
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=training.batch_size_per_device,
+        per_device_eval_batch_size=training.batch_size_per_device,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_train_epochs=training.epochs or 1.0,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.scheduler,
+        warmup_steps=warmup,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not on_gpu,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps,
+        load_best_model_at_end=early is not None,
+        metric_for_best_model=early.metric if early else None,
+        greater_is_better=False if early else None,
+        report_to=[],  # trackers are added as callbacks by tracking.callbacks_for()
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="random" if training.packing else "group_by_length",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        deepspeed=ctx.deepspeed_config,
+        ddp_backend="gloo" if (not on_gpu and ctx.world_size > 1) else None,
+        ddp_find_unused_parameters=False if ctx.world_size > 1 else None,
+        optim="adamw_torch",
+        save_only_model=False,
+        **fsdp_kwargs,
+    )
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    """Train, evaluate and export as the spec says; returns the run summary (also written last)."""
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from kubetune_trainer import callbacks as cb
+    from kubetune_trainer import exports as export_lib
+    from kubetune_trainer.evaluation import SampleGenerator, perplexity
+
+    spec = ctx.spec
+    started = time.time()
+    # ---- 1. where things go
+    expected_hash = training_config_hash(spec)
+    store = CheckpointStore(ctx.output_uri, ctx.s3)
+    resume_from = find_resume_checkpoint(ctx, store, expected_hash)
+    if ctx.is_main and not resume_from:
+        storage.delete(ctx.output_path(SUMMARY_NAME), options=ctx.s3)  # a stale summary must not mark this run finished
+
+    # ---- 2. data and 3. model
+    precision = model_lib.pick_precision(spec.training.precision)
+    model_dir = model_lib.resolve_model_dir(spec.model, ctx.s3)
+    tokenizer = model_lib.load_tokenizer(model_dir)
+    train_set, eval_set, data_report, validation_rows = build_datasets(ctx, tokenizer)
+    torch.manual_seed(spec.training.seed)
+    model = model_lib.load_model(spec, model_dir, precision)
+
+    # ---- 4. the Trainer
+    eval_steps = spec.evaluation.every_steps
+    checkpoint_dir = ctx.work_dir / "checkpoints"
+    args = training_arguments(ctx, precision, checkpoint_dir, eval_steps)
+    reporter = cb.ProgressReporter(ctx)
+    callbacks = [
+        reporter,
+        cb.CheckpointPublisher(ctx, store, expected_hash, reporter),
+        cb.PreemptionHandler(ctx),
+    ]
+    if spec.training.early_stopping is not None:
+        from transformers import EarlyStoppingCallback
+
+        early = spec.training.early_stopping
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
+                                               early_stopping_threshold=early.min_delta))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=cb.PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        compute_metrics=None,
+    )
+    reporter.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
+    for callback in tracking_callbacks(ctx):
+        trainer.add_callback(callback)
+
+    # ---- 5. evaluate, train, evaluate
+    state_file = ctx.work_dir / "baseline.json"
+    samples = SampleGenerator(ctx, tokenizer, validation_rows)
+    if resume_from and (Path(resume_from) / "kubetune_baseline.json").exists():
+        baseline = json.loads((Path(resume_from) / "kubetune_baseline.json").read_text())
+    else:
+        baseline_metrics = trainer.evaluate(metric_key_prefix="eval")
+        baseline = {"eval_loss": baseline_metrics["eval_loss"], "perplexity": perplexity(baseline_metrics["eval_loss"]),
+                    "samples": samples.generate(trainer.model)}
+    state_file.write_text(json.dumps(baseline))
+    reporter.baseline = baseline
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    preempted = cb.PreemptionHandler.requested
+    if preempted:
+        store.wait()
+        return {"preempted": True, "step": trainer.state.global_step}
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        final_metrics = {"eval_loss": last_eval[-1]["eval_loss"]}  # just evaluated at this very step
+    else:
+        final_metrics = trainer.evaluate(metric_key_prefix="eval")
+    final = {"eval_loss": final_metrics["eval_loss"], "perplexity": perplexity(final_metrics["eval_loss"]),
+             "samples": samples.generate(trainer.model)}
+
+    # ---- 6. exports and the summary (written last)
+    artifacts: list[dict[str, Any]] = []
+    if ctx.is_main:
+        samples.write(ctx, baseline["samples"], final["samples"])
+        reporter.write_loss_plot()
+    artifacts = export_lib.export_all(ctx, trainer, tokenizer, model_dir, data_report=data_report,
+                                      baseline=baseline, final=final, eval_set=eval_set)
+    store.wait()
+    if ctx.is_main:
+        store.prune(spec.checkpoint.keep_last, protect=_best_step(trainer))
+    latest = store.latest()
+    summary = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "RunSummary",
+        "job": ctx.job.metadata.name,
+        "status": "Succeeded",
+        "configHash": expected_hash,
+        "method": spec.method.type,
+        "task": spec.task.type,
+        "model": spec.model.source,
+        "precision": precision,
+        "worldSize": ctx.world_size,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "trainLoss": train_result.training_loss,
+        "trainedTokens": int(trainer.state.num_input_tokens_seen or 0),
+        "tokensPerSecond": reporter.mean_tokens_per_second(),
+        "durationSeconds": round(time.time() - started, 2),
+        "resumedFrom": resume_from and Path(resume_from).name,
+        "earlyStopped": bool(spec.training.early_stopping) and trainer.state.global_step < trainer.state.max_steps,
+        "bestStep": _best_step(trainer) or None,
+        "metrics": {
+            "baselineEvalLoss": baseline["eval_loss"],
+            "baselinePerplexity": baseline["perplexity"],
+            "finalEvalLoss": final["eval_loss"],
+            "finalPerplexity": final["perplexity"],
+        },
+        "data": data_report,
+        "checkpoint": {"step": latest.step, "uri": latest.uri} if latest else None,
+        "artifacts": artifacts,
+        "output": ctx.output_uri,
+    }
+    if ctx.is_main:
+        reporter.finish(summary)
+        write_summary(ctx, summary)
+    return summary
+
+
+def tracking_callbacks(ctx: RunContext) -> list[Any]:
+    """TensorBoard (default), Weights & Biases and MLflow callbacks, on rank 0 only."""
+    if not ctx.is_main:
+        return []
+    tracking = ctx.spec.tracking
+    callbacks: list[Any] = []
+    if tracking.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard"))))
+    return callbacks
+
+
+def _best_step(trainer: Any) -> set[int]:
+    best = getattr(trainer.state, "best_global_step", None)
+    return {best} if best else set()
+
+
+def write_summary(ctx: RunContext, summary: dict[str, Any]) -> None:
+    """Write summary.json last: its presence means the run finished."""
+    text = json.dumps(summary, indent=2, default=str)
+    local = ctx.work_dir / SUMMARY_NAME
+    tmp = local.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(local)
+    if ctx.output_is_s3:
+        storage.upload_file(local, ctx.output_path(SUMMARY_NAME), options=ctx.s3)
+
+
+def cleanup_work_dir(ctx: RunContext) -> None:
+    """Remove local copies of an S3 run once everything is uploaded."""
+    if ctx.output_is_s3 and ctx.is_main:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
