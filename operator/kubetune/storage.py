@@ -342,7 +342,7 @@ def _error(exc: BaseException, bucket: str, key: str, action: str, options: S3Op
         if code in _THROTTLE_CODES or (isinstance(status, int) and status >= 500) or status == 429:
             return make(
                 f"S3 is unavailable or throttling ({code or status}: {server_message}) while trying to "
-                f"{action} {uri}; retried with backoff {options.max_attempts} times",
+                f"{action} {uri} (after {options.max_attempts} attempts with backoff)",
                 code or str(status), True,
             )
         return make(

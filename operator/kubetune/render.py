@@ -1,0 +1,516 @@
+"""FineTuneJob -> child manifests (pure: no API calls, no clock).
+
+Children of a FineTuneJob `<name>` (all owned by it, controller=true, so deleting the job deletes them):
+
+* ServiceAccount `<name>-trainer`, Role and RoleBinding `<name>-trainer`: the worker pods may `get`
+  this one FineTuneJob and `get`/`patch` its status (resourceNames: [<name>]); the trainer reports
+  progress, checkpoints, metrics and artifacts that way.
+* ConfigMap `<name>-config`: `job.yaml` (the manifest with platform defaults filled in; Secret
+  *names* only, never values) and `deepspeed.json` for DeepSpeed strategies.
+* headless Service `<name>`: stable DNS names `<name>-<attempt>-<index>.<name>` for the pods.
+* Indexed batch/v1 Job `<name>-<attempt>`: one pod per node running torchrun. `backoffLimit: 0`: any
+  failed pod fails the attempt; the operator decides whether to start attempt N+1 (see status.py).
+
+The run deadline (runPolicy.activeDeadlineSeconds) is enforced by the operator over the job's
+running time, not passed to the Job, because a Job's deadline would restart with every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune import __version__
+from kubetune.distributed import (
+    CONFIG_DIR,
+    CONFIG_PATH,
+    MASTER_PORT,
+    deepspeed_config,
+    launcher_args,
+    processes_per_node,
+    uses_deepspeed,
+)
+from kubetune.manifest import format_validation_error
+from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJobSpec
+
+LABEL_JOB = f"{API_GROUP}/job-name"
+LABEL_ATTEMPT = f"{API_GROUP}/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+CONTAINER_NAME = "trainer"
+DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
+CACHE_DIR = "/cache"
+RUN_AS_USER = 1000
+
+# Environment variables filled from Secrets, per Secret reference: (variable, optional).
+# Keys are the variable names; a Secret holds the keys it needs.
+AWS_KEYS = [("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)]
+HF_KEYS = [("HF_TOKEN", True)]
+MODEL_S3_KEYS = [("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_SESSION_TOKEN", True)]
+WANDB_KEYS = [("WANDB_API_KEY", False)]
+MLFLOW_KEYS = [("MLFLOW_TRACKING_TOKEN", True), ("MLFLOW_TRACKING_USERNAME", True),
+               ("MLFLOW_TRACKING_PASSWORD", True)]
+
+
+class RenderError(ValueError):
+    """The spec cannot be run in a cluster (bad spec, or something only the cluster requires)."""
+
+
+@dataclass
+class PlatformDefaults:
+    """Platform-wide settings merged into specs that do not set their own.
+
+    Loaded from a YAML file (camelCase keys, path in KUBETUNE_DEFAULTS_FILE) and/or environment
+    variables KUBETUNE_DEFAULT_<FIELD> (upper snake case; dicts and lists as JSON), env winning.
+    """
+
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str | None = None
+    image_pull_secrets: list[str] = field(default_factory=list)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing_style: str | None = None
+    storage_credentials_secret: str | None = None
+    output_uri_prefix: str | None = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    queue_name: str | None = None
+    priority_class_name: str | None = None
+    cache_size_limit: str | None = None
+    termination_grace_period_seconds: int = 300
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PlatformDefaults:
+        """From a dict with camelCase (or snake_case) keys; unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        camel = {_camel(n): n for n in known}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key if key in known else camel.get(key)
+            if name is None:
+                raise ValueError(f"unknown platform default {key!r}; known: {sorted(camel)}")
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PlatformDefaults:
+        """From a YAML file."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of platform defaults")
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PlatformDefaults:
+        """KUBETUNE_DEFAULTS_FILE first, then KUBETUNE_DEFAULT_* variables."""
+        env = os.environ if env is None else env
+        data: dict[str, Any] = {}
+        if env.get("KUBETUNE_DEFAULTS_FILE"):
+            data = yaml.safe_load(Path(env["KUBETUNE_DEFAULTS_FILE"]).read_text()) or {}
+        for f in fields(cls):
+            raw = env.get(f"KUBETUNE_DEFAULT_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if f.name in ("node_selector", "tolerations", "image_pull_secrets"):
+                data[f.name] = json.loads(raw)
+            elif f.name == "termination_grace_period_seconds":
+                data[f.name] = int(raw)
+            else:
+                data[f.name] = raw
+            data.pop(_camel(f.name), None)
+        return cls.from_mapping(data)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+# ----- names -----
+
+def service_name(name: str) -> str:
+    """The headless Service (also the pods' subdomain)."""
+    return name
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def trainer_account_name(name: str) -> str:
+    """ServiceAccount, Role and RoleBinding of the worker pods."""
+    return f"{name}-trainer"
+
+
+def job_name(name: str, attempt: int) -> str:
+    """The batch/v1 Job of one attempt."""
+    return f"{name}-{attempt}"
+
+
+def master_address(name: str, attempt: int, nodes: int) -> str:
+    """Rank 0's address: the first pod's DNS name under the headless Service (loopback for one node)."""
+    if nodes == 1:
+        return "127.0.0.1"
+    return f"{job_name(name, attempt)}-0.{service_name(name)}"
+
+
+# ----- spec -----
+
+def parse_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
+    """Validate a CR's spec; RenderError lists every problem with its field path."""
+    try:
+        return FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as error:
+        problems = [f"spec.{p}" for p in format_validation_error(error)]
+        raise RenderError("invalid spec: " + "; ".join(problems)) from None
+
+
+def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: str, namespace: str) -> FineTuneJobSpec:
+    """The spec with platform defaults filled where it sets nothing; RenderError if still unrunnable."""
+    data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    res = data.setdefault("resources", {})
+    res.setdefault("image", defaults.image)
+    if defaults.image_pull_policy:
+        res.setdefault("imagePullPolicy", defaults.image_pull_policy)
+    if not res.get("imagePullSecrets") and defaults.image_pull_secrets:
+        res["imagePullSecrets"] = list(defaults.image_pull_secrets)
+    if not res.get("nodeSelector") and defaults.node_selector:
+        res["nodeSelector"] = dict(defaults.node_selector)
+    if not res.get("tolerations") and defaults.tolerations:
+        res["tolerations"] = [dict(t) for t in defaults.tolerations]
+    if defaults.priority_class_name:
+        res.setdefault("priorityClassName", defaults.priority_class_name)
+    storage = data.setdefault("storage", {})
+    s3 = storage.setdefault("s3", {})
+    if defaults.s3_endpoint_url:
+        s3.setdefault("endpointUrl", defaults.s3_endpoint_url)
+    if defaults.s3_region:
+        s3.setdefault("region", defaults.s3_region)
+    if defaults.s3_addressing_style and s3.get("addressingStyle", "auto") == "auto":
+        s3["addressingStyle"] = defaults.s3_addressing_style
+    if defaults.storage_credentials_secret:
+        storage.setdefault("credentialsSecretRef", {"name": defaults.storage_credentials_secret})
+    if defaults.queue_name:
+        data.setdefault("scheduling", {}).setdefault("queueName", defaults.queue_name)
+    output = data.setdefault("output", {})
+    if not output.get("uri") and defaults.output_uri_prefix:
+        output["uri"] = f"{defaults.output_uri_prefix.rstrip('/')}/{namespace}/{name}/"
+    if not output.get("uri"):
+        raise RenderError("spec.output.uri: required in a cluster (a pod's disk is gone when it ends), for example "
+                          "s3://bucket/runs/; or set the platform default outputUriPrefix")
+    return parse_spec(data)
+
+
+# ----- children -----
+
+def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The controller ownerReference pointing at the FineTuneJob."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": name,
+        LABEL_COMPONENT: component,
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        LABEL_JOB: name,
+    }
+
+
+def _meta(job: Mapping[str, Any], name: str, component: str, **extra_labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job["metadata"]["namespace"],
+        "labels": {**_labels(job["metadata"]["name"], component), **extra_labels},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def current_attempt(job: Mapping[str, Any]) -> int:
+    """The attempt the status says is current (1 before any)."""
+    return int((job.get("status") or {}).get("attempt") or 1)
+
+
+def job_manifest_yaml(job: Mapping[str, Any], spec: FineTuneJobSpec) -> str:
+    """The effective FineTuneJob manifest the trainer reads (no status, no secret values)."""
+    meta = job["metadata"]
+    manifest = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(manifest, sort_keys=False)
+
+
+def _secret_env(ref_name: str, keys: list[tuple[str, bool]]) -> list[dict[str, Any]]:
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": ref_name, "key": var, "optional": optional}}}
+            for var, optional in keys]
+
+
+def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Environment variables read from Secrets by reference (the values never pass through the operator).
+
+    AWS keys come from output.credentialsSecretRef, else storage.credentialsSecretRef, else (for an
+    s3:// model) model.credentialsSecretRef. HF_TOKEN from model.credentialsSecretRef, WANDB_API_KEY
+    and MLFLOW_TRACKING_* from the tracking Secrets.
+    """
+    env: list[dict[str, Any]] = []
+    model_ref = spec.model.credentials_secret_ref
+    aws_ref = spec.output.credentials_secret_ref or spec.storage.credentials_secret_ref
+    if aws_ref is not None:
+        env += _secret_env(aws_ref.name, AWS_KEYS)
+    elif model_ref is not None and spec.model.source.startswith("s3://"):
+        env += _secret_env(model_ref.name, MODEL_S3_KEYS)
+    if model_ref is not None:
+        env += _secret_env(model_ref.name, HF_KEYS)
+    wandb = spec.tracking.wandb
+    if wandb is not None and wandb.api_key_secret_ref is not None:
+        env += _secret_env(wandb.api_key_secret_ref.name, WANDB_KEYS)
+    mlflow = spec.tracking.mlflow
+    if mlflow is not None and mlflow.credentials_secret_ref is not None:
+        env += _secret_env(mlflow.credentials_secret_ref.name, MLFLOW_KEYS)
+    return env
+
+
+def _env(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> list[dict[str, Any]]:
+    meta = job["metadata"]
+    name = meta["name"]
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_JOB_NAME", "value": name},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": meta["namespace"]},
+        {"name": "KUBETUNE_JOB_UID", "value": meta["uid"]},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MASTER_ADDR", "value": master_address(name, attempt, spec.resources.nodes)},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "KUBETUNE_NNODES", "value": str(spec.resources.nodes)},
+        {"name": "KUBETUNE_NPROC_PER_NODE", "value": str(processes_per_node(spec))},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "KUBETUNE_CACHE", "value": f"{CACHE_DIR}/kubetune"},
+        {"name": "KUBETUNE_WORKDIR", "value": f"{CACHE_DIR}/work"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/.cache"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/.triton"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.resources.gpus_per_node == 0:
+        env.append({"name": "OMP_NUM_THREADS", "value": _omp_threads(spec.resources.cpu)})
+    return env + secret_env(spec)
+
+
+def _omp_threads(cpu: str | None) -> str:
+    if not cpu:
+        return "1"
+    try:
+        value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    except ValueError:
+        return "1"
+    return str(max(1, int(value)))
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.gpus_per_node > 0:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    if res.cpu:
+        requests["cpu"] = limits["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def render_config_map(job: Mapping[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
+    data = {"job.yaml": job_manifest_yaml(job, spec)}
+    if uses_deepspeed(spec):
+        data["deepspeed.json"] = json.dumps(deepspeed_config(spec), indent=2, sort_keys=True) + "\n"
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(job, config_map_name(job["metadata"]["name"]), "config"), "data": data}
+
+
+def render_service(job: Mapping[str, Any]) -> dict[str, Any]:
+    name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(name), "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_rbac(job: Mapping[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """ServiceAccount (unless the spec names its own), Role and RoleBinding for status reporting."""
+    name = job["metadata"]["name"]
+    account = trainer_account_name(name)
+    subject = spec.resources.service_account_name or account
+    objects: list[dict[str, Any]] = []
+    if not spec.resources.service_account_name:
+        objects.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(job, account, "trainer")})
+    objects.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(job, account, "trainer"),
+        "rules": [
+            {"apiGroups": [API_GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
+            {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name],
+             "verbs": ["get", "patch"]},
+        ],
+    })
+    objects.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(job, account, "trainer"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": job["metadata"]["namespace"]}],
+    })
+    return objects
+
+
+def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
+               defaults: PlatformDefaults) -> dict[str, Any]:
+    """The Indexed batch/v1 Job of one attempt."""
+    meta = job["metadata"]
+    name = meta["name"]
+    res = spec.resources
+    nodes = res.nodes
+    command = launcher_args(spec, master_addr=master_address(name, attempt, nodes), master_port=MASTER_PORT,
+                            node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=processes_per_node(spec),
+                            resume="latest" if attempt > 1 else None)
+    pod_labels = {**_labels(name, "trainer"), LABEL_ATTEMPT: str(attempt)}
+    job_labels = {LABEL_ATTEMPT: str(attempt)}
+    queue = spec.scheduling.queue_name
+    if queue:
+        job_labels[KUEUE_QUEUE_LABEL] = queue
+    if spec.scheduling.priority_class_name:
+        job_labels[KUEUE_PRIORITY_LABEL] = spec.scheduling.priority_class_name
+    cache_volume: dict[str, Any] = {}
+    if defaults.cache_size_limit:
+        cache_volume["sizeLimit"] = defaults.cache_size_limit
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": res.image or defaults.image,
+        "command": command,
+        "env": _env(job, spec, attempt),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "File",
+    }
+    if res.image_pull_policy:
+        container["imagePullPolicy"] = res.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(name),
+        "serviceAccountName": res.service_account_name or trainer_account_name(name),
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": defaults.termination_grace_period_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
+            {"name": "cache", "emptyDir": cache_volume},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = dict(res.affinity)
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if res.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job, job_name(name, attempt), "trainer", **job_labels),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,
+            "suspend": bool(queue),
+            "template": {
+                "metadata": {"labels": pod_labels,
+                             "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTuneJobSpec:
+    """The CR's spec validated and merged with the platform defaults (RenderError if unrunnable)."""
+    meta = job["metadata"]
+    spec = parse_spec(job.get("spec") or {})
+    return apply_defaults(spec, defaults, name=meta["name"], namespace=meta["namespace"])
+
+
+def render_children(job: Mapping[str, Any], defaults: PlatformDefaults, *, attempt: int | None = None
+                    ) -> list[dict[str, Any]]:
+    """Every child of the FineTuneJob for `attempt` (default: status.attempt), in creation order.
+
+    Raises RenderError when the spec cannot run (the operator then fails the job with the message).
+    """
+    spec = effective_spec(job, defaults)
+    attempt = current_attempt(job) if attempt is None else attempt
+    return [
+        *render_rbac(job, spec),
+        render_config_map(job, spec),
+        render_service(job),
+        render_job(job, spec, attempt, defaults),
+    ]
