@@ -14,7 +14,7 @@ Measured, each on its own prefix of the same server, one run:
 - single stream: ``put_object`` / ``get_object`` per file, no transfer manager (what hand-written
   S3 code does).
 
-Usage: ``python bench/s3_transfer.py [--model-mb 270] [--optimizer-mb 540] [--concurrency 8]``
+Usage: ``python bench/s3_transfer.py [--model-mb 270] [--optimizer-mb 540] [--concurrency 8] [--chunk-mb 16]``
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--model-mb", type=int, default=270)
     parser.add_argument("--optimizer-mb", type=int, default=540)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--chunk-mb", type=int, default=16, help="kubetune multipart part size (MiB)")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir)")
     args = parser.parse_args()
 
@@ -95,7 +96,8 @@ def main() -> None:
         sizes = make_checkpoint(src, args.model_mb, args.optimizer_mb)
         total = sum(sizes.values())
         server.start()
-        opts = server.options(max_concurrency=args.concurrency, max_attempts=5, read_timeout=120)
+        opts = server.options(max_concurrency=args.concurrency, multipart_chunksize=args.chunk_mb * 2**20,
+                              max_attempts=5, read_timeout=120)
         bucket = server.bucket
         plain = server.client(max_attempts=5, read_timeout=120)
 
@@ -149,7 +151,7 @@ def main() -> None:
         print(f"file set: {len(sizes)} files, {total / MB:.0f} MB "
               f"(model.safetensors {args.model_mb} MB, optimizer.pt {args.optimizer_mb} MB); "
               f"SeaweedFS {server.endpoint_url} on loopback; {os.cpu_count()} CPUs; "
-              f"kubetune concurrency {args.concurrency}")
+              f"kubetune concurrency {args.concurrency}, parts {args.chunk_mb} MiB")
         print(f"{'method':42s} {'upload s':>9s} {'MB/s':>7s} {'download s':>11s} {'MB/s':>7s}")
         for label, (up, down) in results.items():
             print(f"{label:42s} {up:9.2f} {total / MB / up:7.1f} {down:11.2f} {total / MB / down:7.1f}")

@@ -1,9 +1,13 @@
 """Build the quickstart dataset from real text on any machine: Python's own standard-library docs.
 
 Each row asks what a standard-library function does and answers with the first paragraph of its
-docstring, so the data is real, reproducible and needs no download. Run:
+docstring, so the data is real, reproducible and needs no download. It writes three files into DIR:
 
-    python examples/data/build_pydoc_dataset.py examples/data/pydoc_instructions.jsonl
+    pydoc_instructions.jsonl  alpaca rows (instruction, input, output)
+    pydoc_chat.jsonl          the same knowledge as chat conversations (messages), two turns each
+    pydoc_modules.txt         the modules' own documentation as plain text (continued pretraining)
+
+    python examples/data/build_pydoc_dataset.py examples/data
 """
 
 from __future__ import annotations
@@ -56,9 +60,38 @@ def rows() -> list[dict[str, str]]:
     return result
 
 
+def chats(data: list[dict[str, str]]) -> list[dict]:
+    rng = random.Random(1)
+    conversations = []
+    for first, second in zip(data[::2], data[1::2], strict=False):
+        conversations.append({"messages": [
+            {"role": "system", "content": "You are a concise Python documentation assistant."},
+            {"role": "user", "content": first["instruction"]},
+            {"role": "assistant", "content": first["output"]},
+            {"role": "user", "content": rng.choice(["And ", "What about ", "Now "]) + second["instruction"][0].lower()
+             + second["instruction"][1:]},
+            {"role": "assistant", "content": second["output"]},
+        ]})
+    return conversations
+
+
+def module_texts() -> list[str]:
+    texts = []
+    for module_name in MODULES:
+        doc = importlib.import_module(module_name).__doc__
+        if doc and len(doc) > 200:
+            texts.append(inspect.cleandoc(doc))
+    return texts
+
+
 if __name__ == "__main__":
+    from pathlib import Path
+
+    out = Path(sys.argv[1])
     data = rows()
-    with open(sys.argv[1], "w") as handle:
-        for row in data:
-            handle.write(json.dumps(row) + "\n")
-    print(f"wrote {len(data)} rows to {sys.argv[1]}")
+    (out / "pydoc_instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    conversations = chats(data)
+    (out / "pydoc_chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    texts = module_texts()
+    (out / "pydoc_modules.txt").write_text("\n\n".join(texts) + "\n")
+    print(f"wrote {len(data)} instructions, {len(conversations)} conversations, {len(texts)} module texts to {out}")

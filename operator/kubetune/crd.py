@@ -23,13 +23,22 @@ from typing import Any
 
 import yaml
 
-from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, FineTuneJobSpec, FineTuneJobStatus
+from kubetune.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CATEGORIES = ["kubetune"]
 # metadata.name bound: the Job is <name>-<attempt>, its pods' hostnames <name>-<attempt>-<index>,
 # and the headless Service <name> must be a DNS-1035 label (63 characters, starting with a letter).
 MAX_NAME_LENGTH = 48
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 DEFAULT_MAX_LENGTH = 1024
 MAX_LENGTHS: dict[str, int] = {
@@ -84,7 +93,7 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
     "spec.model": [
         _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
               "spec.model.source: unknown bundled model; bundled models: bundled://smollm2-135m-instruct",
-              ".source", "FieldValueNotSupported"),
+              ".source", "FieldValueInvalid"),
     ],
     "spec.method": [
         _rule("!has(self.type) || self.type != 'qlora' || has(self.quantization)",
@@ -129,13 +138,6 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
               "self.resources.strategy == oldSelf.resources.strategy",
               "spec.resources.strategy is immutable: checkpoints of one strategy do not resume in another",
               ".resources.strategy", "FieldValueForbidden"),
-    ],
-    "": [
-        _rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH} && "
-              "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-              f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase "
-              "letters, digits and '-', starting with a letter): it names the worker Service and pods",
-              ".metadata.name", "FieldValueInvalid"),
     ],
 }
 
@@ -285,11 +287,14 @@ def openapi_schema() -> dict[str, Any]:
                            "representation of an object: kubetune.io/v1alpha1."},
             "kind": {"type": "string", "description": "Kind is the REST resource this object represents: "
                      "FineTuneJob."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # the API server allows nothing here but constraints on name and generateName
+            "metadata": {"type": "object", "properties": {"name": {
+                "type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN,
+                "description": f"A DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
+                               "digits and '-', starting with a letter): it names the worker Service and pods."}}},
             "spec": spec,
             "status": status_schema(),
         },
-        "x-kubernetes-validations": copy.deepcopy(VALIDATION_RULES[""]),
     }
     return schema
 

@@ -337,6 +337,8 @@ class StorageSpec(SpecModel):
 
 
 class WandbSpec(SpecModel):
+    """Weights & Biases logging."""
+
     project: str = Field(min_length=1, description="Weights & Biases project.")
     entity: str | None = Field(None, description="Team or user.")
     mode: Literal["online", "offline"] = Field("online", description="offline writes runs to the output only.")
@@ -344,6 +346,8 @@ class WandbSpec(SpecModel):
 
 
 class MlflowSpec(SpecModel):
+    """MLflow logging."""
+
     tracking_uri: str = Field(min_length=1, description="MLflow tracking URI (http(s)://... or file:...).")
     experiment: str = Field("kubetune", description="Experiment name.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with MLFLOW_TRACKING_TOKEN or "
@@ -481,6 +485,8 @@ class Phase(str, Enum):
 
 
 class Condition(SpecModel):
+    """A Kubernetes-style condition (written by the operator)."""
+
     type: str = Field(description="Condition type, for example Running or Complete.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="One-word CamelCase reason.")
@@ -490,6 +496,8 @@ class Condition(SpecModel):
 
 
 class ProgressStatus(SpecModel):
+    """Training progress (written by the trainer)."""
+
     step: int = Field(0, description="Optimizer steps done.")
     total_steps: int | None = Field(None, description="Optimizer steps planned.")
     epoch: float | None = Field(None, description="Epochs done (fractional).")
@@ -503,12 +511,16 @@ class ProgressStatus(SpecModel):
 
 
 class CheckpointStatus(SpecModel):
+    """The latest complete checkpoint (written by the trainer)."""
+
     step: int = Field(description="Step of the latest complete checkpoint.")
     uri: str = Field(description="Where it is.")
     time: str | None = Field(None, description="When it completed.")
 
 
 class ArtifactStatus(SpecModel):
+    """One exported artifact (written by the trainer)."""
+
     kind: str = Field(description="adapter, merged, int8, onnx, summary, ...")
     uri: str = Field(description="Where the artifact is.")
     sha256: str = Field(description="Digest of the artifact (of its manifest for directories).")
@@ -516,6 +528,8 @@ class ArtifactStatus(SpecModel):
 
 
 class MetricsStatus(SpecModel):
+    """Evaluation results (written by the trainer)."""
+
     baseline_perplexity: float | None = Field(None, description="Held-out perplexity before training.")
     final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
     baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
@@ -534,7 +548,10 @@ class FineTuneJobStatus(SpecModel):
     metrics: MetricsStatus | None = Field(None, description="Evaluation results.")
     restarts: int = Field(0, description="Worker-group restarts counted against runPolicy.maxRestarts.")
     preemptions: int = Field(0, description="Restarts after preemption (not counted).")
-    start_time: str | None = Field(None, description="When the workers first started.")
+    attempt: int = Field(0, description="Current worker-group attempt (the Job is <name>-<attempt>); every restart, "
+                         "preemption or resume starts a new one.")
+    start_time: str | None = Field(None, description="When the workers first started (reset when a suspended job "
+                                   "resumes); runPolicy.activeDeadlineSeconds counts from here.")
     completion_time: str | None = Field(None, description="When the job finished.")
     observed_generation: int | None = Field(None, description="Latest spec generation acted on.")
     message: str | None = Field(None, description="Latest human-readable state.")

@@ -54,10 +54,18 @@ def merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path
         return getattr(model, "module", model)
     from peft import PeftModel
 
-    dtype = torch.float32
-    if spec.method.quantization is not None and torch.cuda.is_available():
+    if spec.method.quantization is not None:
+        # QLoRA: the adapter was trained against the 4-bit weights. Load them the same way, dequantize
+        # to the compute dtype, then merge, so the merged model computes what was trained (and is
+        # never merged back into 4-bit weights).
+        from kubetune_trainer.models import quantization_config
+
         dtype = getattr(torch, spec.method.quantization.compute_dtype)
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, quantization_config=quantization_config(spec),
+                                                    dtype=dtype)
+        base = base.dequantize().to(dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

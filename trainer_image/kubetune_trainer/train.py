@@ -231,6 +231,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     resume_from = find_resume_checkpoint(ctx, store, expected_hash)
     if ctx.is_main and not resume_from:
         storage.delete(ctx.output_path(SUMMARY_NAME), options=ctx.s3)  # a stale summary must not mark this run finished
+        (ctx.work_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # ---- 2. data and 3. model
     precision = model_lib.pick_precision(spec.training.precision)
@@ -316,6 +317,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "task": spec.task.type,
         "model": spec.model.source,
         "precision": precision,
+        "modelInfo": model_info(model),
         "worldSize": ctx.world_size,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
@@ -341,6 +343,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
         reporter.finish(summary)
         write_summary(ctx, summary)
     return summary
+
+
+def model_info(model: Any) -> dict[str, int]:
+    """Parameter counts and how many linear layers are 4-bit (QLoRA)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    linear4bit = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    return {"parameters": total, "trainableParameters": trainable, "linear4bitLayers": linear4bit}
 
 
 def tracking_callbacks(ctx: RunContext) -> list[Any]:

@@ -1,0 +1,320 @@
+"""kopf handlers: thin glue between the API and the pure functions in render.py and status.py.
+
+One daemon per FineTuneJob runs a reconcile loop: read the CR, its Jobs and the current attempt's
+pods; `status.observe()` says what the status is and what to do; the loop patches the status, posts
+the events, and creates/deletes children (`render.render_children()`), then sleeps until a watch
+event on the FineTuneJob or one of its Jobs wakes it, or the next interval. Every step is
+idempotent and all state lives in the CR's status, so an operator restarted mid-job picks up where
+it was: children are created by name, and an existing child owned by the job is adopted as is.
+
+The operator never reads Secrets: pods get their values through secretKeyRef.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune import render
+from kubetune import status as st
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger("kubetune.operator")
+
+FINALIZER = f"{API_GROUP}/finalizer"
+MERGE_PATCH = "application/merge-patch+json"
+KEEP_FINISHED_ATTEMPTS = 2  # finished Jobs of earlier attempts kept for `kubectl logs`
+
+
+@dataclass
+class OperatorConfig:
+    """Settings of a running operator (set by operator_main before kopf starts)."""
+
+    defaults: render.PlatformDefaults
+    interval: float = 10.0  # seconds between reconciles of one job when nothing wakes it
+
+
+CONFIG = OperatorConfig(defaults=render.PlatformDefaults())
+_WAKERS: dict[str, asyncio.Event] = {}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller")
+               for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _attempt_of(obj: Mapping[str, Any]) -> int:
+    try:
+        return int(((obj.get("metadata") or {}).get("labels") or {}).get(render.LABEL_ATTEMPT, "0"))
+    except ValueError:
+        return 0
+
+
+def _finished_job(job: Mapping[str, Any]) -> bool:
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def _pod_done(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+class Reconciler:
+    """Applies observations through the Kubernetes API (synchronous client; run in a worker thread)."""
+
+    def __init__(self, api: client.ApiClient, defaults: render.PlatformDefaults):
+        self.api = api
+        self.defaults = defaults
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def _dict(self, obj: Any) -> dict[str, Any]:
+        return self.api.sanitize_for_serialization(obj)
+
+    # ----- reads -----
+    def get_job_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def worker_jobs(self, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
+        items = self.batch.list_namespaced_job(namespace, label_selector=f"{render.LABEL_JOB}={name}").items
+        return [j for j in (self._dict(i) for i in items) if _owned_by(j, uid)]
+
+    def worker_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        items = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{render.LABEL_JOB}={name},{render.LABEL_COMPONENT}=trainer").items
+        return [self._dict(i) for i in items]
+
+    # ----- writes -----
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name,
+                                                          {"status": patch})
+
+    def delete_job(self, namespace: str, job_name: str, propagation: str = "Background") -> None:
+        try:
+            self.batch.delete_namespaced_job(job_name, namespace, propagation_policy=propagation)
+            log.info("deleted Job %s/%s (%s)", namespace, job_name, propagation)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def _create_fn(self, kind: str):
+        return {
+            "ServiceAccount": (self.core.create_namespaced_service_account, self.core.read_namespaced_service_account),
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "Role": (self.rbac.create_namespaced_role, self.rbac.read_namespaced_role),
+            "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+        }[kind]
+
+    def ensure_child(self, obj: dict[str, Any], uid: str) -> str:
+        """Create `obj`, or adopt the existing one of that name; returns created|exists|conflict|deleting."""
+        namespace, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
+        create, read = self._create_fn(kind)
+        try:
+            create(namespace, obj)
+            log.info("created %s %s/%s", kind, namespace, name)
+            return "created"
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        existing = self._dict(read(name, namespace))
+        if not _owned_by(existing, uid):
+            return "conflict"
+        if existing["metadata"].get("deletionTimestamp"):
+            return "deleting"
+        if kind == "ConfigMap" and existing.get("data") != obj.get("data"):
+            # resources may change while suspended; the next attempt reads the new config
+            self.core.patch_namespaced_config_map(name, namespace, {"data": obj["data"]}, _content_type=MERGE_PATCH)
+            log.info("updated ConfigMap %s/%s", namespace, name)
+        return "exists"
+
+    # ----- the loop body -----
+    def reconcile(self, namespace: str, name: str, uid: str) -> tuple[float | None, list[st.Event], dict | None]:
+        """One observation and its consequences; returns (requeue_after or None to stop, events, the CR)."""
+        job_cr = self.get_job_cr(namespace, name)
+        if job_cr is None or job_cr["metadata"].get("uid") != uid:
+            return None, [], None
+        if job_cr["metadata"].get("deletionTimestamp"):
+            return None, [], job_cr  # garbage collection removes the children (ownerReferences)
+        now = _now()
+        jobs = self.worker_jobs(namespace, name, uid)
+        attempt = int((job_cr.get("status") or {}).get("attempt") or 0)
+        current = next((j for j in jobs if j["metadata"]["name"] == render.job_name(name, attempt)), None)
+        pods = self.worker_pods(namespace, name)
+        current_pods = [p for p in pods if _attempt_of(p) == attempt]
+        phase = (job_cr.get("status") or {}).get("phase")
+        update = None
+        if phase not in st.TERMINAL:
+            try:
+                render.effective_spec(job_cr, self.defaults)
+            except render.RenderError as error:
+                update = st.config_error(job_cr, str(error), now)
+        if update is None:
+            update = st.observe(job_cr, current, current_pods, now)
+        if update.patch:
+            self.patch_status(namespace, name, update.patch)
+            log.info("%s/%s: phase %s, attempt %s, %s", namespace, name, update.phase, update.status.get("attempt"),
+                     update.status.get("message", ""))
+        job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
+        requeue = update.requeue_after
+        if update.action == st.Action.STOP:
+            for job in jobs:
+                if not job["metadata"].get("deletionTimestamp"):
+                    self.delete_job(namespace, job["metadata"]["name"])
+        elif update.action == st.Action.ENSURE:
+            wait = self.ensure(job_cr, jobs, pods, uid, update.events)
+            if wait:
+                requeue = min(requeue or wait, wait)
+        elif update.action == st.Action.DELETE:
+            self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            log.info("%s/%s: deleted after ttlSecondsAfterFinished", namespace, name)
+            return None, update.events, job_cr
+        return requeue, update.events, job_cr
+
+    def ensure(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], uid: str,
+               events: list[st.Event]) -> float | None:
+        """Children of the current attempt exist; earlier attempts are stopped first. Returns a retry delay."""
+        meta = job_cr["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        attempt = int(job_cr["status"]["attempt"])
+        stale = [j for j in jobs if _attempt_of(j) != attempt]
+        for job in stale:
+            if not job["metadata"].get("deletionTimestamp") and not _finished_job(job):
+                self.delete_job(namespace, job["metadata"]["name"], "Foreground")
+        finished = sorted((j for j in stale if _finished_job(j) and not j["metadata"].get("deletionTimestamp")),
+                          key=_attempt_of)
+        for job in finished[:-KEEP_FINISHED_ATTEMPTS] if len(finished) > KEEP_FINISHED_ATTEMPTS else []:
+            self.delete_job(namespace, job["metadata"]["name"])
+        children = render.render_children(job_cr, self.defaults, attempt=attempt)
+        waiting = [p["metadata"]["name"] for p in pods if _attempt_of(p) != attempt and not _pod_done(p)]
+        for child in children:
+            if child["kind"] == "Job" and (waiting or any(
+                    j["metadata"].get("deletionTimestamp") and not _finished_job(j) for j in stale)):
+                log.info("%s/%s: waiting for pods of earlier attempts to stop: %s", namespace, name, waiting)
+                return 2.0
+            result = self.ensure_child(child, uid)
+            if result == "conflict":
+                message = (f"{child['kind']} {child['metadata']['name']} exists and is not owned by this "
+                           "FineTuneJob; delete or rename it")
+                if not any(e.reason == "ChildConflict" for e in events):
+                    events.append(st.Event("Warning", "ChildConflict", message))
+                return 30.0
+            if result == "deleting":
+                return 2.0
+            if result == "created" and child["kind"] == "Job":
+                events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
+                                       f"with {child['spec']['completions']} worker pod(s)"))
+        return None
+
+
+# ----- kopf wiring -----
+
+_RECONCILER: Reconciler | None = None
+
+
+def _reconciler() -> Reconciler:
+    global _RECONCILER
+    if _RECONCILER is None:
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        _RECONCILER = Reconciler(client.ApiClient(), CONFIG.defaults)
+    return _RECONCILER
+
+
+def _wake(uid: str | None) -> None:
+    if uid and uid in _WAKERS:
+        _WAKERS[uid].set()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Finalizer and kopf's own bookkeeping under our prefix; only explicit events are posted."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{API_GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=f"kopf.{API_GROUP}", key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    _reconciler()
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_timeout=10.0)
+async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                           logger: logging.Logger, **_: Any) -> None:
+    """The per-job loop: reconcile, post events, sleep until woken or the next interval."""
+    waker = _WAKERS.setdefault(uid, asyncio.Event())
+    try:
+        while not stopped:
+            waker.clear()
+            try:
+                requeue, events, current = await asyncio.to_thread(_reconciler().reconcile, namespace, name, uid)
+            except ApiException as error:
+                logger.warning("reconcile failed: %s %s", error.status, error.reason)
+                requeue, events, current = 5.0, [], None
+            for event in events:
+                kopf.event(current or body, type=event.type, reason=event.reason, message=event.message)
+            if requeue is None and current is None:
+                return  # the FineTuneJob is gone
+            delay = CONFIG.interval if requeue is None else min(requeue, CONFIG.interval)
+            try:
+                await asyncio.wait_for(waker.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        _WAKERS.pop(uid, None)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def finetunejob_event(uid: str, **_: Any) -> None:
+    """Spec and status changes wake the job's loop."""
+    _wake(uid)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
+def worker_job_event(meta: kopf.Meta, **_: Any) -> None:
+    """Changes of a worker Job (pods started, failed, finished) wake its FineTuneJob's loop."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            _wake(ref.get("uid"))
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(**_: Any) -> int:
+    """Liveness detail: how many FineTuneJob loops run in this process."""
+    return len(_WAKERS)
+
+
+def configure_operator(defaults: render.PlatformDefaults | None = None, interval: float | None = None) -> None:
+    """Set the operator's settings before kopf starts."""
+    if defaults is not None:
+        CONFIG.defaults = defaults
+    if interval is not None:
+        CONFIG.interval = interval
+    env_interval = os.environ.get("KUBETUNE_RECONCILE_INTERVAL")
+    if interval is None and env_interval:
+        CONFIG.interval = float(env_interval)
