@@ -113,9 +113,10 @@ EOF
     etcd_version="${ETCD_VERSION:-$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2; exit}' "$k8s_gomod")}"
     log "etcd: requiring go.etcd.io/etcd/server/v3 $etcd_version"
     go get "go.etcd.io/etcd/server/v3@$etcd_version" >/dev/null
-    log "etcd: $(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)"
+    etcd_sha="$(mod_json "go.etcd.io/etcd/server/v3@$etcd_version" | json_get Hash)"
+    log "etcd: $(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3) (commit ${etcd_sha:-unknown})"
     minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-    ldflags="-s -w"
+    ldflags="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=${etcd_sha:0:7}"
     for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
       ldflags+=" -X $p.gitCommit=$git_commit -X $p.gitTreeState=clean -X $p.buildDate=$build_date"
@@ -135,8 +136,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 2. Small tools, each in its own wrapper module (they need newer k8s.io modules than 1.33).
 # ---------------------------------------------------------------------------------------------
-build_tool() { # name module version package ldflags...
-  local name=$1 module=$2 version=$3 pkg=$4 ldflags=$5
+build_tool() { # name module version package ldflags version-args
+  local name=$1 module=$2 version=$3 pkg=$4 ldflags=$5 version_args=$6
   if stamp_ok "$name" "$module=$version"; then
     log "$name $version: up to date, skipping"
     return
@@ -153,11 +154,12 @@ build_tool() { # name module version package ldflags...
   log "$name $version: compiling $pkg"
   (cd "$W" && go build -p "$JOBS" -trimpath -ldflags "-s -w $ldflags" -o "$BIN/$name" "$pkg")
   write_stamp "$name" "$module=$version"
-  log "$name: $("$BIN/$name" version 2>/dev/null | head -n1 || true)"
+  log "$name: $("$BIN/$name" $version_args 2>&1 | head -n1 || true)"
 }
 
 build_tool kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok \
-  "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}"
+  "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}" \
+  "--version"
 
 helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 if ! stamp_ok helm "helm.sh/helm/v3=$HELM_VERSION"; then
@@ -169,7 +171,7 @@ if ! stamp_ok helm "helm.sh/helm/v3=$HELM_VERSION"; then
     helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$cg_minor"
   done
 fi
-build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ldflags"
+build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ldflags" "version --short"
 
 # ---------------------------------------------------------------------------------------------
 # 3. Upstream kwok Stage documents, for reference. The tests use the adapted, committed copy in

@@ -142,12 +142,14 @@ def test_held_pod_stays_running_until_released(cp):
 def test_held_pod_failed_later_with_exit_code(cp):
     cp.apply(job("held-fail-job", annotations={HOLD_ANNOTATION: "true"}))
     pod = _running_pod(cp, "held-fail-job")
-    cp.fail_pod(NS, pod["metadata"]["name"], exit_code=137, reason="OOMKilled")
+    cp.fail_pod(NS, pod["metadata"]["name"], exit_code=137, reason="OOMKilled",
+                message="CUDA error: out of memory; rank 0: killed")
     cp.wait_for(lambda: job_condition(cp, "held-fail-job", "Failed"), 60, "Job held-fail-job Failed")
     pod = cp.get_json("pod", "-n", NS, pod["metadata"]["name"])
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert pod["status"]["phase"] == "Failed"
     assert term["exitCode"] == 137 and term["reason"] == "OOMKilled"
+    assert term["message"] == "CUDA error: out of memory; rank 0: killed"
 
 
 def test_too_many_gpus_stays_pending(cp):

@@ -609,3 +609,25 @@ def test_manifest_format_and_config_hash(tmp_path: Path) -> None:
     assert verify_checkpoint(tmp_path / "c")
     (tmp_path / "c" / "b.bin").write_bytes(b"BB")  # same size, other content
     assert verify_checkpoint(tmp_path / "c", hashes=False) and not verify_checkpoint(tmp_path / "c")
+
+
+def test_tls_endpoint_with_ca_bundle(s3_server: SeaweedS3, s3_prefix: str) -> None:
+    _, prefix_key = storage.split_s3(s3_prefix)
+    uri = f"s3://{s3_server.bucket}/{prefix_key}/tls.txt"
+    tls = s3_server.options(endpoint_url=s3_server.https_endpoint_url, ca_bundle=s3_server.ca_bundle)
+    storage.write_bytes(uri, b"over tls", options=tls)
+    assert storage.read_bytes(uri, options=tls) == b"over tls"
+    # The spec's caBundle reaches the client the same way.
+    from_spec = S3Options.from_spec(
+        S3Spec(endpoint_url=s3_server.https_endpoint_url, addressing_style="path", ca_bundle=s3_server.ca_bundle),
+        env={}, region="us-east-1", access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key)
+    assert storage.read_bytes(uri, options=from_spec) == b"over tls"
+    # Without the CA: a clear, permanent error.
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes(uri, options=tls.with_(ca_bundle=None, max_attempts=5))
+    assert time.monotonic() - started < 5 and not err.value.retryable
+    assert "TLS verification failed" in str(err.value) and "caBundle" in str(err.value)
+    # verifyTls false skips verification.
+    with pytest.warns(Warning):
+        assert storage.read_bytes(uri, options=tls.with_(ca_bundle=None, verify_tls=False)) == b"over tls"

@@ -263,7 +263,7 @@ class CheckpointStore:
                 self._staging = Path(tempfile.mkdtemp(prefix="kubetune-ckpt-"))
             path = self._staging / step_name(step)
         else:
-            path = Path(self.step_uri(step))
+            path = storage.local_path(self.step_uri(step))
         if path.exists():
             (path / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(path)
@@ -335,7 +335,7 @@ class CheckpointStore:
         output: verifies the checkpoint in place and returns its directory.
         """
         if not self.is_s3:
-            path = Path(self.step_uri(step))
+            path = storage.local_path(self.step_uri(step))
             if not verify_checkpoint(path):
                 raise CheckpointError(f"checkpoint {path} is incomplete or does not match its manifest")
             return path
@@ -386,7 +386,7 @@ class CheckpointStore:
         manifest = write_manifest(src, step, config_hash, extra)
         protect = frozenset(protect)
         if not self.is_s3:
-            dest = Path(self.step_uri(step))
+            dest = storage.local_path(self.step_uri(step))
             future: concurrent.futures.Future[CheckpointRef] = concurrent.futures.Future()
             try:
                 if src.resolve() != dest.resolve():

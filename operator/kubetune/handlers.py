@@ -152,12 +152,12 @@ class Reconciler:
 
     # ----- the loop body -----
     def reconcile(self, namespace: str, name: str, uid: str) -> tuple[float | None, list[st.Event], dict | None]:
-        """One observation and its consequences; returns (requeue_after or None to stop, events, the CR)."""
+        """One observation and its consequences: (requeue_after, events, the CR or None once it is gone)."""
         job_cr = self.get_job_cr(namespace, name)
         if job_cr is None or job_cr["metadata"].get("uid") != uid:
             return None, [], None
         if job_cr["metadata"].get("deletionTimestamp"):
-            return None, [], job_cr  # garbage collection removes the children (ownerReferences)
+            return None, [], None  # garbage collection removes the children (ownerReferences)
         now = _now()
         jobs = self.worker_jobs(namespace, name, uid)
         attempt = int((job_cr.get("status") or {}).get("attempt") or 0)
@@ -190,7 +190,7 @@ class Reconciler:
         elif update.action == st.Action.DELETE:
             self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
             log.info("%s/%s: deleted after ttlSecondsAfterFinished", namespace, name)
-            return None, update.events, job_cr
+            return None, update.events, None
         return requeue, update.events, job_cr
 
     def ensure(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], uid: str,
@@ -278,8 +278,8 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
                 requeue, events, current = 5.0, [], None
             for event in events:
                 kopf.event(current or body, type=event.type, reason=event.reason, message=event.message)
-            if requeue is None and current is None:
-                return  # the FineTuneJob is gone
+            if current is None and requeue is None:
+                return  # the FineTuneJob is gone or being deleted: nothing left to do
             delay = CONFIG.interval if requeue is None else min(requeue, CONFIG.interval)
             try:
                 await asyncio.wait_for(waker.wait(), timeout=delay)

@@ -86,6 +86,8 @@ class PlatformDefaults:
     priority_class_name: str | None = None
     cache_size_limit: str | None = None
     termination_grace_period_seconds: int = 300
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PlatformDefaults:
@@ -119,13 +121,13 @@ class PlatformDefaults:
             raw = env.get(f"KUBETUNE_DEFAULT_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            if f.name in ("node_selector", "tolerations", "image_pull_secrets"):
+            data.pop(_camel(f.name), None)  # the file's camelCase key loses to the variable
+            if f.name in ("node_selector", "tolerations", "image_pull_secrets", "pod_annotations", "pod_labels"):
                 data[f.name] = json.loads(raw)
             elif f.name == "termination_grace_period_seconds":
                 data[f.name] = int(raw)
             else:
                 data[f.name] = raw
-            data.pop(_camel(f.name), None)
         return cls.from_mapping(data)
 
 
@@ -407,7 +409,7 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
     command = launcher_args(spec, master_addr=master_address(name, attempt, nodes), master_port=MASTER_PORT,
                             node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=processes_per_node(spec),
                             resume="latest" if attempt > 1 else None)
-    pod_labels = {**_labels(name, "trainer"), LABEL_ATTEMPT: str(attempt)}
+    pod_labels = {**defaults.pod_labels, **_labels(name, "trainer"), LABEL_ATTEMPT: str(attempt)}
     job_labels = {LABEL_ATTEMPT: str(attempt)}
     queue = spec.scheduling.queue_name
     if queue:
@@ -486,7 +488,8 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             "suspend": bool(queue),
             "template": {
                 "metadata": {"labels": pod_labels,
-                             "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME}},
+                             "annotations": {**defaults.pod_annotations,
+                                             "kubectl.kubernetes.io/default-container": CONTAINER_NAME}},
                 "spec": pod_spec,
             },
         },

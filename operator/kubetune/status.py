@@ -35,6 +35,7 @@ DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShut
                       "DeletionByTaintManager", "DeletionByPodGC", "PreemptionByScheduler",
                       "EvictionByEvictionAPI", "TerminationByKubelet"}
 MAX_MESSAGE = 1024
+_DEFAULTS: dict[str, Any] = {"attempt": 0, "restarts": 0, "preemptions": 0, "conditions": []}
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_REQUEUE = 30.0
 
@@ -243,9 +244,9 @@ class _Builder:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def result(self) -> StatusUpdate:
-        if self.generation is not None:
+        if self.generation is not None and (self.old_phase not in TERMINAL or self.new.get("phase") != self.old_phase):
             self.new["observedGeneration"] = self.generation
-        patch = {k: v for k, v in self.new.items() if self.old.get(k) != v}
+        patch = {k: v for k, v in self.new.items() if self.old.get(k, _DEFAULTS.get(k)) != v}
         for k in self.old:
             if k not in self.new:
                 patch[k] = None

@@ -116,11 +116,15 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _local(uri: str | os.PathLike[str]) -> Path:
+def local_path(uri: str | os.PathLike[str]) -> Path:
+    """A local path or ``file://`` URI as a Path (``~`` expanded)."""
     text = os.fspath(uri)
     if text.startswith("file://"):
         text = text[len("file://"):]
     return Path(text).expanduser()
+
+
+_local = local_path
 
 
 def _dir_key(key: str) -> str:
@@ -354,6 +358,15 @@ def _error(exc: BaseException, bucket: str, key: str, action: str, options: S3Op
             f"no usable AWS credentials to {action} {uri} (bucket {bucket!r}): set AWS_ACCESS_KEY_ID and "
             f"AWS_SECRET_ACCESS_KEY from the credentials Secret, or configure web identity (IRSA)",
             "NoCredentials", False,
+        )
+    from botocore.exceptions import SSLError
+
+    if isinstance(exc, SSLError):
+        return make(
+            f"TLS verification failed for {endpoint} while trying to {action} {uri} (bucket {bucket!r}): "
+            f"{exc}; set storage.s3.caBundle (or AWS_CA_BUNDLE) to the CA that signed the server's "
+            f"certificate, or storage.s3.verifyTls false",
+            "SSLError", False,
         )
     retryable_types: tuple[type[BaseException], ...] = (
         BotoConnectionError, HTTPClientError, TimeoutError, ConnectionError,

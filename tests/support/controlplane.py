@@ -75,8 +75,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-control-plane.sh"
@@ -94,6 +94,7 @@ FAIL_CONTAINER_ANNOTATION = FAIL_LABEL + "/container-name"
 
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+POD_CIDR = "10.244.0.0/16"
 
 
 class ControlPlaneError(RuntimeError):
@@ -301,6 +302,7 @@ class ControlPlane:
         self.verbosity = verbosity
         self.keep = keep if keep is not None else os.environ.get("KUBETUNE_KEEP_CONTROLPLANE") == "1"
         self.start_timeout = start_timeout
+        self._started = False
         self.admin_token = secrets.token_hex(16)
         # user -> (token, groups); components get their own system:masters users so that their
         # requests are told apart in logs.
@@ -318,7 +320,6 @@ class ControlPlane:
         self.server: str | None = None
         self.ports: dict[str, int] = {}
         self.bin_dir: Path | None = None
-        self._started = False
 
     # -- setup --------------------------------------------------------------------------------
     def add_token_user(self, user: str, token: str, groups: Sequence[str] = ()) -> None:
@@ -347,7 +348,7 @@ class ControlPlane:
         assert self.dir is not None
         return self.dir / "pki"
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         self.start()
         return self
 
@@ -356,7 +357,7 @@ class ControlPlane:
             print(self.diagnostics(), file=sys.stderr)
         self.stop()
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self._started:
             return self
         self.bin_dir = ensure_binaries()
@@ -379,7 +380,7 @@ class ControlPlane:
         (d / "etcd").chmod(0o700)
         _write_pki(self._pki)
         names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
 
         token_file = d / "cfg" / "tokens.csv"
@@ -443,7 +444,8 @@ class ControlPlane:
             str(b / "kwok"), f"--kubeconfig={comp_kc['kwok']}", f"--config={self.stages}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION[0]}={FAKE_NODE_ANNOTATION[1]}",
-            "--node-lease-duration-seconds=40",
+            "--node-lease-duration-seconds=40",  # kwok holds a Lease per fake node (node health)
+            f"--cidr={POD_CIDR}",  # pod IPs; kwok's default 10.0.0.0/24 is the service range here
             f"--server-address=127.0.0.1:{p['kwok']}",
         ], env={**os.environ, "HOME": str(kwok_home), "KWOK_WORKDIR": str(kwok_home)})
 

@@ -1,6 +1,7 @@
 """pytest fixtures for a real S3 server (SeaweedFS on loopback), registered in tests/conftest.py.
 
-- ``s3_server`` (session): one running :class:`tests.support.s3server.SeaweedS3`.
+- ``s3_server`` (session): one running :class:`tests.support.s3server.SeaweedS3` (HTTP, and HTTPS
+  with a test CA).
 - ``s3_options``: :class:`kubetune.storage.S3Options` for it (explicit test keys, path style).
 - ``s3_prefix``: a unique ``s3://bucket/<test-name>-<id>`` for one test, deleted afterwards.
 """
@@ -23,7 +24,7 @@ from tests.support.s3server import SeaweedS3
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     # Never let the AWS credential chain reach for an instance metadata service from a test.
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), tls=True)
     server.start()
     try:
         yield server

@@ -8,7 +8,8 @@ same data directory (the outage tests rely on that). WebDAV, Iceberg and Lance e
 The admin server's gRPC port is fixed by SeaweedFS at its HTTP port + 10000 (its worker dials
 that), so both are chosen free together. With ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` in
 its environment the S3 gateway enforces exactly those keys. Buckets are not created on upload
-(``-s3.autoCreateBucket=false``), like AWS.
+(``-s3.autoCreateBucket=false``), like AWS. With ``tls=True`` the gateway also serves HTTPS
+(``https_endpoint_url``) with a certificate from a throwaway CA (``ca_bundle``).
 
 :class:`FaultProxy` is a small HTTP proxy to put in front of the server that answers chosen
 requests with ``503 SlowDown`` or delays them past the client's read timeout.
@@ -95,6 +96,7 @@ class SeaweedS3:
         access_key: str = "kubetune-test-access",
         secret_key: str | None = None,
         startup_timeout: float = 90.0,
+        tls: bool = False,
     ) -> None:
         self._own_dir = data_dir is None
         self.base_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="kubetune-seaweed-"))
@@ -107,6 +109,56 @@ class SeaweedS3:
         self.startup_timeout = startup_timeout
         self.ports: dict[str, int] = {}
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.ca_bundle: str | None = None
+
+    @property
+    def https_endpoint_url(self) -> str:
+        """The S3 gateway over TLS (only with ``tls=True``); verify it with ``ca_bundle``."""
+        if not self.tls:
+            raise RuntimeError("this server was started without tls=True")
+        return f"https://127.0.0.1:{self.ports['s3.https']}"
+
+    def _make_certificates(self) -> list[str]:
+        """A throwaway CA and a server certificate for 127.0.0.1/localhost (cryptography package)."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        tls_dir = self.base_dir / "tls"
+        ca_path, cert_path, key_path = tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server-key.pem"
+        if not key_path.exists():
+            tls_dir.mkdir(parents=True, exist_ok=True)
+            now = datetime.datetime.now(datetime.timezone.utc)
+            ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+            ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune test CA")])
+            ca = (
+                x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=7))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(ca_key, hashes.SHA256())
+            )
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=7))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+        self.ca_bundle = str(ca_path)
+        return [f"-s3.cert.file={cert_path}", f"-s3.key.file={key_path}", f"-s3.port.https={self.ports['s3.https']}"]
 
     @property
     def endpoint_url(self) -> str:
@@ -114,6 +166,8 @@ class SeaweedS3:
 
     def _allocate_ports(self) -> None:
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
+        if self.tls:
+            names.append("s3.https")
         ports = _free_ports(len(names), set())
         self.ports = dict(zip(names, ports, strict=True))
         self.ports["admin"] = _free_admin_port(set(ports))
@@ -130,7 +184,26 @@ class SeaweedS3:
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             "-s3.autoCreateBucket=false",
+            *self._socket_flags(),
+            *(self._make_certificates() if self.tls else []),
         ]
+
+    def _socket_flags(self) -> list[str]:
+        """Put the filer's and S3 gateway's unix sockets in the data directory (default: /tmp)."""
+        base = self.base_dir.resolve()
+        if len(str(base)) > 80:  # unix socket paths are limited to ~108 bytes
+            return []
+        return [f"-filer.localSocket={base / 'filer.sock'}", f"-s3.localSocket={base / 's3.sock'}"]
+
+    def _remove_sockets(self) -> None:
+        """Remove the unix sockets weed leaves in /tmp for this server's ports."""
+        names = [f"seaweedfs-admin-grpc-{self.ports.get('admin', 0) + 10000}.sock"]
+        names += [f"seaweedfs-{kind}-{self.ports.get(kind, 0)}.sock" for kind in ("s3", "filer", "volume", "master")]
+        names += [f"seaweedfs-s3-grpc-{self.ports.get('s3.grpc', 0)}.sock"]
+        for name in names:
+            path = Path(tempfile.gettempdir()) / name
+            if path.is_socket():
+                path.unlink(missing_ok=True)
 
     def start(self) -> SeaweedS3:
         """Start the server (again) and wait until the bucket answers."""
@@ -179,6 +252,7 @@ class SeaweedS3:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+        self._remove_sockets()
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -161,3 +161,6 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
                 artifacts.append({"kind": {"loss.png": "loss-plot", "metrics.jsonl": "metrics"}[name], "uri": uri,
                                   "sha256": sha256_file(path), "sizeBytes": path.stat().st_size})
     return artifacts
+
+
+import kubetune_trainer.export_formats  # noqa: E402, F401  (registers int8 and onnx)

