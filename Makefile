@@ -9,7 +9,7 @@
 SHELL := /bin/bash
 PYTHON_BASE ?= $(shell command -v python3.11 || command -v python3)
 KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
-DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+DEPS_HASH := $(shell sed -n "/^\[project\]/,/^\[project.scripts\]/p" pyproject.toml | cat - constraints.txt | sha256sum | cut -c1-12)
 VENV ?= $(KUBETUNE_CACHE)/venv-$(DEPS_HASH)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kubetune-deps-installed
@@ -19,7 +19,7 @@ export KUBETUNE_CACHE
 
 .PHONY: demo test install control-plane lint crd bench clean-venv
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP):
 	@echo "== installing Python dependencies into $(VENV) (once) =="
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel

@@ -65,7 +65,9 @@ def _attempt_of(obj: Mapping[str, Any]) -> int:
 
 
 def _finished_job(job: Mapping[str, Any]) -> bool:
-    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+    """Complete or failed (FailureTarget/SuccessCriteriaMet: the Job controller is finishing it)."""
+    return any(c.get("type") in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet")
+               and c.get("status") == "True"
                for c in (job.get("status") or {}).get("conditions") or [])
 
 
@@ -175,8 +177,8 @@ class Reconciler:
             update = st.observe(job_cr, current, current_pods, now)
         if update.patch:
             self.patch_status(namespace, name, update.patch)
-            log.info("%s/%s: phase %s, attempt %s, %s", namespace, name, update.phase, update.status.get("attempt"),
-                     update.status.get("message", ""))
+            log.info("%s/%s: phase %s, attempt %s, %s (status: %s)", namespace, name, update.phase,
+                     update.status.get("attempt"), update.status.get("message", ""), ", ".join(sorted(update.patch)))
         job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
         requeue = update.requeue_after
         if update.action == st.Action.STOP:

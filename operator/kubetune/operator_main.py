@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(debug=args.verbose, verbose=args.verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if not args.verbose:  # kopf logs every handler call at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
     from kubetune import handlers, render  # registers the handlers
 

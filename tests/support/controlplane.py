@@ -42,7 +42,8 @@ A pod that the scheduler binds to a fake node becomes ``Running`` (Ready, pod IP
   ``pod-container-running-failed.stage.kwok.x-k8s.io/exit-code`` (default 1), reason
   ``.../reason`` (default ``containerFailed``) and message ``.../message``.  With
   ``.../container-name`` only that container fails (the others stay running); ``.../delay`` (Go
-  duration) changes the delay.  The label wins over hold and over completion.  It can be set on
+  duration) changes the delay.  Reason and message may contain any text (the committed stage
+  quotes them; upstream's broke on ": ").  The label wins over hold and over completion.  It can be set on
   the pod template (every pod, including the Job's replacements, fails) or added to one running
   pod later (``kubectl label pod P pod-container-running-failed.stage.kwok.x-k8s.io=true`` after
   annotating the exit code).  :meth:`ControlPlane.fail_pod` does exactly that.
