@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kubetune.spec import CleaningSpec, DatasetSpec, FineTuneJobSpec
 from kubetune_trainer import data
 from kubetune_trainer.errors import DataError
+
 from tests.support.trainer_fixtures import write_jsonl
 
 ALPACA = [{"instruction": f"Say {i}", "input": "", "output": f"Number {i}."} for i in range(10)]
@@ -188,7 +188,7 @@ def test_validation_split_fraction_and_files(tmp_path: Path) -> None:
 
 
 def _labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != data.IGNORE_INDEX])
+    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != data.IGNORE_INDEX])
 
 
 @pytest.mark.parametrize("template", ["alpaca", "plain", "chat-template"])

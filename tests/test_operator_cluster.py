@@ -32,6 +32,8 @@ try:
 except ImportError:  # tests/ is on sys.path instead of the repository root
     from support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # type: ignore[no-redef]
 
+from kubetune.handlers import OPERATOR_RBAC_RULES
+
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 NS = "ml"
@@ -49,9 +51,11 @@ SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
 class OperatorProcess:
     """`python -m kubetune.operator_main` as a subprocess with its log in a file."""
 
-    def __init__(self, cp: ControlPlane, log_path: Path):
+    def __init__(self, cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()):
         self.cp = cp
         self.log_path = log_path
+        self.kubeconfig = kubeconfig
+        self.args = args
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -59,7 +63,7 @@ class OperatorProcess:
         self.port = free_port()
         env = {
             **os.environ,
-            "KUBECONFIG": self.cp.kubeconfig,
+            "KUBECONFIG": self.kubeconfig,
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
             "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
@@ -68,7 +72,7 @@ class OperatorProcess:
         log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.operator_main", "--verbose", "--interval", "2",
-             "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
         self.cp.wait_for(self.healthy, 60, "operator liveness endpoint")
@@ -123,9 +127,31 @@ def cp(request):
             print(plane.diagnostics(20))
 
 
+def operator_kubeconfig(cp: ControlPlane, directory: Path) -> str:
+    """A kubeconfig for ServiceAccount kubetune-system/kubetune-operator bound to OPERATOR_RBAC_RULES only."""
+    cp.create_namespace("kubetune-system")
+    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+              "metadata": {"name": "kubetune-operator", "namespace": "kubetune-system"}})
+    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+              "metadata": {"name": "kubetune-operator"}, "rules": OPERATOR_RBAC_RULES})
+    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+              "metadata": {"name": "kubetune-operator"},
+              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-operator"},
+              "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}]})
+    token = cp.kubectl("-n", "kubetune-system", "create", "token", "kubetune-operator", "--duration=2h").stdout.strip()
+    path = directory / "operator.kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}]}))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def operator(cp, tmp_path_factory):
-    op = OperatorProcess(cp, tmp_path_factory.mktemp("operator") / "operator.log")
+    directory = tmp_path_factory.mktemp("operator")
+    op = OperatorProcess(cp, directory / "operator.log", operator_kubeconfig(cp, directory))
     op.start()
     yield op
     op.stop()
@@ -400,9 +426,10 @@ def test_job_runs_to_success_with_the_right_children(cp, api, operator) -> None:
     release_all(cp, api, name, 1)
     st = wait_phase(cp, api, name, "Succeeded")
     assert st["completionTime"] and st["restarts"] == 0 and condition(st, "Succeeded")["status"] == "True"
+    # Pending -> Running -> Succeeded, one event each (Event timestamps have 1 s resolution: no order)
     reasons = event_reasons(api, name)
-    assert reasons[:1] == ["Created"] and "CreatedWorkers" in reasons and "AllWorkersRunning" in reasons
-    assert reasons[-1] == "Succeeded"
+    for reason in ("Created", "CreatedWorkers", "AllWorkersRunning", "Succeeded"):
+        assert reasons.count(reason) == 1, reasons
 
 
 def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
@@ -519,7 +546,7 @@ def test_suspend_and_resume(cp, api, operator) -> None:
     (worker,) = running_pods(cp, api, name, 2, 1)
     command = worker["spec"]["containers"][0]["command"]
     assert command[-2:] == ["--resume", "latest"] and command[command.index("--nnodes") + 1] == "1"
-    assert ["Suspended", "Resumed"] == [r for r in event_reasons(api, name) if r in ("Suspended", "Resumed")]
+    assert sorted(r for r in event_reasons(api, name) if r in ("Suspended", "Resumed")) == ["Resumed", "Suspended"]
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
 
@@ -613,6 +640,48 @@ def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) 
     wait_phase(cp, api, name, "Succeeded")
 
 
+def _peering_crd(kind: str, scope: str) -> dict[str, Any]:
+    """kopf's peering CRDs (as in kopf's documentation)."""
+    plural = kind.lower() + "s"
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {"scope": scope, "group": "kopf.dev",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "properties": {"status": {
+                             "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}]}}
+
+
+def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:
+    """Two replicas with --peering: the higher priority acts, the other stands by and takes over."""
+    cp.apply(_peering_crd("ClusterKopfPeering", "Cluster"))
+    cp.apply(_peering_crd("KopfPeering", "Namespaced"))
+    cp.wait_for(lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD")
+    cp.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubetune"}})
+    operator.stop()
+    high = OperatorProcess(cp, tmp_path / "high.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "100"))
+    low = OperatorProcess(cp, tmp_path / "low.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "50"))
+    try:
+        high.start()
+        low.start()
+        cp.wait_for(lambda: "clusterkopfpeerings" in low.log(), 60, "the low-priority replica to watch peers")
+        name = "peered"
+        cp.apply(manifest(name))
+        wait_phase(cp, api, name, "Running")
+        time.sleep(3)
+        assert f"created Job {NS}/{name}-1" in high.log() and f"{NS}/{name}" not in low.log()
+        high.stop()  # a graceful exit removes its peering record at once
+        cp.wait_for(lambda: "Resuming operations" in low.log(), 60, "the standby replica to take over")
+        release_all(cp, api, name, 1)
+        wait_phase(cp, api, name, "Succeeded")
+        assert f"{NS}/{name}: phase Succeeded" in low.log()
+        assert children(api, name)["Job"] == [f"{name}-1"]
+    finally:
+        high.stop()
+        low.stop()
+        operator.start()
+
+
 def test_secret_values_never_appear(cp, api, operator) -> None:
     """No Secret value in any object (but the Secrets), event, or operator log line."""
     kinds = "finetunejobs,jobs,pods,configmaps,services,serviceaccounts,roles,rolebindings,events"
@@ -626,3 +695,5 @@ def test_secret_values_never_appear(cp, api, operator) -> None:
     secret = cp.get_json("-n", NS, "secret", "s3-creds")
     assert secret["data"]["AWS_SECRET_ACCESS_KEY"]  # the values are really there to be leaked
     assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+    assert "Forbidden" not in log, "the operator lacks RBAC (OPERATOR_RBAC_RULES)"
+    assert "Daemon 'reconcile' is cancelled" not in log, "a daemon did not stop by itself"

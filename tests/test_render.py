@@ -313,3 +313,12 @@ def test_launcher_args() -> None:
                     "--master-addr", "j-0.svc", "--master-port", "1234", "-m", "kubetune_trainer",
                     "--config", "/etc/kubetune/job.yaml", "--resume", "latest"]
     assert distributed.world_size(spec_with(nodes=2, gpusPerNode=8)) == 16
+
+
+def test_platform_pod_annotations_and_labels() -> None:
+    defaults = PlatformDefaults(pod_annotations={"sidecar.istio.io/inject": "false"},
+                                pod_labels={"cost-center": "ml", "kubetune.io/job-name": "spoof"})
+    template = by_kind(render_children(cr(), defaults))["Job"]["spec"]["template"]
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert template["metadata"]["labels"]["cost-center"] == "ml"
+    assert template["metadata"]["labels"]["kubetune.io/job-name"] == "legal-lora"  # ours win

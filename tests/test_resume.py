@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubetune.manifest import ManifestError, load_job, parse_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kubetune.spec import EXIT_CONFIG_ERROR
 from kubetune_trainer.__main__ import run_trainer
+
 from tests.support.trainer_fixtures import REPO
 
 DATA = REPO / "examples" / "data"
@@ -121,3 +121,30 @@ def test_bundled_smollm2_loss_goes_down(make_job) -> None:
     metrics = summary["metrics"]
     assert metrics["finalEvalLoss"] < metrics["baselineEvalLoss"] - 0.05, metrics
     assert metrics["finalPerplexity"] < metrics["baselinePerplexity"]
+
+
+def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path) -> None:
+    """Computing logits only where labels are learned gives exactly transformers' loss."""
+    import torch
+    from kubetune_trainer.train import accepts_logits_to_keep, make_trainer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert accepts_logits_to_keep(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 20))
+    labels = ids.clone()
+    labels[:, :8] = -100  # prompts
+    labels[1, 15:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    trainer = make_trainer(seed=0, group_by_length=True, model=model,
+                           args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ours = trainer.compute_loss(model, dict(batch))
+    reference = model(**batch).loss
+    assert abs(ours.item() - reference.item()) < 1e-5
+    ours.backward()  # gradients flow to the adapter
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora" in n)

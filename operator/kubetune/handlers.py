@@ -36,6 +36,28 @@ MERGE_PATCH = "application/merge-patch+json"
 KEEP_FINISHED_ATTEMPTS = 2  # finished Jobs of earlier attempts kept for `kubectl logs`
 
 
+# What the operator's ClusterRole must grant (docs/operator.md; the cluster test runs the operator with
+# exactly these). No Secrets: pods get their values by secretKeyRef. The per-job Role's rules are
+# included (get on finetunejobs, get/patch on finetunejobs/status): RBAC only lets the operator grant
+# what it holds.
+OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": ["get", "create"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    # kopf watches CRDs to notice its resources appear or go
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings", "clusterkopfpeerings"],
+     "verbs": ["get", "list", "watch", "patch"]},
+]
+
+
 @dataclass
 class OperatorConfig:
     """Settings of a running operator (set by operator_main before kopf starts)."""
@@ -265,11 +287,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _reconciler()
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_timeout=10.0)
+async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
+    await stopped.wait()
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0)
 async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                            logger: logging.Logger, **_: Any) -> None:
-    """The per-job loop: reconcile, post events, sleep until woken or the next interval."""
+    """The per-job loop: reconcile, post events, sleep until woken, stopped or the next interval."""
     waker = _WAKERS.setdefault(uid, asyncio.Event())
+    stopping = asyncio.ensure_future(_until_stopped(stopped))
     try:
         while not stopped:
             waker.clear()
@@ -283,11 +310,11 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
             if current is None and requeue is None:
                 return  # the FineTuneJob is gone or being deleted: nothing left to do
             delay = CONFIG.interval if requeue is None else min(requeue, CONFIG.interval)
-            try:
-                await asyncio.wait_for(waker.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
+            woken = asyncio.ensure_future(waker.wait())
+            await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
     finally:
+        stopping.cancel()
         _WAKERS.pop(uid, None)
 
 

@@ -285,6 +285,8 @@ class CheckpointSpec(SpecModel):
 
     every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps (always at the end).")
     keep_last: int = Field(2, ge=1, description="Keep this many newest complete checkpoints (plus the best).")
+    background: bool = Field(True, description="Hash, manifest and upload checkpoints in a background thread "
+                             "while training goes on (only writing the files blocks training).")
 
 
 class EvaluationSpec(SpecModel):

@@ -32,10 +32,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user (our own progress lines say it)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate)\b.*")
+    warnings.filterwarnings("ignore", message=r".*an autograd kernel was not registered.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "unable to detect a GPU" warning from DeepSpeed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def run_trainer(config: str, output: str | None = None, deepspeed: str | None = None, resume: str = "auto",
                 show_progress: bool = True) -> tuple[int, dict | None]:
     """Run one training process; returns (exit code, summary or None). Never raises."""
     from kubetune_trainer.errors import ConfigError
+
+    quiet_libraries()
 
     try:
         job = load_job(config)

@@ -7,14 +7,14 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-
 from kubetune.checkpoints import CheckpointStore
+from transformers import TrainerCallback
 
 from kubetune_trainer.data import IGNORE_INDEX
 
@@ -142,6 +142,8 @@ class ProgressReporter(TrainerCallback):
         if self.bar is not None:
             self.bar.update(self.task, completed=state.global_step, loss=self.last_loss,
                             tps=f"{progress['tokensPerSecond']:.0f}")
+        elif self.ctx.show_progress and not state.max_steps and "eval_loss" in logs:
+            print(f"baseline eval_loss {self.last_eval_loss}", flush=True)
         elif self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
             eta = progress["etaSeconds"]
             print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss}  "
@@ -220,6 +222,10 @@ class CheckpointPublisher(TrainerCallback):
         self.store = store
         self.config_hash = config_hash
         self.reporter = reporter
+        self.background = ctx.spec.checkpoint.background
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-ckpt")
+        self._pending: list[Future] = []
+        self.blocked_seconds = 0.0  # time on_save kept training waiting (for bench/checkpoint_overhead)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.ctx.is_main:
@@ -228,13 +234,30 @@ class CheckpointPublisher(TrainerCallback):
         baseline = self.ctx.work_dir / "baseline.json"
         if baseline.exists():
             (local / "kubetune_baseline.json").write_text(baseline.read_text())
+        started = time.perf_counter()
         best = getattr(state, "best_global_step", None)
-        future = self.store.publish(local, state.global_step, self.config_hash,
-                                    extra={"epoch": state.epoch, "job": self.ctx.job.metadata.name},
-                                    keep_last=self.ctx.spec.checkpoint.keep_last, protect={best} if best else ())
         step, uri = state.global_step, self.store.step_uri(state.global_step)
-        # Reported only once complete (for S3: once the manifest is uploaded).
-        future.add_done_callback(lambda f: f.exception() is None and self.reporter.report_checkpoint(step, uri))
+        extra = {"epoch": state.epoch, "job": self.ctx.job.metadata.name}
+
+        def publish() -> None:
+            # Hashing every file and writing the manifest (then, for S3, uploading) makes it complete.
+            future = self.store.publish(local, step, self.config_hash, extra=extra,
+                                        keep_last=self.ctx.spec.checkpoint.keep_last,
+                                        protect={best} if best else ())
+            future.add_done_callback(lambda f: f.exception() is None and self.reporter.report_checkpoint(step, uri))
+
+        if self.background:
+            self._pending.append(self._executor.submit(publish))
+        else:
+            publish()
+            self.store.wait()
+        self.blocked_seconds += time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed to the background thread is published."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
 
 
 class PreemptionHandler(TrainerCallback):

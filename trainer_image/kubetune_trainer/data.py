@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
-from kubetune.storage import S3Options
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
+from kubetune.storage import S3Options
 
 from kubetune_trainer.errors import DataError
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
-from kubetune.storage import S3Options
 from kubetune.spec import BUNDLED_PREFIX, FineTuneJobSpec, MethodType, ModelSpec
+from kubetune.storage import S3Options
 
 from kubetune_trainer.errors import ConfigError
 

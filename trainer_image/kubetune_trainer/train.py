@@ -26,11 +26,12 @@ from typing import Any
 
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore, config_hash
-from kubetune.storage import S3Options
 from kubetune.spec import FineTuneJob, FineTuneJobSpec
+from kubetune.storage import S3Options
 
 from kubetune_trainer import data as data_lib
 from kubetune_trainer import models as model_lib
+from kubetune_trainer.data import IGNORE_INDEX
 from kubetune_trainer.errors import ConfigError
 
 SUMMARY_NAME = "summary.json"
@@ -213,6 +214,17 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
     )
 
 
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (possibly wrapped) causal LM can compute logits for selected positions only."""
+    import inspect
+
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    forward = getattr(inner, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
     """A transformers Trainer whose data order depends only on (seed, epoch).
 
@@ -241,10 +253,46 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
             return super().__iter__()
 
     class KubetuneTrainer(Trainer):
+        save_seconds = 0.0  # time spent writing checkpoint files (training waits for it)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            started = time.perf_counter()
+            super()._save_checkpoint(model, trial)
+            self.save_seconds += time.perf_counter() - started
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in dataset["input_ids"]]
             return SeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            """Next-token loss computing logits only where a label is learned.
+
+            With prompt masking most positions carry no label; projecting them onto the vocabulary
+            (the largest matmul of a small model) and through the softmax is wasted work. The loss is
+            the same sum over learned tokens, normalized like transformers does (by the tokens of the
+            whole accumulated batch when known).
+            """
+            if not accepts_logits_to_keep(model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            next_labels = labels[:, 1:]
+            positions = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            if positions.numel() == 0:
+                positions = torch.zeros(1, dtype=torch.long, device=labels.device)
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**model_inputs, logits_to_keep=positions)
+            logits = outputs.logits.float()
+            target = next_labels[:, positions]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss / (target != IGNORE_INDEX).sum().clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
 
     return KubetuneTrainer(**kwargs)
 
@@ -281,9 +329,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     checkpoint_dir = ctx.work_dir / "checkpoints"
     args = training_arguments(ctx, precision, checkpoint_dir, eval_steps)
     reporter = cb.ProgressReporter(ctx)
+    publisher = cb.CheckpointPublisher(ctx, store, expected_hash, reporter)
     callbacks = [
         reporter,
-        cb.CheckpointPublisher(ctx, store, expected_hash, reporter),
+        publisher,
         cb.PreemptionHandler(ctx),
     ]
     if spec.training.early_stopping is not None:
@@ -322,6 +371,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     reporter.baseline = baseline
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     preempted = cb.PreemptionHandler.requested
+    publisher.wait()
     if preempted:
         store.wait()
         return {"preempted": True, "step": trainer.state.global_step}
@@ -361,6 +411,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "trainLoss": train_result.training_loss,
         "lastLoss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "trainSeconds": round(train_result.metrics.get("train_runtime", 0.0), 3),
+        "checkpointBlockedSeconds": round(trainer.save_seconds + publisher.blocked_seconds, 3),
         "trainedTokens": int(trainer.state.num_input_tokens_seen or 0),
         "tokensPerSecond": reporter.mean_tokens_per_second(),
         "durationSeconds": round(time.time() - started, 2),
