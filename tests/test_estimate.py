@@ -40,6 +40,15 @@ def test_flops_are_6nt_for_full_and_4nt_for_adapters() -> None:
     checkpointed = training_flops("full", n, 0, t, gradient_checkpointing=True, eval_tokens=300)
     assert checkpointed["recompute"] == 2 * n * t and checkpointed["evaluation"] == 2 * n * 300
     assert checkpointed["total"] == 8 * n * t + 2 * n * 300 and checkpointed["perToken"] == 8 * n
+    # the output head multiplies only the positions whose logits are computed, and is not recomputed
+    head = 200_000
+    selective = training_flops("full", n, 0, t, True, 300, head_parameters=head, head_tokens=500,
+                               eval_head_tokens=100)
+    assert selective["base"] == 6 * (n - head) * t + 6 * head * 500
+    assert selective["recompute"] == 2 * (n - head) * t
+    assert selective["evaluation"] == 2 * (n - head) * 300 + 2 * head * 100
+    lora_head = training_flops("lora", n, adapters, t, False, head_parameters=head, head_tokens=500)
+    assert lora_head["model"] == 4 * (n - head) * t + 4 * head * 500 + 6 * adapters * t
 
 
 def test_steps_follow_the_trainer_arithmetic() -> None:
@@ -128,6 +137,7 @@ def test_parameters_of_the_tiny_llama_by_hand(make_job, tiny_model: Path) -> Non
     assert full["parameters"] == embeddings + 2 * (linear_per_layer + 2 * 64) + 64
     assert full["flopParameters"] == 2 * linear_per_layer + embeddings  # the tied head still multiplies
     assert full["trainableParameters"] == full["parameters"] and full["tiedEmbeddings"]
+    assert full["headParameters"] == embeddings and full["selectiveLogits"]
     qv = model_facts(load_job(make_job("qv", method={"type": "lora", "lora": {"r": 4, "targetModules":
                                                                              ["q_proj", "v_proj"]}})),
                      str(tiny_model))
@@ -144,9 +154,11 @@ def test_estimate_matches_a_real_run(make_job) -> None:
     result = estimate(path, gpu="A100-80GB")
     data, flops = result["data"], result["flops"]
     assert data["exact"] and data["method"] == "exact"
-    n, t = result["model"]["flopParameters"], result["tokensTrained"]
+    n, head, t = result["model"]["flopParameters"], result["model"]["headParameters"], result["tokensTrained"]
     assert t == data["tokens"]  # one epoch
-    assert flops["model"] == 6 * n * t and flops["recompute"] == 0  # gradientCheckpointing: false
+    # 6·N·T, the output head counting only the learned tokens (the trainer computes no other logits)
+    assert flops["model"] == 6 * (n - head) * t + 6 * head * data["trainableTokens"]
+    assert flops["recompute"] == 0  # gradientCheckpointing: false
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     assert summary["steps"] == result["steps"]["totalSteps"] == 15

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -513,6 +514,28 @@ def test_preemption_restarts_without_counting(cp, api, operator) -> None:
     st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
     assert st["preemptions"] == 1 and st["restarts"] == 0
     assert running_pods(cp, api, name, 2, 2)[0]["spec"]["containers"][0]["command"][-2:] == ["--resume", "latest"]
+    release_all(cp, api, name, 2)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def test_disruption_target_stops_the_group_before_the_next_attempt(cp, api, operator) -> None:
+    """A pod marked for preemption (DisruptionTarget) ends the attempt at once, not counted; the still
+    running Job is deleted (Foreground) and attempt 2 starts only once attempt 1's pods are gone."""
+    name = "disrupted"
+    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
+    wait_phase(cp, api, name, "Running")
+    victim = running_pods(cp, api, name, 1, 2)[0]
+    condition_patch = {"status": {"conditions": [{
+        "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+        "message": "preempted by a higher-priority pod",
+        # recent: the disruption controller resets DisruptionTarget on pods not deleted within 2 min
+        "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]}}
+    client.CoreV1Api(api).patch_namespaced_pod_status(victim["metadata"]["name"], NS, condition_patch)
+    st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
+    assert st["preemptions"] == 1 and st["restarts"] == 0
+    assert [j["metadata"]["name"] for j in jobs(api, name)] == [f"{name}-2"]
+    assert pods(api, name, 1) == []
+    assert any(e["reason"] == "Preempted" and "PreemptionByScheduler" in e["message"] for e in events(api, name))
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
 

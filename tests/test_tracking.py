@@ -4,6 +4,7 @@ credentials given through the environment appear nowhere in what is written or p
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +40,8 @@ def wandb_records(path: Path) -> list[Any]:
             continue
         length = int.from_bytes(data[position + 4:position + 6], "little")
         kind = data[position + 6]
+        if position + 7 + length > len(data):  # still being written
+            break
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk
@@ -70,7 +73,12 @@ def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path:
 
     # W&B: the offline run is under the output and holds the training and evaluation history
     (run_file,) = output.glob("wandb/offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
+    deadline = time.monotonic() + 60
+    while True:  # wandb's service may still be writing the log when finish() returns
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     history = [{"/".join(item.nested_key) or item.key: item.value_json for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     train_steps = [int(h["train/global_step"]) for h in history if "train/loss" in h]
@@ -133,3 +141,20 @@ def test_uris_are_printed_without_credentials() -> None:
 
     assert redact_uri("https://user:s3cret@mlflow.example.com:5000/x") == "https://***@mlflow.example.com:5000/x"
     assert redact_uri("file:/tmp/mlruns") == "file:/tmp/mlruns"
+
+
+def test_an_unreachable_tracking_server_does_not_fail_training(make_job, monkeypatch, capfd) -> None:
+    from kubetune_trainer import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    _hook_if_needed(monkeypatch)
+    path = make_job("down", training={"maxSteps": 2},
+                    tracking={"tensorboard": False,
+                              "mlflow": {"trackingUri": "http://kt-user:pw-0cc175b9c0f1@127.0.0.1:9"}})
+    code, summary = run_trainer(str(path), show_progress=False)
+    tracking.finish_runs(summary)
+    assert code == 0 and summary["steps"] == 2
+    printed = capfd.readouterr()
+    assert "MLflow logging failed and is off for the rest of this run" in printed.out
+    assert "pw-0cc175b9c0f1" not in printed.out + printed.err

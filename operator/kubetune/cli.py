@@ -52,8 +52,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    "-m", "kubetune_trainer", "--config", args.manifest, "--resume", args.resume]
         if args.output:
             command += ["--output", args.output]
-        return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+        code = subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                              "1")})
+        if code == 0:
+            from kubetune import storage
+
+            job = load_job(args.manifest)
+            output = args.output or job.spec.output.uri or f"runs/{job.metadata.name}"
+            summary = json.loads(storage.read_bytes(output.rstrip("/") + "/summary.json"))
+            print(_format_summary(summary))
+        return code
     from kubetune_trainer.__main__ import run_trainer
 
     code, summary = run_trainer(args.manifest, args.output, None, args.resume, show_progress=not args.quiet)
@@ -102,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_cmd_validate)
 
     estimate = sub.add_parser("estimate", help="tokens, steps, FLOPs, time, cost and memory of a job")
-    estimate.add_argument("manifest")
+    estimate.add_argument("manifest", nargs="?")
+    estimate.add_argument("--list-gpus", action="store_true", help="print the GPU table and exit")
     estimate.add_argument("--gpu", help="GPU type (see --list-gpus)")
     estimate.add_argument("--gpus", type=int, help="total GPUs (default: nodes x gpusPerNode)")
     estimate.add_argument("--mfu", type=float, help="model FLOPs utilization to assume (default per GPU)")

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune import render
 from kubetune import status as st
+from kubetune.metrics import METRICS
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger("kubetune.operator")
@@ -43,6 +44,8 @@ KEEP_FINISHED_ATTEMPTS = 2  # finished Jobs of earlier attempts kept for `kubect
 OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    # children carry blockOwnerDeletion: clusters with OwnerReferencesPermissionEnforcement check this
+    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
@@ -201,6 +204,7 @@ class Reconciler:
             self.patch_status(namespace, name, update.patch)
             log.info("%s/%s: phase %s, attempt %s, %s (status: %s)", namespace, name, update.phase,
                      update.status.get("attempt"), update.status.get("message", ""), ", ".join(sorted(update.patch)))
+        METRICS.record_update(job_cr, update.status, now)
         job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
         requeue = update.requeue_after
         if update.action == st.Action.STOP:
@@ -301,7 +305,8 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
         while not stopped:
             waker.clear()
             try:
-                requeue, events, current = await asyncio.to_thread(_reconciler().reconcile, namespace, name, uid)
+                with METRICS.reconcile_timer():
+                    requeue, events, current = await asyncio.to_thread(_reconciler().reconcile, namespace, name, uid)
             except ApiException as error:
                 logger.warning("reconcile failed: %s %s", error.status, error.reason)
                 requeue, events, current = 5.0, [], None
@@ -316,6 +321,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
     finally:
         stopping.cancel()
         _WAKERS.pop(uid, None)
+        METRICS.forget(uid)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)

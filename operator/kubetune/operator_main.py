@@ -1,10 +1,13 @@
 """`kubetune-operator` (or `python -m kubetune.operator_main`): run the FineTuneJob operator.
 
 Watches FineTuneJobs in the given namespaces (default: all), with a liveness endpoint for the
-Deployment's probe. Several replicas coordinate through kopf peering (`--peering NAME`, needs
-kopf's KopfPeering/ClusterKopfPeering CRDs): only the highest-priority replica acts, the others
-stand by. Without `--peering` it runs standalone (one replica). Platform defaults come from
-`--defaults FILE` and KUBETUNE_DEFAULT_* variables (see render.PlatformDefaults).
+Deployment's probe (port 8081) and Prometheus metrics (port 8080, see kubetune.metrics). Several
+replicas coordinate through kopf peering (`--peering NAME`, needs kopf's KopfPeering/ClusterKopfPeering
+CRDs): only the highest-priority replica acts, the others stand by (`--priority auto` derives a
+distinct priority from the pod's hostname). Without `--peering` it runs standalone (one replica).
+With `--namespaced-rbac` the operator holds only Roles in its `--namespace`s and does not list or
+watch namespaces and CRDs. Platform defaults come from `--defaults FILE` and KUBETUNE_DEFAULT_*
+variables (see render.PlatformDefaults).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import zlib
 
 import kopf
 
@@ -27,14 +32,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     peering = parser.add_mutually_exclusive_group()
     peering.add_argument("--peering", metavar="NAME", help="coordinate replicas through this kopf peering object")
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica; default)")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
-    parser.add_argument("--liveness", default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8080/healthz"),
+    parser.add_argument("--priority", type=_priority, default=0,
+                        help="peering priority of this replica, or 'auto' (from the hostname: distinct per pod)")
+    parser.add_argument("--namespaced-rbac", action="store_true",
+                        help="RBAC is Roles in the --namespace(s) only: do not list/watch namespaces and CRDs")
+    parser.add_argument("--liveness", default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8081/healthz"),
                         help="liveness endpoint URL (empty to disable); default %(default)s")
+    parser.add_argument("--metrics-port", type=int, default=8080,
+                        help="Prometheus /metrics port (0 to disable); default %(default)s")
+    parser.add_argument("--metrics-address", default="0.0.0.0",
+                        help="address the metrics endpoint listens on; default %(default)s")
     parser.add_argument("--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)")
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 10)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.namespaced_rbac and (not args.namespace or any(set(n) & set("*?[]!,") for n in args.namespace)):
+        parser.error("--namespaced-rbac needs exact --namespace names (no globs)")
+    return args
+
+
+def _priority(value: str) -> int:
+    if value == "auto":
+        return zlib.crc32((os.environ.get("HOSTNAME") or socket.gethostname()).encode()) % 1_000_000 + 1
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubetune-operator: bad platform defaults: {error}", file=sys.stderr)
         return 2
     handlers.configure_operator(defaults, args.interval)
+    if args.namespaced_rbac:
+        @kopf.on.startup(id="namespaced-rbac")
+        def _no_cluster_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
+            settings.scanning.disabled = True  # no namespace/CRD observation: the namespaces are given
+    if args.metrics_port:
+        from kubetune import metrics
+
+        metrics.serve(args.metrics_port, args.metrics_address)
     namespaces = [] if args.all_namespaces else list(args.namespace)
     kopf.run(
         standalone=args.peering is None,

@@ -49,6 +49,7 @@ CONTAINER_NAME = "trainer"
 DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 CACHE_DIR = "/cache"
 RUN_AS_USER = 1000
+TRAINER_METRICS_PORT = 9090  # rank 0's Prometheus endpoint (kubetune_trainer.metrics)
 
 # Environment variables filled from Secrets, per Secret reference: (variable, optional).
 # Keys are the variable names; a Secret holds the keys it needs.
@@ -314,6 +315,7 @@ def _env(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> list[di
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/.triton"},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "OMP_NUM_THREADS", "value": _omp_threads(spec.resources.cpu)})
@@ -424,7 +426,8 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
         "image": res.image or defaults.image,
         "command": command,
         "env": _env(job, spec, attempt),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -375,7 +375,10 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     nodes = int(((b.spec.get("resources") or {}).get("nodes")) or 1)
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
-    if len(running) >= nodes:
+    # workers that already exited 0 (rank > 0 ends before rank 0 has exported) still count: the
+    # attempt is finishing, not initializing again, until the Job controller marks it Complete
+    finished = [p for p in live if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if len(running) + len(finished) >= nodes:
         b.new.setdefault("startTime", rfc3339(now))
         b.phase(RUNNING, "AllWorkersRunning", f"attempt {attempt}: {nodes} worker pod(s) running")
         if deadline and "startTime" in b.new:

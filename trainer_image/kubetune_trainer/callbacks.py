@@ -214,6 +214,33 @@ class ProgressReporter(TrainerCallback):
         return path
 
 
+class BaselineEvaluator(TrainerCallback):
+    """Held-out loss and sample generations of the model before any update.
+
+    Measured at the start of training, once the Trainer has built its engine (DeepSpeed cannot
+    evaluate before that), and saved as `baseline.json` so that checkpoints carry it: a resumed run
+    reads it back instead of measuring a half-trained model.
+    """
+
+    def __init__(self, ctx: Any, samples: Any, resumed_baseline: Path | None):
+        self.ctx = ctx
+        self.samples = samples
+        self.trainer: Any = None
+        self.result: dict[str, Any] | None = None
+        if resumed_baseline is not None and resumed_baseline.exists():
+            self.result = json.loads(resumed_baseline.read_text())
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.result is None:
+            from kubetune_trainer.evaluation import perplexity
+
+            metrics = self.trainer.evaluate(metric_key_prefix="eval")
+            self.result = {"eval_loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"]),
+                           "samples": self.samples.generate(self.trainer.model)}
+            self.trainer.model.train()
+        (self.ctx.work_dir / "baseline.json").write_text(json.dumps(self.result))
+
+
 class CheckpointPublisher(TrainerCallback):
     """Makes each saved checkpoint complete (manifest written last), publishes it and prunes old ones."""
 

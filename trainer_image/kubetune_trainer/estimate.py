@@ -24,6 +24,7 @@ The formulas are explained in docs/estimate.md.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -175,11 +176,16 @@ def model_facts(job: FineTuneJob, model_dir: str) -> dict[str, Any]:
         matmul += output.weight.numel()
     # What bitsandbytes quantizes for QLoRA: the Linear layers except the output head.
     quantizable = sum(m.weight.numel() for _, m in linear if m is not output)
+    head = output.weight.numel() if output is not None else 0
+    # The trainer computes logits only at learned positions when the model takes logits_to_keep.
+    selective = "logits_to_keep" in inspect.signature(model.forward).parameters
     facts: dict[str, Any] = {
         "architecture": type(model).__name__,
         "parameters": total,
         "flopParameters": matmul,
         "quantizableParameters": quantizable,
+        "headParameters": head,
+        "selectiveLogits": selective,
         "layers": layers,
         "hidden": hidden,
         "intermediate": intermediate,
@@ -250,7 +256,8 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROW
 
     train = measure(prepared.train, None)
     validation = measure(prepared.validation, False)
-    return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens")}}
+    return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens",
+                                                               "trainableTokens")}}
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -275,25 +282,30 @@ def plan_steps(sequences: int, batch_size: int, world_size: int, accumulation: i
 
 
 def training_flops(method: str, flop_parameters: int, adapter_parameters: int, tokens: float,
-                   gradient_checkpointing: bool, eval_tokens: float = 0) -> dict[str, Any]:
+                   gradient_checkpointing: bool, eval_tokens: float = 0, *, head_parameters: int = 0,
+                   head_tokens: float | None = None, eval_head_tokens: float | None = None) -> dict[str, Any]:
     """FLOPs of training on `tokens` tokens (and of `eval_tokens` forward-only evaluation tokens).
 
     full:       6·N·T  (forward 2N, backward 4N: gradients of activations 2N and of weights 2N)
     lora/qlora: 4·N·T  (forward 2N, backward through activations 2N; frozen weights get no gradient)
                 + 6·N_adapter·T for the adapters themselves
-    gradient checkpointing recomputes the forward: + 2·N·T (+ 2·N_adapter·T)
+    gradient checkpointing recomputes the decoder layers' forward: + 2·(N - N_head + N_adapter)·T
     evaluation: 2·N per token
+
+    The output head (`head_parameters` of the N) multiplies only the positions whose logits are
+    computed: `head_tokens` of the T (default all of them; this trainer computes logits only where a
+    label is learned), `eval_head_tokens` of the evaluation tokens.
     """
-    n, a, t = flop_parameters, adapter_parameters, tokens
-    if method == "full":
-        base, adapters, per_token = 6 * n * t, 0, 6 * n
-        formula = "6·N·T"
-    else:
-        base, adapters, per_token = 4 * n * t, 6 * a * t, 4 * n + 6 * a
-        formula = "4·N·T + 6·N_adapter·T"
-    recompute = 2 * (n + a) * t if gradient_checkpointing else 0
-    evaluation = 2 * n * eval_tokens
-    return {"formula": formula, "perToken": per_token + (2 * (n + a) if gradient_checkpointing else 0),
+    n, a, t, head = flop_parameters, adapter_parameters, tokens, head_parameters
+    head_t = t if head_tokens is None else head_tokens
+    head_e = eval_tokens if eval_head_tokens is None else eval_head_tokens
+    k = 6 if method == "full" else 4
+    base = k * (n - head) * t + k * head * head_t
+    adapters = 0 if method == "full" else 6 * a * t
+    recompute = 2 * (n - head + a) * t if gradient_checkpointing else 0
+    evaluation = 2 * (n - head) * eval_tokens + 2 * head * head_e
+    formula = "6·N·T" if method == "full" else "4·N·T + 6·N_adapter·T"
+    return {"formula": formula, "perToken": (base + adapters + recompute) / t if t else 0,
             "base": base, "adapters": adapters, "model": base + adapters, "recompute": recompute,
             "evaluation": evaluation, "total": base + adapters + recompute + evaluation}
 
@@ -468,18 +480,25 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
         model_dir = _model_files_dir(job)
         facts = facts or model_facts(job, model_dir)
         data = data or count_tokens(job, model_lib.load_tokenizer(model_dir))
-    world = gpus or distributed.world_size(spec)
-    if world < 1:
+    if gpus is not None and gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
+    world = gpus or distributed.world_size(spec)
     training = spec.training
     method = str(spec.method.type)
     steps = plan_steps(data["sequences"], training.batch_size_per_device, world,
                        training.gradient_accumulation_steps, training.epochs, training.max_steps)
     tokens = data["tokens"] * steps["totalSteps"] / steps["stepsPerEpoch"]
     checkpointing = True if training.gradient_checkpointing is None else training.gradient_checkpointing
-    eval_tokens = data["validation"]["tokens"] * _evaluations(spec, steps["totalSteps"])
+    evaluations = _evaluations(spec, steps["totalSteps"])
+    validation = data["validation"]
+    eval_tokens = validation["tokens"] * evaluations
+    head_tokens, eval_head_tokens = tokens, eval_tokens
+    if facts.get("selectiveLogits"):  # logits only where a label is learned
+        head_tokens = tokens * data["trainableTokens"] / data["tokens"]
+        eval_head_tokens = evaluations * validation.get("trainableTokens", validation["tokens"])
     flops = training_flops(method, facts["flopParameters"], facts["adapterParameters"], tokens, checkpointing,
-                           eval_tokens)
+                           eval_tokens, head_parameters=facts.get("headParameters", 0), head_tokens=head_tokens,
+                           eval_head_tokens=eval_head_tokens)
     precision = "bf16" if str(training.precision) == "auto" else str(training.precision)
     seq = min(training.max_seq_length, data["longestSequence"])  # the longest batch sets the peak
     lora = spec.method.lora
@@ -518,7 +537,10 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     assumptions = [
         f"FLOPs {flops['formula']} with N = {facts['flopParameters']:,} parameters in matmuls (every Linear, the "
         "output head included even when tied) and T = tokens trained (non-padding; attention's s^2 term and "
-        "padding are not counted)",
+        "padding are not counted)"
+        + (f"; the output head ({facts.get('headParameters', 0):,} of N) only multiplies the learned tokens "
+           f"({round(head_tokens):,}): the trainer computes logits only where a label is learned"
+           if facts.get("selectiveLogits") else ""),
         "LoRA/QLoRA: forward 2N + backward through activations 2N, no weight gradients for frozen weights",
         f"gradient checkpointing {'on' if checkpointing else 'off'}"
         + (" (default on GPUs): +2N per token to recompute the forward" if training.gradient_checkpointing is None
@@ -664,8 +686,11 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
     if checkpointing is None:
         checkpointing = on_gpu
     facts = result["model"]
+    data = result["data"]
+    learned = data["trainableTokens"] / data["tokens"] if facts.get("selectiveLogits") else 1.0
     per_token = training_flops(result["method"], facts["flopParameters"], facts["adapterParameters"], 1,
-                               checkpointing)["perToken"]
+                               checkpointing, head_parameters=facts.get("headParameters", 0),
+                               head_tokens=learned)["perToken"]
     flops_per_step = per_token * tokens_per_step
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     measured_peak = measure_peak_flops("cuda" if on_gpu else "cpu",
@@ -774,8 +799,25 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_gpu_table(table: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'GPU':<11} {'TFLOPS':>7} {'memory GiB':>10} {'$/GPU-h':>8} {'MFU':>5}"]
+    for name, entry in table.items():
+        lines.append(f"{name:<11} {entry['tflops']:>7g} {entry['memoryGiB']:>10g} {entry['pricePerHour']:>8.2f} "
+                     f"{entry.get('mfu', DEFAULT_MFU):>5.2f}")
+    return "\n".join(lines)
+
+
 def main(args: Any) -> int:
-    """`kubetune estimate` (args: manifest, gpu, gpus, mfu, gpu_table, calibrate, json)."""
+    """`kubetune estimate` (args: manifest, gpu, gpus, mfu, gpu_table, calibrate, json; list_gpus if the
+    CLI defines it: print the GPU table and stop)."""
+    if getattr(args, "list_gpus", False):
+        try:
+            table = load_gpu_table(getattr(args, "gpu_table", None))
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        print(json.dumps(table, indent=2) if getattr(args, "json", False) else format_gpu_table(table))
+        return 0
     try:
         job = load_job(args.manifest)
     except ManifestError as error:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.exports import exporter, merged_model
+from kubetune_trainer.exports import exporter, local_model_loading, merged_model
 
 INT8_WEIGHTS = "model_int8.pt"
 INT8_CONFIG = "int8_config.json"
@@ -77,8 +77,9 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
         if not ctx.is_main:
             return None
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32,
-                                                         trust_remote_code=spec.model.trust_remote_code)
+            with local_model_loading():
+                model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32,
+                                                             trust_remote_code=spec.model.trust_remote_code)
         finally:
             shutil.rmtree(source, ignore_errors=True)
     model = model.to(device="cpu", dtype=torch.float32)
@@ -126,8 +127,9 @@ def eval_loss(model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, ba
     return total / tokens, count
 
 
-def _perplexity(loss: float) -> float:
-    return round(math.exp(min(loss, 50.0)), 4) if math.isfinite(loss) else float("nan")
+def _perplexity(loss: float) -> float | None:
+    """exp(loss) as the trainer reports it; None (JSON null) when there was nothing to measure."""
+    return round(math.exp(min(loss, 50.0)), 4) if math.isfinite(loss) else None
 
 
 def tensor_bytes(state_dict: dict[str, Any]) -> int:
@@ -311,11 +313,12 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
         fp32_loss, used = eval_loss(model, eval_set, pad_token_id=pad)
         int8_loss, _ = eval_loss(quantized, eval_set, pad_token_id=pad)
         fp32_ppl, int8_ppl = _perplexity(fp32_loss), _perplexity(int8_loss)
+        change = round(int8_ppl - fp32_ppl, 4) if fp32_ppl is not None and int8_ppl is not None else None
         details.update({
             "fp32Perplexity": fp32_ppl,
             "int8Perplexity": int8_ppl,
-            "int8PerplexityChange": round(int8_ppl - fp32_ppl, 4),
-            "int8PerplexityChangePercent": round(100 * (int8_ppl - fp32_ppl) / fp32_ppl, 3) if fp32_ppl else None,
+            "int8PerplexityChange": change,
+            "int8PerplexityChangePercent": round(100 * change / fp32_ppl, 3) if change is not None else None,
             "int8EvalSequences": used,
         })
     return details

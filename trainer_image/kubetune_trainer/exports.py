@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,38 @@ def export_adapter(trainer: Any, target: Path, **_: Any) -> dict[str, Any]:
     return {}
 
 
+@contextmanager
+def local_model_loading() -> Iterator[None]:
+    """Load a model in this process alone, even while DeepSpeed ZeRO-3 is active.
+
+    Under ZeRO-3 transformers partitions every model it builds across the ranks (a collective); a
+    model loaded for an export on rank 0 must not be, or rank 0 waits forever for the others.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
     """A plain transformers model with the adapter merged in (never into 4-bit weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     model = trainer.model
     if not _is_peft(getattr(model, "module", model)):
         return getattr(model, "module", model)
+
+    with local_model_loading():
+        return _merge(base_model_dir, spec, adapter_dir)
+
+
+def _merge(base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
+    import torch
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     if spec.method.quantization is not None:
         # QLoRA: the adapter was trained against the 4-bit weights. Load them the same way, dequantize
@@ -73,12 +97,12 @@ def merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path
 def export_merged(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any,
                   adapter_dir: Path, **_: Any) -> dict[str, Any]:
     """Merged weights (safetensors) + tokenizer + generation config."""
-    model = merged_model(trainer, base_model_dir, spec, adapter_dir)
-    if hasattr(trainer, "is_deepspeed_enabled") and trainer.is_deepspeed_enabled and not _is_peft(model):
-        trainer.save_model(str(target))
-    else:
-        model.save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
+    if not _is_peft(getattr(trainer.model, "module", trainer.model)):
+        trainer.save_model(str(target))  # full fine-tuning: every rank takes part (ZeRO-3/FSDP gather)
+    elif trainer.is_world_process_zero():
+        merged_model(trainer, base_model_dir, spec, adapter_dir).save_pretrained(str(target), safe_serialization=True)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(target))
     return {}
 
 
@@ -137,6 +161,7 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
         details = EXPORTERS[kind](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
                                   tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set,
                                   final_eval_loss=final["eval_loss"], ctx=ctx)
+        trainer.accelerator.wait_for_everyone()  # later exports read what this one wrote
         if not ctx.is_main or kind not in kinds:
             continue
         (target / "README.md").write_text(model_card(ctx, kind, data_report, baseline, final, details or {}))

@@ -83,6 +83,39 @@ def redact_uri(uri: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
+class _NeverFailsTraining:
+    """A tracker outage must not fail a training run: the first error disables the tracker with a warning."""
+
+    name = "tracker"
+    _disabled = False
+
+    def _guard(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._disabled:
+            return None
+        try:
+            return method(*args, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any tracker failure: warn once and go on
+            self._disabled = True
+            message = re.sub(r"//[^/@\s]+@", "//***@", f"{type(error).__name__}: {error}")[:300]
+            print(f"[kubetune] warning: {self.name} logging failed and is off for the rest of this run ({message})",
+                  flush=True)
+            return None
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard(super().on_train_begin, *args, **kwargs)  # type: ignore[misc]
+
+    def on_log(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard(super().on_log, *args, **kwargs)  # type: ignore[misc]
+
+    def on_save(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard(super().on_save, *args, **kwargs)  # type: ignore[misc]
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard(super().on_train_end, *args, **kwargs)  # type: ignore[misc]
+
+
 def _final_metrics(summary: dict[str, Any] | None) -> dict[str, float]:
     if not summary:
         return {}
@@ -118,7 +151,7 @@ def _wandb_key_available() -> bool:
         return False
 
 
-class KubetuneWandbCallback(WandbCallback):
+class KubetuneWandbCallback(_NeverFailsTraining, WandbCallback):
     """transformers' WandbCallback with the run opened from spec.tracking.wandb."""
 
     name = "Weights & Biases"
@@ -172,7 +205,7 @@ class KubetuneWandbCallback(WandbCallback):
 # ------------------------------------------------------------------------------ MLflow
 
 
-class KubetuneMlflowCallback(MLflowCallback):
+class KubetuneMlflowCallback(_NeverFailsTraining, MLflowCallback):
     """transformers' MLflowCallback with the run opened from spec.tracking.mlflow."""
 
     name = "MLflow"

@@ -330,7 +330,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
     args = training_arguments(ctx, precision, checkpoint_dir, eval_steps)
     reporter = cb.ProgressReporter(ctx)
     publisher = cb.CheckpointPublisher(ctx, store, expected_hash, reporter)
+    samples = SampleGenerator(ctx, tokenizer, validation_rows)
+    baseline_file = Path(resume_from) / "kubetune_baseline.json" if resume_from else None
+    baseline = cb.BaselineEvaluator(ctx, samples, baseline_file)
     callbacks = [
+        baseline,
         reporter,
         publisher,
         cb.PreemptionHandler(ctx),
@@ -353,23 +357,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
         callbacks=callbacks,
         compute_metrics=None,
     )
-    reporter.trainer = trainer
+    reporter.trainer = baseline.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
     for callback in tracking_callbacks(ctx):
         trainer.add_callback(callback)
 
-    # ---- 5. evaluate, train, evaluate
-    state_file = ctx.work_dir / "baseline.json"
-    samples = SampleGenerator(ctx, tokenizer, validation_rows)
-    if resume_from and (Path(resume_from) / "kubetune_baseline.json").exists():
-        baseline = json.loads((Path(resume_from) / "kubetune_baseline.json").read_text())
-    else:
-        baseline_metrics = trainer.evaluate(metric_key_prefix="eval")
-        baseline = {"eval_loss": baseline_metrics["eval_loss"], "perplexity": perplexity(baseline_metrics["eval_loss"]),
-                    "samples": samples.generate(trainer.model)}
-    state_file.write_text(json.dumps(baseline))
-    reporter.baseline = baseline
+    # ---- 5. evaluate (BaselineEvaluator, once training has set up), train, evaluate
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    baseline = baseline.result
     preempted = cb.PreemptionHandler.requested
     publisher.wait()
     if preempted:
@@ -432,6 +427,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if ctx.is_main:
         reporter.finish(summary)
         write_summary(ctx, summary)
+        from kubetune_trainer import tracking
+
+        tracking.finish_runs(summary)
     return summary
 
 
@@ -454,6 +452,9 @@ def tracking_callbacks(ctx: RunContext) -> list[Any]:
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard"))))
+    from kubetune_trainer import tracking
+
+    callbacks += tracking.callbacks_for(ctx)  # Weights & Biases, MLflow
     return callbacks
 
 
