@@ -46,7 +46,6 @@ from kubernetes import client, watch
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore
 from kubetune.handlers import OPERATOR_RBAC_RULES
-
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port
 from tests.support.kubelet import LocalKubelet
 from tests.support.trainer_fixtures import PYDOC

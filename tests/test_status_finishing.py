@@ -7,7 +7,6 @@ and uploading; the job went Running -> Initializing -> Succeeded.
 from __future__ import annotations
 
 from kubetune.status import Action, observe
-
 from tests.test_status import T0, cr, job, pod, running
 
 

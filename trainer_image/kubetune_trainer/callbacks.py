@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -142,12 +143,15 @@ class ProgressReporter(TrainerCallback):
         if self.bar is not None:
             self.bar.update(self.task, completed=state.global_step, loss=self.last_loss,
                             tps=f"{progress['tokensPerSecond']:.0f}")
-        elif self.ctx.show_progress and not state.max_steps and "eval_loss" in logs:
-            print(f"baseline eval_loss {self.last_eval_loss}", flush=True)
-        elif self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
+            if "eval_loss" in logs and state.global_step > 0:
+                self.bar.console.print(f"step {state.global_step}: held-out loss {self.last_eval_loss}")
+        if self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
+            print(f"baseline: held-out loss {self.last_eval_loss} (perplexity "
+                  f"{math.exp(min(logs['eval_loss'], 50)):.2f}) on {self.ctx.job.metadata.name}", flush=True)
+        elif self.bar is None and self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
             eta = progress["etaSeconds"]
-            print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss}  "
-                  f"eval_loss {self.last_eval_loss}  {progress['tokensPerSecond']:.0f} tok/s  "
+            print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss or '-'}  "
+                  f"eval_loss {self.last_eval_loss or '-'}  {progress['tokensPerSecond']:.0f} tok/s  "
                   f"ETA {eta if eta is not None else '-'}s", flush=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

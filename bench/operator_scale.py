@@ -1,0 +1,413 @@
+"""Operator scale: N FineTuneJobs against the real test control plane (tests/support/controlplane.py).
+
+Starts etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok, the CRD, and the
+operator (`python -m kubetune.operator_main`, production defaults) as a subprocess running as a
+ServiceAccount bound to `OPERATOR_RBAC_RULES` only. Then creates N FineTuneJobs (server-side apply,
+8 client threads) and measures:
+
+* the time from the first apply until every job has all six children (ServiceAccount, Role,
+  RoleBinding, ConfigMap, Service, Job) and a `status.phase` (polled with metadata-only lists by
+  the admin, which the operator's figures do not include);
+* the operator's peak RSS and CPU seconds (psutil on the subprocess, sampled every 0.2 s);
+* the operator's API requests, counted by the API server itself: an audit policy logs every
+  request of the operator's ServiceAccount (level Metadata, nothing else is logged), so the counts
+  are exact and include kopf's own requests (watches, finalizers, events);
+* then, with nothing changing, the idle cost for `--settle` seconds (requests/s and CPU %).
+
+Pods: `--pods pending` (default) asks for a GPU on a cluster with no GPU node, so every worker pod
+stays Pending/Unschedulable (phase Pending); `--pods held` adds fake GPU nodes and the hold
+annotation, so kwok runs every pod and the jobs go Running (more Job status churn).
+
+    .venv/bin/python bench/operator_scale.py [--jobs 1000] [--pods pending|held] [--settle 30]
+        [--operator-arg=--interval=30 ...] [--json result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kubetune.handlers import OPERATOR_RBAC_RULES  # noqa: E402
+
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # noqa: E402
+
+CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+OPERATOR_NS, OPERATOR_SA = "kubetune-system", "kubetune-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
+CHILD_KINDS = {  # list path (namespaced) -> kind
+    "/api/v1/namespaces/{ns}/serviceaccounts": "ServiceAccount",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles": "Role",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings": "RoleBinding",
+    "/api/v1/namespaces/{ns}/configmaps": "ConfigMap",
+    "/api/v1/namespaces/{ns}/services": "Service",
+    "/apis/batch/v1/namespaces/{ns}/jobs": "Job",
+}
+AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  users: ["{OPERATOR_USER}"]
+- level: None
+"""
+
+
+class AuditedControlPlane(ControlPlane):
+    """The test control plane with an audit log of the operator's requests only."""
+
+    audit_log: Path
+
+    def _spawn(self, name: str, args: list[str], env: Any = None) -> Any:
+        if name == "kube-apiserver":
+            assert self.dir is not None
+            policy = self.dir / "cfg" / "audit-policy.yaml"
+            policy.write_text(AUDIT_POLICY)
+            self.audit_log = self.dir / "logs" / "audit.log"
+            args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                    "--audit-log-format=json", "--audit-log-maxsize=0", "--audit-log-mode=blocking"]
+        return super()._spawn(name, args, env)
+
+
+# ----- the operator -----
+
+def operator_kubeconfig(cp: ControlPlane, directory: Path) -> str:
+    cp.create_namespace(OPERATOR_NS)
+    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": OPERATOR_SA, "namespace": OPERATOR_NS}})
+    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+              "metadata": {"name": OPERATOR_SA}, "rules": OPERATOR_RBAC_RULES})
+    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+              "metadata": {"name": OPERATOR_SA},
+              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_SA},
+              "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NS}]})
+    token = cp.kubectl("-n", OPERATOR_NS, "create", "token", OPERATOR_SA, "--duration=2h").stdout.strip()
+    path = directory / "operator.kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "bench",
+        "clusters": [{"name": "bench", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "bench", "context": {"cluster": "bench", "user": "operator"}}]}))
+    return str(path)
+
+
+def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str]) -> tuple[subprocess.Popen, Path]:
+    kubeconfig = operator_kubeconfig(cp, directory)
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1",
+           "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
+           "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs"}
+    if pods == "held":
+        env["KUBETUNE_DEFAULT_POD_ANNOTATIONS"] = json.dumps({HOLD_ANNOTATION: "true"})
+    args = [sys.executable, "-m", "kubetune.operator_main", "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    if "--metrics-port" in subprocess.run([*args[:3], "--help"], capture_output=True, text=True).stdout:
+        args += ["--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1"]
+    args += extra_args
+    log_path = directory / "operator.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+    cp.wait_for(healthy, 90, "operator liveness endpoint")
+    return proc, log_path
+
+
+class Sampler:
+    """Peak RSS and CPU seconds of a process (and its children), sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _processes(self) -> list[psutil.Process]:
+        return [self.proc, *self.proc.children(recursive=True)]
+
+    def rss(self) -> int:
+        total = 0
+        for p in self._processes():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._processes():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss = max(self.peak_rss, self.rss())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----- the jobs -----
+
+def job_body(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": "s3://models/smollm2-135m/"},
+            "task": {"type": "instruction"},
+            "datasets": [{"source": f"s3://data/{name}.jsonl"}],
+            "storage": {"credentialsSecretRef": {"name": "s3-creds"}},
+            "resources": {"nodes": 1, "gpusPerNode": 1},
+        },
+    }
+
+
+def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int) -> None:
+    from kubernetes import client
+
+    api = cp.api_client()
+    api.configuration.connection_pool_maxsize = threads
+    custom = client.CustomObjectsApi(api)
+
+    def apply(name: str) -> None:
+        for attempt in range(5):
+            try:
+                custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, job_body(name, namespace),
+                    field_manager="bench", force=True, _content_type="application/apply-patch+yaml")
+                return
+            except client.ApiException as error:
+                if error.status not in (429, 500, 503, 504) or attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(apply, names))
+
+
+class Progress:
+    """Polls (as the admin) which jobs have all children and a phase."""
+
+    def __init__(self, cp: ControlPlane, namespace: str, names: list[str]):
+        self.api = cp.api_client()
+        self.namespace = namespace
+        self.names = set(names)
+        self.complete_kinds: set[str] = set()
+
+    def _list(self, path: str, metadata_only: bool) -> list[dict[str, Any]]:
+        accept = ("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+                  if metadata_only else "application/json")
+        response = self.api.call_api(path, "GET", query_params=[("resourceVersion", "0")],
+                                     header_params={"Accept": accept}, auth_settings=["BearerToken"],
+                                     _preload_content=False)
+        raw = response[0] if isinstance(response, tuple) else response
+        return json.loads(raw.data).get("items") or []
+
+    def poll(self) -> dict[str, int]:
+        """Counts: jobs with a phase, with all children, and with both ('done')."""
+        phased = {o["metadata"]["name"] for o in self._list(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}", False)
+            if (o.get("status") or {}).get("phase")} & self.names
+        have: dict[str, set[str]] = collections.defaultdict(set)
+        for path, kind in CHILD_KINDS.items():
+            if kind in self.complete_kinds:
+                continue
+            owners = {(o["metadata"].get("labels") or {}).get("kubetune.io/job-name")
+                      for o in self._list(path.format(ns=self.namespace), True)}
+            if self.names <= owners:
+                self.complete_kinds.add(kind)
+            for owner in owners & self.names:
+                have[owner].add(kind)
+        missing = set(CHILD_KINDS.values()) - self.complete_kinds
+        children = {n for n in self.names if missing <= have.get(n, set())}
+        return {"phase": len(phased), "children": len(children), "done": len(phased & children)}
+
+
+# ----- the audit log -----
+
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    """One record per request of the operator (ResponseComplete, or ResponseStarted for open watches)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    with open(path) as handle:
+        for line in handle:
+            event = json.loads(line)
+            if event.get("user", {}).get("username") != OPERATOR_USER:
+                continue
+            if event["auditID"] not in by_id or event["stage"] == "ResponseComplete":
+                by_id[event["auditID"]] = event
+    return list(by_id.values())
+
+
+def _ts(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def summarize(events: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    chosen = [e for e in events if start <= _ts(e["requestReceivedTimestamp"]) < end]
+    kinds = collections.Counter()
+    codes = collections.Counter()
+    for e in chosen:
+        ref = e.get("objectRef") or {}
+        resource = ref.get("resource", e.get("requestURI", "?"))
+        if ref.get("subresource"):
+            resource += "/" + ref["subresource"]
+        kinds[f"{e['verb']} {resource}"] += 1
+        codes[str((e.get("responseStatus") or {}).get("code", "?"))] += 1
+    return {"requests": len(chosen), "by_verb_resource": dict(kinds.most_common()), "codes": dict(codes)}
+
+
+# ----- main -----
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--namespace", default="scale")
+    parser.add_argument("--pods", choices=["pending", "held"], default="pending")
+    parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
+    parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the control plane directory (logs, audit)")
+    args = parser.parse_args(argv)
+
+    names = [f"job-{i:04d}" for i in range(args.jobs)]
+    workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
+    result: dict[str, Any] = {"jobs": args.jobs, "pods": args.pods, "operator_args": args.operator_arg,
+                              "cpus": os.cpu_count()}
+    with AuditedControlPlane(keep=args.keep) as cp:
+        if args.pods == "held":
+            for index in range(max(1, -(-args.jobs // 100))):
+                cp.add_fake_node(f"gpu-{index}", gpus=100, pods="110")
+        cp.create_namespace(args.namespace)
+        cp.kubectl("apply", "-f", str(CRD_FILE))
+        cp.wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
+                                cp.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
+                    60, "CRD Established", interval=0.5)
+        proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg)
+        sampler = Sampler(proc.pid)
+        try:
+            time.sleep(2.0)  # let kopf finish its start-up listing
+            rss_idle = sampler.rss()
+            cpu_before = sampler.cpu_seconds()
+            progress = Progress(cp, args.namespace, names)
+            print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...", flush=True)
+            t0 = time.time()
+            applier = threading.Thread(target=apply_jobs, args=(cp, args.namespace, names, args.threads))
+            applier.start()
+            applied_at = None
+            counts: dict[str, int] = {}
+            timeline: list[tuple[float, dict[str, int]]] = []
+            marks: dict[str, float] = {}
+            while True:
+                if applied_at is None and not applier.is_alive():
+                    applied_at = time.time() - t0
+                counts = progress.poll()
+                elapsed = time.time() - t0
+                timeline.append((elapsed, counts))
+                for key in ("phase", "children", "done"):
+                    if counts[key] == args.jobs and key not in marks:
+                        marks[key] = elapsed
+                for fraction in (0.25, 0.5, 0.75):
+                    label = f"done {int(fraction * 100)}%"
+                    if counts["done"] >= fraction * args.jobs and label not in marks:
+                        marks[label] = elapsed
+                if len(timeline) % 5 == 1:
+                    print(f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
+                          f"done {counts['done']:5d}", flush=True)
+                if counts["done"] == args.jobs and applied_at is not None:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"operator exited with {proc.returncode}")
+                if elapsed > args.timeout:
+                    raise RuntimeError(f"not done after {args.timeout}s: {counts}")
+                time.sleep(1.0)
+            t_done = time.time()
+            cpu_run = sampler.cpu_seconds() - cpu_before
+            peak_run = sampler.peak_rss
+            print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
+            time.sleep(args.settle)
+            t_settled = time.time()
+            cpu_settle = sampler.cpu_seconds() - cpu_before - cpu_run
+            rss_end = sampler.rss()
+        finally:
+            sampler.stop()
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        events = read_audit(cp.audit_log)
+        startup = summarize(events, 0, t0)
+        run = summarize(events, t0, t_done)
+        idle = summarize(events, t_done, t_settled)
+        log_text = log_path.read_text(errors="replace")
+        result.update({
+            "apply_seconds": round(applied_at or 0.0, 1),
+            "seconds_to_all_done": round(t_done - t0, 1),
+            "marks_seconds": {k: round(v, 1) for k, v in marks.items()},
+            "operator_peak_rss_mib": round(max(peak_run, sampler.peak_rss) / 2**20, 1),
+            "operator_rss_idle_before_mib": round(rss_idle / 2**20, 1),
+            "operator_rss_end_mib": round(rss_end / 2**20, 1),
+            "operator_cpu_seconds_run": round(cpu_run, 1),
+            "operator_cpu_percent_idle": round(100 * cpu_settle / max(t_settled - t_done, 1e-9), 1),
+            "requests_startup": startup["requests"],
+            "requests_run": run["requests"],
+            "requests_per_job": round(run["requests"] / args.jobs, 2),
+            "requests_run_breakdown": run["by_verb_resource"],
+            "response_codes_run": run["codes"],
+            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_done, 1e-9), 1),
+            "idle_breakdown": idle["by_verb_resource"],
+            "operator_log_lines": log_text.count("\n"),
+            "operator_log_errors": sum(1 for line in log_text.splitlines()
+                                       if " ERROR " in line or "Traceback" in line or "[ERROR" in line),
+        })
+        if args.keep:
+            result["control_plane_dir"] = str(cp.dir)
+    print(json.dumps(result, indent=1))
+    print(f"\n{args.jobs} FineTuneJobs ({args.pods} pods): all children + phase in {result['seconds_to_all_done']} s "
+          f"(apply took {result['apply_seconds']} s); operator peak RSS {result['operator_peak_rss_mib']} MiB, "
+          f"CPU {result['operator_cpu_seconds_run']} s; {result['requests_per_job']} API requests per job; "
+          f"idle {result['idle_requests_per_second']} requests/s at {result['operator_cpu_percent_idle']}% CPU")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

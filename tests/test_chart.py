@@ -1,0 +1,822 @@
+"""The Helm chart (charts/kubetune), rendered by the real helm and applied to a real control plane.
+
+Without a cluster: `helm lint --strict` in every mode, the chart's CRD is the generated one, the
+RBAC is exactly handlers.OPERATOR_RBAC_RULES (cluster-wide, or Roles per namespace), the
+Deployment's arguments are accepted by the operator's own parser and pass the restricted Pod
+Security Standard, the defaults ConfigMap loads as render.PlatformDefaults, the values schema
+rejects bad values, and the Argo CD health check (Lua, run through lupa) maps every phase.
+
+Against the control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok): the
+rendered objects are applied with server-side apply into namespaces that enforce the `restricted`
+Pod Security Standard; the operator Deployment's pod is admitted there (kwok runs it); the operator
+itself runs as a subprocess with exactly the Deployment's arguments, the chart's defaults
+ConfigMap and a token of the chart's ServiceAccount, so it has the chart's RBAC and nothing more,
+and runs a job Pending -> Running -> Succeeded while its /metrics endpoint is scraped;
+SubjectAccessReviews show what that ServiceAccount may and may not do; applying a FineTuneJob again
+changes nothing (GitOps); the namespaced mode runs a job with Roles only; `helm install/upgrade/
+uninstall` work as docs/platform.md says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+try:
+    from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries, free_port
+except ImportError:  # tests/ is on sys.path instead of the repository root
+    from support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries, free_port  # type: ignore[no-redef]
+
+from kubetune import crd, operator_main, render
+from kubetune.handlers import OPERATOR_RBAC_RULES
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "kubetune"
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+SYSTEM_NS = "kubetune-system"
+RELEASE = "kubetune"
+OPERATOR = "kubetune-operator"  # <fullname>-operator with release "kubetune"
+CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+# ----- helm -----
+
+def helm_bin() -> str:
+    return str(ensure_binaries(["helm"]) / "helm")
+
+
+def _values_args(values: dict[str, Any] | None, tmp: Path) -> list[str]:
+    if not values:
+        return []
+    path = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["-f", str(path)]
+
+
+def helm(*args: str, check: bool = True, env: dict[str, str] | None = None,
+         timeout: float = 180) -> subprocess.CompletedProcess:
+    result = subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def render_chart(tmp: Path, values: dict[str, Any] | None = None, *, release: str = RELEASE,
+                 namespace: str = SYSTEM_NS, crds: bool = False) -> list[dict[str, Any]]:
+    """`helm template` -> the documents (CRDs too with crds=True)."""
+    args = ["template", release, str(CHART), "--namespace", namespace, *_values_args(values, tmp)]
+    if crds:
+        args.append("--include-crds")
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
+         namespace: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+            and (namespace is None or d["metadata"].get("namespace") == namespace)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """RBAC rules as (apiGroup, resource, verb) triples (what they grant, however grouped)."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "namespaced": {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                               "trainerPodMonitor": {"enabled": True}}},
+    "namespaced-monitoring-peering": {
+        "rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"], "replicas": 2,
+        "podDisruptionBudget": {"enabled": True},
+        "metrics": {"serviceMonitor": {"enabled": True}, "trainerPodMonitor": {"enabled": True}}},
+    "peering": {"replicas": 3, "podDisruptionBudget": {"enabled": True}},
+    "platform": {
+        "image": {"digest": "sha256:" + "a" * 64},
+        "defaults": {"image": "registry.example/trainer:1", "s3EndpointUrl": "http://minio.storage:9000",
+                     "storageCredentialsSecret": "s3", "nodeSelector": {"pool": "h100"},
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                     "queueName": "team", "cacheSizeLimit": "200Gi"},
+        "tenants": {"team-a": {"resourceQuota": {"requests.nvidia.com/gpu": "16"},
+                               "limitRange": {"default": {"cpu": "8", "memory": "64Gi"}},
+                               "localQueue": {"clusterQueue": "gpu"}}}},
+    "no-metrics": {"metrics": {"enabled": False}},
+}
+
+
+# ----- without a cluster -----
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint_is_clean(variant: str, tmp_path: Path) -> None:
+    result = helm("lint", str(CHART), "--strict", *_values_args(VARIANTS[variant], tmp_path), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+    docs = render_chart(tmp_path, VARIANTS[variant], crds=True)
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
+
+
+def test_chart_crd_is_the_generated_one() -> None:
+    chart_crd = (CHART / "crds" / "finetunejobs.kubetune.io.yaml").read_text()
+    assert chart_crd == (REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text(), \
+        "charts/kubetune/crds/ is stale: make crd (or copy crds/finetunejobs.kubetune.io.yaml)"
+    assert chart_crd == crd.render_yaml(), "the CRD is stale: make crd"
+
+
+def test_cluster_rbac_is_exactly_the_operator_rules(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path)
+    role = one(docs, "ClusterRole", OPERATOR)
+    assert role["rules"] == OPERATOR_RBAC_RULES
+    binding = one(docs, "ClusterRoleBinding", OPERATOR)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": SYSTEM_NS}]
+    assert one(docs, "ServiceAccount", OPERATOR)["metadata"]["namespace"] == SYSTEM_NS
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    assert "secrets" not in {r for _, r, _ in triples(role["rules"])}
+
+
+def test_namespaced_rbac_is_roles_per_namespace(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, VARIANTS["namespaced"])
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    expected = {t for t in triples(OPERATOR_RBAC_RULES) if t[1] not in CLUSTER_SCOPED}
+    for namespace in ("team-a", "team-b"):
+        (role,) = find(docs, "Role", OPERATOR, namespace)
+        assert triples(role["rules"]) == expected
+        (binding,) = find(docs, "RoleBinding", OPERATOR, namespace)
+        assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == OPERATOR
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": SYSTEM_NS}]
+    args = operator_container(docs)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--namespaced-rbac" in args
+    parsed = operator_main.parse_args(args)
+    assert parsed.namespace == ["team-a", "team-b"] and parsed.namespaced_rbac
+    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", check=False)
+    assert result.returncode != 0 and "watchNamespaces" in result.stderr
+
+
+def test_deployment_arguments_probes_and_pod_security(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path)
+    deployment = one(docs, "Deployment", OPERATOR)
+    pod = deployment["spec"]["template"]["spec"]
+    container = operator_container(docs)
+    args = operator_main.parse_args(container["args"])  # the operator's own parser accepts them
+    assert args.all_namespaces and args.peering is None and args.standalone
+    assert args.defaults == "/etc/kubetune/defaults.yaml"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
+    assert args.metrics_port == ports["metrics"] == 8080 and args.metrics_address == "0.0.0.0"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["image"] == "ghcr.io/kubetune/operator:0.1.0"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    # the restricted Pod Security Standard (also enforced for real in test_operator_pod_is_admitted...)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert volumes[mounts["/etc/kubetune"]]["configMap"]["name"] == "kubetune-defaults"
+    assert pod["serviceAccountName"] == OPERATOR
+    service = one(docs, "Service", f"{OPERATOR}-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert not find(docs, "ServiceMonitor") and not find(docs, "ClusterKopfPeering")
+
+
+def test_replicas_run_kopf_peering(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, VARIANTS["peering"])
+    deployment = one(docs, "Deployment", OPERATOR)
+    assert deployment["spec"]["replicas"] == 3 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    args = operator_main.parse_args(operator_container(docs)["args"])
+    assert args.peering == "kubetune" and not args.standalone
+    # --priority=auto: a distinct priority per pod, from its hostname
+    os.environ["HOSTNAME"], saved = "kubetune-operator-7d9c-abcde", os.environ.get("HOSTNAME")
+    try:
+        first = operator_main.parse_args(["--priority=auto"]).priority
+        os.environ["HOSTNAME"] = "kubetune-operator-7d9c-fghij"
+        assert first != operator_main.parse_args(["--priority=auto"]).priority and first > 0
+    finally:
+        if saved is None:
+            os.environ.pop("HOSTNAME", None)
+        else:
+            os.environ["HOSTNAME"] = saved
+    assert one(docs, "ClusterKopfPeering", "kubetune")
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    crds = {d["metadata"]["name"] for d in render_chart(tmp_path, VARIANTS["peering"], crds=True)
+            if d["kind"] == "CustomResourceDefinition"}
+    assert crds == {"finetunejobs.kubetune.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    namespaced = render_chart(tmp_path, VARIANTS["namespaced-monitoring-peering"])
+    assert [d["metadata"]["namespace"] for d in find(namespaced, "KopfPeering")] == ["team-a"]
+    assert not find(namespaced, "ClusterKopfPeering")
+
+
+def test_monitoring_objects(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, VARIANTS["monitoring"])
+    monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service", f"{OPERATOR}-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics" and monitor["metadata"]["labels"]["release"] == "prometheus"
+    pods = one(docs, "PodMonitor")
+    trainer_pod = render.render_job({"metadata": {"name": "j", "namespace": "team-a", "uid": "u"}},
+                                    render.parse_spec({"model": {"source": "org/m"}, "task": {"type": "chat"},
+                                                       "datasets": [{"source": "d"}], "output": {"uri": "s3://o/"}}),
+                                    1, render.PlatformDefaults())["spec"]["template"]
+    wanted = dict(pods["spec"]["selector"]["matchLabels"])
+    assert wanted.pop("batch.kubernetes.io/job-completion-index") == "0"  # only rank 0's pod serves
+    assert wanted.items() <= trainer_pod["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in trainer_pod["spec"]["containers"][0]["ports"]}
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics" and ports["metrics"] == render.TRAINER_METRICS_PORT
+    assert pods["spec"]["namespaceSelector"] == {"any": True}
+    without = render_chart(tmp_path, VARIANTS["no-metrics"])
+    assert "--metrics-port=0" in operator_container(without)["args"]
+    assert not find(without, "Service")
+
+
+def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
+    def defaults_of(docs: list[dict[str, Any]]) -> render.PlatformDefaults:
+        path = tmp_path / "defaults.yaml"
+        path.write_text(one(docs, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"])
+        return render.PlatformDefaults.from_file(path)
+
+    plain = render_chart(tmp_path)
+    assert defaults_of(plain) == render.PlatformDefaults()  # image: render.DEFAULT_IMAGE
+    values = {"defaults": {
+        "image": "registry.example/trainer:2", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
+        "s3EndpointUrl": "http://minio.storage:9000", "s3Region": "eu-1", "s3AddressingStyle": "path",
+        "storageCredentialsSecret": "s3-creds", "outputUriPrefix": "s3://runs", "nodeSelector": {"pool": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "queueName": "default", "priorityClassName": "training", "cacheSizeLimit": "200Gi",
+        "terminationGracePeriodSeconds": 600, "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"}}}
+    full = render_chart(tmp_path, values)
+    assert defaults_of(full) == render.PlatformDefaults.from_mapping(values["defaults"])
+    # every PlatformDefaults field can be set from the chart, and nothing else
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    fields = {render._camel(f) for f in render.PlatformDefaults.__dataclass_fields__}
+    assert set(schema["properties"]["defaults"]["properties"]) == fields == set(values["defaults"])
+    assert set(yaml.safe_load((CHART / "values.yaml").read_text())["defaults"]) == fields
+    annotation = "checksum/defaults"
+    checksums = {one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation] for d in (plain, full)}
+    assert len(checksums) == 2, "changing the defaults must roll the operator"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"replicas": 0}, "/replicas"),
+    ({"rbac": {"scope": "everything"}}, "/rbac/scope"),
+    ({"defaults": {"imageName": "x"}}, "imageName"),
+    ({"defaults": {"imagePullPolicy": "Sometimes"}}, "/defaults/imagePullPolicy"),
+    ({"defaults": {"s3EndpointUrl": "minio:9000"}}, "/defaults/s3EndpointUrl"),
+    ({"securityContext": {"allowPrivilegeEscalation": True}}, "/securityContext/allowPrivilegeEscalation"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+    ({"tenants": {"team-a": {"localQueue": {"name": "q"}}}}, "clusterQueue"),
+    ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
+    result = helm("template", RELEASE, str(CHART), *_values_args(values, tmp_path), check=False)
+    assert result.returncode != 0, f"accepted {values}"
+    assert message in result.stderr, result.stderr
+
+
+def test_tenant_quotas_limits_and_queues(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, VARIANTS["platform"])
+    quota = one(docs, "ResourceQuota")
+    assert quota["metadata"]["namespace"] == "team-a" and quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
+    limits = one(docs, "LimitRange")
+    assert limits["spec"]["limits"] == [{"type": "Container", "default": {"cpu": "8", "memory": "64Gi"}}]
+    queue = one(docs, "LocalQueue")
+    assert queue["apiVersion"].startswith("kueue.x-k8s.io/") and queue["metadata"]["name"] == "team-a"
+    assert queue["spec"] == {"clusterQueue": "gpu"}
+    assert operator_container(docs)["image"] == "ghcr.io/kubetune/operator@sha256:" + "a" * 64
+
+
+# ----- the Argo CD health check (Lua) -----
+
+def lua_health(obj: dict[str, Any]) -> dict[str, str]:
+    lupa = pytest.importorskip("lupa")
+    runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+
+    def to_lua(value: Any) -> Any:  # Argo CD hands the script the object as nested Lua tables
+        if isinstance(value, dict):
+            return runtime.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return runtime.table_from([to_lua(v) for v in value])
+        return value
+
+    runtime.globals().obj = to_lua(obj)
+    script = (CHART / "argocd" / "health.lua").read_text()
+    result = runtime.execute(script)
+    return {"status": result["status"], "message": result["message"]}
+
+
+def _ftj(status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
+    obj: dict[str, Any] = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+                           "metadata": {"name": "j", "namespace": "ns", "generation": generation},
+                           "spec": {"model": {"source": "org/m"}}}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+@pytest.mark.parametrize(("status", "health"), [
+    (None, "Progressing"),
+    ({}, "Progressing"),
+    ({"phase": "Pending", "message": "waiting for admission in queue q", "observedGeneration": 1}, "Progressing"),
+    ({"phase": "Initializing", "observedGeneration": 1}, "Progressing"),
+    ({"phase": "Running", "observedGeneration": 1}, "Progressing"),
+    ({"phase": "Succeeded", "message": "done", "observedGeneration": 1}, "Healthy"),
+    ({"phase": "Failed", "message": "exit code 3", "observedGeneration": 1}, "Degraded"),
+    ({"phase": "Suspended", "observedGeneration": 1}, "Suspended"),
+    ({"phase": "Sleeping"}, "Unknown"),
+], ids=["no-status", "empty-status", "pending", "initializing", "running", "succeeded", "failed", "suspended",
+        "unknown-phase"])
+def test_argocd_health_check(status: dict[str, Any] | None, health: str) -> None:
+    assert lua_health(_ftj(status))["status"] == health
+
+
+def test_argocd_health_messages() -> None:
+    running = lua_health(_ftj({"phase": "Running", "message": "attempt 1: 2 worker pod(s) running",
+                               "observedGeneration": 1,
+                               "progress": {"step": 120, "totalSteps": 300, "loss": 0.91, "etaSeconds": 540},
+                               "conditions": [{"type": "Running", "status": "True"}]}))
+    assert running == {"status": "Progressing",
+                       "message": "attempt 1: 2 worker pod(s) running (step 120/300, loss 0.91, ETA 540s)"}
+    assert lua_health(_ftj({"phase": "Failed", "message": "exit code 3: bad row"}))["message"] == "exit code 3: bad row"
+    stale = lua_health(_ftj({"phase": "Running", "observedGeneration": 1}, generation=2))
+    assert stale["status"] == "Progressing" and "generation 2" in stale["message"]
+    # a finished job stays Healthy after an allowed edit (the operator no longer bumps observedGeneration)
+    assert lua_health(_ftj({"phase": "Succeeded", "observedGeneration": 1}, generation=3))["status"] == "Healthy"
+    assert lua_health(_ftj(None))["message"]
+
+
+# ----- against the control plane -----
+
+TEAM_A, TEAM_B = "team-a", "team-b"
+SA_USER = f"system:serviceaccount:{SYSTEM_NS}:{OPERATOR}"
+CLUSTER_VALUES: dict[str, Any] = {
+    "defaults": {
+        "image": "registry.invalid/kubetune/trainer:test",
+        "outputUriPrefix": "s3://platform-runs",
+        "nodeSelector": {"pool": "gpu"},
+        "storageCredentialsSecret": "s3-creds",
+        "podAnnotations": {HOLD_ANNOTATION: "true"},  # kwok keeps worker pods Running until released
+    },
+    "tenants": {TEAM_A: {
+        "resourceQuota": {"requests.nvidia.com/gpu": "8", "requests.cpu": "64", "requests.memory": "256Gi",
+                          "count/finetunejobs.kubetune.io": "10"},
+        # pods that set no cpu/memory (a spec without resources.cpu/memory) get these
+        "limitRange": {"default": {"cpu": "2", "memory": "8Gi"}, "defaultRequest": {"cpu": "2", "memory": "8Gi"}},
+    }},
+}
+
+
+class ChartOperator:
+    """The operator as a subprocess, run as the chart's Deployment would run it.
+
+    Its arguments are the rendered Deployment's, except the addresses of its endpoints (loopback,
+    free ports), the defaults file (the chart's ConfigMap as applied, copied to a local file) and a
+    shorter reconcile interval; it authenticates with a token of the chart's ServiceAccount.
+    """
+
+    def __init__(self, cp: ControlPlane, directory: Path, docs: list[dict[str, Any]], namespace: str,
+                 account: str, name: str = "operator"):
+        self.cp, self.directory, self.name = cp, directory, name
+        self.log_path = directory / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        deployment = one(docs, "Deployment")
+        (self.container,) = deployment["spec"]["template"]["spec"]["containers"]
+        config_map = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
+        defaults = cp.get_json("-n", namespace, "configmap", config_map)["data"]["defaults.yaml"]
+        self.defaults_file = directory / f"{name}-defaults.yaml"
+        self.defaults_file.write_text(defaults)
+        token = cp.kubectl("-n", namespace, "create", "token", account, "--duration=2h").stdout.strip()
+        self.kubeconfig = directory / f"{name}.kubeconfig"
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "chart",
+            "clusters": [{"name": "chart", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": "chart", "context": {"cluster": "chart", "user": account}}]}))
+        self.health_port = self.metrics_port = 0
+
+    def args(self) -> list[str]:
+        out = []
+        for arg in self.container["args"]:
+            key = arg.split("=", 1)[0]
+            if key == "--liveness":
+                arg = f"--liveness=http://127.0.0.1:{self.health_port}/healthz"
+            elif key == "--metrics-port":
+                arg = f"--metrics-port={self.metrics_port}"
+            elif key == "--defaults":
+                arg = f"--defaults={self.defaults_file}"
+            elif key == "--interval":
+                arg = "--interval=2"
+            out.append(arg)
+        return [*out, "--metrics-address=127.0.0.1", "--verbose"]
+
+    def start(self) -> None:
+        self.health_port, self.metrics_port = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_DEFAULT")}
+        env.update({"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
+                    **{e["name"]: e["value"] for e in self.container.get("env", []) if "value" in e}})
+        env["TMPDIR"] = str(self.directory)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kubetune.operator_main", *self.args()],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.cp.wait_for(self.healthy, 60, f"{self.name} liveness endpoint")
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scrape /metrics: {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def apply_chart(cp: ControlPlane, docs: list[dict[str, Any]], manager: str = "kubetune-chart") -> None:
+    """CRDs first (and Established), then everything else, all with server-side apply."""
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+    if crds:
+        cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-",
+                   input=yaml.safe_dump_all(crds))
+        for d in crds:
+            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{d['metadata']['name']}")
+    cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(rest))
+
+
+@pytest.fixture(scope="module")
+def cp(request):
+    failed_before = request.session.testsfailed
+    with ControlPlane() as plane:
+        for index in range(2):
+            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
+        for namespace in (SYSTEM_NS, TEAM_A, TEAM_B):
+            plane.create_namespace(namespace, labels=RESTRICTED)
+        for namespace in (TEAM_A, TEAM_B):
+            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
+                         "stringData": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}})
+        yield plane
+        if request.session.testsfailed > failed_before:
+            print(plane.diagnostics(20))
+
+
+@pytest.fixture(scope="module")
+def chart_docs(cp, tmp_path_factory) -> list[dict[str, Any]]:
+    docs = render_chart(tmp_path_factory.mktemp("chart"), CLUSTER_VALUES, crds=True)
+    apply_chart(cp, docs)
+    # quota admission needs the quota controller's first count
+    cp.wait_for(lambda: cp.get_json("-n", TEAM_A, "resourcequota", "kubetune").get("status", {}).get("hard"),
+                60, "ResourceQuota status")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
+    op = ChartOperator(cp, tmp_path_factory.mktemp("operator"), chart_docs, SYSTEM_NS, OPERATOR)
+    op.start()
+    yield op
+    op.stop()
+    log = op.log()
+    assert "Forbidden" not in log, "the chart's RBAC is missing something the operator needs"
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+
+
+@pytest.fixture(scope="module")
+def api(cp):
+    return cp.api_client()
+
+
+def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
+    """A job that leaves output, image and placement to the platform defaults."""
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"source": "bundled://smollm2-135m-instruct"}, "task": {"type": "chat"},
+                     "datasets": [{"source": "s3://data/chat.jsonl"}],
+                     "resources": {"nodes": 2, "gpusPerNode": 1}}}
+    body["spec"].update(spec)
+    return body
+
+
+def ftj(api: client.ApiClient, name: str, namespace: str = TEAM_A) -> dict[str, Any]:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, namespace: str = TEAM_A,
+               timeout: float = 60, attempt: int | None = None) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        st = ftj(api, name, namespace).get("status") or {}
+        return st if st.get("phase") == phase and (attempt is None or st.get("attempt") == attempt) else None
+    try:
+        return cp.wait_for(ready, timeout, f"{namespace}/{name} phase {phase}")
+    except Exception:
+        print(json.dumps(ftj(api, name, namespace).get("status"), indent=1))
+        raise
+
+
+def worker_pods(api: client.ApiClient, name: str, namespace: str = TEAM_A, attempt: int | None = None,
+                phase: str | None = None) -> list[dict[str, Any]]:
+    selector = f"kubetune.io/job-name={name}" + (f",kubetune.io/attempt={attempt}" if attempt else "")
+    items = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+    pods = [api.sanitize_for_serialization(p) for p in items]
+    return [p for p in pods if phase is None or p["status"].get("phase") == phase]
+
+
+def release(cp: ControlPlane, api: client.ApiClient, name: str, namespace: str = TEAM_A) -> None:
+    for pod in worker_pods(api, name, namespace, phase="Running"):
+        cp.release_pod(namespace, pod["metadata"]["name"])
+
+
+def metric(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_chart_objects_are_applied_server_side(cp, chart_docs) -> None:
+    deployment = cp.get_json("-n", SYSTEM_NS, "deployment", OPERATOR)
+    managers = {m["manager"] for m in deployment["metadata"]["managedFields"] if m["operation"] == "Apply"}
+    assert managers == {"kubetune-chart"}
+    assert cp.get_json("clusterrole", OPERATOR)["rules"] == OPERATOR_RBAC_RULES
+    assert cp.get_json("-n", TEAM_A, "limitrange", "kubetune")["spec"]["limits"][0]["default"]["cpu"] == "2"
+    assert cp.get_json("crd", "clusterkopfpeerings.kopf.dev")["spec"]["scope"] == "Cluster"
+
+
+def test_operator_pod_is_admitted_under_restricted_pod_security(cp, api, chart_docs) -> None:
+    """The Deployment's pod passes the enforced restricted standard; a pod that does not is refused."""
+    selector = ",".join(f"{k}={v}" for k, v in
+                        one(chart_docs, "Deployment")["spec"]["selector"]["matchLabels"].items())
+
+    def running() -> list[dict[str, Any]]:
+        items = client.CoreV1Api(api).list_namespaced_pod(SYSTEM_NS, label_selector=selector).items
+        return [p for p in items if p.status.phase == "Running"]
+
+    (pod,) = cp.wait_for(running, 60, "the operator Deployment's pod (run by kwok)")
+    assert pod.spec.service_account_name == OPERATOR and pod.spec.containers[0].security_context.read_only_root_filesystem
+    events = cp.kubectl("-n", SYSTEM_NS, "get", "events", "-o", "json").stdout
+    assert "violates PodSecurity" not in events
+    unsafe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unsafe", "namespace": SYSTEM_NS},
+              "spec": {"containers": [{"name": "c", "image": "busybox",
+                                       "securityContext": {"allowPrivilegeEscalation": True}}]}}
+    result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(unsafe), check=False)
+    assert result.returncode != 0 and "violates PodSecurity" in result.stderr
+
+
+def test_job_lifecycle_under_the_charts_rbac_with_metrics(cp, api, operator) -> None:
+    """Pending -> Running -> Succeeded with the chart's ServiceAccount; defaults, quota and PSS apply."""
+    name = "chart-happy"
+    cp.apply(manifest(name))
+    st = wait_phase(cp, api, name, "Running")
+    assert st["attempt"] == 1
+    pods = worker_pods(api, name, phase="Running")
+    assert len(pods) == 2  # admitted in a namespace enforcing `restricted`, under its ResourceQuota
+    pod = pods[0]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.invalid/kubetune/trainer:test"  # platform defaults, from the chart
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}  # LimitRange
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert env["KUBETUNE_METRICS_PORT"]["value"] == str(render.TRAINER_METRICS_PORT)
+    config = yaml.safe_load(cp.get_json("-n", TEAM_A, "configmap", f"{name}-config")["data"]["job.yaml"])
+    assert config["spec"]["output"]["uri"] == f"s3://platform-runs/{TEAM_A}/{name}/"
+    quota = cp.get_json("-n", TEAM_A, "resourcequota", "kubetune")["status"]["used"]
+    assert quota["count/finetunejobs.kubetune.io"] != "0"
+
+    samples = cp.wait_for(lambda: (lambda s: s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A,
+                                                         phase="Running") == 1 else None)(operator.metrics()),
+                          30, "jobs-by-phase gauge")
+    assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_A, phase="Failed") == 0
+    assert metric(samples, "kubetune_reconcile_duration_seconds_count") > 0
+    assert metric(samples, "kubetune_job_time_to_running_seconds_count") >= 1
+    assert metric(samples, "kubetune_operator_info", version="0.1.0") == 1
+
+    release(cp, api, name)
+    st = wait_phase(cp, api, name, "Succeeded")
+    assert st["restarts"] == 0 and st["completionTime"]
+    samples = cp.wait_for(lambda: (lambda s: s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A,
+                                                         phase="Succeeded") >= 1 else None)(operator.metrics()),
+                          30, "Succeeded in the gauge")
+    assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_A, phase="Running") == 0
+    log = operator.log()
+    assert "Forbidden" not in log and f"{TEAM_A}/{name}: phase Succeeded" in log
+
+
+def test_restart_is_counted_in_metrics(cp, api, operator) -> None:
+    name = "chart-restart"
+    before = metric(operator.metrics(), "kubetune_job_restarts_total", namespace=TEAM_A, reason="failure") or 0
+    cp.apply(manifest(name, resources={"nodes": 1, "gpusPerNode": 1}))
+    wait_phase(cp, api, name, "Running")
+    (pod,) = worker_pods(api, name, attempt=1, phase="Running")
+    cp.fail_pod(TEAM_A, pod["metadata"]["name"], exit_code=1)
+    wait_phase(cp, api, name, "Running", attempt=2)
+    samples = operator.metrics()
+    assert metric(samples, "kubetune_job_restarts_total", namespace=TEAM_A, reason="failure") == before + 1
+    release(cp, api, name)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def _snapshot(cp: ControlPlane, name: str, namespace: str = TEAM_A) -> dict[str, tuple[str, Any]]:
+    """resourceVersion (and generation) of the FineTuneJob and every child."""
+    out: dict[str, tuple[str, Any]] = {}
+    cr = cp.get_json("-n", namespace, "ftj", name)
+    out["FineTuneJob"] = (cr["metadata"]["resourceVersion"], cr["metadata"]["generation"])
+    kinds = "serviceaccounts,roles,rolebindings,configmaps,services,jobs"
+    for item in cp.get_json("-n", namespace, kinds, "-l", f"kubetune.io/job-name={name}")["items"]:
+        out[f"{item['kind']}/{item['metadata']['name']}"] = (item["metadata"]["resourceVersion"],
+                                                              item["metadata"].get("generation"))
+    return out
+
+
+def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None:
+    """GitOps: a second apply of the same manifest (as Argo CD or Flux would) is a no-op, and the
+    operator never writes to the spec."""
+    name = "chart-gitops"
+    text = yaml.safe_dump(manifest(name))
+    cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
+    wait_phase(cp, api, name, "Running")
+    time.sleep(1)
+    cp.wait_for(lambda: _stable(cp, name), 60, "a steady state", interval=0.5)
+    before = _snapshot(cp, name)
+    assert {"FineTuneJob", f"Job/{name}-1", f"ConfigMap/{name}-config", f"Service/{name}",
+            f"ServiceAccount/{name}-trainer", f"Role/{name}-trainer", f"RoleBinding/{name}-trainer"} <= set(before)
+    result = cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
+    assert "serverside-applied" in result.stdout or "unchanged" in result.stdout, result.stdout
+    time.sleep(6)  # three reconcile intervals of the operator
+    assert _snapshot(cp, name) == before
+    cr = cp.get_json("-n", TEAM_A, "ftj", name)
+    assert cr["metadata"]["generation"] == 1
+    spec_owners = {m["manager"] for m in cr["metadata"]["managedFields"]
+                   if "f:spec" in m.get("fieldsV1", {}) and m.get("subresource") != "status"}
+    assert spec_owners == {"argocd-controller"}, cr["metadata"]["managedFields"]
+    status_owners = {m["manager"] for m in cr["metadata"]["managedFields"] if m.get("subresource") == "status"}
+    assert status_owners, "the operator writes the status through the status subresource"
+    release(cp, api, name)
+    wait_phase(cp, api, name, "Succeeded")
+
+
+def _stable(cp: ControlPlane, name: str) -> bool:
+    first = _snapshot(cp, name)
+    time.sleep(4.5)  # two reconcile intervals
+    return _snapshot(cp, name) == first
+
+
+def _sar(api: client.ApiClient, user: str, verb: str, resource: str, group: str = "",
+         namespace: str | None = None, subresource: str | None = None, name: str | None = None) -> bool:
+    namespace_of_user = user.split(":")[2]
+    attributes = {"verb": verb, "resource": resource, "group": group}
+    if namespace:
+        attributes["namespace"] = namespace
+    if subresource:
+        attributes["subresource"] = subresource
+    if name:
+        attributes["name"] = name
+    review = client.AuthorizationV1Api(api).create_subject_access_review({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace_of_user}",
+                                          "system:authenticated"],
+                 "resourceAttributes": attributes}})
+    return bool(review.status.allowed)
+
+
+def _rule_checks(rules: list[dict[str, Any]]) -> Iterator[tuple[str, str, str, str | None]]:
+    for group, resource, verb in sorted(triples(rules)):
+        base, _, sub = resource.partition("/")
+        yield group, base, verb, sub or None
+
+
+def test_subject_access_reviews_of_the_operator_account(api, chart_docs) -> None:
+    """What the chart's ServiceAccount may do: every rule of OPERATOR_RBAC_RULES, and nothing else."""
+    for group, resource, verb, sub in _rule_checks(OPERATOR_RBAC_RULES):
+        namespace = None if resource in CLUSTER_SCOPED else TEAM_B
+        assert _sar(api, SA_USER, verb, resource, group, namespace, sub), (group, resource, sub, verb)
+    rbac_group = "rbac.authorization.k8s.io"
+    denied: list[tuple[str, str, str, str | None, str | None]] = [  # verb, resource, group, namespace, subresource
+        ("get", "secrets", "", TEAM_A, None), ("list", "secrets", "", TEAM_A, None), ("list", "secrets", "", None, None),
+        ("watch", "secrets", "", None, None), ("get", "secrets", "", SYSTEM_NS, None),
+        ("create", "deployments", "apps", TEAM_A, None), ("patch", "deployments", "apps", SYSTEM_NS, None),
+        ("patch", "nodes", "", None, None), ("delete", "nodes", "", None, None),
+        ("get", "clusterroles", rbac_group, None, None), ("create", "clusterrolebindings", rbac_group, None, None),
+        ("escalate", "roles", rbac_group, TEAM_A, None), ("bind", "roles", rbac_group, TEAM_A, None),
+        ("update", "roles", rbac_group, TEAM_A, None),
+        ("create", "pods", "", TEAM_A, None), ("delete", "pods", "", TEAM_A, None), ("create", "pods", "", TEAM_A, "exec"),
+        ("delete", "configmaps", "", TEAM_A, None), ("create", "finetunejobs", GROUP, TEAM_A, None),
+        ("update", "finetunejobs", GROUP, TEAM_A, None), ("patch", "jobs", "batch", TEAM_A, None),
+        ("create", "namespaces", "", None, None), ("create", "customresourcedefinitions", "apiextensions.k8s.io", None, None),
+        ("create", "serviceaccounts", "", TEAM_A, "token"),
+    ]
+    for verb, resource, group, namespace, sub in denied:
+        assert not _sar(api, SA_USER, verb, resource, group, namespace, sub), (verb, resource, group, namespace, sub)
+
+
+def test_namespaced_mode_runs_a_job_with_roles_only(cp, api, operator, tmp_path) -> None:
+    """rbac.scope=namespaced: Roles in the watched namespaces only; the operator (--namespaced-rbac)
+    runs a job there, and cannot even read FineTuneJobs elsewhere."""
+    release_name, namespace = "kt-ns", "kt-ns-system"
+    cp.create_namespace(namespace, labels=RESTRICTED)
+    values = {**CLUSTER_VALUES, "tenants": {}, "rbac": {"scope": "namespaced"}, "watchNamespaces": [TEAM_B]}
+    docs = render_chart(tmp_path, values, release=release_name, namespace=namespace)
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    apply_chart(cp, docs, manager="kubetune-chart-ns")
+    account = f"{release_name}-kubetune-operator"
+    user = f"system:serviceaccount:{namespace}:{account}"
+    namespaced_rules = [r for r in OPERATOR_RBAC_RULES if not set(r["resources"]) & CLUSTER_SCOPED]
+    for group, resource, verb, sub in _rule_checks(namespaced_rules):
+        assert _sar(api, user, verb, resource, group, TEAM_B, sub), (group, resource, sub, verb)
+        assert not _sar(api, user, verb, resource, group, TEAM_A, sub), (group, resource, sub, verb, TEAM_A)
+    assert not _sar(api, user, "list", "namespaces") and not _sar(api, user, "list", "finetunejobs", GROUP)
+    assert not _sar(api, user, "get", "secrets", "", TEAM_B)
+
+    operator.stop()  # one operator per namespace at a time
+    scoped = ChartOperator(cp, tmp_path, docs, namespace, account, name="namespaced")
+    try:
+        scoped.start()
+        name = "chart-namespaced"
+        cp.apply(manifest(name, namespace=TEAM_B))
+        wait_phase(cp, api, name, "Running", namespace=TEAM_B)
+        release(cp, api, name, TEAM_B)
+        wait_phase(cp, api, name, "Succeeded", namespace=TEAM_B)
+        samples = scoped.metrics()
+        assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_B, phase="Succeeded") == 1
+        assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_A, phase="Succeeded") is None
+    finally:
+        scoped.stop()
+        operator.start()
+    log = scoped.log()
+    assert "Forbidden" not in log and "Not enough permissions" not in log, log[-4000:]
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+    assert f"{TEAM_B}/{name}: phase Succeeded" in log and f"{TEAM_A}/" not in log
+
+
+def test_helm_install_upgrade_uninstall(cp, chart_docs, tmp_path) -> None:
+    """What docs/platform.md tells a platform team to run, against the control plane."""
+    env = cp.env
+    release_name, namespace = "kt-docs", "kt-docs"
+    out = helm("install", release_name, str(CHART), "--namespace", namespace, "--create-namespace", "--wait",
+               "--timeout", "120s", "--set", "defaults.s3EndpointUrl=http://minio.storage:9000",
+               "--set", "defaults.storageCredentialsSecret=s3-creds", env=env).stdout
+    assert "STATUS: deployed" in out and "kt-docs-kubetune-operator" in out
+    deployment = cp.get_json("-n", namespace, "deployment", "kt-docs-kubetune-operator")
+    assert deployment["status"].get("readyReplicas") == 1
+    checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"]
+    defaults = cp.get_json("-n", namespace, "configmap", "kt-docs-kubetune-defaults")["data"]["defaults.yaml"]
+    assert "s3EndpointUrl: http://minio.storage:9000" in defaults
+    helm("upgrade", release_name, str(CHART), "--namespace", namespace, "--reuse-values", "--wait", "--timeout",
+         "120s", "--set", "defaults.queueName=team-queue", env=env)
+    deployment = cp.get_json("-n", namespace, "deployment", "kt-docs-kubetune-operator")
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"] != checksum
+    assert "queueName: team-queue" in cp.get_json("-n", namespace, "configmap",
+                                                  "kt-docs-kubetune-defaults")["data"]["defaults.yaml"]
+    assert re.search(r"kt-docs\s+kt-docs\s+2\s", helm("list", "-n", namespace, env=env).stdout)
+    helm("uninstall", release_name, "--namespace", namespace, "--wait", env=env)
+    assert cp.kubectl("get", "clusterrole", "kt-docs-kubetune-operator", check=False).returncode != 0
+    assert cp.kubectl("get", "crd", "finetunejobs.kubetune.io").returncode == 0  # CRDs are kept (crds/)
