@@ -47,6 +47,7 @@ lint: install
 
 crd: install
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/finetunejobs.kubetune.io.yaml
 
 bench: install
 	$(PY) bench/trainer_throughput.py

@@ -45,7 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kubetune.handlers import OPERATOR_RBAC_RULES  # noqa: E402
-
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # noqa: E402
 
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -217,41 +216,81 @@ def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int)
 
 
 class Progress:
-    """Polls (as the admin) which jobs have all children and a phase."""
+    """Which jobs have all children and a phase, from watches (as the admin; a list, then a watch each).
+
+    Watches cost the API server far less than polling lists of 1,000 objects would; children are
+    watched as metadata only (PartialObjectMetadata).
+    """
 
     def __init__(self, cp: ControlPlane, namespace: str, names: list[str]):
         self.api = cp.api_client()
-        self.namespace = namespace
         self.names = set(names)
-        self.complete_kinds: set[str] = set()
+        self.phase: dict[str, str] = {}
+        self.children: dict[str, set[str]] = {kind: set() for kind in CHILD_KINDS.values()}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch, args=(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", None), daemon=True)]
+        for path, kind in CHILD_KINDS.items():
+            self._threads.append(threading.Thread(target=self._watch, args=(path.format(ns=namespace), kind),
+                                                  daemon=True))
+        for thread in self._threads:
+            thread.start()
 
-    def _list(self, path: str, metadata_only: bool) -> list[dict[str, Any]]:
+    def _request(self, path: str, kind: str | None, query: list[tuple[str, str]]) -> Any:
         accept = ("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
-                  if metadata_only else "application/json")
-        response = self.api.call_api(path, "GET", query_params=[("resourceVersion", "0")],
-                                     header_params={"Accept": accept}, auth_settings=["BearerToken"],
-                                     _preload_content=False)
-        raw = response[0] if isinstance(response, tuple) else response
-        return json.loads(raw.data).get("items") or []
+                  if kind else "application/json")
+        if kind and ("watch", "1") in query:
+            accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+        response = self.api.call_api(path, "GET", query_params=query, header_params={"Accept": accept},
+                                     auth_settings=["BearerToken"], _preload_content=False,
+                                     _request_timeout=None)
+        return response[0] if isinstance(response, tuple) else response
+
+    def _record(self, kind: str | None, event_type: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        with self._lock:
+            if kind is None:
+                phase = (obj.get("status") or {}).get("phase")
+                if event_type != "DELETED" and phase:
+                    self.phase[meta["name"]] = phase
+            else:
+                owner = (meta.get("labels") or {}).get("kubetune.io/job-name")
+                if owner and event_type != "DELETED":
+                    self.children[kind].add(owner)
+
+    def _watch(self, path: str, kind: str | None) -> None:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        while not self._stop.is_set():
+            try:
+                listed = json.loads(self._request(path, kind, []).data)
+                for obj in listed.get("items") or []:
+                    self._record(kind, "ADDED", obj)
+                version = listed["metadata"]["resourceVersion"]
+                while not self._stop.is_set():
+                    response = self._request(path, kind, [("watch", "1"), ("resourceVersion", version),
+                                                          ("allowWatchBookmarks", "true"),
+                                                          ("timeoutSeconds", "120")])
+                    for line in iter_resp_lines(response):
+                        event = json.loads(line)
+                        if event["type"] == "ERROR":
+                            raise RuntimeError(event)
+                        version = event["object"]["metadata"]["resourceVersion"]
+                        if event["type"] != "BOOKMARK":
+                            self._record(kind, event["type"], event["object"])
+            except Exception:  # noqa: BLE001 - expired version or a dropped stream: list again
+                time.sleep(0.5)
 
     def poll(self) -> dict[str, int]:
         """Counts: jobs with a phase, with all children, and with both ('done')."""
-        phased = {o["metadata"]["name"] for o in self._list(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}", False)
-            if (o.get("status") or {}).get("phase")} & self.names
-        have: dict[str, set[str]] = collections.defaultdict(set)
-        for path, kind in CHILD_KINDS.items():
-            if kind in self.complete_kinds:
-                continue
-            owners = {(o["metadata"].get("labels") or {}).get("kubetune.io/job-name")
-                      for o in self._list(path.format(ns=self.namespace), True)}
-            if self.names <= owners:
-                self.complete_kinds.add(kind)
-            for owner in owners & self.names:
-                have[owner].add(kind)
-        missing = set(CHILD_KINDS.values()) - self.complete_kinds
-        children = {n for n in self.names if missing <= have.get(n, set())}
+        with self._lock:
+            phased = set(self.phase) & self.names
+            children = set.intersection(*self.children.values()) & self.names
         return {"phase": len(phased), "children": len(children), "done": len(phased & children)}
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # ----- the audit log -----
@@ -274,17 +313,35 @@ def _ts(stamp: str) -> float:
 
 
 def summarize(events: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """Request counts by verb and resource, response codes, latencies (ms) and mean concurrency."""
     chosen = [e for e in events if start <= _ts(e["requestReceivedTimestamp"]) < end]
-    kinds = collections.Counter()
-    codes = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
+    codes: collections.Counter[str] = collections.Counter()
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    busy = 0.0
     for e in chosen:
         ref = e.get("objectRef") or {}
         resource = ref.get("resource", e.get("requestURI", "?"))
         if ref.get("subresource"):
             resource += "/" + ref["subresource"]
-        kinds[f"{e['verb']} {resource}"] += 1
+        key = f"{e['verb']} {resource}"
+        kinds[key] += 1
         codes[str((e.get("responseStatus") or {}).get("code", "?"))] += 1
-    return {"requests": len(chosen), "by_verb_resource": dict(kinds.most_common()), "codes": dict(codes)}
+        if e["verb"] != "watch" and e["stage"] == "ResponseComplete":
+            latency = _ts(e["stageTimestamp"]) - _ts(e["requestReceivedTimestamp"])
+            latencies[key].append(latency)
+            busy += latency
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+    all_latencies = [v for values in latencies.values() for v in values]
+    return {
+        "requests": len(chosen), "by_verb_resource": dict(kinds.most_common()), "codes": dict(codes),
+        "latency_ms": {"p50": pct(all_latencies, 0.5), "p90": pct(all_latencies, 0.9),
+                       "p99": pct(all_latencies, 0.99)} if all_latencies else {},
+        "latency_ms_p50_by_kind": {k: pct(v, 0.5) for k, v in sorted(latencies.items())},
+        "mean_requests_in_flight": round(busy / max(end - start, 1e-9), 2),
+    }
 
 
 # ----- main -----
@@ -294,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--namespace", default="scale")
     parser.add_argument("--pods", choices=["pending", "held"], default="pending")
+    parser.add_argument("--mode", choices=["live", "catch-up"], default="live",
+                        help="live: apply while the operator runs; catch-up: apply first, then start the operator")
     parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -304,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [f"job-{i:04d}" for i in range(args.jobs)]
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
-    result: dict[str, Any] = {"jobs": args.jobs, "pods": args.pods, "operator_args": args.operator_arg,
+    result: dict[str, Any] = {"jobs": args.jobs, "pods": args.pods, "mode": args.mode,
+                              "operator_args": args.operator_arg,
                               "cpus": os.cpu_count()}
     with AuditedControlPlane(keep=args.keep) as cp:
         if args.pods == "held":
@@ -315,23 +375,46 @@ def main(argv: list[str] | None = None) -> int:
         cp.wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
                                 cp.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
                     60, "CRD Established", interval=0.5)
+        components = {name: psutil.Process(c.proc.pid) for name, c in cp.components.items()}
+        components["bench (this process)"] = psutil.Process()
+
+        def cpu_of(p: psutil.Process) -> float:
+            t = p.cpu_times()
+            return t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
+        progress = Progress(cp, args.namespace, names)
+        if args.mode == "catch-up":  # every job exists before the operator starts
+            started = time.time()
+            apply_jobs(cp, args.namespace, names, args.threads)
+            result["apply_seconds_without_operator"] = round(time.time() - started, 1)
+            print(f"applied {args.jobs} FineTuneJobs in {result['apply_seconds_without_operator']} s with no "
+                  "operator running; starting the operator ...", flush=True)
+            components_before = {name: cpu_of(p) for name, p in components.items()}
+            t0 = time.time()
         proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg)
         sampler = Sampler(proc.pid)
         try:
-            time.sleep(2.0)  # let kopf finish its start-up listing
-            rss_idle = sampler.rss()
-            cpu_before = sampler.cpu_seconds()
-            progress = Progress(cp, args.namespace, names)
-            print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...", flush=True)
-            t0 = time.time()
-            applier = threading.Thread(target=apply_jobs, args=(cp, args.namespace, names, args.threads))
-            applier.start()
-            applied_at = None
+            if args.mode == "catch-up":
+                rss_idle = 0
+                cpu_before = 0.0
+                applier = None
+                applied_at = 0.0
+            else:
+                time.sleep(2.0)  # let kopf finish its start-up listing
+                rss_idle = sampler.rss()
+                cpu_before = sampler.cpu_seconds()
+                components_before = {name: cpu_of(p) for name, p in components.items()}
+                time.sleep(1.0)  # the watches are established
+                print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...",
+                      flush=True)
+                t0 = time.time()
+                applier = threading.Thread(target=apply_jobs, args=(cp, args.namespace, names, args.threads))
+                applier.start()
+                applied_at = None
             counts: dict[str, int] = {}
             timeline: list[tuple[float, dict[str, int]]] = []
             marks: dict[str, float] = {}
             while True:
-                if applied_at is None and not applier.is_alive():
+                if applied_at is None and applier is not None and not applier.is_alive():
                     applied_at = time.time() - t0
                 counts = progress.poll()
                 elapsed = time.time() - t0
@@ -343,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"done {int(fraction * 100)}%"
                     if counts["done"] >= fraction * args.jobs and label not in marks:
                         marks[label] = elapsed
-                if len(timeline) % 5 == 1:
+                if len(timeline) % 20 == 1:
                     print(f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
                           f"done {counts['done']:5d}", flush=True)
                 if counts["done"] == args.jobs and applied_at is not None:
@@ -352,9 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"operator exited with {proc.returncode}")
                 if elapsed > args.timeout:
                     raise RuntimeError(f"not done after {args.timeout}s: {counts}")
-                time.sleep(1.0)
+                time.sleep(0.5)
             t_done = time.time()
             cpu_run = sampler.cpu_seconds() - cpu_before
+            components_run = {name: round(cpu_of(p) - components_before[name], 1) for name, p in components.items()}
+            progress.stop()
             peak_run = sampler.peak_rss
             print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
             time.sleep(args.settle)
@@ -387,11 +472,15 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_job": round(run["requests"] / args.jobs, 2),
             "requests_run_breakdown": run["by_verb_resource"],
             "response_codes_run": run["codes"],
+            "api_latency_ms_run": run["latency_ms"],
+            "api_latency_ms_p50_by_kind_run": run["latency_ms_p50_by_kind"],
+            "operator_requests_in_flight_mean_run": run["mean_requests_in_flight"],
+            "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
             "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_done, 1e-9), 1),
             "idle_breakdown": idle["by_verb_resource"],
             "operator_log_lines": log_text.count("\n"),
-            "operator_log_errors": sum(1 for line in log_text.splitlines()
-                                       if " ERROR " in line or "Traceback" in line or "[ERROR" in line),
+            "operator_log_errors": [line[:300] for line in log_text.splitlines()
+                                    if " ERROR " in line or "Traceback" in line or "[ERROR" in line][:5],
         })
         if args.keep:
             result["control_plane_dir"] = str(cp.dir)
@@ -406,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"operator log and kubeconfig in {workdir}")
     return 0
 
 

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
 from kubetune import storage  # noqa: E402
-
 from tests.support.s3server import SeaweedS3  # noqa: E402
 
 MB = 1_000_000

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from kubetune import crd
 from kubetune.spec import FineTuneJobSpec, FineTuneJobStatus
 

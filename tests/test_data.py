@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kubetune.spec import CleaningSpec, DatasetSpec, FineTuneJobSpec
 from kubetune_trainer import data
 from kubetune_trainer.errors import DataError
-
 from tests.support.trainer_fixtures import write_jsonl
 
 ALPACA = [{"instruction": f"Say {i}", "input": "", "output": f"Number {i}."} for i in range(10)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune.manifest import load_job
 from kubetune_trainer.__main__ import run_trainer
 from kubetune_trainer.errors import ConfigError

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune_trainer.__main__ import run_trainer
 
+from kubetune_trainer.__main__ import run_trainer
 from tests.support.trainer_fixtures import PYDOC
 
 KINDS = ["adapter", "merged", "int8", "onnx"]
@@ -105,6 +105,7 @@ def test_merged_reloads_exactly(run: dict[str, Any], merged_in_memory: Any) -> N
 
 def test_int8_reloads_and_reports_its_perplexity_change(run: dict[str, Any], merged_in_memory: Any) -> None:
     import torch
+
     from kubetune_trainer.export_formats import INT8_CONFIG, int8_module_names, load_int8, quantize_int8
 
     directory = Path(run["output"]) / "exports" / "int8"
@@ -142,6 +143,7 @@ def test_onnx_matches_pytorch_with_dynamic_axes(run: dict[str, Any], merged_in_m
     import numpy as np
     import onnx
     import onnxruntime as ort
+
     from kubetune_trainer.export_formats import ONNX_TOLERANCE
 
     path = Path(run["output"]) / "exports" / "onnx" / "model.onnx"
@@ -191,8 +193,9 @@ def _spec() -> Any:
 def test_weight_only_backend_round_trips(tmp_path: Path, tiny_model: Path) -> None:
     """The plain-PyTorch int8 backend (used when torch.ao.quantization is gone) saves and reloads."""
     import torch
-    from kubetune_trainer.export_formats import INT8_CONFIG, int8_module_names, load_int8, quantize_int8
     from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.export_formats import INT8_CONFIG, int8_module_names, load_int8, quantize_int8
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     names = int8_module_names(model)
@@ -227,9 +230,10 @@ def test_onnx_parity_failure_is_a_clear_error(tmp_path: Path, tiny_model: Path, 
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A full fine-tune (no adapter) is exported from a reloaded copy; a parity failure stops the export."""
     import torch
+    from transformers import AutoModelForCausalLM
+
     from kubetune_trainer import export_formats
     from kubetune_trainer.errors import ConfigError
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     monkeypatch.setattr(export_formats, "_export_onnx_graph", lambda module, path, vocab: path.write_bytes(b""))

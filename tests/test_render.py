@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kubetune import distributed
 from kubetune.render import PlatformDefaults, RenderError, render_children
 from kubetune.spec import FineTuneJobSpec

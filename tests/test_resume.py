@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from kubetune.manifest import ManifestError, load_job, parse_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,8 @@ def test_completion_task_needs_text_datasets() -> None:
 def test_full_method_cannot_export_adapter() -> None:
     doc = base()
     doc["spec"]["method"] = {"type": "full"}
+    assert parse_job(doc).spec.output.exports == ["merged"]  # the default follows the method
+    doc["spec"]["output"] = {"exports": ["adapter"]}
     with pytest.raises(ManifestError, match="'adapter' needs method lora or qlora"):
         parse_job(doc)
 

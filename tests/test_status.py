@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+
 from kubetune import status as st
 from kubetune.status import Action, observe
 

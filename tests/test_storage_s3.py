@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kubetune import storage
 from kubetune.checkpoints import (
     MANIFEST,
@@ -27,7 +28,6 @@ from kubetune.checkpoints import (
 )
 from kubetune.spec import S3Spec, StorageSpec
 from kubetune.storage import S3Options, StorageError
-
 from tests.support.s3server import FaultProxy, SeaweedS3
 
 MB = 1_000_000

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from kubetune_trainer.__main__ import run_trainer
 
 WANDB_KEY = "wandb-key-d41d8cd98f00b204e9800998ecf8427e"
@@ -54,6 +55,7 @@ def wandb_records(path: Path) -> list[Any]:
 
 def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path: Path, monkeypatch, capfd) -> None:
     import mlflow
+
     from kubetune_trainer import tracking
 
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)

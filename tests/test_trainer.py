@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kubetune.spec import EXIT_CONFIG_ERROR
 from kubetune_trainer.__main__ import run_trainer
-
 from tests.support.trainer_fixtures import REPO
 
 DATA = REPO / "examples" / "data"
@@ -126,9 +126,10 @@ def test_bundled_smollm2_loss_goes_down(make_job) -> None:
 def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path) -> None:
     """Computing logits only where labels are learned gives exactly transformers' loss."""
     import torch
-    from kubetune_trainer.train import accepts_logits_to_keep, make_trainer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kubetune_trainer.train import accepts_logits_to_keep, make_trainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))

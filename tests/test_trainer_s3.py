@@ -13,7 +13,6 @@ from pathlib import Path
 
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore
-
 from tests.support.trainer_fixtures import PYDOC
 
 

@@ -38,6 +38,10 @@ def _format_summary(summary: dict) -> str:
         f"  held-out perplexity {metrics['baselinePerplexity']:.3f} -> {metrics['finalPerplexity']:.3f}  "
         f"(loss {metrics['baselineEvalLoss']:.4f} -> {metrics['finalEvalLoss']:.4f})",
     ]
+    for report in summary.get("data", {}).get("datasets", []):
+        dropped = {k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]}
+        detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()) or "none dropped"
+        lines.append(f"  data       {report['source']}: {report['kept']} of {report['read']} rows kept ({detail})")
     for artifact in summary["artifacts"]:
         lines.append(f"  {artifact['kind']:<10} {artifact['uri']}  sha256:{artifact['sha256'][:12]}  "
                      f"{artifact['sizeBytes']:,} bytes")

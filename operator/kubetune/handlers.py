@@ -13,9 +13,11 @@ The operator never reads Secrets: pods get their values through secretKeyRef.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -67,10 +69,24 @@ class OperatorConfig:
 
     defaults: render.PlatformDefaults
     interval: float = 10.0  # seconds between reconciles of one job when nothing wakes it
+    # Reconciles are blocking API calls run in threads; asyncio's default pool (cpu count + 4) left the
+    # operator latency-bound at 1,000 jobs (bench/operator_scale.py). KUBETUNE_RECONCILE_WORKERS.
+    workers: int = 32
+    # A finished job (Succeeded/Failed) has nothing to poll for: its loop wakes on watch events and
+    # for the TTL, otherwise only every interval x this.
+    finished_interval_factor: float = 30.0
+    # After a wake-up, wait this long before reconciling so that a burst of watch events (the Job
+    # controller updates a new Job several times in a row) costs one reconcile, not one each.
+    debounce: float = 0.5
 
 
 CONFIG = OperatorConfig(defaults=render.PlatformDefaults())
 _WAKERS: dict[str, asyncio.Event] = {}
+# uid -> metadata.generation of the FineTuneJob as the job's last reconcile read it. Watch events
+# that bring no new generation (the operator's own status patches, the trainer's progress) do not
+# wake the loop: nothing the operator decides on comes from them (status.py reads only fields the
+# operator itself writes). At 1,000 jobs these wake-ups were most of the operator's API requests.
+_SEEN_GENERATION: dict[str, int | None] = {}
 
 
 def _now() -> datetime:
@@ -96,6 +112,19 @@ def _finished_job(job: Mapping[str, Any]) -> bool:
                for c in (job.get("status") or {}).get("conditions") or [])
 
 
+def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
+    """The response body of a kubernetes client call, as bytes.
+
+    Skips the client's model deserialization (and our conversion back to dicts): at 1,000 jobs that
+    was a large part of the operator's CPU (bench/operator_scale.py). Errors still raise ApiException.
+    """
+    response = call(*args, _preload_content=False, **kwargs)
+    try:
+        return response.data
+    finally:
+        response.release_conn()
+
+
 def _pod_done(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
@@ -110,6 +139,7 @@ class Reconciler:
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self._ensured: dict[str, int] = {}  # uid -> attempt whose children this process has all seen
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
@@ -124,13 +154,14 @@ class Reconciler:
             raise
 
     def worker_jobs(self, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
-        items = self.batch.list_namespaced_job(namespace, label_selector=f"{render.LABEL_JOB}={name}").items
-        return [j for j in (self._dict(i) for i in items) if _owned_by(j, uid)]
+        items = json.loads(_raw(self.batch.list_namespaced_job, namespace,
+                                label_selector=f"{render.LABEL_JOB}={name}")).get("items") or []
+        return [j for j in items if _owned_by(j, uid)]
 
     def worker_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        items = self.core.list_namespaced_pod(
-            namespace, label_selector=f"{render.LABEL_JOB}={name},{render.LABEL_COMPONENT}=trainer").items
-        return [self._dict(i) for i in items]
+        return json.loads(_raw(self.core.list_namespaced_pod, namespace,
+                               label_selector=f"{render.LABEL_JOB}={name},{render.LABEL_COMPONENT}=trainer")
+                          ).get("items") or []
 
     # ----- writes -----
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
@@ -160,13 +191,13 @@ class Reconciler:
         namespace, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
         create, read = self._create_fn(kind)
         try:
-            create(namespace, obj)
+            _raw(create, namespace, obj)
             log.info("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as error:
             if error.status != 409:
                 raise
-        existing = self._dict(read(name, namespace))
+        existing = json.loads(_raw(read, name, namespace))
         if not _owned_by(existing, uid):
             return "conflict"
         if existing["metadata"].get("deletionTimestamp"):
@@ -185,11 +216,13 @@ class Reconciler:
             return None, [], None
         if job_cr["metadata"].get("deletionTimestamp"):
             return None, [], None  # garbage collection removes the children (ownerReferences)
+        _SEEN_GENERATION[uid] = job_cr["metadata"].get("generation")
         now = _now()
-        jobs = self.worker_jobs(namespace, name, uid)
         attempt = int((job_cr.get("status") or {}).get("attempt") or 0)
+        # status first, then children: before attempt 1 is recorded no child exists, nothing to list
+        jobs = self.worker_jobs(namespace, name, uid) if attempt else []
         current = next((j for j in jobs if j["metadata"]["name"] == render.job_name(name, attempt)), None)
-        pods = self.worker_pods(namespace, name)
+        pods = self.worker_pods(namespace, name) if attempt else []
         current_pods = [p for p in pods if _attempt_of(p) == attempt]
         phase = (job_cr.get("status") or {}).get("phase")
         update = None
@@ -235,6 +268,12 @@ class Reconciler:
                           key=_attempt_of)
         for job in finished[:-KEEP_FINISHED_ATTEMPTS] if len(finished) > KEEP_FINISHED_ATTEMPTS else []:
             self.delete_job(namespace, job["metadata"]["name"])
+        current = next((j for j in jobs if j["metadata"]["name"] == render.job_name(name, attempt)
+                        and not j["metadata"].get("deletionTimestamp")), None)
+        if current is not None and self._ensured.get(uid) == attempt:
+            # The Job is created last, so its children exist; they were checked (or created) by this
+            # process already. Creating each again only to read 409s cost 12 requests per reconcile.
+            return None
         children = render.render_children(job_cr, self.defaults, attempt=attempt)
         waiting = [p["metadata"]["name"] for p in pods if _attempt_of(p) != attempt and not _pod_done(p)]
         for child in children:
@@ -254,7 +293,12 @@ class Reconciler:
             if result == "created" and child["kind"] == "Job":
                 events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
                                        f"with {child['spec']['completions']} worker pod(s)"))
+        self._ensured[uid] = attempt
         return None
+
+    def forget(self, uid: str) -> None:
+        """The job's loop ended (deleted, or another replica took over)."""
+        self._ensured.pop(uid, None)
 
 
 # ----- kopf wiring -----
@@ -269,7 +313,10 @@ def _reconciler() -> Reconciler:
             k8s_config.load_incluster_config()
         except k8s_config.ConfigException:
             k8s_config.load_kube_config()
-        _RECONCILER = Reconciler(client.ApiClient(), CONFIG.defaults)
+        configuration = client.Configuration.get_default_copy()
+        # one pooled connection per worker thread (urllib3 would otherwise open and drop extra ones)
+        configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 1, CONFIG.workers)
+        _RECONCILER = Reconciler(client.ApiClient(configuration), CONFIG.defaults)
     return _RECONCILER
 
 
@@ -279,8 +326,10 @@ def _wake(uid: str | None) -> None:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Finalizer and kopf's own bookkeeping under our prefix; only explicit events are posted."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=CONFIG.workers, thread_name_prefix="kubetune-reconcile"))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{API_GROUP}")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -314,25 +363,38 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
                 kopf.event(current or body, type=event.type, reason=event.reason, message=event.message)
             if current is None and requeue is None:
                 return  # the FineTuneJob is gone or being deleted: nothing left to do
-            delay = CONFIG.interval if requeue is None else min(requeue, CONFIG.interval)
+            idle = CONFIG.interval
+            if ((current or {}).get("status") or {}).get("phase") in st.TERMINAL:
+                idle *= CONFIG.finished_interval_factor
+            delay = idle if requeue is None else min(requeue, idle)
             woken = asyncio.ensure_future(waker.wait())
             await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
+            if waker.is_set() and CONFIG.debounce > 0 and not stopped:
+                await asyncio.wait({stopping}, timeout=CONFIG.debounce)
     finally:
         stopping.cancel()
         _WAKERS.pop(uid, None)
+        _SEEN_GENERATION.pop(uid, None)
+        if _RECONCILER is not None:
+            _RECONCILER.forget(uid)
         METRICS.forget(uid)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def finetunejob_event(uid: str, **_: Any) -> None:
-    """Spec and status changes wake the job's loop."""
-    _wake(uid)
+def finetunejob_event(uid: str, meta: kopf.Meta, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    """Spec changes (a new generation) and deletion wake the job's loop; status-only changes do not."""
+    if type == "DELETED" or meta.get("deletionTimestamp") or meta.get("generation") != _SEEN_GENERATION.get(uid):
+        _wake(uid)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
-def worker_job_event(meta: kopf.Meta, **_: Any) -> None:
-    """Changes of a worker Job (pods started, failed, finished) wake its FineTuneJob's loop."""
+def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    """Changes of a worker Job (pods started, failed, finished) wake its FineTuneJob's loop.
+
+    Not its creation (ADDED while watching): only the operator creates worker Jobs, and knows."""
+    if type == "ADDED":
+        return
     for ref in meta.get("ownerReferences") or []:
         if ref.get("controller"):
             _wake(ref.get("uid"))
@@ -344,10 +406,14 @@ def probe_jobs(**_: Any) -> int:
     return len(_WAKERS)
 
 
-def configure_operator(defaults: render.PlatformDefaults | None = None, interval: float | None = None) -> None:
+def configure_operator(defaults: render.PlatformDefaults | None = None, interval: float | None = None,
+                       workers: int | None = None) -> None:
     """Set the operator's settings before kopf starts."""
     if defaults is not None:
         CONFIG.defaults = defaults
+    env_workers = os.environ.get("KUBETUNE_RECONCILE_WORKERS")
+    if workers is not None or env_workers:
+        CONFIG.workers = max(1, int(workers if workers is not None else env_workers))
     if interval is not None:
         CONFIG.interval = interval
     env_interval = os.environ.get("KUBETUNE_RECONCILE_INTERVAL")

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)")
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 10)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 32)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.namespaced_rbac and (not args.namespace or any(set(n) & set("*?[]!,") for n in args.namespace)):
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"kubetune-operator: bad platform defaults: {error}", file=sys.stderr)
         return 2
-    handlers.configure_operator(defaults, args.interval)
+    handlers.configure_operator(defaults, args.interval, args.workers)
     if args.namespaced_rbac:
         @kopf.on.startup(id="namespaced-rbac")
         def _no_cluster_scanning(settings: kopf.OperatorSettings, **_: object) -> None:

@@ -326,8 +326,9 @@ class OutputSpec(SpecModel):
                             "kubetune run defaults to ./runs/<name>.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
                                                         "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[ExportKind] = Field(default_factory=lambda: [ExportKind.adapter], description="Artifacts to "
-                                      "export: adapter (PEFT), merged (plain transformers), int8, onnx.")
+    exports: list[ExportKind] | None = Field(None, description="Artifacts to export: adapter (PEFT), merged "
+                                             "(plain transformers), int8, onnx. Default: adapter for lora and "
+                                             "qlora, merged for full.")
 
 
 class StorageSpec(SpecModel):
@@ -437,6 +438,9 @@ class FineTuneJobSpec(SpecModel):
             fmt = dataset.format or default_format(task)
             if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
                 raise ValueError(f"datasets[{index}].format: a completion task takes text datasets, not {fmt}")
+        if self.output.exports is None:
+            default = ExportKind.merged if self.method.type == MethodType.full.value else ExportKind.adapter
+            self.output.exports = [default.value]
         if self.method.type == MethodType.full.value:
             bad = [e for e in self.output.exports if e == ExportKind.adapter.value]
             if bad:

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from kubetune import storage
 from kubetune.storage import S3Options
-
 from tests.support.s3server import SeaweedS3
 
 

@@ -72,6 +72,7 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
             deepspeed_config = json.loads(Path(deepspeed).read_text())
         elif job.spec.resources.strategy.startswith("deepspeed") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch
+
             from kubetune.distributed import deepspeed_config as make_ds_config
 
             deepspeed_config = make_ds_config(job.spec, torch_adam=not torch.cuda.is_available())

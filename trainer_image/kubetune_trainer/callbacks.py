@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.checkpoints import CheckpointStore
 from transformers import TrainerCallback
 
+from kubetune.checkpoints import CheckpointStore
 from kubetune_trainer.data import IGNORE_INDEX
 
 
@@ -231,6 +231,7 @@ class BaselineEvaluator(TrainerCallback):
         self.samples = samples
         self.trainer: Any = None
         self.result: dict[str, Any] | None = None
+        self.seconds = 0.0  # inside trainer.train(), but not training
         if resumed_baseline is not None and resumed_baseline.exists():
             self.result = json.loads(resumed_baseline.read_text())
 
@@ -238,10 +239,12 @@ class BaselineEvaluator(TrainerCallback):
         if self.result is None:
             from kubetune_trainer.evaluation import perplexity
 
+            started = time.perf_counter()
             metrics = self.trainer.evaluate(metric_key_prefix="eval")
             self.result = {"eval_loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"]),
                            "samples": self.samples.generate(self.trainer.model)}
             self.trainer.model.train()
+            self.seconds = time.perf_counter() - started
         (self.ctx.work_dir / "baseline.json").write_text(json.dumps(self.result))
 
 

@@ -27,7 +27,6 @@ from typing import Any
 from kubetune import storage
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
 from kubetune.storage import S3Options
-
 from kubetune_trainer.errors import DataError
 
 IGNORE_INDEX = -100

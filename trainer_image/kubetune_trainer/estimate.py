@@ -37,7 +37,6 @@ from typing import Any
 
 from kubetune.manifest import ManifestError, load_job
 from kubetune.spec import EXIT_CONFIG_ERROR, FineTuneJob
-
 from kubetune_trainer.errors import ConfigError
 
 GIB = 1024 ** 3
@@ -119,7 +118,6 @@ def _model_files_dir(job: FineTuneJob) -> str:
     from kubetune import storage
     from kubetune.spec import BUNDLED_PREFIX
     from kubetune.storage import S3Options
-
     from kubetune_trainer import models as model_lib
 
     spec = job.spec
@@ -228,7 +226,6 @@ def _trainable(spec: Any, model: Any, facts: dict[str, Any]) -> dict[str, Any]:
 def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROWS) -> dict[str, Any]:
     """Training and validation tokens through the trainer's own data pipeline."""
     from kubetune.storage import S3Options
-
     from kubetune_trainer import data as data_lib
     from kubetune_trainer import models as model_lib
 

