@@ -106,7 +106,8 @@ def operator_kubeconfig(cp: ControlPlane, directory: Path) -> str:
     return str(path)
 
 
-def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str]) -> tuple[subprocess.Popen, Path]:
+def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
+                   script: str | None = None) -> tuple[subprocess.Popen, Path]:
     kubeconfig = operator_kubeconfig(cp, directory)
     port = free_port()
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1",
@@ -114,8 +115,10 @@ def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: lis
            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs"}
     if pods == "held":
         env["KUBETUNE_DEFAULT_POD_ANNOTATIONS"] = json.dumps({HOLD_ANNOTATION: "true"})
-    args = [sys.executable, "-m", "kubetune.operator_main", "--liveness", f"http://127.0.0.1:{port}/healthz"]
-    if "--metrics-port" in subprocess.run([*args[:3], "--help"], capture_output=True, text=True).stdout:
+    args = [sys.executable, *([script] if script else ["-m", "kubetune.operator_main"]),
+            "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    if "--metrics-port" in subprocess.run([sys.executable, "-m", "kubetune.operator_main", "--help"],
+                                          capture_output=True, text=True).stdout:
         args += ["--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1"]
     args += extra_args
     log_path = directory / "operator.log"
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
+    parser.add_argument("--operator-script", help="run this Python script (e.g. a profiler wrapper around "
+                        "kubetune.operator_main.main) instead of `-m kubetune.operator_main`")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the control plane directory (logs, audit)")
     args = parser.parse_args(argv)
@@ -364,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"job-{i:04d}" for i in range(args.jobs)]
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     result: dict[str, Any] = {"jobs": args.jobs, "pods": args.pods, "mode": args.mode,
+                              "load_average_before": [round(x, 2) for x in os.getloadavg()],
                               "operator_args": args.operator_arg,
                               "cpus": os.cpu_count()}
     with AuditedControlPlane(keep=args.keep) as cp:
@@ -389,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied {args.jobs} FineTuneJobs in {result['apply_seconds_without_operator']} s with no "
                   "operator running; starting the operator ...", flush=True)
             components_before = {name: cpu_of(p) for name, p in components.items()}
+            machine_before = psutil.cpu_times()
             t0 = time.time()
-        proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg)
+        proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg, args.operator_script)
         sampler = Sampler(proc.pid)
         try:
             if args.mode == "catch-up":
@@ -404,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_before = sampler.cpu_seconds()
                 components_before = {name: cpu_of(p) for name, p in components.items()}
                 time.sleep(1.0)  # the watches are established
+                machine_before = psutil.cpu_times()
                 print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...",
                       flush=True)
                 t0 = time.time()
@@ -439,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             t_done = time.time()
             cpu_run = sampler.cpu_seconds() - cpu_before
             components_run = {name: round(cpu_of(p) - components_before[name], 1) for name, p in components.items()}
+            machine_after = psutil.cpu_times()
+            busy = sum(getattr(machine_after, f) - getattr(machine_before, f) for f in ("user", "system", "nice")
+                       if hasattr(machine_after, f))
+            machine_busy = busy / max(t_done - t0, 1e-9)
             progress.stop()
             peak_run = sampler.peak_rss
             print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
@@ -476,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             "api_latency_ms_p50_by_kind_run": run["latency_ms_p50_by_kind"],
             "operator_requests_in_flight_mean_run": run["mean_requests_in_flight"],
             "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
+            "machine_cpu_busy_cores_run": round(machine_busy, 2),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_done, 1e-9), 1),
             "idle_breakdown": idle["by_verb_resource"],
             "operator_log_lines": log_text.count("\n"),

@@ -142,6 +142,14 @@ def test_helm_lint_is_clean(variant: str, tmp_path: Path) -> None:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
 
 
+def test_chart_versions_follow_the_package() -> None:
+    from kubetune import __version__
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__, "bump Chart.yaml appVersion with the package version"
+    assert render.DEFAULT_IMAGE == f"ghcr.io/kubetune/trainer:{chart['appVersion']}"  # the chart's default
+
+
 def test_chart_crd_is_the_generated_one() -> None:
     chart_crd = (CHART / "crds" / "finetunejobs.kubetune.io.yaml").read_text()
     assert chart_crd == (REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text(), \

@@ -219,6 +219,7 @@ def test_pinned_versions_resolve_together(resolutions: dict[str, dict], extra: s
         for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes", "triton"):
             assert installed[name] == pinned[name], name
         assert installed["torch"] == args_of(TRAINER)["TORCH_VERSION"]
+        assert "prometheus-client" in installed  # kubetune_trainer.metrics
     else:
         heavy = {n for n in installed if n in {"torch", "triton", "deepspeed", "transformers"} or n.startswith("nvidia-")}
         assert not heavy, f"the operator image would get {sorted(heavy)}"

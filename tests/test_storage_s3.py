@@ -419,6 +419,14 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
         finally:
             client.meta.events.unregister("after-call.s3.PutObject", after_put)
             client.meta.events.unregister("before-call.s3.PutObject", before_put)
+        # Once the server is back, hold the retried uploads until the watcher below has looked at
+        # least once, so the invariants are checked while the upload is still incomplete.
+        observed = threading.Event()
+
+        def gate(**kwargs: object) -> None:
+            observed.wait(60)
+
+        client.meta.events.register("before-call.s3.PutObject", gate)
         server.start()
 
         monitor = server.client()
@@ -435,7 +443,9 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
             if latest.step == 2:
                 assert set(digests) <= set(storage.list_tree(latest.uri, options=server.options()))
             observations += 1
+            observed.set()
             time.sleep(0.05)
+        client.meta.events.unregister("before-call.s3.PutObject", gate)
         refs = store.wait(120)
         assert [r.step for r in refs] == [2]
         assert observations >= 1

@@ -192,7 +192,8 @@ class Reconciler:
         create, read = self._create_fn(kind)
         try:
             _raw(create, namespace, obj)
-            log.info("created %s %s/%s", kind, namespace, name)
+            # one INFO line per job (its worker Job); the other children at DEBUG
+            (log.info if kind == "Job" else log.debug)("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as error:
             if error.status != 409:

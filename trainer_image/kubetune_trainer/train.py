@@ -304,6 +304,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from kubetune_trainer import callbacks as cb
     from kubetune_trainer import exports as export_lib
     from kubetune_trainer.evaluation import SampleGenerator, perplexity
+    from kubetune_trainer.metrics import MetricsCallback
 
     spec = ctx.spec
     started = time.time()
@@ -337,6 +338,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         reporter,
         publisher,
         cb.PreemptionHandler(ctx),
+        MetricsCallback(ctx),  # Prometheus /metrics on rank 0 when KUBETUNE_METRICS_PORT is set
     ]
     if spec.training.early_stopping is not None:
         from transformers import EarlyStoppingCallback
