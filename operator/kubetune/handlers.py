@@ -70,14 +70,19 @@ class OperatorConfig:
     defaults: render.PlatformDefaults
     interval: float = 10.0  # seconds between reconciles of one job when nothing wakes it
     # Reconciles are blocking API calls run in threads; asyncio's default pool (cpu count + 4) left the
-    # operator latency-bound at 1,000 jobs (bench/operator_scale.py). KUBETUNE_RECONCILE_WORKERS.
-    workers: int = 32
+    # operator latency-bound at 1,000 jobs. On the 2-core test machine 8-16 was best and 32 worse (the
+    # API server queues; bench/README.md). KUBETUNE_RECONCILE_WORKERS or --workers.
+    workers: int = 16
     # A finished job (Succeeded/Failed) has nothing to poll for: its loop wakes on watch events and
     # for the TTL, otherwise only every interval x this.
     finished_interval_factor: float = 30.0
     # After a wake-up, wait this long before reconciling so that a burst of watch events (the Job
     # controller updates a new Job several times in a row) costs one reconcile, not one each.
     debounce: float = 0.5
+    # kopf processes at most this many objects (per watched resource) at once. Unbounded, an operator
+    # starting with 1,000 existing jobs sent 1,000 finalizer patches at once over as many TLS
+    # connections (350 MiB RSS, API Priority and Fairness answering 429).
+    kopf_workers: int = 100
 
 
 CONFIG = OperatorConfig(defaults=render.PlatformDefaults())
@@ -338,6 +343,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.queueing.worker_limit = CONFIG.kopf_workers
+    settings.queueing.idle_timeout = 0.5  # an idle per-object worker frees its slot soon (default 5 s)
     _reconciler()
 
 

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 10)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 32)")
+                        help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 16)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.namespaced_rbac and (not args.namespace or any(set(n) & set("*?[]!,") for n in args.namespace)):
