@@ -11,15 +11,20 @@ ServiceAccount bound to `OPERATOR_RBAC_RULES` only. Then creates N FineTuneJobs 
 * the operator's peak RSS and CPU seconds (psutil on the subprocess, sampled every 0.2 s);
 * the operator's API requests, counted by the API server itself: an audit policy logs every
   request of the operator's ServiceAccount (level Metadata, nothing else is logged), so the counts
-  are exact and include kopf's own requests (watches, finalizers, events);
+  are exact and include kopf's own requests (watches, finalizers, events); also their latencies
+  and the mean number in flight;
+* the CPU seconds of every control-plane process and how busy the machine was (it is shared);
 * then, with nothing changing, the idle cost for `--settle` seconds (requests/s and CPU %).
 
 Pods: `--pods pending` (default) asks for a GPU on a cluster with no GPU node, so every worker pod
 stays Pending/Unschedulable (phase Pending); `--pods held` adds fake GPU nodes and the hold
 annotation, so kwok runs every pod and the jobs go Running (more Job status churn).
 
-    .venv/bin/python bench/operator_scale.py [--jobs 1000] [--pods pending|held] [--settle 30]
-        [--operator-arg=--interval=30 ...] [--json result.json]
+`--mode catch-up` creates every job first and then starts the operator (a restart with 1,000
+jobs). Figures and the changes they led to: bench/README.md.
+
+    .venv/bin/python bench/operator_scale.py [--jobs 1000] [--pods pending|held] [--mode live|catch-up]
+        [--settle 30] [--operator-arg=--workers=8 ...] [--json result.json] [--keep]
 """
 
 from __future__ import annotations
