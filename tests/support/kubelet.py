@@ -475,6 +475,14 @@ class LocalKubelet:
         with self._lock:
             self._created_dirs.extend(reversed(missing))
 
+    def image_paths(self) -> list[str]:
+        """Host paths that stand in for the image's filesystem: the environment and kubetune's sources."""
+        import kubetune
+        import kubetune_trainer
+
+        sources = {os.path.realpath(Path(m.__file__).parent.parent) for m in (kubetune, kubetune_trainer)}
+        return sorted(set(self.expose_paths) | sources)
+
     def _expose_ops(self, pod_dir: Path) -> list[dict[str, Any]]:
         """Mounts that make `expose_paths` readable under an ancestor a non-root user cannot traverse."""
         ops: list[dict[str, Any]] = []
@@ -577,8 +585,21 @@ class LocalKubelet:
                 for dirpath, _, filenames in os.walk(m["source"]):
                     for entry in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
                         os.chown(entry, -1, int(pod_sc["fsGroup"]))
+        # The image's own files (Python, the environment, the installed kubetune sources) stay visible
+        # even where a pod volume is mounted over an ancestor (an emptyDir at /tmp hides a checkout
+        # under /tmp): stage them first, and bind them back after the volumes.
+        stage_first: list[dict[str, Any]] = []
+        bind_back: list[dict[str, Any]] = []
+        targets = [m["target"] for m in mounts]
+        for index, path in enumerate(self.image_paths()):
+            if any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets):
+                stage = Path("/run/kubetune-kubelet") / pod["metadata"]["uid"] / str(index)
+                stage.mkdir(parents=True, exist_ok=True)
+                stage_first.append({"kind": "bind", "source": path, "target": str(stage), "readOnly": True})
+                bind_back += [{"kind": "mkdir", "target": path},
+                              {"kind": "bind", "source": str(stage), "target": path, "readOnly": True}]
         instructions = {
-            "mounts": expose + self._order_mounts(mounts),
+            "mounts": stage_first + expose + self._order_mounts(mounts) + bind_back,
             "hostname": hostname,
             "cwd": container.get("workingDir") or self.image_workdir,
             "uid": uid, "gid": gid if gid is not None else (0 if uid is None else uid), "groups": groups,
