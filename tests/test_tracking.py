@@ -3,7 +3,6 @@ credentials given through the environment appear nowhere in what is written or p
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,16 +14,6 @@ from kubetune_trainer.__main__ import run_trainer
 
 WANDB_KEY = "wandb-key-d41d8cd98f00b204e9800998ecf8427e"
 MLFLOW_TOKEN = "mlflow-token-0cc175b9c0f1b6a831c399e269772661"
-
-
-def _hook_if_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until train.tracking_callbacks calls tracking.callbacks_for, add it here (same call site)."""
-    from kubetune_trainer import tracking, train
-
-    if "callbacks_for" in inspect.getsource(train.tracking_callbacks):
-        return
-    original = train.tracking_callbacks
-    monkeypatch.setattr(train, "tracking_callbacks", lambda ctx: original(ctx) + tracking.callbacks_for(ctx))
 
 
 def wandb_records(path: Path) -> list[Any]:
@@ -62,7 +51,6 @@ def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path:
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", MLFLOW_TOKEN)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
-    _hook_if_needed(monkeypatch)
     store = tmp_path / "mlruns"
     path = make_job("tracked", training={"maxSteps": 3, "loggingSteps": 1},
                     tracking={"tensorboard": False,
@@ -150,7 +138,6 @@ def test_an_unreachable_tracking_server_does_not_fail_training(make_job, monkeyp
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    _hook_if_needed(monkeypatch)
     path = make_job("down", training={"maxSteps": 2},
                     tracking={"tensorboard": False,
                               "mlflow": {"trackingUri": "http://kt-user:pw-0cc175b9c0f1@127.0.0.1:9"}})
