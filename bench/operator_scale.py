@@ -5,8 +5,9 @@ operator (`python -m kubetune.operator_main`, production defaults) as a subproce
 ServiceAccount bound to `OPERATOR_RBAC_RULES` only. Then creates N FineTuneJobs (server-side apply,
 8 client threads) and measures:
 
-* the time from the first apply until every job has all six children (ServiceAccount, Role,
-  RoleBinding, ConfigMap, Service, Job) and a `status.phase` (polled with metadata-only lists by
+* the time from the first apply until every job has all its children (ServiceAccount, Role,
+  RoleBinding, ConfigMap, Job, and with `--nodes` > 1 the headless Service) and a `status.phase`
+  (polled with metadata-only lists by
   the admin, which the operator's figures do not include);
 * the operator's peak RSS and CPU seconds (psutil on the subprocess, sampled every 0.2 s);
 * the operator's API requests, counted by the API server itself: an audit policy logs every
@@ -186,7 +187,7 @@ class Sampler:
 
 # ----- the jobs -----
 
-def job_body(name: str, namespace: str) -> dict[str, Any]:
+def job_body(name: str, namespace: str, nodes: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": namespace},
@@ -195,12 +196,12 @@ def job_body(name: str, namespace: str) -> dict[str, Any]:
             "task": {"type": "instruction"},
             "datasets": [{"source": f"s3://data/{name}.jsonl"}],
             "storage": {"credentialsSecretRef": {"name": "s3-creds"}},
-            "resources": {"nodes": 1, "gpusPerNode": 1},
+            "resources": {"nodes": nodes, "gpusPerNode": 1},
         },
     }
 
 
-def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int) -> None:
+def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int, nodes: int = 1) -> None:
     from kubernetes import client
 
     api = cp.api_client()
@@ -211,7 +212,7 @@ def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int)
         for attempt in range(5):
             try:
                 custom.patch_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, job_body(name, namespace),
+                    GROUP, VERSION, namespace, PLURAL, name, job_body(name, namespace, nodes),
                     field_manager="bench", force=True, _content_type="application/apply-patch+yaml")
                 return
             except client.ApiException as error:
@@ -230,16 +231,18 @@ class Progress:
     watched as metadata only (PartialObjectMetadata).
     """
 
-    def __init__(self, cp: ControlPlane, namespace: str, names: list[str]):
+    def __init__(self, cp: ControlPlane, namespace: str, names: list[str], nodes: int = 1):
         self.api = cp.api_client()
         self.names = set(names)
         self.phase: dict[str, str] = {}
-        self.children: dict[str, set[str]] = {kind: set() for kind in CHILD_KINDS.values()}
+        # a single-node job has no Service (it rendezvouses on loopback)
+        kinds = {path: kind for path, kind in CHILD_KINDS.items() if nodes > 1 or kind != "Service"}
+        self.children: dict[str, set[str]] = {kind: set() for kind in kinds.values()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._watch, args=(
             f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", None), daemon=True)]
-        for path, kind in CHILD_KINDS.items():
+        for path, kind in kinds.items():
             self._threads.append(threading.Thread(target=self._watch, args=(path.format(ns=namespace), kind),
                                                   daemon=True))
         for thread in self._threads:
@@ -362,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["live", "catch-up"], default="live",
                         help="live: apply while the operator runs; catch-up: apply first, then start the operator")
     parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
+    parser.add_argument("--nodes", type=int, default=1, help="worker nodes per job (> 1 adds the headless Service)")
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
@@ -373,13 +377,13 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [f"job-{i:04d}" for i in range(args.jobs)]
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
-    result: dict[str, Any] = {"jobs": args.jobs, "pods": args.pods, "mode": args.mode,
+    result: dict[str, Any] = {"jobs": args.jobs, "nodes": args.nodes, "pods": args.pods, "mode": args.mode,
                               "load_average_before": [round(x, 2) for x in os.getloadavg()],
                               "operator_args": args.operator_arg,
                               "cpus": os.cpu_count()}
     with AuditedControlPlane(keep=args.keep) as cp:
         if args.pods == "held":
-            for index in range(max(1, -(-args.jobs // 100))):
+            for index in range(max(1, -(-args.jobs * args.nodes // 100))):
                 cp.add_fake_node(f"gpu-{index}", gpus=100, pods="110")
         cp.create_namespace(args.namespace)
         cp.kubectl("apply", "-f", str(CRD_FILE))
@@ -392,10 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         def cpu_of(p: psutil.Process) -> float:
             t = p.cpu_times()
             return t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
-        progress = Progress(cp, args.namespace, names)
+        progress = Progress(cp, args.namespace, names, args.nodes)
         if args.mode == "catch-up":  # every job exists before the operator starts
             started = time.time()
-            apply_jobs(cp, args.namespace, names, args.threads)
+            apply_jobs(cp, args.namespace, names, args.threads, args.nodes)
             result["apply_seconds_without_operator"] = round(time.time() - started, 1)
             print(f"applied {args.jobs} FineTuneJobs in {result['apply_seconds_without_operator']} s with no "
                   "operator running; starting the operator ...", flush=True)
@@ -420,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...",
                       flush=True)
                 t0 = time.time()
-                applier = threading.Thread(target=apply_jobs, args=(cp, args.namespace, names, args.threads))
+                applier = threading.Thread(target=apply_jobs,
+                                           args=(cp, args.namespace, names, args.threads, args.nodes))
                 applier.start()
                 applied_at = None
             counts: dict[str, int] = {}

@@ -204,6 +204,18 @@ def test_config_map_holds_effective_manifest() -> None:
     assert container(children)["image"] == "registry.local/trainer:1"
 
 
+def test_single_node_job_needs_no_service() -> None:
+    """One node rendezvouses on loopback: no Service (and no Endpoints for the control plane to keep)."""
+    one = cr({"resources": {"nodes": 1, "gpusPerNode": 4}})
+    children = render_children(one, PlatformDefaults())
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    pod = by_kind(children)["Job"]["spec"]["template"]["spec"]
+    assert "subdomain" not in pod
+    command = container(children)["command"]
+    assert command[command.index("--master-addr") + 1] == "127.0.0.1"
+    assert env_of(children)["MASTER_ADDR"] == "127.0.0.1"
+
+
 def test_headless_service() -> None:
     svc = by_kind(render_children(cr(), PlatformDefaults()))["Service"]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
