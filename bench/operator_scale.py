@@ -7,8 +7,7 @@ ServiceAccount bound to `OPERATOR_RBAC_RULES` only. Then creates N FineTuneJobs 
 
 * the time from the first apply until every job has all its children (ServiceAccount, Role,
   RoleBinding, ConfigMap, Job, and with `--nodes` > 1 the headless Service) and a `status.phase`
-  (polled with metadata-only lists by
-  the admin, which the operator's figures do not include);
+  (polled with metadata-only lists by the admin, which the operator's figures do not include);
 * the operator's peak RSS and CPU seconds (psutil on the subprocess, sampled every 0.2 s);
 * the operator's API requests, counted by the API server itself: an audit policy logs every
   request of the operator's ServiceAccount (level Metadata, nothing else is logged), so the counts

@@ -602,6 +602,27 @@ def test_deletion_garbage_collects_children(cp, api, operator) -> None:
     cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
 
 
+def test_no_finalizer_so_deletion_never_waits_for_the_operator(cp, api, operator) -> None:
+    """Children go by ownerReferences, so jobs carry no finalizer: deleting one while no operator runs
+    completes at once (and its children are collected); a finalizer left by an older version is removed."""
+    name, legacy = "unblocked", "legacy"
+    cp.apply(manifest(name))
+    wait_phase(cp, api, name, "Running")
+    assert not ftj(api, name)["metadata"].get("finalizers")
+    operator.kill()
+    try:
+        cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=true", "--timeout=30s")
+        cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+        body = manifest(legacy)
+        body["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
+        cp.apply(body)
+    finally:
+        operator.start()
+    cp.wait_for(lambda: not ftj(api, legacy)["metadata"].get("finalizers"), 60, "the old finalizer removed")
+    wait_phase(cp, api, legacy, "Running")
+    delete(cp, legacy)
+
+
 def test_unschedulable_job_stays_pending_with_reason(cp, api, operator) -> None:
     name = "toobig"
     cp.apply(manifest(name, resources={"nodes": 1, "gpusPerNode": 16}))
