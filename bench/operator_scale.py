@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -49,13 +48,15 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kubetune.handlers import OPERATOR_RBAC_RULES  # noqa: E402
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # noqa: E402
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane  # noqa: E402
+from tests.support.operator_process import (  # noqa: E402
+    OPERATOR_USER,
+    OperatorProcess,
+    install_crd,
+    service_account_kubeconfig,
+)
 
-CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-OPERATOR_NS, OPERATOR_SA = "kubetune-system", "kubetune-operator"
-OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
 CHILD_KINDS = {  # list path (namespaced) -> kind
     "/api/v1/namespaces/{ns}/serviceaccounts": "ServiceAccount",
     "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles": "Role",
@@ -92,54 +93,30 @@ class AuditedControlPlane(ControlPlane):
 
 # ----- the operator -----
 
-def operator_kubeconfig(cp: ControlPlane, directory: Path) -> str:
-    cp.create_namespace(OPERATOR_NS)
-    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": OPERATOR_SA, "namespace": OPERATOR_NS}})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-              "metadata": {"name": OPERATOR_SA}, "rules": OPERATOR_RBAC_RULES})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-              "metadata": {"name": OPERATOR_SA},
-              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_SA},
-              "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NS}]})
-    token = cp.kubectl("-n", OPERATOR_NS, "create", "token", OPERATOR_SA, "--duration=2h").stdout.strip()
-    path = directory / "operator.kubeconfig"
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "bench",
-        "clusters": [{"name": "bench", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "bench", "context": {"cluster": "bench", "user": "operator"}}]}))
-    return str(path)
+class BenchOperator(OperatorProcess):
+    """The operator with production settings (no --verbose, default interval and workers)."""
+
+    def __init__(self, cp: ControlPlane, directory: Path, env: dict[str, str], args: list[str],
+                 script: str | None = None):
+        super().__init__(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), args, env=env)
+        self.script = script
+
+    def command(self) -> list[str]:
+        return [sys.executable, *([self.script] if self.script else ["-m", "kubetune.operator_main"]),
+                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
+                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1", *self.args]
 
 
 def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
                    script: str | None = None) -> tuple[subprocess.Popen, Path]:
-    kubeconfig = operator_kubeconfig(cp, directory)
-    port = free_port()
-    env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1",
-           "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
+    env = {"KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs"}
     if pods == "held":
         env["KUBETUNE_DEFAULT_POD_ANNOTATIONS"] = json.dumps({HOLD_ANNOTATION: "true"})
-    args = [sys.executable, *([script] if script else ["-m", "kubetune.operator_main"]),
-            "--liveness", f"http://127.0.0.1:{port}/healthz"]
-    if "--metrics-port" in subprocess.run([sys.executable, "-m", "kubetune.operator_main", "--help"],
-                                          capture_output=True, text=True).stdout:
-        args += ["--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1"]
-    args += extra_args
-    log_path = directory / "operator.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-    cp.wait_for(healthy, 90, "operator liveness endpoint")
-    return proc, log_path
+    operator = BenchOperator(cp, directory, env, extra_args, script)
+    operator.start()
+    assert operator.proc is not None
+    return operator.proc, operator.log_path
 
 
 class Sampler:
@@ -385,10 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             for index in range(max(1, -(-args.jobs * args.nodes // 100))):
                 cp.add_fake_node(f"gpu-{index}", gpus=100, pods="110")
         cp.create_namespace(args.namespace)
-        cp.kubectl("apply", "-f", str(CRD_FILE))
-        cp.wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
-                                cp.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
-                    60, "CRD Established", interval=0.5)
+        install_crd(cp)
         components = {name: psutil.Process(c.proc.pid) for name, c in cp.components.items()}
         components["bench (this process)"] = psutil.Process()
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,13 +33,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-try:
-    from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries, free_port
-except ImportError:  # tests/ is on sys.path instead of the repository root
-    from support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries, free_port  # type: ignore[no-redef]
-
 from kubetune import crd, operator_main, render
 from kubetune.handlers import OPERATOR_RBAC_RULES
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
+from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetune"
@@ -417,35 +412,28 @@ CLUSTER_VALUES: dict[str, Any] = {
 }
 
 
-class ChartOperator:
+class ChartOperator(OperatorProcess):
     """The operator as a subprocess, run as the chart's Deployment would run it.
 
-    Its arguments are the rendered Deployment's, except the addresses of its endpoints (loopback,
-    free ports), the defaults file (the chart's ConfigMap as applied, copied to a local file) and a
-    shorter reconcile interval; it authenticates with a token of the chart's ServiceAccount.
+    Its arguments and environment are the rendered Deployment's, except the addresses of its endpoints
+    (loopback, free ports), the defaults file (the chart's ConfigMap as applied, copied to a local
+    file) and a shorter reconcile interval; it authenticates with a token of the chart's ServiceAccount.
     """
 
     def __init__(self, cp: ControlPlane, directory: Path, docs: list[dict[str, Any]], namespace: str,
                  account: str, name: str = "operator"):
-        self.cp, self.directory, self.name = cp, directory, name
-        self.log_path = directory / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
         deployment = one(docs, "Deployment")
         (self.container,) = deployment["spec"]["template"]["spec"]["containers"]
         config_map = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
         defaults = cp.get_json("-n", namespace, "configmap", config_map)["data"]["defaults.yaml"]
         self.defaults_file = directory / f"{name}-defaults.yaml"
         self.defaults_file.write_text(defaults)
-        token = cp.kubectl("-n", namespace, "create", "token", account, "--duration=2h").stdout.strip()
-        self.kubeconfig = directory / f"{name}.kubeconfig"
-        self.kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "chart",
-            "clusters": [{"name": "chart", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
-            "users": [{"name": account, "user": {"token": token}}],
-            "contexts": [{"name": "chart", "context": {"cluster": "chart", "user": account}}]}))
-        self.health_port = self.metrics_port = 0
+        kubeconfig = token_kubeconfig(cp, namespace, account, directory / f"{name}.kubeconfig", context="chart")
+        env = {e["name"]: e["value"] for e in self.container.get("env", []) if "value" in e}
+        super().__init__(cp, directory / f"{name}.log", kubeconfig, env={**env, "TMPDIR": str(directory)},
+                         name=name)
 
-    def args(self) -> list[str]:
+    def command(self) -> list[str]:
         out = []
         for arg in self.container["args"]:
             key = arg.split("=", 1)[0]
@@ -458,49 +446,7 @@ class ChartOperator:
             elif key == "--interval":
                 arg = "--interval=2"
             out.append(arg)
-        return [*out, "--metrics-address=127.0.0.1", "--verbose"]
-
-    def start(self) -> None:
-        self.health_port, self.metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_DEFAULT")}
-        env.update({"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
-                    **{e["name"]: e["value"] for e in self.container.get("env", []) if "value" in e}})
-        env["TMPDIR"] = str(self.directory)
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kubetune.operator_main", *self.args()],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.cp.wait_for(self.healthy, 60, f"{self.name} liveness endpoint")
-
-    def healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Scrape /metrics: {(sample name, sorted labels): value}."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [sys.executable, "-m", "kubetune.operator_main", *out, "--metrics-address=127.0.0.1", "--verbose"]
 
 
 def apply_chart(cp: ControlPlane, docs: list[dict[str, Any]], manager: str = "kubetune-chart") -> None:

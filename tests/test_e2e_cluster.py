@@ -28,13 +28,9 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,13 +41,11 @@ from kubernetes import client, watch
 
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore
-from kubetune.handlers import OPERATOR_RBAC_RULES
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.kubelet import LocalKubelet
+from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 from tests.support.trainer_fixtures import PYDOC
 
-REPO = Path(__file__).resolve().parents[1]
-CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 NS = "e2e"
 NAME = "tiny-e2e"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
@@ -65,80 +59,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test kubelet need
 
 # ----- the operator -----
 
-class Operator:
-    """`python -m kubetune.operator_main` as a subprocess, as a ServiceAccount with OPERATOR_RBAC_RULES."""
-
-    def __init__(self, cp: ControlPlane, directory: Path):
-        self.cp = cp
-        self.log_path = directory / "operator.log"
-        self.kubeconfig = self._kubeconfig(directory)
-        self.proc: subprocess.Popen | None = None
-        self.port = free_port()
-
-    def _kubeconfig(self, directory: Path) -> str:
-        cp = self.cp
-        cp.create_namespace("kubetune-system")
-        cp.apply({"apiVersion": "v1", "kind": "ServiceAccount",
-                  "metadata": {"name": "kubetune-operator", "namespace": "kubetune-system"}})
-        cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                  "metadata": {"name": "kubetune-operator"}, "rules": OPERATOR_RBAC_RULES})
-        cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                  "metadata": {"name": "kubetune-operator"},
-                  "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                              "name": "kubetune-operator"},
-                  "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator",
-                                "namespace": "kubetune-system"}]})
-        token = cp.kubectl("-n", "kubetune-system", "create", "token", "kubetune-operator",
-                           "--duration=2h").stdout.strip()
-        path = directory / "operator.kubeconfig"
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
-            "users": [{"name": "operator", "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}]}))
-        return str(path)
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": self.kubeconfig,
-            "PYTHONUNBUFFERED": "1",
-            "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
-            # kwok keeps the worker pods Running while the test kubelet runs their processes
-            "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
-            "KUBETUNE_DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS": "30",
-        }
-        args = [sys.executable, "-m", "kubetune.operator_main", "--verbose", "--interval", "2",
-                "--liveness", f"http://127.0.0.1:{self.port}/healthz"]
-        if "--metrics-port" in subprocess.run([*args[:3], "--help"], capture_output=True, text=True).stdout:
-            args += ["--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1"]
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                args,
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.cp.wait_for(self.healthy, 60, "operator liveness endpoint")
-
-    def healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+# The operator runs as a ServiceAccount with OPERATOR_RBAC_RULES; kwok keeps the worker pods Running
+# while the test kubelet runs their processes.
+OPERATOR_ENV = {
+    "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
+    "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
+    "KUBETUNE_DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS": "30",
+}
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +76,7 @@ def cp(request):
             plane.add_fake_node(f"cpu-{index}", gpus=0, cpu="8", memory="32Gi")
         plane.create_namespace(NS, labels={"pod-security.kubernetes.io/enforce": "restricted",
                                            "pod-security.kubernetes.io/enforce-version": "latest"})
-        plane.kubectl("apply", "-f", str(CRD_FILE))
-        plane.wait_for(lambda: any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in plane.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
-            60, "CRD Established", interval=0.5)
+        install_crd(plane)
         yield plane
         if request.session.testsfailed > failed_before:
             print(plane.diagnostics(20))
@@ -161,7 +84,8 @@ def cp(request):
 
 @pytest.fixture(scope="module")
 def operator(cp, tmp_path_factory):
-    op = Operator(cp, tmp_path_factory.mktemp("e2e-operator"))
+    directory = tmp_path_factory.mktemp("e2e-operator")
+    op = OperatorProcess(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), env=OPERATOR_ENV)
     op.start()
     yield op
     op.stop()

@@ -11,13 +11,9 @@ Security Standard, so every worker pod the Job controller creates passes it.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,15 +24,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-try:
-    from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port
-except ImportError:  # tests/ is on sys.path instead of the repository root
-    from support.controlplane import HOLD_ANNOTATION, ControlPlane, free_port  # type: ignore[no-redef]
-
-from kubetune.handlers import OPERATOR_RBAC_RULES
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
+from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
-CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 NS = "ml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SECRETS = {
@@ -49,62 +40,17 @@ SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
 
 # ----- fixtures -----
 
-class OperatorProcess:
-    """`python -m kubetune.operator_main` as a subprocess with its log in a file."""
+# the platform defaults the operator runs with here (kwok holds the worker pods Running)
+OPERATOR_ENV = {
+    "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
+    "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
+    "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
+}
 
-    def __init__(self, cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()):
-        self.cp = cp
-        self.log_path = log_path
-        self.kubeconfig = kubeconfig
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
 
-    def start(self) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": self.kubeconfig,
-            "PYTHONUNBUFFERED": "1",
-            "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
-            "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
-            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
-        }
-        log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.operator_main", "--verbose", "--interval", "2",
-             "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        log.close()
-        self.cp.wait_for(self.healthy, 60, "operator liveness endpoint")
-
-    def healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup at all, as when a node dies."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+def operator_process(cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()
+                     ) -> OperatorProcess:
+    return OperatorProcess(cp, log_path, kubeconfig, args, env=OPERATOR_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +61,7 @@ def cp(request):
             plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
         plane.create_namespace(NS, labels={"pod-security.kubernetes.io/enforce": "restricted",
                                            "pod-security.kubernetes.io/enforce-version": "latest"})
-        plane.kubectl("apply", "-f", str(CRD_FILE))
-        plane.wait_for(lambda: any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in plane.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
-            60, "CRD Established", interval=0.5)
+        install_crd(plane)
         for name, data in SECRETS.items():
             plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
                          "stringData": data})
@@ -128,31 +70,10 @@ def cp(request):
             print(plane.diagnostics(20))
 
 
-def operator_kubeconfig(cp: ControlPlane, directory: Path) -> str:
-    """A kubeconfig for ServiceAccount kubetune-system/kubetune-operator bound to OPERATOR_RBAC_RULES only."""
-    cp.create_namespace("kubetune-system")
-    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount",
-              "metadata": {"name": "kubetune-operator", "namespace": "kubetune-system"}})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-              "metadata": {"name": "kubetune-operator"}, "rules": OPERATOR_RBAC_RULES})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-              "metadata": {"name": "kubetune-operator"},
-              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-operator"},
-              "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}]})
-    token = cp.kubectl("-n", "kubetune-system", "create", "token", "kubetune-operator", "--duration=2h").stdout.strip()
-    path = directory / "operator.kubeconfig"
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}]}))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def operator(cp, tmp_path_factory):
     directory = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(cp, directory / "operator.log", operator_kubeconfig(cp, directory))
+    op = operator_process(cp, directory / "operator.log", service_account_kubeconfig(cp, directory))
     op.start()
     yield op
     op.stop()
@@ -703,8 +624,8 @@ def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:
     cp.wait_for(lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD")
     cp.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubetune"}})
     operator.stop()
-    high = OperatorProcess(cp, tmp_path / "high.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "100"))
-    low = OperatorProcess(cp, tmp_path / "low.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "50"))
+    high = operator_process(cp, tmp_path / "high.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "100"))
+    low = operator_process(cp, tmp_path / "low.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "50"))
     try:
         high.start()
         low.start()
