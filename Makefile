@@ -31,7 +31,8 @@ $(STAMP):
 # The project itself is (re)linked into the cached environment each time: it is instant, and it
 # makes the environment point at this checkout.
 install: $(STAMP)
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning || true
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . > $(VENV)/.editable-install.log 2>&1 \
+		|| { cat $(VENV)/.editable-install.log; exit 1; }
 
 control-plane:
 	bash scripts/build-control-plane.sh
