@@ -410,7 +410,7 @@ def _daemon_without_finalizer(handler_id: str, registry: kopf.OperatorRegistry |
     """Let kopf run the daemon without putting a finalizer on every FineTuneJob.
 
     kopf marks every daemon as needing a finalizer so that it can stop the daemon before the object
-    goes, and has no public switch for it (kopf 1.38). This operator needs none: children are
+    goes, and has no public switch for it (kopf 1.45). This operator needs none: children are
     garbage-collected through their ownerReferences, S3 artifacts are left in place, and the loop
     ends by itself when it reads 404 after the deletion event woke it. Without it each job costs
     one patch less on creation and one on deletion (the costliest requests of a job: every update of a
