@@ -362,6 +362,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = CONFIG.kopf_workers
     settings.queueing.idle_timeout = 0.5  # an idle per-object worker frees its slot soon (default 5 s)
+    # Filter worker Jobs on the server: kopf's `labels=` on a handler filters client-side, so without
+    # this the operator would stream every Job of the cluster to pick out its own.
+    settings.watching.label_selectors["batch", "jobs"] = render.LABEL_JOB
     _reconciler()
 
 
