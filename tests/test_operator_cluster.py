@@ -552,6 +552,30 @@ def test_unschedulable_job_stays_pending_with_reason(cp, api, operator) -> None:
     delete(cp, name)
 
 
+def test_pod_changes_wake_the_job_without_polling(cp, api, operator, tmp_path) -> None:
+    """With a resync interval far longer than the test, a change on a worker pod that no Job status
+    reflects (a DisruptionTarget on a running pod) still reaches the FineTuneJob at once: the worker
+    pods' watch wakes its loop."""
+    name = "watched"
+    operator.stop()
+    watched = operator_process(cp, tmp_path / "watched.log", operator.kubeconfig, ("--interval", "600"))
+    try:
+        watched.start()
+        cp.apply(manifest(name))
+        wait_phase(cp, api, name, "Running")
+        time.sleep(3)  # past the Job controller's updates for the started pods: only the pod changes next
+        victim = running_pods(cp, api, name, 1, 2)[0]
+        client.CoreV1Api(api).patch_namespaced_pod_status(victim["metadata"]["name"], NS, {"status": {"conditions": [{
+            "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "drained",
+            "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]}})
+        st = wait_phase(cp, api, name, "Running", timeout=40, check=lambda s: s.get("attempt") == 2)
+        assert st["preemptions"] == 1 and st["restarts"] == 0
+        delete(cp, name)
+    finally:
+        watched.stop()
+        operator.start()
+
+
 def test_kueue_labels_suspend_and_admission(cp, api, operator) -> None:
     """The Job is created suspended with Kueue's labels; admission (unsuspend) starts it, eviction requeues."""
     name = "queued"

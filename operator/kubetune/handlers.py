@@ -50,7 +50,7 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # children carry blockOwnerDeletion: clusters with OwnerReferencesPermissionEnforcement check this
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": ["get", "create"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
@@ -69,7 +69,10 @@ class OperatorConfig:
     """Settings of a running operator (set by operator_main before kopf starts)."""
 
     defaults: render.PlatformDefaults
-    interval: float = 10.0  # seconds between reconciles of one job when nothing wakes it
+    # Seconds between reconciles of one job when nothing wakes it: a resync only. Everything the loop
+    # decides on wakes it through a watch (a new generation of the job, its Jobs, its worker pods) or
+    # is scheduled (deadline, TTL). At 10 s, 1,000 idle jobs cost ~300 requests/s (bench/README.md).
+    interval: float = 60.0
     # Reconciles are blocking API calls run in threads; asyncio's default pool (cpu count + 4) left the
     # operator latency-bound at 1,000 jobs. On the 2-core test machine 8-16 was best and 32 worse (the
     # API server queues; bench/README.md). KUBETUNE_RECONCILE_WORKERS or --workers.
@@ -93,6 +96,12 @@ _WAKERS: dict[str, asyncio.Event] = {}
 # wake the loop: nothing the operator decides on comes from them (status.py reads only fields the
 # operator itself writes). At 1,000 jobs these wake-ups were most of the operator's API requests.
 _SEEN_GENERATION: dict[str, int | None] = {}
+# (namespace, FineTuneJob name) -> uid, for the jobs whose loop runs in this process (pods name their job
+# by label; their ownerReference is the worker Job)
+_JOB_UIDS: dict[tuple[str, str], str] = {}
+# worker pod uid -> status.pod_observation_key() as last seen: pod events that change nothing the loop
+# reads do not wake it
+_POD_KEYS: dict[str, str] = {}
 
 
 def _now() -> datetime:
@@ -362,9 +371,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.queueing.worker_limit = CONFIG.kopf_workers
     settings.queueing.idle_timeout = 0.5  # an idle per-object worker frees its slot soon (default 5 s)
-    # Filter worker Jobs on the server: kopf's `labels=` on a handler filters client-side, so without
-    # this the operator would stream every Job of the cluster to pick out its own.
+    # Filter worker Jobs and pods on the server: kopf's `labels=` on a handler filters client-side, so
+    # without these the operator would stream every Job and pod of the cluster to pick out its own.
     settings.watching.label_selectors["batch", "jobs"] = render.LABEL_JOB
+    settings.watching.label_selectors["v1", "pods"] = f"{render.LABEL_JOB},{render.LABEL_COMPONENT}=trainer"
     _reconciler()
 
 
@@ -377,6 +387,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
                            logger: logging.Logger, **_: Any) -> None:
     """The per-job loop: reconcile, post events, sleep until woken, stopped or the next interval."""
     waker = _WAKERS.setdefault(uid, asyncio.Event())
+    _JOB_UIDS[namespace, name] = uid
     stopping = asyncio.ensure_future(_until_stopped(stopped))
     try:
         while not stopped:
@@ -404,6 +415,8 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
         stopping.cancel()
         _WAKERS.pop(uid, None)
         _SEEN_GENERATION.pop(uid, None)
+        if _JOB_UIDS.get((namespace, name)) == uid:
+            del _JOB_UIDS[namespace, name]
         if _RECONCILER is not None:
             _RECONCILER.forget(uid)
         METRICS.forget(uid)
@@ -447,6 +460,27 @@ def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # no
     for ref in meta.get("ownerReferences") or []:
         if ref.get("controller"):
             _wake(ref.get("uid"))
+
+
+@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: "trainer"})
+def worker_pod_event(namespace: str, uid: str, meta: kopf.Meta, body: kopf.Body, type: str | None,  # noqa: A002
+                     **_: Any) -> None:
+    """A worker pod changed in a way the job's loop reads (scheduling, containers, exit, disruption,
+    deletion): wake it. This is what lets the loop sleep for a long `--interval`.
+
+    Not its creation (ADDED) nor the listing at start-up: the Job controller creates pods and updates
+    its Job, which wakes the loop, and a starting loop lists the pods itself."""
+    owner = _JOB_UIDS.get((namespace, (meta.get("labels") or {}).get(render.LABEL_JOB, "")))
+    if type == "DELETED":
+        _POD_KEYS.pop(uid, None)
+        _wake(owner)
+        return
+    key = st.pod_observation_key(body)
+    before = _POD_KEYS.get(uid)
+    _POD_KEYS[uid] = key
+    if type in (None, "ADDED") or key == before:
+        return
+    _wake(owner)
 
 
 @kopf.on.probe(id="jobs")

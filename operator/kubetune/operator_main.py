@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address the metrics endpoint listens on; default %(default)s")
     parser.add_argument("--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)")
     parser.add_argument("--interval", type=float, default=None,
-                        help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 10)")
+                        help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 60: a resync; watches wake a job for every change)")
     parser.add_argument("--workers", type=int, default=None,
                         help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 16)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -17,6 +17,7 @@ Failure handling (one attempt = one Indexed Job with backoffLimit 0):
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -159,6 +160,17 @@ def disruption(pod: Mapping[str, Any]) -> str | None:
 
 def _pod_name(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("name", "?")
+
+
+def pod_observation_key(pod: Mapping[str, Any]) -> str:
+    """Everything of a worker pod that `observe` can read, as one comparable string.
+
+    The operator wakes a job's loop on a pod event only when this changed: a pod's status changes when
+    something happens to it (scheduled or not, started, a container waiting on an image, terminated,
+    disrupted, deleted), never periodically, and metadata-only updates are ignored."""
+    meta = pod.get("metadata") or {}
+    return json.dumps({"deleting": meta.get("deletionTimestamp"), "node": (pod.get("spec") or {}).get("nodeName"),
+                       "status": pod.get("status") or {}}, sort_keys=True, default=str)
 
 
 def _failure_text(pod: Mapping[str, Any]) -> str:
