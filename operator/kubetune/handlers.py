@@ -99,9 +99,9 @@ _SEEN_GENERATION: dict[str, int | None] = {}
 # (namespace, FineTuneJob name) -> uid, for the jobs whose loop runs in this process (pods name their job
 # by label; their ownerReference is the worker Job)
 _JOB_UIDS: dict[tuple[str, str], str] = {}
-# worker pod uid -> status.pod_observation_key() as last seen: pod events that change nothing the loop
-# reads do not wake it
-_POD_KEYS: dict[str, str] = {}
+# worker pod uid -> hash of status.pod_observation_key() as last seen: pod events that change nothing the
+# loop reads do not wake it
+_POD_KEYS: dict[str, int] = {}
 
 
 def _now() -> datetime:
@@ -475,7 +475,7 @@ def worker_pod_event(namespace: str, uid: str, meta: kopf.Meta, body: kopf.Body,
         _POD_KEYS.pop(uid, None)
         _wake(owner)
         return
-    key = st.pod_observation_key(body)
+    key = hash(st.pod_observation_key(body))
     before = _POD_KEYS.get(uid)
     _POD_KEYS[uid] = key
     if type in (None, "ADDED") or key == before:
