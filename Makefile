@@ -48,7 +48,8 @@ lint: install
 
 crd: install
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
-	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/finetunejobs.kubetune.io.yaml
+	$(PY) -m kubetune.crd --policy > crds/finetunejobpolicies.kubetune.io.yaml
+	cp crds/finetunejobs.kubetune.io.yaml crds/finetunejobpolicies.kubetune.io.yaml charts/kubetune/crds/
 
 bench: install
 	$(PY) bench/trainer_throughput.py

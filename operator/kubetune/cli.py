@@ -81,9 +81,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from kubetune.crd import render_crd_yaml
+    from kubetune.crd import render_yaml
 
-    sys.stdout.write(render_crd_yaml())
+    sys.stdout.write(render_yaml())
     return 0
 
 

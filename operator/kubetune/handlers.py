@@ -54,6 +54,7 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": ["get", "create"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     # kopf watches CRDs to notice its resources appear or go
@@ -154,7 +155,11 @@ class Reconciler:
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
         self._ensured: dict[str, int] = {}  # uid -> attempt whose children this process has all seen
+        # uid -> the operator-owned status fields as this process last wrote (or read, at its first look)
+        # them: a change by anyone else (the trainer's token may patch the status subresource) is undone
+        self._written: dict[str, dict[str, Any]] = {}
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
@@ -199,6 +204,8 @@ class Reconciler:
             "Role": (self.rbac.create_namespaced_role, self.rbac.read_namespaced_role),
             "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "NetworkPolicy": (self.networking.create_namespaced_network_policy,
+                              self.networking.read_namespaced_network_policy),
         }[kind]
 
     def ensure_child(self, obj: dict[str, Any], uid: str) -> str:
@@ -234,6 +241,7 @@ class Reconciler:
             return None, [], None  # garbage collection removes the children (ownerReferences)
         _SEEN_GENERATION[uid] = job_cr["metadata"].get("generation")
         now = _now()
+        tamper_events = self._undo_tampering(job_cr, uid)
         attempt = int((job_cr.get("status") or {}).get("attempt") or 0)
         # status first, then children: before attempt 1 is recorded no child exists, nothing to list
         jobs = self.worker_jobs(namespace, name, uid) if attempt else []
@@ -246,13 +254,16 @@ class Reconciler:
             try:
                 render.effective_spec(job_cr, self.defaults)
             except render.RenderError as error:
-                update = st.config_error(job_cr, str(error), now)
+                reason = "PolicyViolation" if isinstance(error, render.PolicyViolation) else "InvalidSpec"
+                update = st.config_error(job_cr, str(error), now, reason)
         if update is None:
             update = st.observe(job_cr, current, current_pods, now)
         if update.patch:
             self.patch_status(namespace, name, update.patch)
             log.info("%s/%s: phase %s, attempt %s, %s (status: %s)", namespace, name, update.phase,
                      update.status.get("attempt"), update.status.get("message", ""), ", ".join(sorted(update.patch)))
+        self._written[uid] = {k: v for k, v in update.status.items() if v is not None}
+        update.events[:0] = tamper_events
         METRICS.record_update(job_cr, update.status, now)
         job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
         requeue = update.requeue_after
@@ -312,9 +323,29 @@ class Reconciler:
         self._ensured[uid] = attempt
         return None
 
+    def _undo_tampering(self, job_cr: dict[str, Any], uid: str) -> list[st.Event]:
+        """Put back operator-owned status fields that someone else changed since this process wrote them.
+
+        Updates `job_cr` in place so that the loop decides on the operator's own values."""
+        written = self._written.get(uid)
+        if written is None:
+            return []
+        current = job_cr.get("status") or {}
+        patch = st.restore_patch(current, written)
+        if not patch:
+            return []
+        meta = job_cr["metadata"]
+        self.patch_status(meta["namespace"], meta["name"], patch)
+        job_cr["status"] = {**{k: v for k, v in current.items() if k not in patch}, **written}
+        fields = ", ".join(f"status.{k}" for k in sorted(patch))
+        log.warning("%s/%s: %s changed by another client; restored", meta["namespace"], meta["name"], fields)
+        return [st.Event("Warning", "StatusTampered", f"{fields} changed by a client other than the operator (only "
+                         "progress, checkpoint, metrics and artifacts are the trainer's); restored")]
+
     def forget(self, uid: str) -> None:
         """The job's loop ended (deleted, or another replica took over)."""
         self._ensured.pop(uid, None)
+        self._written.pop(uid, None)
 
 
 # ----- kopf wiring -----

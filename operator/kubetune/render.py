@@ -4,7 +4,14 @@ Children of a FineTuneJob `<name>` (all owned by it, controller=true, so deletin
 
 * ServiceAccount `<name>-trainer`, Role and RoleBinding `<name>-trainer`: the worker pods may `get`
   this one FineTuneJob and `get`/`patch` its status (resourceNames: [<name>]); the trainer reports
-  progress, checkpoints, metrics and artifacts that way.
+  progress, checkpoints, metrics and artifacts that way. Pods always run as this account (a tenant
+  cannot name another); the platform may annotate it for workload identity
+  (`trainerServiceAccountAnnotations`). The token is not automounted: a projected, pod-bound token
+  that expires in 10 minutes (the kubelet renews it) is mounted at /var/run/secrets/kubetune, read
+  only by rank 0's status reporter.
+* NetworkPolicy `<name>-workers` (unless the platform turns it off): ingress to the worker pods only
+  from the job's own pods and, on the metrics port, from the platform's scraper; egress to the job's
+  own pods, DNS, and what the platform allows (default: everything but cloud metadata addresses).
 * ConfigMap `<name>-config`: `job.yaml` (the manifest with platform defaults filled in; Secret
   *names* only, never values) and `deepspeed.json` for DeepSpeed strategies.
 * headless Service `<name>` (multi-node jobs only): stable DNS names `<name>-<attempt>-<index>.<name>`
@@ -40,6 +47,9 @@ from kubetune.distributed import (
     uses_deepspeed,
 )
 from kubetune.manifest import format_validation_error
+from kubetune.policy import METADATA_CIDRS, PolicyError, TenantPolicy
+from kubetune.policy import check as check_policy
+from kubetune.policy import enforce as enforce_policy
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, FineTuneJobSpec
 
 LABEL_JOB = f"{API_GROUP}/job-name"
@@ -52,6 +62,9 @@ DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 CACHE_DIR = "/cache"
 RUN_AS_USER = 1000
 TRAINER_METRICS_PORT = 9090  # rank 0's Prometheus endpoint (kubetune_trainer.metrics)
+TOKEN_DIR = "/var/run/secrets/kubetune"  # the projected token, CA and namespace (status_reporter.py reads it)
+TOKEN_EXPIRATION_SECONDS = 600  # the shortest the API server issues; the kubelet renews it at 80%
+DATA_VOLUME_PREFIX = "data-"
 
 # Environment variables filled from Secrets, per Secret reference: (variable, optional).
 # Keys are the variable names; a Secret holds the keys it needs.
@@ -65,6 +78,10 @@ MLFLOW_KEYS = [("MLFLOW_TRACKING_TOKEN", True), ("MLFLOW_TRACKING_USERNAME", Tru
 
 class RenderError(ValueError):
     """The spec cannot be run in a cluster (bad spec, or something only the cluster requires)."""
+
+
+class PolicyViolation(RenderError, PolicyError):
+    """The spec breaks the platform's tenant policy."""
 
 
 @dataclass
@@ -91,6 +108,24 @@ class PlatformDefaults:
     termination_grace_period_seconds: int = 300
     pod_annotations: dict[str, str] = field(default_factory=dict)
     pod_labels: dict[str, str] = field(default_factory=dict)
+    # annotations of every per-job ServiceAccount (workload identity: eks.amazonaws.com/role-arn, ...)
+    trainer_service_account_annotations: dict[str, str] = field(default_factory=dict)
+    # volumes the platform mounts into every worker pod: [{name, mountPath, readOnly?, <volume source>}]
+    # (a persistentVolumeClaim, nfs, csi, ...); local dataset and model paths must lie under policy.dataPaths
+    data_volumes: list[dict[str, Any]] = field(default_factory=list)
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, Mapping):
+            try:
+                self.policy = TenantPolicy.model_validate(dict(self.policy))
+            except ValidationError as error:
+                raise ValueError("invalid platform policy: " + "; ".join(
+                    f"policy.{p}" for p in format_validation_error(error))) from None
+        for index, volume in enumerate(self.data_volumes):
+            if not isinstance(volume, Mapping) or not volume.get("name") or not str(
+                    volume.get("mountPath", "")).startswith("/"):
+                raise ValueError(f"dataVolumes[{index}]: needs a name, an absolute mountPath and a volume source")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PlatformDefaults:
@@ -125,7 +160,8 @@ class PlatformDefaults:
             if raw is None or raw == "":
                 continue
             data.pop(_camel(f.name), None)  # the file's camelCase key loses to the variable
-            if f.name in ("node_selector", "tolerations", "image_pull_secrets", "pod_annotations", "pod_labels"):
+            if f.name in ("node_selector", "tolerations", "image_pull_secrets", "pod_annotations", "pod_labels",
+                          "trainer_service_account_annotations", "data_volumes", "policy"):
                 data[f.name] = json.loads(raw)
             elif f.name == "termination_grace_period_seconds":
                 data[f.name] = int(raw)
@@ -144,6 +180,10 @@ def _camel(name: str) -> str:
 def service_name(name: str) -> str:
     """The headless Service (also the pods' subdomain)."""
     return name
+
+
+def network_policy_name(name: str) -> str:
+    return f"{name}-workers"
 
 
 def config_map_name(name: str) -> str:
@@ -203,8 +243,15 @@ def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: s
         s3["addressingStyle"] = defaults.s3_addressing_style
     if defaults.storage_credentials_secret:
         storage.setdefault("credentialsSecretRef", {"name": defaults.storage_credentials_secret})
-    if defaults.queue_name:
-        data.setdefault("scheduling", {}).setdefault("queueName", defaults.queue_name)
+    scheduling = data.setdefault("scheduling", {})
+    if not scheduling.get("queueName"):  # "" is no queue name, not a way around the platform's queue
+        scheduling.pop("queueName", None)
+        if defaults.queue_name:
+            scheduling["queueName"] = defaults.queue_name
+    if defaults.policy.require_queue and not scheduling.get("queueName"):
+        raise PolicyViolation("spec.scheduling.queueName: every job must go through a Kueue LocalQueue here; name one "
+                          "(policy.requireQueue)")
+    enforce_policy(defaults.policy, data)
     output = data.setdefault("output", {})
     if not output.get("uri") and defaults.output_uri_prefix:
         output["uri"] = f"{defaults.output_uri_prefix.rstrip('/')}/{namespace}/{name}/"
@@ -323,6 +370,7 @@ def _env(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> list[di
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "KUBETUNE_SA_DIR", "value": TOKEN_DIR},
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "OMP_NUM_THREADS", "value": _omp_threads(spec.resources.cpu)})
@@ -380,14 +428,16 @@ def render_service(job: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_rbac(job: Mapping[str, Any], spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    """ServiceAccount (unless the spec names its own), Role and RoleBinding for status reporting."""
+def render_rbac(job: Mapping[str, Any], defaults: PlatformDefaults | None = None) -> list[dict[str, Any]]:
+    """The per-job ServiceAccount (the pods' only identity), Role and RoleBinding for status reporting."""
     name = job["metadata"]["name"]
     account = trainer_account_name(name)
-    subject = spec.resources.service_account_name or account
-    objects: list[dict[str, Any]] = []
-    if not spec.resources.service_account_name:
-        objects.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(job, account, "trainer")})
+    service_account: dict[str, Any] = {"apiVersion": "v1", "kind": "ServiceAccount",
+                                       "metadata": _meta(job, account, "trainer"),
+                                       "automountServiceAccountToken": False}
+    if defaults is not None and defaults.trainer_service_account_annotations:
+        service_account["metadata"]["annotations"] = dict(defaults.trainer_service_account_annotations)
+    objects: list[dict[str, Any]] = [service_account]
     objects.append({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -403,7 +453,7 @@ def render_rbac(job: Mapping[str, Any], spec: FineTuneJobSpec) -> list[dict[str,
         "kind": "RoleBinding",
         "metadata": _meta(job, account, "trainer"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-        "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": job["metadata"]["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": job["metadata"]["namespace"]}],
     })
     return objects
 
@@ -441,6 +491,9 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            *[{"name": DATA_VOLUME_PREFIX + v["name"], "mountPath": v["mountPath"], "readOnly": bool(v.get(
+                "readOnly", True))} for v in defaults.data_volumes],
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -456,8 +509,8 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
         container["imagePullPolicy"] = res.image_pull_policy
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": res.service_account_name or trainer_account_name(name),
-        "automountServiceAccountToken": True,
+        "serviceAccountName": trainer_account_name(name),
+        "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": defaults.termination_grace_period_seconds,
         "securityContext": {
@@ -473,6 +526,10 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
             {"name": "cache", "emptyDir": cache_volume},
             {"name": "tmp", "emptyDir": {}},
+            _token_volume(),
+            *[{"name": DATA_VOLUME_PREFIX + v["name"],
+               **{k: val for k, val in v.items() if k not in ("name", "mountPath", "readOnly")}}
+              for v in defaults.data_volumes],
         ],
     }
     if nodes > 1:  # pod DNS names <job>-<attempt>-<index>.<service> for the rendezvous
@@ -507,10 +564,57 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
     }
 
 
+def _token_volume() -> dict[str, Any]:
+    """A pod-bound, short-lived ServiceAccount token with the cluster CA and the namespace."""
+    return {"name": "kubetune-token", "projected": {"defaultMode": 0o440, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_EXPIRATION_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]}}
+
+
+def render_network_policy(job: Mapping[str, Any], defaults: PlatformDefaults) -> dict[str, Any] | None:
+    """The workers' NetworkPolicy: rendezvous and collectives only within the job, metrics only from the
+    platform's scraper, egress as the platform allows (default: all but cloud metadata)."""
+    settings = defaults.policy.network_policy
+    if not settings.enabled:
+        return None
+    name = job["metadata"]["name"]
+    own = {"podSelector": {"matchLabels": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"}}}
+    ingress: list[dict[str, Any]] = [{"from": [own]}]
+    if settings.metrics_from:
+        ingress.append({"from": [dict(p) for p in settings.metrics_from],
+                        "ports": [{"protocol": "TCP", "port": TRAINER_METRICS_PORT}]})
+    dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    if settings.egress is None:
+        platform_egress = [{"to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": [c for c in METADATA_CIDRS if ":" not in c]}},
+            {"ipBlock": {"cidr": "::/0", "except": [c for c in METADATA_CIDRS if ":" in c]}}]}]
+    else:
+        platform_egress = [dict(rule) for rule in settings.egress]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(job, network_policy_name(name), "network"),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": ingress,
+            "egress": [{"to": [own]}, dns, *platform_egress],
+        },
+    }
+
+
 def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTuneJobSpec:
-    """The CR's spec validated and merged with the platform defaults (RenderError if unrunnable)."""
+    """The CR's spec validated, checked against the tenant policy and merged with the platform defaults.
+
+    RenderError if unrunnable; PolicyViolation (a RenderError) if it breaks the policy."""
     meta = job["metadata"]
     spec = parse_spec(job.get("spec") or {})
+    problems = check_policy(spec, defaults.policy, namespace=meta["namespace"],
+                            output_uri_prefix=defaults.output_uri_prefix, platform_image=defaults.image)
+    if problems:
+        raise PolicyViolation("; ".join(problems))
     return apply_defaults(spec, defaults, name=meta["name"], namespace=meta["namespace"])
 
 
@@ -522,8 +626,10 @@ def render_children(job: Mapping[str, Any], defaults: PlatformDefaults, *, attem
     """
     spec = effective_spec(job, defaults)
     attempt = current_attempt(job) if attempt is None else attempt
+    network_policy = render_network_policy(job, defaults)
     return [
-        *render_rbac(job, spec),
+        *render_rbac(job, defaults),
+        *([network_policy] if network_policy else []),
         render_config_map(job, spec),
         *([render_service(job)] if spec.resources.nodes > 1 else []),
         render_job(job, spec, attempt, defaults),

@@ -32,6 +32,9 @@ EXIT_PREEMPTED = 143  # SIGTERM received, checkpoint saved: restarted without co
 BUNDLED_PREFIX = "bundled://"
 BUNDLED_MODELS = {"smollm2-135m-instruct"}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# org/name on the Hugging Face hub (what the trainer treats as a hub id when no such path exists)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class SpecModel(BaseModel):
@@ -121,7 +124,8 @@ class ModelSpec(SpecModel):
     credentials_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run. A hub "
+                                    "model then needs revision pinned to a 40-hex commit (a branch can move).")
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:
@@ -129,7 +133,16 @@ class ModelSpec(SpecModel):
             name = self.source[len(BUNDLED_PREFIX):]
             if name not in BUNDLED_MODELS:
                 raise ValueError(f"unknown bundled model {name!r}; bundled models: {sorted(BUNDLED_MODELS)}")
+        if (self.trust_remote_code and is_hub_source(self.source)
+                and not (self.revision and COMMIT_SHA.match(self.revision))):
+            raise ValueError("model.revision: trustRemoteCode runs the repository's code, so pin the revision to a "
+                             "full 40-hex commit (not a branch or tag, which can move)")
         return self
+
+
+def is_hub_source(source: str) -> bool:
+    """A Hugging Face hub model (hf://org/name or org/name), as opposed to s3://, bundled:// or a path."""
+    return source.startswith("hf://") or bool(HUB_ID.match(source))
 
 
 class TaskType(str, Enum):
@@ -389,7 +402,6 @@ class ResourcesSpec(SpecModel):
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (core/v1 Toleration).")
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    service_account_name: str | None = Field(None, description="ServiceAccount the pods run as.")
 
 
 class SchedulingSpec(SpecModel):

@@ -410,6 +410,21 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     return b.result()
 
 
+def tampered_fields(status: Mapping[str, Any], written: Mapping[str, Any]) -> list[str]:
+    """Operator-owned status fields whose value differs from what the operator itself last wrote.
+
+    Only the operator writes these (the trainer's token may patch the status subresource for its
+    progress, and the chart's admission policy refuses anything else; without that policy, this is the
+    operator's own check)."""
+    return [k for k in OPERATOR_FIELDS
+            if status.get(k, _DEFAULTS.get(k)) != written.get(k, _DEFAULTS.get(k))]
+
+
+def restore_patch(status: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch for .status that puts back the operator's own fields as it last wrote them."""
+    return {k: written.get(k) for k in tampered_fields(status, written)}
+
+
 def _job_finished(job: Mapping[str, Any]) -> bool:
     return any(_job_condition(job, t) for t in ("Complete", "Failed"))
 
@@ -420,11 +435,12 @@ def _schedule_ttl(b: _Builder, policy: Mapping[str, Any]) -> None:
         b.requeue_in(float(ttl))
 
 
-def config_error(job_cr: Mapping[str, Any], message: str, now: datetime) -> StatusUpdate:
-    """The job cannot run as specified (the spec failed validation or lacks what a cluster needs)."""
+def config_error(job_cr: Mapping[str, Any], message: str, now: datetime, reason: str = "InvalidSpec") -> StatusUpdate:
+    """The job cannot run as specified: the spec failed validation or lacks what a cluster needs
+    (reason InvalidSpec), or breaks the platform's tenant policy (reason PolicyViolation)."""
     b = _Builder(job_cr, now)
     if b.old_phase in TERMINAL:
         return b.result()
-    b.phase(FAILED, "InvalidSpec", message)
+    b.phase(FAILED, reason, message)
     b.action = Action.STOP
     return b.result()
