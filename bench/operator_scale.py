@@ -55,6 +55,7 @@ from tests.support.operator_process import (  # noqa: E402
     install_crd,
     service_account_kubeconfig,
 )
+from tests.support.policies import TRUSTED_POLICY  # noqa: E402
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 CHILD_KINDS = {  # list path (namespaced) -> kind
@@ -110,7 +111,8 @@ class BenchOperator(OperatorProcess):
 def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
                    script: str | None = None) -> tuple[subprocess.Popen, Path]:
     env = {"KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
-           "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs"}
+           "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs",
+           "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY)}
     if pods == "held":
         env["KUBETUNE_DEFAULT_POD_ANNOTATIONS"] = json.dumps({HOLD_ANNOTATION: "true"})
     operator = BenchOperator(cp, directory, env, extra_args, script)

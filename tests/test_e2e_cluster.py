@@ -44,6 +44,7 @@ from kubetune.checkpoints import CheckpointStore
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.kubelet import LocalKubelet
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
+from tests.support.policies import TRUSTED_POLICY
 from tests.support.trainer_fixtures import PYDOC
 
 NS = "e2e"
@@ -65,6 +66,7 @@ OPERATOR_ENV = {
     "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
     "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
     "KUBETUNE_DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS": "30",
+    "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),  # one trusted team: the older tests' fields
 }
 
 

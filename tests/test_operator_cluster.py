@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
+from tests.support.policies import TRUSTED_POLICY
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "ml"
@@ -45,6 +46,7 @@ OPERATOR_ENV = {
     "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
     "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
     "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
+    "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),  # one trusted team: the older tests' fields
 }
 
 

@@ -11,6 +11,7 @@ import yaml
 from kubetune import distributed
 from kubetune.render import PlatformDefaults, RenderError, render_children
 from kubetune.spec import FineTuneJobSpec
+from tests.support.policies import TRUSTED_POLICY
 
 SECRET_VALUES = ["AKIA-super-secret-id", "wJalr-secret-key", "hf_secret_token", "wandb-secret-key"]
 
@@ -45,6 +46,11 @@ def cr(spec: dict[str, Any] | None = None, name: str = "legal-lora", attempt: in
     return body
 
 
+def trusted(**fields: Any) -> PlatformDefaults:
+    """Platform defaults with a policy that allows every field the fixture sets."""
+    return PlatformDefaults(policy=fields.pop("policy", TRUSTED_POLICY), **fields)
+
+
 def by_kind(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {c["kind"]: c for c in children}
 
@@ -58,11 +64,11 @@ def env_of(children: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_children_names_and_kinds() -> None:
-    children = render_children(cr(), PlatformDefaults())
+    children = render_children(cr(), trusted())
     assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
         ("ServiceAccount", "legal-lora-trainer"), ("Role", "legal-lora-trainer"),
-        ("RoleBinding", "legal-lora-trainer"), ("ConfigMap", "legal-lora-config"), ("Service", "legal-lora"),
-        ("Job", "legal-lora-1")]
+        ("RoleBinding", "legal-lora-trainer"), ("NetworkPolicy", "legal-lora-workers"),
+        ("ConfigMap", "legal-lora-config"), ("Service", "legal-lora"), ("Job", "legal-lora-1")]
     for child in children:
         assert child["metadata"]["namespace"] == "team-a"
         assert child["metadata"]["ownerReferences"] == [{
@@ -72,7 +78,7 @@ def test_children_names_and_kinds() -> None:
 
 
 def test_indexed_job_and_torchrun_command() -> None:
-    children = render_children(cr(attempt=1), PlatformDefaults())
+    children = render_children(cr(attempt=1), trusted())
     job = by_kind(children)["Job"]
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
@@ -93,7 +99,7 @@ def test_indexed_job_and_torchrun_command() -> None:
 
 
 def test_later_attempt_resumes() -> None:
-    children = render_children(cr(attempt=3), PlatformDefaults())
+    children = render_children(cr(attempt=3), trusted())
     job = by_kind(children)["Job"]
     assert job["metadata"]["name"] == "legal-lora-3"
     assert job["metadata"]["labels"]["kubetune.io/attempt"] == "3"
@@ -105,7 +111,7 @@ def test_later_attempt_resumes() -> None:
 
 
 def test_single_node_cpu() -> None:
-    children = render_children(cr({"resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "4"}}), PlatformDefaults())
+    children = render_children(cr({"resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "4"}}), trusted())
     command = container(children)["command"]
     assert command[command.index("--nproc-per-node") + 1] == "1"
     assert command[command.index("--master-addr") + 1] == "127.0.0.1"
@@ -116,7 +122,7 @@ def test_single_node_cpu() -> None:
 
 
 def test_resources_and_placement() -> None:
-    children = render_children(cr(), PlatformDefaults())
+    children = render_children(cr(), trusted())
     res = container(children)["resources"]
     assert res["requests"] == res["limits"] == {"nvidia.com/gpu": "8", "cpu": "32", "memory": "256Gi"}
     pod = by_kind(children)["Job"]["spec"]["template"]["spec"]
@@ -134,7 +140,7 @@ def test_resources_and_placement() -> None:
 
 
 def test_security_context() -> None:
-    children = render_children(cr(), PlatformDefaults())
+    children = render_children(cr(), trusted())
     pod = by_kind(children)["Job"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -144,18 +150,18 @@ def test_security_context() -> None:
 
 
 def test_kueue_labels_and_suspend() -> None:
-    job = by_kind(render_children(cr(), PlatformDefaults()))["Job"]
+    job = by_kind(render_children(cr(), trusted()))["Job"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
     assert job["spec"]["suspend"] is True
-    plain = by_kind(render_children(cr({"scheduling": {}}), PlatformDefaults()))["Job"]
+    plain = by_kind(render_children(cr({"scheduling": {}}), trusted()))["Job"]
     assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is False
-    queued = by_kind(render_children(cr({"scheduling": {}}), PlatformDefaults(queue_name="shared")))["Job"]
+    queued = by_kind(render_children(cr({"scheduling": {}}), trusted(queue_name="shared")))["Job"]
     assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared" and queued["spec"]["suspend"]
 
 
 def test_secret_env_by_reference() -> None:
-    env = {e["name"]: e for e in container(render_children(cr(), PlatformDefaults()))["env"]}
+    env = {e["name"]: e for e in container(render_children(cr(), trusted()))["env"]}
     ref = env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "s3", "key": "AWS_ACCESS_KEY_ID", "optional": False}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3"
@@ -169,25 +175,25 @@ def test_secret_env_by_reference() -> None:
 
 def test_storage_and_platform_secret_fallbacks() -> None:
     spec = {"output": {"uri": "s3://runs/"}, "storage": {"credentialsSecretRef": {"name": "storage"}}}
-    env = env_of(render_children(cr(spec), PlatformDefaults()))
+    env = env_of(render_children(cr(spec), trusted()))
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "storage"
-    env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), PlatformDefaults(
+    env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), trusted(
         storage_credentials_secret="platform-s3")))
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "platform-s3"
-    env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), PlatformDefaults()))
+    env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), trusted()))
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "hf", "key": "AWS_ACCESS_KEY_ID", "optional": True}
 
 
 def test_no_secret_values_anywhere() -> None:
     """The operator only ever handles Secret names; nothing rendered holds a value."""
-    text = json.dumps(render_children(cr(), PlatformDefaults(storage_credentials_secret="platform-s3")))
+    text = json.dumps(render_children(cr(), trusted(storage_credentials_secret="platform-s3")))
     for value in SECRET_VALUES:
         assert value not in text
-    assert '"secretKeyRef"' in text and "Secret" not in {c["kind"] for c in render_children(cr(), PlatformDefaults())}
+    assert '"secretKeyRef"' in text and "Secret" not in {c["kind"] for c in render_children(cr(), trusted())}
 
 
 def test_config_map_holds_effective_manifest() -> None:
-    defaults = PlatformDefaults(image="registry.local/trainer:1", s3_endpoint_url="http://minio:9000",
+    defaults = trusted(image="registry.local/trainer:1", s3_endpoint_url="http://minio:9000",
                                 node_selector={"pool": "gpu"})
     children = render_children(cr({"resources": {"nodes": 2, "gpusPerNode": 8, "strategy": "deepspeed-zero2"}}),
                                defaults)
@@ -207,8 +213,9 @@ def test_config_map_holds_effective_manifest() -> None:
 def test_single_node_job_needs_no_service() -> None:
     """One node rendezvouses on loopback: no Service (and no Endpoints for the control plane to keep)."""
     one = cr({"resources": {"nodes": 1, "gpusPerNode": 4}})
-    children = render_children(one, PlatformDefaults())
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    children = render_children(one, trusted())
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "ConfigMap",
+                                             "Job"]
     pod = by_kind(children)["Job"]["spec"]["template"]["spec"]
     assert "subdomain" not in pod
     command = container(children)["command"]
@@ -217,17 +224,17 @@ def test_single_node_job_needs_no_service() -> None:
 
 
 def test_headless_service() -> None:
-    svc = by_kind(render_children(cr(), PlatformDefaults()))["Service"]
+    svc = by_kind(render_children(cr(), trusted()))["Service"]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["ports"] == [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}]
     assert svc["spec"]["selector"]["kubetune.io/job-name"] == "legal-lora"
-    job = by_kind(render_children(cr(), PlatformDefaults()))["Job"]
+    job = by_kind(render_children(cr(), trusted()))["Job"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
 
 
 def test_trainer_rbac_is_scoped_to_the_job() -> None:
-    children = by_kind(render_children(cr(), PlatformDefaults()))
+    children = by_kind(render_children(cr(), trusted()))
     rules = children["Role"]["rules"]
     assert {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "resourceNames": ["legal-lora"],
             "verbs": ["get"]} in rules
@@ -235,23 +242,23 @@ def test_trainer_rbac_is_scoped_to_the_job() -> None:
             "verbs": ["get", "patch"]} in rules
     assert children["RoleBinding"]["subjects"] == [
         {"kind": "ServiceAccount", "name": "legal-lora-trainer", "namespace": "team-a"}]
-    own = by_kind(render_children(cr({"resources": {"serviceAccountName": "mine"}}), PlatformDefaults()))
-    assert "ServiceAccount" not in own and own["RoleBinding"]["subjects"][0]["name"] == "mine"
-    assert own["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
+    assert children["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "legal-lora-trainer"
+    with pytest.raises(RenderError, match=r"spec.resources.serviceAccountName"):  # tenants name no identity
+        render_children(cr({"resources": {"serviceAccountName": "ci-deployer"}}), trusted())
 
 
 def test_output_uri_required_or_defaulted() -> None:
     body = cr({"output": {}})
     with pytest.raises(RenderError, match="spec.output.uri"):
-        render_children(body, PlatformDefaults())
-    children = render_children(body, PlatformDefaults(output_uri_prefix="s3://platform/runs"))
+        render_children(body, trusted())
+    children = render_children(body, trusted(output_uri_prefix="s3://platform/runs"))
     manifest = yaml.safe_load(by_kind(children)["ConfigMap"]["data"]["job.yaml"])
     assert manifest["spec"]["output"]["uri"] == "s3://platform/runs/team-a/legal-lora/"
 
 
 def test_invalid_spec_names_the_field() -> None:
     with pytest.raises(RenderError, match=r"spec\.method"):
-        render_children(cr({"method": {"type": "qlora"}}), PlatformDefaults())
+        render_children(cr({"method": {"type": "qlora"}}), trusted())
 
 
 def test_platform_defaults_from_env_and_file(tmp_path) -> None:
@@ -269,7 +276,7 @@ def test_platform_defaults_from_env_and_file(tmp_path) -> None:
 
 
 def test_spec_own_settings_win_over_defaults() -> None:
-    defaults = PlatformDefaults(node_selector={"pool": "cpu"}, queue_name="shared",
+    defaults = trusted(node_selector={"pool": "cpu"}, queue_name="shared",
                                 tolerations=[{"key": "x", "operator": "Exists"}])
     pod = by_kind(render_children(cr(), defaults))["Job"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
@@ -329,7 +336,7 @@ def test_launcher_args() -> None:
 
 
 def test_platform_pod_annotations_and_labels() -> None:
-    defaults = PlatformDefaults(pod_annotations={"sidecar.istio.io/inject": "false"},
+    defaults = trusted(pod_annotations={"sidecar.istio.io/inject": "false"},
                                 pod_labels={"cost-center": "ml", "kubetune.io/job-name": "spoof"})
     template = by_kind(render_children(cr(), defaults))["Job"]["spec"]["template"]
     assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"

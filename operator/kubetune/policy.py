@@ -161,6 +161,16 @@ def output_prefixes(policy: TenantPolicy, output_uri_prefix: str | None, namespa
     return out
 
 
+def source_prefixes(policy: TenantPolicy, output_uri_prefix: str | None, namespace: str) -> list[str]:
+    """Where this namespace may read s3:// models and datasets from (empty: anywhere).
+
+    Confined only once the platform lists allowedSourcePrefixes; its own outputs are then readable too
+    (a job can start from an earlier job's export)."""
+    if not policy.allowed_source_prefixes:
+        return []
+    return _expand(policy.allowed_source_prefixes, namespace) + output_prefixes(policy, output_uri_prefix, namespace)
+
+
 def _image_digest_ok(image: str) -> bool:
     return bool(re.search(r"@sha256:[0-9a-f]{64}$", image))
 
@@ -306,9 +316,7 @@ def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output
         v.add("spec.model.trustRemoteCode", "allowTrustRemoteCode", "running the model repository's own code is "
               "not allowed on this platform")
     _check_local_source(v, "spec.model.source", spec.model.source, policy, model=True)
-    read_prefixes = output_prefixes(policy, output_uri_prefix, namespace)
-    read_prefixes = (read_prefixes + _expand(policy.allowed_source_prefixes, namespace)) if (
-        read_prefixes or policy.allowed_source_prefixes) else []
+    read_prefixes = source_prefixes(policy, output_uri_prefix, namespace)
     _check_s3_source(v, "spec.model.source", spec.model.source, read_prefixes)
     datasets = [("spec.datasets", d) for d in spec.datasets]
     datasets += [("spec.validation.datasets", d) for d in spec.validation.datasets or []]
