@@ -89,6 +89,14 @@ def test_legitimate_tenant_job_renders_with_platform_identity_and_placement() ->
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "platform-s3"
 
 
+def test_platform_storage_keys_only_for_jobs_that_use_s3() -> None:
+    local = PlatformDefaults(**{**PLATFORM.__dict__, "output_uri_prefix": None})
+    job = cr(**{"model.source": "bundled://smollm2-135m-instruct", "datasets": [{"source": "/data/chat.jsonl"}],
+                "output": {"uri": "/data/out/"}})
+    env = by_kind(render_children(job, local))["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not any(e["name"].startswith("AWS_") for e in env)
+
+
 def test_token_is_projected_short_lived_and_not_at_the_default_path() -> None:
     children = by_kind(render_children(cr(), PLATFORM))
     pod = children["Job"]["spec"]["template"]["spec"]

@@ -241,7 +241,8 @@ def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: s
         s3.setdefault("region", defaults.s3_region)
     if defaults.s3_addressing_style and s3.get("addressingStyle", "auto") == "auto":
         s3["addressingStyle"] = defaults.s3_addressing_style
-    if defaults.storage_credentials_secret:
+    if defaults.storage_credentials_secret and _uses_s3(data, defaults):
+        # the platform's keys go only to jobs that read or write s3:// (and only by secretKeyRef)
         storage.setdefault("credentialsSecretRef", {"name": defaults.storage_credentials_secret})
     scheduling = data.setdefault("scheduling", {})
     if not scheduling.get("queueName"):  # "" is no queue name, not a way around the platform's queue
@@ -259,6 +260,15 @@ def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: s
         raise RenderError("spec.output.uri: required in a cluster (a pod's disk is gone when it ends), for example "
                           "s3://bucket/runs/; or set the platform default outputUriPrefix")
     return parse_spec(data)
+
+
+def _uses_s3(data: Mapping[str, Any], defaults: PlatformDefaults) -> bool:
+    """Whether a spec (camelCase dict) reads or writes any s3:// location, its default output included."""
+    sources = [(data.get("model") or {}).get("source", "")]
+    sources += [d.get("source", "") for d in data.get("datasets") or []]
+    sources += [d.get("source", "") for d in (data.get("validation") or {}).get("datasets") or []]
+    sources.append((data.get("output") or {}).get("uri") or defaults.output_uri_prefix or "")
+    return any(str(s).startswith("s3://") for s in sources)
 
 
 # ----- children -----
