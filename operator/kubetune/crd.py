@@ -97,8 +97,8 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
               "spec.model.source: unknown bundled model; bundled models: bundled://smollm2-135m-instruct",
               ".source", "FieldValueInvalid"),
-        _rule("!has(self.trustRemoteCode) || !self.trustRemoteCode || !(self.source.startsWith('hf://') || "
-              f"self.source.matches('{HUB_ID.pattern}')) || "
+        _rule("!has(self.trustRemoteCode) || !self.trustRemoteCode || "
+              f"!self.source.matches('{HUB_ID.pattern}') || "
               f"(has(self.revision) && self.revision.matches('{COMMIT_SHA.pattern}'))",
               "spec.model.revision: trustRemoteCode runs the repository's code, so pin the revision to a full "
               "40-hex commit (not a branch or tag, which can move)", ".revision", "FieldValueInvalid"),

@@ -190,7 +190,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def _check_local_source(v: _Violations, field: str, source: str, policy: TenantPolicy, *, model: bool) -> None:
     """A model or dataset source that is neither s3://, bundled:// nor a hub id: a path in the pod."""
-    if source.startswith(("s3:", BUNDLED_PREFIX)):
+    if source.startswith((S3_SCHEME, BUNDLED_PREFIX)):
         return
     if model and is_hub_source(source):
         if not policy.allow_hub_models:

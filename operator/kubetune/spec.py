@@ -32,8 +32,8 @@ EXIT_PREEMPTED = 143  # SIGTERM received, checkpoint saved: restarted without co
 BUNDLED_PREFIX = "bundled://"
 BUNDLED_MODELS = {"smollm2-135m-instruct"}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# org/name on the Hugging Face hub (what the trainer treats as a hub id when no such path exists)
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# org/name or hf://org/name on the Hugging Face hub (what the trainer treats as a hub id when no such path exists)
+HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -142,7 +142,7 @@ class ModelSpec(SpecModel):
 
 def is_hub_source(source: str) -> bool:
     """A Hugging Face hub model (hf://org/name or org/name), as opposed to s3://, bundled:// or a path."""
-    return source.startswith("hf://") or bool(HUB_ID.match(source))
+    return bool(HUB_ID.match(source))
 
 
 class TaskType(str, Enum):
