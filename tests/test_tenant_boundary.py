@@ -67,8 +67,8 @@ def tenant_role(tmp: Path) -> list[dict[str, Any]]:
 def cp(request, tmp_path_factory):
     failed_before = request.session.testsfailed
     with ControlPlane(extra_tokens={TENANT: ("alice-token-0123456789", ["tenants"])}) as plane:
-        plane.add_fake_node("team-a-gpu", gpus=8, labels={"pool": "team-a"})
-        plane.add_fake_node("team-b-gpu", gpus=8, labels={"pool": "team-b"},
+        plane.add_fake_node("team-a-gpu", gpus=8, labels={"pool": "team-a", "nvidia.com/gpu.product": "H100"})
+        plane.add_fake_node("team-b-gpu", gpus=8, labels={"pool": "team-b", "nvidia.com/gpu.product": "H100"},
                             taints=[{"key": "team-b", "value": "dedicated", "effect": "NoSchedule"}])
         for namespace in (NS, OTHER_NS):
             plane.create_namespace(namespace, labels={"pod-security.kubernetes.io/enforce": "restricted"})
@@ -214,10 +214,11 @@ def test_tenant_cannot_name_a_service_account(cp, tenant) -> None:
 
 
 def test_tenant_rbac_is_only_finetunejobs(cp) -> None:
-    for verb, resource in [("create", "pods"), ("get", "secrets"), ("create", "jobs.batch"),
-                           ("patch", "finetunejobs.kubetune.io/status"), ("create", "rolebindings")]:
-        out = cp.kubectl("auth", "can-i", verb, resource, "-n", NS, "--as", TENANT, check=False).stdout.strip()
-        assert out == "no", (verb, resource)
+    for verb, resource, *extra in [("create", "pods"), ("get", "secrets"), ("create", "jobs.batch"),
+                                   ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
+                                   ("create", "rolebindings"), ("create", "serviceaccounts/token")]:
+        out = cp.kubectl("auth", "can-i", verb, resource, *extra, "-n", NS, "--as", TENANT, check=False).stdout
+        assert out.strip() == "no", (verb, resource)
     assert cp.kubectl("auth", "can-i", "create", "finetunejobs.kubetune.io", "-n", NS, "--as", TENANT).stdout.strip() \
         == "yes"
 
