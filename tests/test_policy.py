@@ -271,3 +271,25 @@ def test_tampered_operator_fields_are_found_and_restored() -> None:
     assert st.tampered_fields(tampered, written) == ["attempt", "startTime"]
     assert st.restore_patch(tampered, written) == {"attempt": 1, "startTime": "2026-11-30T10:00:00Z"}
     assert st.restore_patch({**written, "completionTime": "x"}, written) == {"completionTime": None}
+
+
+def test_validate_checks_the_platform_policy(tmp_path, capsys) -> None:
+    import yaml
+
+    from kubetune.cli import main
+
+    manifest = tmp_path / "job.yaml"
+    body = cr(**{"resources.priorityClassName": "system-node-critical"})
+    body["metadata"] = {"name": "tenant-job"}
+    manifest.write_text(yaml.safe_dump(body))
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text(yaml.safe_dump({"outputUriPrefix": "s3://runs", "policy": {
+        "allowedPriorityClasses": ["training"], "allowedNodeSelectorKeys": ["nvidia.com/gpu.product"],
+        "allowedTolerationKeys": ["nvidia.com/gpu"]}}))
+    assert main(["validate", str(manifest)]) == 0  # the spec alone is valid
+    assert main(["validate", str(manifest), "--platform-defaults", str(defaults), "-n", "team-a"]) == 3
+    err = capsys.readouterr().err
+    assert "spec.resources.priorityClassName: 'system-node-critical' is not allowed (allowed: training)" in err
+    body["spec"]["resources"]["priorityClassName"] = "training"
+    manifest.write_text(yaml.safe_dump(body))
+    assert main(["validate", str(manifest), "--platform-defaults", str(defaults), "-n", "team-a"]) == 0

@@ -19,6 +19,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     spec = job.spec
+    if args.platform_defaults:
+        from kubetune.render import PlatformDefaults, RenderError, effective_spec
+
+        try:
+            defaults = PlatformDefaults.from_file(args.platform_defaults)
+            namespace = args.namespace or job.metadata.namespace or "default"
+            effective_spec({"metadata": {"name": job.metadata.name, "namespace": namespace},
+                            "spec": dump_job(job)["spec"]}, defaults)
+        except (RenderError, ValueError, OSError) as error:
+            print(f"error: {args.manifest}: {error}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     print(f"{args.manifest}: valid FineTuneJob {job.metadata.name!r}: {spec.method.type} {spec.task.type} on "
           f"{spec.model.source}, {len(spec.datasets)} dataset(s), exports {', '.join(spec.output.exports)}")
     if args.show:
@@ -111,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a manifest without running it")
     validate.add_argument("manifest")
     validate.add_argument("--show", action="store_true", help="print the manifest with defaults filled in")
+    validate.add_argument("--platform-defaults", metavar="FILE",
+                          help="also check the platform's defaults and tenant policy (the chart's defaults.yaml: "
+                               "kubectl get cm kubetune-defaults -o jsonpath='{.data.defaults\\.yaml}')")
+    validate.add_argument("-n", "--namespace", help="the namespace the job would run in (for the policy's "
+                                                     "per-namespace prefixes; default: the manifest's)")
     validate.set_defaults(func=_cmd_validate)
 
     estimate = sub.add_parser("estimate", help="tokens, steps, FLOPs, time, cost and memory of a job")
