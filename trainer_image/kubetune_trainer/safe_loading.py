@@ -306,6 +306,8 @@ def verify_checkpoint(path: str | os.PathLike[str], label: str | None = None) ->
 
 # ----- 2. enforcement while the Trainer loads
 
+_refusals: list[UnsafeCheckpointError] = []  # what the load-time hooks refused, whatever wraps it on the way up
+
 
 def _restricted_dcp_read_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
     """FileSystemReader.read_metadata, with the restricted unpickler instead of pickle.load."""
@@ -316,7 +318,9 @@ def _restricted_dcp_read_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             metadata = load_dcp_metadata(metadata_file)
         except pickle.UnpicklingError as error:
-            raise _refusal(str(Path(path).parent), Path(path).name, error) from None
+            refusal = _refusal(str(Path(path).parent), Path(path).name, error)
+            _refusals.append(refusal)  # DCP's load() reports it only as text inside its own exception
+            raise refusal from None
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     metadata.storage_meta.load_id = self.load_id
@@ -373,11 +377,39 @@ def weights_only_loading(deepspeed: bool = False, checkpoint: str | None = None)
         stack.enter_context(_environment(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=None))
         stack.enter_context(torch.serialization.safe_globals(allowed_globals(deepspeed=deepspeed)))
         stack.enter_context(_restricted_dcp_metadata())
+        start = len(_refusals)
         try:
             yield
-        except pickle.UnpicklingError as error:
-            offender = _offending_global(str(error))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            found = _find_refusal(error) or (_refusals[start] if len(_refusals) > start else None)
+            if isinstance(found, UnsafeCheckpointError):
+                raise found from None
+            if found is None:
+                raise
+            offender = _offending_global(str(found))
             where = f"checkpoint {checkpoint}" if checkpoint else "a checkpoint"
             raise UnsafeCheckpointError(
                 f"{where}: a file contains a non-allowlisted object{f' ({offender})' if offender else ''}: weights-only "
                 "loading refused it (delete that checkpoint, or use a new output.uri)") from None
+        finally:
+            del _refusals[start:]
+
+
+def _find_refusal(error: BaseException) -> BaseException | None:
+    """A weights-only refusal behind `error`: itself, its causes, or a DCP CheckpointException's failures."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (UnsafeCheckpointError, pickle.UnpicklingError)):
+            return current
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()
+                        if isinstance(f[0] if isinstance(f, tuple) else f, BaseException)]
+    return None
