@@ -7,6 +7,10 @@ would create a marker file), re-manifested as whoever can write the output could
 exit code 3, a message naming the file, and no marker. FSDP checkpoints (torch.distributed.checkpoint,
 DCP) cannot be trained here (accelerate runs FSDP only on accelerators and falls back to DDP on CPU),
 so a real DCP checkpoint written by torch.distributed.checkpoint.save stands in for them.
+
+Under torchrun the refusing worker exits 3, but torchrun itself exits 1 whatever its workers' codes
+(ChildFailedError), and that is what a pod running torchrun reports; carrying the 3 through is the
+launcher's business, not the trainer's.
 """
 
 from __future__ import annotations
@@ -281,11 +285,13 @@ def test_planted_pickle_refused_deepspeed(deepspeed_run, tmp_path: Path, capsys,
 
 
 @pytest.mark.slow
-def test_planted_zero_shard_refused_by_every_rank(deepspeed_run, tmp_path: Path) -> None:
-    """Under torchrun each rank refuses before any collective: every worker exits 3, nobody hangs."""
-    job, trained, stage = deepspeed_run
-    if stage != "deepspeed-zero2":
-        pytest.skip("one stage is enough for the multi-process path")
+@pytest.mark.parametrize("deepspeed_run", ["deepspeed-zero2"], indirect=True)  # one stage is enough here
+def test_planted_zero_shard_refused_under_torchrun(deepspeed_run, tmp_path: Path) -> None:
+    """Under torchrun the ranks refuse before any collective: a worker exits 3, nobody hangs, no marker.
+
+    (torchrun itself then exits 1, whatever its workers' codes: see the module docstring.)
+    """
+    job, trained, _ = deepspeed_run
     output = rewind(trained, tmp_path / "tampered")
     checkpoint = output / "checkpoints" / f"step-{EVERY}"
     relative = f"global_step{EVERY}/zero_pp_rank_1_mp_rank_00_optim_states.pt"  # only rank 1 would load it
@@ -295,7 +301,8 @@ def test_planted_zero_shard_refused_by_every_rank(deepspeed_run, tmp_path: Path)
     result = torchrun(job, output)
     text = result.stdout + result.stderr
     assert result.returncode != 0 and not marker.exists()
-    assert text.count(f"file {relative} contains a non-allowlisted object") >= 2, text[-3000:]  # both ranks
+    # Every rank checks, but the first to exit 3 gets the others stopped, maybe before they print.
+    assert f"file {relative} contains a non-allowlisted object" in text, text[-3000:]
     assert re.search(r"exitcode\s*:\s*3\b", text), text[-3000:]
 
 

@@ -112,8 +112,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         key = f"{module}.{name}"
         if key in self.allowed:
             return self.allowed[key]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)  # TensorProperties.dtype
+        dtype = vars(torch).get(name) if module == "torch" else None  # vars: no lazy submodule imports
+        if isinstance(dtype, torch.dtype):
+            return dtype  # TensorProperties.dtype
         raise pickle.UnpicklingError(f"GLOBAL {key} is not an allowed global")
 
 
@@ -271,6 +272,11 @@ def _best_checkpoint(root: Path, label: str) -> Path | None:
     return path
 
 
+def _files(root: Path) -> list[Path]:
+    """Every file under root, sorted; symlinked directories are not followed (as os.walk does)."""
+    return sorted(Path(directory) / name for directory, _dirs, names in os.walk(root) for name in names)
+
+
 def _uses_deepspeed_layout(root: Path) -> bool:
     return (root / "latest").is_file() or any(p.is_dir() for p in root.glob("global_step*"))
 
@@ -290,10 +296,11 @@ def verify_checkpoint(path: str | os.PathLike[str], label: str | None = None) ->
     for checkpoint in roots:
         shown = label if checkpoint is root else f"{label} (best checkpoint {checkpoint.name})"
         allowed = allowed_globals(deepspeed=_uses_deepspeed_layout(checkpoint))
-        dcp_dirs = sorted({p.parent for p in checkpoint.rglob(DCP_METADATA) if p.is_file()})
+        files = [f for f in _files(checkpoint) if f.is_file()]
+        dcp_dirs = sorted({f.parent for f in files if f.name == DCP_METADATA})
         for directory in dcp_dirs:
             _check_dcp_directory(directory, checkpoint, shown, allowed)
-        for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        for file in files:
             if file.parent in dcp_dirs and (file.name == DCP_METADATA or file.suffix == DCP_SUFFIX):
                 continue  # checked through their metadata
             if not _sniff_pickle(file):
