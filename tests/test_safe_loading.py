@@ -226,6 +226,14 @@ def _plant_dcp_metadata(checkpoint: Path, marker: Path) -> str:
     return "pytorch_model_fsdp_0/.metadata"
 
 
+def _plant_dcp_rank_metadata(checkpoint: Path, marker: Path) -> str:
+    # A rank's own index, which DCP reads when the global one is missing or unreadable.
+    directory = checkpoint / "pytorch_model_fsdp_0"
+    save_dcp(directory, dcp_state())
+    (directory / "__1.metadata").write_bytes(pickle.dumps(Payload(marker)))
+    return "pytorch_model_fsdp_0/__1.metadata"
+
+
 def _plant_dcp_item(checkpoint: Path, marker: Path) -> str:
     # The index is genuine; one plain value (stored by DCP as a torch.save'd byte item) is the payload.
     save_dcp(checkpoint / "optimizer_0", dcp_state(lr=Payload(marker)))
@@ -240,6 +248,7 @@ SINGLE_PROCESS_FILES = {
     "model-weights-bin": _replace_with_bin("pytorch_model.bin"),
     "adapter-weights-bin": _replace_with_bin("adapter_model.bin"),
     "fsdp-dcp-metadata": _plant_dcp_metadata,
+    "fsdp-dcp-rank-metadata": _plant_dcp_rank_metadata,
     "fsdp-dcp-item": _plant_dcp_item,
 }
 
@@ -345,6 +354,8 @@ def test_genuine_dcp_checkpoint_passes_and_loads(tmp_path: Path) -> None:
 
     state = dcp_state()
     save_dcp(tmp_path / "pytorch_model_fsdp_0", state)
+    metadata = tmp_path / "pytorch_model_fsdp_0" / ".metadata"
+    (metadata.parent / "__0.metadata").write_bytes(metadata.read_bytes())  # a rank's own index: checked too
     verify_checkpoint(tmp_path)
     target = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
     original = FileSystemReader.__dict__["read_metadata"]

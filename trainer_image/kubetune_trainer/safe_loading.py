@@ -37,7 +37,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 # Written by transformers for reference and never read back by a resume: it pickles the whole
 # TrainingArguments object, which no allowlist should admit, so it is neither scanned nor loaded.
 NEVER_LOADED = {"training_args.bin"}
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded (FSDP) state dict
+DCP_METADATA = re.compile(r"(__\d+)?\.metadata")  # torch.distributed.checkpoint's index (global, or per rank)
 DCP_SUFFIX = ".distcp"  # its data files: torch.save'd items at the offsets the metadata lists
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
@@ -206,11 +206,11 @@ class _FileSlice(io.RawIOBase):
         return len(data)
 
 
-def _check_dcp_directory(directory: Path, root: Path, label: str, allowed: list[Any]) -> None:
-    """The `.metadata` of a DCP directory and every item of its `.distcp` files that it lists."""
+def _check_dcp_metadata(metadata_file: Path, root: Path, label: str, allowed: list[Any]) -> None:
+    """A DCP `.metadata` (or a rank's `__N.metadata`) and every item of the `.distcp` files it lists."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    metadata_file = directory / DCP_METADATA
+    directory = metadata_file.parent
     try:
         with metadata_file.open("rb") as handle:
             metadata = load_dcp_metadata(handle)
@@ -288,20 +288,21 @@ def verify_checkpoint(path: str | os.PathLike[str], label: str | None = None) ->
     """
     root = Path(path)
     label = label or str(root)
-    _check_deepspeed_tag(root, label)
     roots = [root]
     best = _best_checkpoint(root, label)
     if best is not None:
         roots.append(best)
     for checkpoint in roots:
         shown = label if checkpoint is root else f"{label} (best checkpoint {checkpoint.name})"
+        _check_deepspeed_tag(checkpoint, shown)
         allowed = allowed_globals(deepspeed=_uses_deepspeed_layout(checkpoint))
         files = [f for f in _files(checkpoint) if f.is_file()]
-        dcp_dirs = sorted({f.parent for f in files if f.name == DCP_METADATA})
-        for directory in dcp_dirs:
-            _check_dcp_directory(directory, checkpoint, shown, allowed)
+        dcp_metadata = [f for f in files if DCP_METADATA.fullmatch(f.name)]
+        for metadata_file in dcp_metadata:
+            _check_dcp_metadata(metadata_file, checkpoint, shown, allowed)
+        dcp_dirs = {f.parent for f in dcp_metadata}
         for file in files:
-            if file.parent in dcp_dirs and (file.name == DCP_METADATA or file.suffix == DCP_SUFFIX):
+            if file in dcp_metadata or (file.parent in dcp_dirs and file.suffix == DCP_SUFFIX):
                 continue  # checked through their metadata
             if not _sniff_pickle(file):
                 continue
