@@ -16,6 +16,14 @@ Unpickling runs code, so resuming from them would hand that person the trainer. 
    only `allowed_globals()` added through `torch.serialization.safe_globals`; DCP's `.metadata`, which
    torch reads with plain `pickle.load`, goes through the restricted unpickler. This layer does not
    depend on the scan having seen the same bytes (a file replaced after the scan is still refused).
+
+Why not DeepSpeed's pluggable `checkpoint_engine` (its `load()` does `torch.load(weights_only=False)`):
+DeepSpeedEngine builds it from its config in `__init__` (`create_checkpoint_engine` takes no custom
+class), and transformers calls `engine.load_checkpoint` right after accelerate has built the engine,
+inside `Trainer._prepare_for_training`, so swapping `engine.checkpoint_engine` would mean overriding
+private Trainer internals. The torch switch covers that `torch.load` and every other library's.
+transformers' own loads (`_load_rng_state`, `_load_optimizer_and_scheduler`, `_load_scaler`, model
+and adapter weights) already pass `weights_only=True`; the switch keeps them so if that ever changes.
 """
 
 from __future__ import annotations
