@@ -13,3 +13,7 @@ class ConfigError(Exception):
 
 class DataError(ConfigError):
     """A dataset problem; the message names file:line and the field."""
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file holds an object that weights-only loading does not admit; the message names the file."""

@@ -30,6 +30,7 @@ from kubetune.spec import FineTuneJob, FineTuneJobSpec
 from kubetune.storage import S3Options
 from kubetune_trainer import data as data_lib
 from kubetune_trainer import models as model_lib
+from kubetune_trainer import safe_loading
 from kubetune_trainer.data import IGNORE_INDEX
 from kubetune_trainer.errors import ConfigError
 
@@ -110,6 +111,9 @@ def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_has
             "checkpoints to start over")
     local = ctx.work_dir / "checkpoints" / f"step-{latest.step}"
     path = store.fetch(latest.step, local)
+    # Whoever can write the output wrote these files: nothing in them may be unpickled beyond
+    # tensors and a few allowlisted classes (safe_loading.py). Every rank checks, before any collective.
+    safe_loading.verify_checkpoint(path, label=latest.uri)
     print(f"[kubetune] resuming from complete checkpoint step {latest.step} ({latest.uri})")
     return str(path)
 
@@ -364,7 +368,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         trainer.add_callback(callback)
 
     # ---- 5. evaluate (BaselineEvaluator, once training has set up), train, evaluate
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    # Every checkpoint load in there (resume, the best model at the end) is weights-only.
+    with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
     baseline_seconds, baseline = baseline.seconds, baseline.result
     preempted = cb.PreemptionHandler.requested
     publisher.wait()
