@@ -28,7 +28,7 @@ import yaml
 from kubetune import policy, render
 from tests.support.controlplane import ControlPlane
 from tests.support.operator_process import token_kubeconfig
-from tests.test_chart import apply_chart, find, one, render_chart
+from tests.test_chart import apply_chart, find, one, render_chart, wait_counted
 
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 SYSTEM_NS, TEAM_A, TEAM_B = "kubetune-system", "team-a", "team-b"
@@ -79,24 +79,6 @@ def cp(request) -> Iterator[ControlPlane]:
         yield plane
         if request.session.testsfailed > failed_before:
             print(plane.diagnostics(20))
-
-
-def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeout: float = 150) -> None:
-    """Until the quota controller has counted every resource of the quota (quota admission refuses
-    what it has no count for). A count of a custom resource (count/finetunejobs.kubetune.io) starts
-    once the controller's discovery has seen the CRD; touching the quota makes it recount then
-    instead of at its next full resync."""
-    touches = [0]
-
-    def counted() -> bool:
-        quota = cp.get_json("-n", namespace, "resourcequota", name)
-        if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
-            return True
-        touches[0] += 1
-        cp.kubectl("-n", namespace, "annotate", "--overwrite", "resourcequota", name, f"kubetune.test/touch={touches[0]}")
-        return False
-
-    cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)
 
 
 @pytest.fixture(scope="module")
