@@ -555,16 +555,17 @@ def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeo
     """Until the quota controller has counted every resource of the quota (quota admission refuses
     what it has no count for: "status unknown for quota"). A count of a custom resource
     (count/finetunejobs.kubetune.io) starts once the controller's discovery (every 30 s) has seen
-    the CRD; touching the quota then makes it recount at once instead of at the next full resync
-    (5 minutes)."""
-    touches = [0]
+    the CRD, but the quota is only recounted at its next full resync (5 minutes) or when its
+    spec.hard changes (an annotation does not do it): so add and remove a key."""
+    touch = "count/touches.kubetune.test"
 
     def counted() -> bool:
         quota = cp.get_json("-n", namespace, "resourcequota", name)
         if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
             return True
-        touches[0] += 1
-        cp.kubectl("-n", namespace, "annotate", "--overwrite", "resourcequota", name, f"kubetune.test/touch={touches[0]}")
+        for op in ({"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
+                   {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")}):
+            cp.kubectl("-n", namespace, "patch", "resourcequota", name, "--type=json", "-p", json.dumps([op]))
         return False
 
     cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)

@@ -98,7 +98,7 @@ Admission: the chart's ValidatingAdmissionPolicies (cluster-scoped objects: rbac
 {{- if include "kubetune.namespaced" . }}
 {{- fail "admission.enabled needs rbac.scope=cluster: its ValidatingAdmissionPolicies, bindings and FineTuneJobPolicy are cluster-scoped objects (set admission.enabled=false, and keep policy.tenantSecretRefs=Forbid, with rbac.scope=namespaced)" }}
 {{- end }}
-true
+{{- "true" }}
 {{- end }}
 {{- end }}
 
