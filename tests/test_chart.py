@@ -348,7 +348,8 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
      "policy.tenantSecretRefs=VerifiedByAdmission needs admission.enabled=true"),
     ({"policy": {"requireImageDigest": True}}, "policy.requireImageDigest: the platform's trainer image"),
     ({"policy": {"dataPaths": ["/proc/data"]}}, "under /proc, never data"),
-    ({"policy": {"dataPaths": ["/"]}}, "policy.dataPaths[0]"),
+    ({"policy": {"dataPaths": ["/"]}}, "/policy/dataPaths/0"),
+    ({"policy": {"dataPaths": ["//"]}}, "policy.dataPaths[0] \"//\": must be an absolute directory"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
     result = helm("template", RELEASE, str(CHART), *_values_args(values, tmp_path), check=False)

@@ -123,7 +123,7 @@ defaulting to VerifiedByAdmission when the admission policies are installed, For
 {{- $_ := unset $p.networkPolicy "egress" }}
 {{- end }}{{ end }}
 {{- range $index, $path := $p.dataPaths }}
-{{- if or (not (hasPrefix "/" $path)) (eq (trimSuffix "/" $path) "") }}
+{{- if or (not (hasPrefix "/" $path)) (regexMatch "^/+$" $path) }}
 {{- fail (printf "policy.dataPaths[%d] %q: must be an absolute directory of a platform data volume, not /" $index $path) }}
 {{- end }}
 {{- range $forbidden := include "kubetune.forbiddenPathPrefixes" $ | fromJsonArray }}
