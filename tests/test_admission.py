@@ -258,7 +258,7 @@ SECRET_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                                         "credentialsSecretRef": {"name": "other-team-creds"}}}},
                "spec.tracking.mlflow.credentialsSecretRef.name"),
     "imagePullSecrets": ({"resources": {"imagePullSecrets": ["alice-creds", "other-team-creds"]}},
-                         "spec.resources.imagePullSecrets"),
+                         "spec.resources.imagePullSecrets[1]"),
 }
 
 
@@ -267,8 +267,7 @@ def test_secret_the_tenant_cannot_read_is_refused(cp, chart, field: str) -> None
     spec, path = SECRET_FIELDS[field]
     result = tenant_apply(cp, manifest(f"secret-{field.lower()}", **copy.deepcopy(spec)))
     assert result.returncode != 0
-    secret = "'alice-creds' or 'other-team-creds'" if field == "imagePullSecrets" else "'other-team-creds'"
-    assert f"{path}: {TENANT} may not get Secret {secret} in namespace {TEAM_A}" in result.stderr, result.stderr
+    assert f"{path}: {TENANT} may not get Secret 'other-team-creds' in namespace {TEAM_A}" in result.stderr, result.stderr
     # the same reference to a Secret the tenant may read is admitted
     readable = json.loads(json.dumps(spec).replace("other-team-creds", "alice-creds"))
     ok = tenant_apply(cp, manifest(f"secret-{field.lower()}", **readable), dry_run=True)
@@ -366,7 +365,7 @@ def test_changing_the_spec_later_is_checked_too(cp, chart) -> None:
     result = tenant_apply(cp, manifest(name, suspend=True, resources={"priorityClassName": "system-cluster-critical"}))
     assert result.returncode != 0 and "policy.allowedPriorityClasses" in result.stderr, result.stderr
     result = tenant_apply(cp, manifest(name, suspend=True, resources={"imagePullSecrets": ["other-team-creds"]}))
-    assert result.returncode != 0 and "spec.resources.imagePullSecrets" in result.stderr, result.stderr
+    assert result.returncode != 0 and "spec.resources.imagePullSecrets[0]" in result.stderr, result.stderr
 
 
 def test_a_missing_policy_object_denies(cp, chart, tmp_path) -> None:
@@ -588,3 +587,68 @@ def test_tenant_default_quota(cp, chart) -> None:
     assert "count/finetunejobs.kubetune.io" not in cp.get_json("-n", TEAM_B, "resourcequota", "kubetune")["spec"]["hard"]
     used = cp.get_json("-n", TEAM_A, "resourcequota", "kubetune")["status"]["used"]
     assert int(used["count/finetunejobs.kubetune.io"]) >= 0
+
+
+# ----- the parameters and the cost budget -----
+
+def test_changing_the_policy_object_changes_admission(cp, chart, platform) -> None:
+    """The FineTuneJobPolicy is read at every request: rules the test values leave off, turned on."""
+    patch = {"spec": {"requireImageDigest": True, "allowHubModels": False, "allowedTrackingUris": [],
+                      "tenantSecretRefs": "Forbid"}}
+    stricter = render.PlatformDefaults.from_mapping({
+        **yaml.safe_load(one(chart, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"]),
+        "policy": {**platform.policy.model_dump(mode="json", by_alias=True, exclude_none=True), **patch["spec"]}})
+    cp.kubectl("patch", "finetunejobpolicy", "kubetune", "--type=merge", "-p", json.dumps(patch))
+    try:
+        cases = [
+            ({"resources": {"image": "registry.example/kubetune/trainer:2"}},
+             ["spec.resources.image", "pinned by digest", "policy.requireImageDigest"]),
+            ({"model": {"source": "org/model"}}, ["spec.model.source", "hub model", "policy.allowHubModels"]),
+            ({"tracking": {"mlflow": {"trackingUri": "http://mlflow.platform:5000"}}},
+             ["spec.tracking.mlflow.trackingUri", "none", "policy.allowedTrackingUris"]),
+            ({"output": {"credentialsSecretRef": {"name": "alice-creds"}}},
+             ["spec.output.credentialsSecretRef.name", "policy.tenantSecretRefs"]),
+        ]
+
+        def in_force() -> bool:
+            result = tenant_apply(cp, manifest("strict", **cases[0][0]), dry_run=True)
+            return result.returncode != 0 and "policy.requireImageDigest" in result.stderr
+        cp.wait_for(in_force, 30, "the changed parameters in force", interval=1)
+        for spec, expected in cases:
+            result = tenant_apply(cp, manifest("strict", **spec), dry_run=True)
+            assert result.returncode != 0, spec
+            for text in expected:
+                assert text in result.stderr, (text, result.stderr)
+            rule = next(t for t in expected if t.startswith("policy."))
+            assert any(rule in v for v in operator_violations(manifest("strict", **spec)["spec"], stricter))
+        pinned = manifest("strict", resources={"image": "registry.example/kubetune/trainer@sha256:" + "c" * 64})
+        result = tenant_apply(cp, pinned, dry_run=True)
+        assert result.returncode == 0, result.stderr
+    finally:
+        cp.apply(one(chart, "FineTuneJobPolicy", "kubetune"))
+
+
+def test_a_large_legitimate_job_stays_within_the_cost_budget(cp, chart, platform) -> None:
+    """At runtime the API server stops a policy that costs more than its budget (and then refuses the
+    request, failurePolicy Fail): a job at the CRD's limits of datasets, with long paths, passes."""
+    long = "x" * 1500
+    datasets = [{"source": f"/data/team-a/{long}/{i}.jsonl"} for i in range(32)]
+    datasets += [{"source": f"s3://datasets/{long}/{i}.jsonl"} for i in range(32)]
+    validation = {"datasets": [{"source": f"s3://models/team-a/{long}/{i}.jsonl"} for i in range(64)]}
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] * 64
+    body = manifest("large", datasets=datasets, validation=validation,
+                    resources={"tolerations": tolerations, "nodeSelector": {"pool": "gpu"},
+                               "imagePullSecrets": ["alice-creds"] * 8})
+    assert operator_violations(body["spec"], platform) == []
+    result = tenant_apply(cp, body, dry_run=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # more pull secrets than the authorization checks the budget allows are refused, with a message
+    body["spec"]["resources"]["imagePullSecrets"].append("alice-creds")
+    result = tenant_apply(cp, body, dry_run=True)
+    assert result.returncode != 0 and "spec.resources.imagePullSecrets: at most 8 Secrets" in result.stderr
+    body["spec"]["resources"]["imagePullSecrets"].pop()
+    # and an attack hidden at the end of such a job is found
+    body["spec"]["validation"]["datasets"][-1] = {"source": "/proc/self/environ"}
+    result = tenant_apply(cp, body, dry_run=True)
+    assert result.returncode != 0 and "spec.validation.datasets[].source: '/proc/self/environ'" in result.stderr, \
+        result.stderr[-2000:]
