@@ -536,6 +536,15 @@ def test_operator_cannot_touch_objects_that_are_not_its_own(cp, chart, platform,
     binding["subjects"].append({"kind": "ServiceAccount", "name": "default", "namespace": TEAM_A})
     result = kubectl_as(cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(binding))
     assert result.returncode != 0 and "roleRef/subjects" in result.stderr, result.stderr
+    # a NetworkPolicy or Service of the job's name and labels that selects other pods
+    network_policy = render.render_network_policy(job, platform)
+    network_policy["spec"]["podSelector"] = {}
+    result = kubectl_as(cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(network_policy))
+    assert result.returncode != 0 and "spec.podSelector" in result.stderr, result.stderr
+    service = render.render_service(job)
+    service["spec"].update(selector={"app": "inference"}, clusterIP=None, type="NodePort")
+    result = kubectl_as(cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(service))
+    assert result.returncode != 0 and "headless" in result.stderr, result.stderr
 
 
 # ----- quotas -----
