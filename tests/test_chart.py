@@ -35,6 +35,7 @@ from kubernetes import client
 
 from kubetune import crd, operator_main, render
 from kubetune.handlers import OPERATOR_RBAC_RULES
+from kubetune.policy import TenantPolicy
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
@@ -104,21 +105,28 @@ def triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "namespaced": {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]},
+    # admission policies are cluster-scoped objects: not in the namespaced mode
+    "namespaced": {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"],
+                   "admission": {"enabled": False}},
     "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                "trainerPodMonitor": {"enabled": True}}},
     "namespaced-monitoring-peering": {
-        "rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"], "replicas": 2,
+        "rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"], "replicas": 2, "admission": {"enabled": False},
         "podDisruptionBudget": {"enabled": True},
         "metrics": {"serviceMonitor": {"enabled": True}, "trainerPodMonitor": {"enabled": True}}},
     "peering": {"replicas": 3, "podDisruptionBudget": {"enabled": True}},
     "platform": {
-        "image": {"digest": "sha256:" + "a" * 64},
-        "defaults": {"image": "registry.example/trainer:1", "s3EndpointUrl": "http://minio.storage:9000",
+        "image": {"digest": "sha256:" + "a" * 64, "requireDigest": True},
+        "defaults": {"image": "registry.example/trainer@sha256:" + "b" * 64, "s3EndpointUrl": "http://minio.storage:9000",
                      "storageCredentialsSecret": "s3", "nodeSelector": {"pool": "h100"},
                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                     "queueName": "team", "cacheSizeLimit": "200Gi"},
-        "tenants": {"team-a": {"resourceQuota": {"requests.nvidia.com/gpu": "16"},
+                     "queueName": "team", "cacheSizeLimit": "200Gi",
+                     "dataVolumes": [{"name": "datasets", "mountPath": "/data",
+                                      "persistentVolumeClaim": {"claimName": "datasets"}}]},
+        "policy": {"requireImageDigest": True, "requireQueue": True, "dataPaths": ["/data"],
+                   "allowedImagePrefixes": ["registry.example/"]},
+        "tenantDefaults": {"forbiddenPriorityClasses": ["platform-critical"]},
+        "tenants": {"team-a": {"resourceQuota": {"requests.nvidia.com/gpu": "16", "pods": None},
                                "limitRange": {"default": {"cpu": "8", "memory": "64Gi"}},
                                "localQueue": {"clusterQueue": "gpu"}}}},
     "no-metrics": {"metrics": {"enabled": False}},
@@ -150,6 +158,9 @@ def test_chart_crd_is_the_generated_one() -> None:
     assert chart_crd == (REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text(), \
         "charts/kubetune/crds/ is stale: make crd (or copy crds/finetunejobs.kubetune.io.yaml)"
     assert chart_crd == crd.render_yaml(), "the CRD is stale: make crd"
+    policy_crd = (CHART / "crds" / "finetunejobpolicies.kubetune.io.yaml").read_text()
+    assert policy_crd == (REPO / "crds" / "finetunejobpolicies.kubetune.io.yaml").read_text() == \
+        crd.render_policy_yaml(), "the FineTuneJobPolicy CRD is stale: make crd"
 
 
 def test_cluster_rbac_is_exactly_the_operator_rules(tmp_path: Path) -> None:
@@ -179,8 +190,14 @@ def test_namespaced_rbac_is_roles_per_namespace(tmp_path: Path) -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--namespaced-rbac" in args
     parsed = operator_main.parse_args(args)
     assert parsed.namespace == ["team-a", "team-b"] and parsed.namespaced_rbac
-    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", check=False)
+    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", "--set", "admission.enabled=false",
+                  check=False)
     assert result.returncode != 0 and "watchNamespaces" in result.stderr
+    # the admission policies are cluster-scoped: refused with the namespaced mode, with a clear message
+    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", "--set", "watchNamespaces={a}",
+                  check=False)
+    assert result.returncode != 0 and "admission.enabled needs rbac.scope=cluster" in result.stderr, result.stderr
+    assert one(docs, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"].count("tenantSecretRefs: Forbid") == 1
 
 
 def test_deployment_arguments_probes_and_pod_security(tmp_path: Path) -> None:
@@ -237,7 +254,8 @@ def test_replicas_run_kopf_peering(tmp_path: Path) -> None:
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     crds = {d["metadata"]["name"] for d in render_chart(tmp_path, VARIANTS["peering"], crds=True)
             if d["kind"] == "CustomResourceDefinition"}
-    assert crds == {"finetunejobs.kubetune.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    assert crds == {"finetunejobs.kubetune.io", "finetunejobpolicies.kubetune.io", "kopfpeerings.kopf.dev",
+                    "clusterkopfpeerings.kopf.dev"}
     namespaced = render_chart(tmp_path, VARIANTS["namespaced-monitoring-peering"])
     assert [d["metadata"]["namespace"] for d in find(namespaced, "KopfPeering")] == ["team-a"]
     assert not find(namespaced, "ClusterKopfPeering")
@@ -272,21 +290,33 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
         return render.PlatformDefaults.from_file(path)
 
     plain = render_chart(tmp_path)
-    assert defaults_of(plain) == render.PlatformDefaults()  # image: render.DEFAULT_IMAGE
+    # image: render.DEFAULT_IMAGE; the strict policy, with Secrets named in specs checked at admission
+    assert defaults_of(plain) == render.PlatformDefaults(policy=TenantPolicy(tenant_secret_refs="VerifiedByAdmission"))
+    assert defaults_of(render_chart(tmp_path, {"admission": {"enabled": False}})) == render.PlatformDefaults()
     values = {"defaults": {
         "image": "registry.example/trainer:2", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
         "s3EndpointUrl": "http://minio.storage:9000", "s3Region": "eu-1", "s3AddressingStyle": "path",
         "storageCredentialsSecret": "s3-creds", "outputUriPrefix": "s3://runs", "nodeSelector": {"pool": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "queueName": "default", "priorityClassName": "training", "cacheSizeLimit": "200Gi",
-        "terminationGracePeriodSeconds": 600, "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"}}}
+        "terminationGracePeriodSeconds": 600, "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"},
+        "trainerServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
+        "dataVolumes": [{"name": "datasets", "mountPath": "/data", "nfs": {"server": "nfs", "path": "/x"}}]},
+        "policy": {"allowedImagePrefixes": ["registry.example/"], "requireQueue": True, "dataPaths": ["/data"],
+                   "tenantSecretRefs": "Forbid", "networkPolicy": {"egress": []}}}
     full = render_chart(tmp_path, values)
-    assert defaults_of(full) == render.PlatformDefaults.from_mapping(values["defaults"])
-    # every PlatformDefaults field can be set from the chart, and nothing else
+    assert defaults_of(full) == render.PlatformDefaults.from_mapping({**values["defaults"], "policy": values["policy"]})
+    # every PlatformDefaults field can be set from the chart (the policy from `policy:`), and nothing else
     schema = json.loads((CHART / "values.schema.json").read_text())
-    fields = {render._camel(f) for f in render.PlatformDefaults.__dataclass_fields__}
+    fields = {render._camel(f) for f in render.PlatformDefaults.__dataclass_fields__} - {"policy"}
     assert set(schema["properties"]["defaults"]["properties"]) == fields == set(values["defaults"])
-    assert set(yaml.safe_load((CHART / "values.yaml").read_text())["defaults"]) == fields
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(chart_values["defaults"]) == fields
+    # `policy:` is TenantPolicy, key for key, with the model's (strict) defaults
+    policy_fields = {f.alias or name for name, f in TenantPolicy.model_fields.items()}
+    assert set(schema["properties"]["policy"]["properties"]) == policy_fields == set(chart_values["policy"])
+    model_defaults = TenantPolicy().model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert {**chart_values["policy"], "tenantSecretRefs": "Forbid"} == model_defaults
     annotation = "checksum/defaults"
     checksums = {one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation] for d in (plain, full)}
     assert len(checksums) == 2, "changing the defaults must roll the operator"
@@ -303,6 +333,23 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
     ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
     ({"tenants": {"team-a": {"localQueue": {"name": "q"}}}}, "clusterQueue"),
     ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
+    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"image": {"digest": "md5:" + "a" * 64}}, "/image/digest"),
+    ({"defaults": {"image": "Registry Example/trainer"}}, "/defaults/image"),
+    ({"defaults": {"image": "registry.example/trainer:1@sha256:xyz"}}, "/defaults/image"),
+    ({"policy": {"allowedImages": ["x"]}}, "allowedImages"),
+    ({"policy": {"tenantSecretRefs": "Allow"}}, "/policy/tenantSecretRefs"),
+    ({"policy": {"dataPaths": ["data"]}}, "/policy/dataPaths/0"),
+    ({"admission": {"enabled": "yes"}}, "/admission/enabled"),
+    ({"tenantDefaults": {"resourceQuota": {"pods": "many"}}}, "/tenantDefaults/resourceQuota/pods"),
+    # template checks (fail with the value and what to do)
+    ({"image": {"requireDigest": True}}, "image.requireDigest: set image.digest"),
+    ({"admission": {"enabled": False}, "policy": {"tenantSecretRefs": "VerifiedByAdmission"}},
+     "policy.tenantSecretRefs=VerifiedByAdmission needs admission.enabled=true"),
+    ({"policy": {"requireImageDigest": True}}, "policy.requireImageDigest: the platform's trainer image"),
+    ({"policy": {"dataPaths": ["/proc/data"]}}, "under /proc, never data"),
+    ({"policy": {"dataPaths": ["/"]}}, "/policy/dataPaths/0"),
+    ({"policy": {"dataPaths": ["//"]}}, "policy.dataPaths[0] \"//\": must be an absolute directory"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
     result = helm("template", RELEASE, str(CHART), *_values_args(values, tmp_path), check=False)
@@ -322,10 +369,25 @@ def test_user_roles_aggregate_into_edit_and_view(tmp_path: Path) -> None:
 
 def test_tenant_quotas_limits_and_queues(tmp_path: Path) -> None:
     docs = render_chart(tmp_path, VARIANTS["platform"])
-    quota = one(docs, "ResourceQuota")
-    assert quota["metadata"]["namespace"] == "team-a" and quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "16"}
+    quota = one(docs, "ResourceQuota", "kubetune")
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["tenantDefaults"]
+    # the tenant's keys over tenantDefaults; null drops one
+    expected = {k: v for k, v in {**defaults["resourceQuota"], "requests.nvidia.com/gpu": "16"}.items() if k != "pods"}
+    assert quota["metadata"]["namespace"] == "team-a" and quota["spec"]["hard"] == expected
+    affinity = one(docs, "ResourceQuota", "kubetune-cross-namespace-affinity")
+    assert affinity["spec"] == {"hard": {"pods": "0"}, "scopeSelector": {"matchExpressions": [
+        {"scopeName": "CrossNamespacePodAffinity", "operator": "Exists"}]}}
+    priority = one(docs, "ResourceQuota", "kubetune-priority-classes")
+    assert priority["spec"] == {"hard": {"pods": "0"}, "scopeSelector": {"matchExpressions": [
+        {"scopeName": "PriorityClass", "operator": "In",
+         "values": ["system-node-critical", "system-cluster-critical", "platform-critical"]}]}}
     limits = one(docs, "LimitRange")
     assert limits["spec"]["limits"] == [{"type": "Container", "default": {"cpu": "8", "memory": "64Gi"}}]
+    # a tenant without settings gets the defaults (quota and limits); scoped quotas can be turned off
+    bare = render_chart(tmp_path, {"tenants": {"team-c": {}}, "tenantDefaults": {"scopedQuotas": False}})
+    assert one(bare, "ResourceQuota", "kubetune")["spec"]["hard"] == defaults["resourceQuota"]
+    assert one(bare, "LimitRange")["spec"]["limits"] == [{"type": "Container", **defaults["limitRange"]}]
+    assert [d["metadata"]["name"] for d in find(bare, "ResourceQuota")] == ["kubetune"]
     queue = one(docs, "LocalQueue")
     assert queue["apiVersion"].startswith("kueue.x-k8s.io/") and queue["metadata"]["name"] == "team-a"
     assert queue["spec"] == {"clusterQueue": "gpu"}
@@ -403,6 +465,9 @@ CLUSTER_VALUES: dict[str, Any] = {
         "storageCredentialsSecret": "s3-creds",
         "podAnnotations": {HOLD_ANNOTATION: "true"},  # kwok keeps worker pods Running until released
     },
+    "policy": {"allowedSourcePrefixes": ["s3://data/"]},
+    # the operator of the namespaced-mode test (another release) writes the status of its jobs too
+    "admission": {"trustedStatusWriters": ["system:serviceaccount:kt-ns-system:kt-ns-kubetune-operator"]},
     "tenants": {TEAM_A: {
         "resourceQuota": {"requests.nvidia.com/gpu": "8", "requests.cpu": "64", "requests.memory": "256Gi",
                           "count/jobs.batch": "20"},
@@ -481,14 +546,30 @@ def cp(request):
 def chart_docs(cp, tmp_path_factory) -> list[dict[str, Any]]:
     docs = render_chart(tmp_path_factory.mktemp("chart"), CLUSTER_VALUES, crds=True)
     apply_chart(cp, docs)
-    # quota admission needs the quota controller's first count of every resource. (A count of
-    # FineTuneJobs, count/finetunejobs.kubetune.io, is only counted after the controller's next full
-    # resync, up to 5 minutes after the CRD appeared: not used here.)
-    def counted() -> bool:
-        quota = cp.get_json("-n", TEAM_A, "resourcequota", "kubetune")
-        return set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {}))
-    cp.wait_for(counted, 120, "ResourceQuota status", interval=1)
+    # quota admission needs the quota controller's first count of every resource
+    for name in ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity"):
+        wait_counted(cp, TEAM_A, name)
     return docs
+
+
+def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeout: float = 150) -> None:
+    """Until the quota controller has counted every resource of the quota (quota admission refuses
+    what it has no count for: "status unknown for quota"). A count of a custom resource
+    (count/finetunejobs.kubetune.io) starts once the controller's discovery (every 30 s) has seen
+    the CRD, but the quota is only recounted at its next full resync (5 minutes) or when its
+    spec.hard changes (an annotation does not do it): so add and remove a key."""
+    touch = "count/touches.kubetune.test"
+
+    def counted() -> bool:
+        quota = cp.get_json("-n", namespace, "resourcequota", name)
+        if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
+            return True
+        for op in ({"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
+                   {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")}):
+            cp.kubectl("-n", namespace, "patch", "resourcequota", name, "--type=json", "-p", json.dumps([op]))
+        return False
+
+    cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)
 
 
 @pytest.fixture(scope="module")
@@ -755,7 +836,8 @@ def test_namespaced_mode_runs_a_job_with_roles_only(cp, api, operator, tmp_path)
     runs a job there, and cannot even read FineTuneJobs elsewhere."""
     release_name, namespace = "kt-ns", "kt-ns-system"
     cp.create_namespace(namespace, labels=RESTRICTED)
-    values = {**CLUSTER_VALUES, "tenants": {}, "rbac": {"scope": "namespaced"}, "watchNamespaces": [TEAM_B]}
+    values = {**CLUSTER_VALUES, "tenants": {}, "rbac": {"scope": "namespaced"}, "watchNamespaces": [TEAM_B],
+              "admission": {"enabled": False}}
     docs = render_chart(tmp_path, {**values, "rbac": {"scope": "namespaced", "userRoles": False}},
                         release=release_name, namespace=namespace)
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")  # nothing cluster-wide

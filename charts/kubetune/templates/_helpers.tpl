@@ -46,6 +46,9 @@ app.kubernetes.io/part-of: kubetune
 
 {{/* Images */}}
 {{- define "kubetune.operatorImage" -}}
+{{- if and .Values.image.requireDigest (not .Values.image.digest) }}
+{{- fail "image.requireDigest: set image.digest (sha256:<64 hex>) to pin the operator image; tags can move" }}
+{{- end }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
@@ -83,7 +86,76 @@ trainer image defaulting to ghcr.io/kubetune/trainer:<appVersion> (render.DEFAUL
 {{- if not (get $out "image") }}
 {{- $_ := set $out "image" (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion) }}
 {{- end }}
+{{- $_ := set $out "policy" (include "kubetune.policy" . | fromJson) }}
 {{- toYaml $out }}
+{{- end }}
+
+{{/*
+Admission: the chart's ValidatingAdmissionPolicies (cluster-scoped objects: rbac.scope cluster only).
+*/}}
+{{- define "kubetune.admission" -}}
+{{- if .Values.admission.enabled }}
+{{- if include "kubetune.namespaced" . }}
+{{- fail "admission.enabled needs rbac.scope=cluster: its ValidatingAdmissionPolicies, bindings and FineTuneJobPolicy are cluster-scoped objects (set admission.enabled=false, and keep policy.tenantSecretRefs=Forbid, with rbac.scope=namespaced)" }}
+{{- end }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's username (ServiceAccount) as the API server sees it. */}}
+{{- define "kubetune.operatorUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubetune.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+The tenant policy (policy.TenantPolicy, camelCase) as JSON: values.policy with tenantSecretRefs
+defaulting to VerifiedByAdmission when the admission policies are installed, Forbid when not.
+*/}}
+{{- define "kubetune.policy" -}}
+{{- $p := deepCopy .Values.policy }}
+{{- $admission := include "kubetune.admission" . }}
+{{- if not $p.tenantSecretRefs }}
+{{- $_ := set $p "tenantSecretRefs" (ternary "VerifiedByAdmission" "Forbid" (eq $admission "true")) }}
+{{- else if and (eq $p.tenantSecretRefs "VerifiedByAdmission") (ne $admission "true") }}
+{{- fail "policy.tenantSecretRefs=VerifiedByAdmission needs admission.enabled=true: only the admission policy can check that a job's creator may read the Secrets it names" }}
+{{- end }}
+{{- if hasKey $p.networkPolicy "egress" }}{{ if kindIs "invalid" $p.networkPolicy.egress }}
+{{- $_ := unset $p.networkPolicy "egress" }}
+{{- end }}{{ end }}
+{{- range $index, $path := $p.dataPaths }}
+{{- if or (not (hasPrefix "/" $path)) (regexMatch "^/+$" $path) }}
+{{- fail (printf "policy.dataPaths[%d] %q: must be an absolute directory of a platform data volume, not /" $index $path) }}
+{{- end }}
+{{- range $forbidden := include "kubetune.forbiddenPathPrefixes" $ | fromJsonArray }}
+{{- if or (eq (trimSuffix "/" $path) $forbidden) (hasPrefix (printf "%s/" $forbidden) $path) }}
+{{- fail (printf "policy.dataPaths[%d] %q: under %s, never data" $index $path $forbidden) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $p.requireImageDigest }}
+{{- $image := .Values.defaults.image | default (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion) }}
+{{- if not (regexMatch "@sha256:[0-9a-f]{64}$" $image) }}
+{{- fail (printf "policy.requireImageDigest: the platform's trainer image %q is not pinned by digest; set defaults.image to name@sha256:<64 hex>" $image) }}
+{{- end }}
+{{- end }}
+{{- toJson $p }}
+{{- end }}
+
+{{/*
+The FineTuneJobPolicy's spec (the admission policy's parameters): the policy, with
+allowedOutputPrefixes extended by <defaults.outputUriPrefix>/{namespace}/ (policy.output_prefixes).
+*/}}
+{{- define "kubetune.policyParams" -}}
+{{- $p := include "kubetune.policy" . | fromJson }}
+{{- with .Values.defaults.outputUriPrefix }}
+{{- $_ := set $p "allowedOutputPrefixes" (append ($p.allowedOutputPrefixes | default list) (printf "%s/{namespace}/" (trimSuffix "/" .))) }}
+{{- end }}
+{{- toJson $p }}
+{{- end }}
+
+{{/* policy.FORBIDDEN_PATH_PREFIXES (tests/test_admission.py compares them) */}}
+{{- define "kubetune.forbiddenPathPrefixes" -}}
+["/proc", "/sys", "/dev", "/var/run", "/run", "/etc", "/root", "/home", "/boot", "/opt/venv", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/cache", "/tmp"]
 {{- end }}
 
 {{/*
@@ -115,6 +187,9 @@ clusterkopfpeerings, which only the cluster-wide mode needs.
   verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
+  verbs: [get, create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
   verbs: [get, create]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
@@ -155,10 +230,22 @@ clusterkopfpeerings, which only the cluster-wide mode needs.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create]
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
+{{- end }}
+
+{{/*
+CEL: the local source (model, dataset, CA bundle path) given as a CEL string expression is not
+readable data (policy._check_local_source): neither s3:, bundled:// nor an absolute path without
+'..' under a data path and outside the forbidden prefixes.
+*/}}
+{{- define "kubetune.cel.localBad" -}}
+(!{{ . }}.startsWith('s3:') && !{{ . }}.startsWith('bundled://') && ({{ . }}.matches('^[A-Za-z][A-Za-z0-9+.-]*://') || !{{ . }}.startsWith('/') || {{ . }}.matches('(^|/)[.][.](/|$)') || variables.forbiddenPaths.exists(f, {{ . }} == f || {{ . }}.startsWith(f + '/')) || !variables.dataPaths.exists(p, {{ . }} == p || {{ . }}.startsWith(p + '/'))))
 {{- end }}
