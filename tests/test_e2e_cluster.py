@@ -85,9 +85,12 @@ def cp(request):
 
 
 @pytest.fixture(scope="module")
-def operator(cp, tmp_path_factory):
+def operator(cp, s3_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("e2e-operator")
-    op = OperatorProcess(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), env=OPERATOR_ENV)
+    # the job names this test's S3 server as its endpoint: the platform allows exactly that one
+    policy = {**TRUSTED_POLICY, "allowedS3Endpoints": [s3_server.endpoint_url]}
+    env = {**OPERATOR_ENV, "KUBETUNE_DEFAULT_POLICY": json.dumps(policy)}
+    op = OperatorProcess(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), env=env)
     op.start()
     yield op
     op.stop()

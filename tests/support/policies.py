@@ -23,4 +23,5 @@ TRUSTED_POLICY: dict[str, Any] = {
     "allowedTrackingUris": ["http://", "https://", "file:"],
     "allowWandbOnline": True,
     "dataPaths": ["/data"],
+    "allowedOutputPrefixes": ["s3://", "/"],  # anywhere
 }
