@@ -239,7 +239,7 @@ def test_apply_finetunejob_trains_to_succeeded(cp, operator, s3_server, s3_prefi
     # what ran is what the operator rendered: torchrun with node ranks 0 and 1 from the Job's index
     for index, worker in enumerate(workers):
         argv = worker.argv
-        assert argv[0] == "torchrun" and argv[argv.index("--node-rank") + 1] == str(index), argv
+        assert argv[:3] == ["python", "-m", "kubetune_trainer.launch"] and argv[argv.index("--node-rank") + 1] == str(index), argv
         assert argv[argv.index("--master-addr") + 1] == f"{NAME}-1-0.{NAME}"
         assert "JOB_COMPLETION_INDEX" in worker.env_names and "AWS_SECRET_ACCESS_KEY" in worker.env_names
 

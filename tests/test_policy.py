@@ -248,7 +248,9 @@ def test_image_digest_required_of_tenants_and_of_the_platform() -> None:
 
 
 def test_policy_refuses_system_paths_as_data_volumes() -> None:
-    for bad in ("/", "/proc", "/var/run/secrets", "/etc/ssl", "relative/dir"):
+    with pytest.raises(ValueError, match=r"dataVolumes\[0\]: hostPath"):
+        PlatformDefaults(data_volumes=[{"name": "x", "mountPath": "/data", "hostPath": {"path": "/"}}])
+    for bad in ("/", "//", "///", "/proc", "/var/run/secrets", "/etc/ssl", "relative/dir"):
         with pytest.raises(ValueError, match=r"dataPaths\[0\]"):
             TenantPolicy.model_validate({"dataPaths": [bad]})
     with pytest.raises(ValueError, match=r"policy.allowedImagePrefixes: Input should be a valid list"):

@@ -88,7 +88,7 @@ def test_indexed_job_and_torchrun_command() -> None:
     assert pod["subdomain"] == "legal-lora" and pod["restartPolicy"] == "Never"
     assert pod["serviceAccountName"] == "legal-lora-trainer"
     assert container(children)["command"] == [
-        "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
+        "python", "-m", "kubetune_trainer.launch", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
         "--master-addr", "legal-lora-1-0.legal-lora", "--master-port", "29500",
         "-m", "kubetune_trainer", "--config", "/etc/kubetune/job.yaml", "--deepspeed", "/etc/kubetune/deepspeed.json"]
     env = env_of(children)
@@ -329,7 +329,7 @@ def test_fsdp_options() -> None:
 def test_launcher_args() -> None:
     args = distributed.launcher_args(spec_with(nodes=3, gpusPerNode=0), master_addr="j-0.svc", master_port=1234,
                                      node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=1, resume="latest")
-    assert args == ["torchrun", "--nnodes", "3", "--nproc-per-node", "1", "--node-rank", "$(JOB_COMPLETION_INDEX)",
+    assert args == ["python", "-m", "kubetune_trainer.launch", "--nnodes", "3", "--nproc-per-node", "1", "--node-rank", "$(JOB_COMPLETION_INDEX)",
                     "--master-addr", "j-0.svc", "--master-port", "1234", "-m", "kubetune_trainer",
                     "--config", "/etc/kubetune/job.yaml", "--resume", "latest"]
     assert distributed.world_size(spec_with(nodes=2, gpusPerNode=8)) == 16

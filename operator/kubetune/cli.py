@@ -63,7 +63,7 @@ def _format_summary(summary: dict) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         # Several local processes (DDP / DeepSpeed / FSDP over gloo on CPU) through torchrun.
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        command = [sys.executable, "-m", "kubetune_trainer.launch", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "kubetune_trainer", "--config", args.manifest, "--resume", args.resume]
         if args.output:
             command += ["--output", args.output]

@@ -120,10 +120,15 @@ def fsdp_options(spec: FineTuneJobSpec) -> dict[str, Any]:
     }
 
 
+# torchrun through kubetune_trainer.launch: the same arguments, but the pod exits with the workers' code
+# (3: configuration or data error, 143: preempted) instead of torchrun's 1 for any failure
+LAUNCHER = ["python", "-m", "kubetune_trainer.launch"]
+
+
 def launcher_args(spec: FineTuneJobSpec, *, master_addr: str, master_port: int = MASTER_PORT,
                   node_rank_expr: str, nproc_per_node: int | None = None, resume: str | None = None,
                   config_path: str = CONFIG_PATH, deepspeed_path: str = DEEPSPEED_PATH) -> list[str]:
-    """The torchrun command line of one worker pod.
+    """The torchrun command line of one worker pod (see LAUNCHER).
 
     `node_rank_expr` is what the pod passes as --node-rank, for example "$(JOB_COMPLETION_INDEX)"
     (expanded by the kubelet from the env var the Job controller sets on Indexed Job pods).
@@ -131,7 +136,7 @@ def launcher_args(spec: FineTuneJobSpec, *, master_addr: str, master_port: int =
     """
     nproc = processes_per_node(spec) if nproc_per_node is None else nproc_per_node
     args = [
-        "torchrun",
+        *LAUNCHER,
         "--nnodes", str(spec.resources.nodes),
         "--nproc-per-node", str(nproc),
         "--node-rank", node_rank_expr,

@@ -138,7 +138,7 @@ class TenantPolicy(SpecModel):
     def _check_policy(self) -> TenantPolicy:
         for index, path in enumerate(self.data_paths):
             norm = posixpath.normpath(path)
-            if not path.startswith("/") or _under(norm, FORBIDDEN_PATH_PREFIXES) or norm == "/":
+            if not path.startswith("/") or norm.strip("/") == "" or _under(norm, FORBIDDEN_PATH_PREFIXES):
                 raise ValueError(f"dataPaths[{index}] {path!r}: must be an absolute directory of a platform data "
                                  f"volume, not / nor under {', '.join(FORBIDDEN_PATH_PREFIXES)}")
         return self
@@ -250,7 +250,7 @@ def _cross_namespace_terms(affinity: Mapping[str, Any]) -> bool:
 
 
 def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output_uri_prefix: str | None = None,
-          platform_image: str | None = None) -> list[str]:
+          platform_image: str | None = None, platform_queue: str | None = None) -> list[str]:
     """Every way the tenant's spec (as written, before platform defaults) breaks the policy.
 
     Each entry reads `spec.<field>: <what is wrong and what would be valid> (policy.<rule>)`.
@@ -308,7 +308,10 @@ def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output
             v.add("spec.resources.affinity", "allowAffinity", "pod (anti-)affinity terms with namespaces or "
                   "namespaceSelector reach other namespaces' pods and are never allowed")
     queue = spec.scheduling.queue_name
-    if queue is not None and queue != "" and policy.allowed_queues and queue not in policy.allowed_queues:
+    if policy.require_queue and not queue and not platform_queue:
+        v.add("spec.scheduling.queueName", "requireQueue", "every job must go through a Kueue LocalQueue here; name "
+              "one" + (f" ({', '.join(policy.allowed_queues)})" if policy.allowed_queues else ""))
+    if queue and policy.allowed_queues and queue not in policy.allowed_queues:
         v.add("spec.scheduling.queueName", "allowedQueues", f"queue {_short(queue)} is not allowed (allowed: "
               f"{', '.join(policy.allowed_queues)})")
     # code and sources

@@ -126,6 +126,9 @@ class PlatformDefaults:
             if not isinstance(volume, Mapping) or not volume.get("name") or not str(
                     volume.get("mountPath", "")).startswith("/"):
                 raise ValueError(f"dataVolumes[{index}]: needs a name, an absolute mountPath and a volume source")
+            if "hostPath" in volume:  # the admission policy refuses worker Jobs with hostPath volumes
+                raise ValueError(f"dataVolumes[{index}]: hostPath volumes are not allowed (a node's own files); use "
+                                 "a persistentVolumeClaim, nfs or csi volume")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PlatformDefaults:
@@ -249,9 +252,6 @@ def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: s
         scheduling.pop("queueName", None)
         if defaults.queue_name:
             scheduling["queueName"] = defaults.queue_name
-    if defaults.policy.require_queue and not scheduling.get("queueName"):
-        raise PolicyViolation("spec.scheduling.queueName: every job must go through a Kueue LocalQueue here; name one "
-                          "(policy.requireQueue)")
     enforce_policy(defaults.policy, data)
     output = data.setdefault("output", {})
     if not output.get("uri") and defaults.output_uri_prefix:
@@ -622,7 +622,8 @@ def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTu
     meta = job["metadata"]
     spec = parse_spec(job.get("spec") or {})
     problems = check_policy(spec, defaults.policy, namespace=meta["namespace"],
-                            output_uri_prefix=defaults.output_uri_prefix, platform_image=defaults.image)
+                            output_uri_prefix=defaults.output_uri_prefix, platform_image=defaults.image,
+                            platform_queue=defaults.queue_name)
     if problems:
         raise PolicyViolation("; ".join(problems))
     return apply_defaults(spec, defaults, name=meta["name"], namespace=meta["namespace"])
