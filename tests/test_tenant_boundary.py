@@ -265,8 +265,8 @@ def test_trainer_token_cannot_take_over_operator_status(cp, admin, operator) -> 
     restored = cp.wait_for(lambda: (lambda s: s if s.get("attempt") == 1 else None)(status(admin, name)), 30,
                            "attempt restored")
     assert restored["startTime"] == before["startTime"] and restored["progress"]["step"] == 7
-    assert any(e["reason"] == "StatusTampered" and "status.attempt" in e["message"]
-               for e in warning_events(admin, name))
+    cp.wait_for(lambda: any(e["reason"] == "StatusTampered" and "status.attempt" in e["message"]
+                            for e in warning_events(admin, name)), 30, "StatusTampered event")
     time.sleep(2)
     jobs = worker_jobs(admin, name)
     assert [j.metadata.uid for j in jobs] == [job_uid] and jobs[0].metadata.deletion_timestamp is None
