@@ -150,7 +150,7 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            data = self.api.call_api(f"/apis/{GROUP}/{VERSION}", "GET", response_type="object",
+            data = self.api.call_api(f"/apis/{GROUP}/{VERSION}", "GET", response_types_map={200: "object"},
                                      auth_settings=["BearerToken"], _return_http_data_only=True)
         except ApiException:
             return False
@@ -182,12 +182,9 @@ class Cluster:
     def apply(self, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
         """Server-side apply (field manager `kubetune`)."""
         name = body["metadata"]["name"]
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{name}"
-        query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
-        return self.call("patch", RESOURCE, self.api.call_api, path, "PATCH", query_params=query,
-                         header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-                         body=body, response_type="object", auth_settings=["BearerToken"],
-                         _return_http_data_only=True, name=name)
+        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, GROUP, VERSION,
+                         self.namespace, PLURAL, name, body, field_manager=FIELD_MANAGER, force=force or None,
+                         _content_type="application/apply-patch+yaml", name=name)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, GROUP, VERSION,
