@@ -5,9 +5,13 @@ operator running as a subprocess.
 kwok holds the worker pods Running (the platform default annotation `kubetune.test/hold`); what a
 trainer would write into the status (progress, checkpoint, artifacts, metrics) is patched in through
 the status subresource, as the trainer does. Most commands run in-process (`cli.main`, output captured);
-`submit --wait` and the plugin run as real processes. kwok serves no container logs here (its
-nodes have no kubelet endpoint), so `logs` is tested up to the API server's answer for a pod whose
-node serves no logs, plus the selection of pods by attempt and rank.
+`submit --wait`, `watch`, `logs -f` and the plugin run as real processes.
+
+Logs: the two GPU nodes' kubelet endpoint is kwok's own server (127.0.0.1, kwok's port), and a kwok
+`ClusterLogs` serves one CRI-format file as every trainer container's log in the namespace, so
+`kubetune logs` goes through the API server's `pods/log` for real (`-f` sees lines appended to the
+file). A third node (`mute-0`) has no kubelet endpoint: the API server's refusal is what users see
+when a node cannot serve logs.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import yaml
 from kubernetes import client
 
 from kubetune import cli, cluster
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
+from tests.support.controlplane import HOLD_ANNOTATION, STAGES_FILE, ControlPlane
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 from tests.support.policies import TRUSTED_POLICY
 
@@ -45,12 +49,56 @@ SHA = "ab" * 32
 
 # ----- fixtures -----
 
+def cri_line(text: str) -> str:
+    """One line of a container log file as the container runtime writes it (what the kubelet serves)."""
+    return f"2026-01-01T00:00:00.000000000Z stdout F {text}\n"
+
+
+def kwok_config(directory: Path, log_file: Path) -> Path:
+    """The test stages plus a ClusterLogs: kwok serves `log_file` as the trainer container's log in ml."""
+    path = directory / "kwok.yaml"
+    path.write_text(STAGES_FILE.read_text() + "\n---\n" + yaml.safe_dump({
+        "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "ClusterLogs", "metadata": {"name": "trainer-logs"},
+        "spec": {"selector": {"matchNamespaces": [NS]},
+                 "logs": [{"containers": ["trainer"], "logsFile": str(log_file), "follow": True}]}}))
+    return path
+
+
+def add_node(cp: ControlPlane, name: str, pool: str, serves_logs: bool) -> None:
+    """A kwok node with 8 GPUs; with serves_logs its kubelet endpoint is kwok's server on 127.0.0.1 (the
+    API server's `pods/log` goes there, and kwok answers from its ClusterLogs)."""
+    resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8", "ephemeral-storage": "1Ti"}
+    status: dict[str, Any] = {"capacity": resources, "allocatable": dict(resources)}
+    if serves_logs:
+        status["addresses"] = [{"type": "InternalIP", "address": "127.0.0.1"},
+                               {"type": "Hostname", "address": "127.0.0.1"}]
+        status["daemonEndpoints"] = {"kubeletEndpoint": {"Port": cp.ports["kwok"]}}
+    cp.apply({"apiVersion": "v1", "kind": "Node", "status": status, "metadata": {
+        "name": name, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok", "pool": pool}}})
+
+    def ready() -> bool:
+        node = cp.get_json("node", name)
+        conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+        taints = {t["key"] for t in node.get("spec", {}).get("taints") or []}
+        return conditions.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
+    cp.wait_for(ready, 60, f"node {name} Ready")
+
+
 @pytest.fixture(scope="module")
-def cp(request):
+def log_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("logs") / "trainer.log"
+    path.write_text(cri_line("rank log: step 1 loss 2.0000") + cri_line("rank log: step 2 loss 1.9000"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cp(request, log_file):
     failed_before = request.session.testsfailed
-    with ControlPlane(extra_tokens=USERS) as plane:
+    with ControlPlane(extra_tokens=USERS, stages=kwok_config(log_file.parent, log_file)) as plane:
         for index in range(2):
-            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
+            add_node(plane, f"gpu-{index}", "gpu", serves_logs=True)
+        add_node(plane, "mute-0", "mute", serves_logs=False)
         plane.create_namespace(NS)
         # viewer: read FineTuneJobs in ml, nothing else
         plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -407,15 +455,40 @@ def test_logs_selects_the_current_attempt_and_rank(kube, operator, api, capsys, 
     monkeypatch.undo()
 
 
-def test_logs_from_kwok_pods_name_the_pod(kube, operator, api, capsys, monkeypatch) -> None:
-    """kwok's nodes serve no container logs: the API server's refusal is reported with the pod."""
-    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig)
-    monkeypatch.setenv("HOME", "/nonexistent")
+def test_logs_of_the_pods(kube, operator, api, log_file, tmp_path, capsys) -> None:
+    """kwok serves the trainer container's log (a ClusterLogs file) through the API server's pods/log."""
     kube.apply({**manifest("theta"), "metadata": {"name": "theta", "namespace": NS}})
     running(kube, api, "theta")
-    code, _, err = kubetune(capsys, "logs", "theta", "-n", NS, "--rank", "0")
+    code, out, err = kubetune(capsys, "logs", "theta", "-n", NS, "--rank", "0")
+    assert code == 0, err
+    assert out == "rank log: step 1 loss 2.0000\nrank log: step 2 loss 1.9000\n"
+    code, out, err = kubetune(capsys, "logs", "theta", "-n", NS, "--tail", "1")
+    assert code == 0, err
+    assert sorted(out.splitlines()) == ["[rank 0] rank log: step 2 loss 1.9000", "[rank 1] rank log: step 2 loss 1.9000"]
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "logs", "theta", "-n", NS, "--rank", "1", "-f"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "KUBECONFIG": kube.kubeconfig,
+                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "rank log: step 1 loss 2.0000\n"
+        assert proc.stdout.readline() == "rank log: step 2 loss 1.9000\n"
+        with open(log_file, "a") as handle:
+            handle.write(cri_line("rank log: step 3 loss 1.8000"))
+        assert proc.stdout.readline() == "rank log: step 3 loss 1.8000\n"  # followed
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_logs_when_the_node_serves_none(kube, operator, api, capsys) -> None:
+    """A node without a kubelet endpoint: the API server's refusal is reported with the pod."""
+    body = manifest("mute", resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "mute"}})
+    kube.apply({**body, "metadata": {"name": "mute", "namespace": NS}})
+    running(kube, api, "mute", count=1)
+    code, _, err = kubetune(capsys, "logs", "mute", "-n", NS)
     assert code == cluster.EXIT_CLUSTER
-    assert "pods/log" in err and "theta-1-" in err
+    assert "cannot read the log of pod mute-1-0-" in err and "(rank 0, Running on mute-0)" in err, err
 
 
 def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:

@@ -612,8 +612,16 @@ def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int |
     kwargs: dict[str, Any] = {"container": CONTAINER, "follow": follow, "_preload_content": False}
     if tail is not None:
         kwargs["tail_lines"] = tail
-    response = cluster.call("get", "pods/log", cluster.core.read_namespaced_pod_log, name, cluster.namespace,
-                            name=name, **kwargs)
+    try:
+        response = cluster.call("get", "pods/log", cluster.core.read_namespaced_pod_log, name, cluster.namespace,
+                                name=name, **kwargs)
+    except ClusterError as error:
+        if "RBAC denied" in str(error) or "refused the credentials" in str(error):
+            raise
+        node = (pod.get("spec") or {}).get("nodeName") or "no node yet"
+        phase = (pod.get("status") or {}).get("phase") or "?"
+        raise ClusterError(f"cannot read the log of pod {name} (rank {rank_of(pod)}, {phase} on {node}): "
+                           f"{str(error).split(': ', 1)[-1]}") from None
     pending = b""
     try:
         for chunk in response.stream(4096):
