@@ -54,12 +54,12 @@ def cri_line(text: str) -> str:
     return f"2026-01-01T00:00:00.000000000Z stdout F {text}\n"
 
 
-def kwok_config(directory: Path, log_file: Path) -> Path:
-    """The test stages plus a ClusterLogs: kwok serves `log_file` as the trainer container's log in ml."""
+def kwok_config(directory: Path, log_file: Path, namespace: str = NS) -> Path:
+    """The test stages plus a ClusterLogs: kwok serves `log_file` as the trainer container's log in `namespace`."""
     path = directory / "kwok.yaml"
     path.write_text(STAGES_FILE.read_text() + "\n---\n" + yaml.safe_dump({
         "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "ClusterLogs", "metadata": {"name": "trainer-logs"},
-        "spec": {"selector": {"matchNamespaces": [NS]},
+        "spec": {"selector": {"matchNamespaces": [namespace]},
                  "logs": [{"containers": ["trainer"], "logsFile": str(log_file), "follow": True}]}}))
     return path
 

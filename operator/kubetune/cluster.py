@@ -39,6 +39,8 @@ LABEL_JOB, LABEL_ATTEMPT = f"{GROUP}/job-name", f"{GROUP}/attempt"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 CONTAINER = "trainer"
+TRAINING_SUMMARY = ("epochs", "maxSteps", "learningRate", "scheduler", "batchSizePerDevice",
+                    "gradientAccumulationSteps", "maxSeqLength", "packing")
 EXIT_FAILED, EXIT_CLUSTER, EXIT_TIMEOUT = 1, 2, 124
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 INSTALL_HINT = ("install it with the chart (helm install kubetune charts/kubetune -n kubetune-system "
@@ -358,8 +360,8 @@ def describe_text(job: dict[str, Any], events: list[dict[str, Any]] | str) -> st
              f"  Model:      {(spec.get('model') or {}).get('source')}",
              f"  Method:     {method.get('type', 'lora')}   Task: {(spec.get('task') or {}).get('type')}",
              f"  Datasets:   {', '.join(d.get('source', '?') for d in spec.get('datasets') or [])}",
-             "  Training:   " + ", ".join(f"{k}={v}" for k, v in training.items()
-                                           if not isinstance(v, (dict, list))) if training else "  Training:   defaults",
+             "  Training:   " + (", ".join(f"{k}={training[k]}" for k in TRAINING_SUMMARY if k in training)
+                                 or "defaults"),
              f"  Resources:  {res.get('nodes', 1)} node(s) x {res.get('gpusPerNode', 1)} GPU(s), "
              f"{res.get('strategy', 'ddp')}",
              f"  Output:     {out.get('uri') or '(platform default)'}; exports "
@@ -530,8 +532,9 @@ class _Bar:
         detail = f"{phase}"
         if progress:
             detail += (f"  step {progress_text(status)}  loss {_num(progress.get('loss'))}  "
-                       f"{_num(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s  "
-                       f"ETA {_duration(progress.get('etaSeconds'))}")
+                       f"{_num(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s")
+            if phase not in ("Succeeded", "Failed"):
+                detail += f"  ETA {_duration(progress.get('etaSeconds'))}"
         elif status.get("message"):
             detail += f"  {status['message']}"
         if self.live is not None:
