@@ -535,3 +535,72 @@ def test_kubectl_plugin(kube, operator, tmp_path) -> None:
     result = subprocess.run([str(kube.bin_dir / "kubectl"), "kubetune", "get", "nope", "-n", NS],
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == cluster.EXIT_CLUSTER and "'nope' not found" in result.stderr
+
+
+# ----- without a cluster -----
+
+def test_readme_cluster_commands_parse() -> None:
+    """Every `kubetune ...` line of the README's "Use it on a cluster" block is a valid command line."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Use it on a cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].split() for line in block.splitlines() if line.strip()]
+    parser = cli.build_parser()
+    commands = set()
+    for words in lines:
+        words = words[1:] if words[0] == "kubectl" else words
+        assert words[0] == "kubetune", words
+        args = parser.parse_args(words[1:])
+        commands.add(args.command)
+    assert commands == {"submit", "get", "describe", "watch", "logs", "checkpoints", "artifacts", "suspend",
+                        "resume", "cancel"}
+
+
+def test_watch_draws_a_bar_on_a_terminal(monkeypatch) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    bar = cluster._Bar("job", quiet=False)
+    assert bar.live is not None
+    bar.update({"phase": "Running", "progress": progress(30)})
+    bar.update({"phase": "Succeeded", "progress": progress(100)})
+    bar.stop()
+    monkeypatch.undo()
+    assert "step 100/100 (100%)" in screen.getvalue() and "Succeeded" in screen.getvalue()
+
+
+def test_plugin_entry_point(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["kubectl-kubetune", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cluster.plugin_main()
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: kubectl kubetune")
+
+
+def test_checkpoints_from_storage(kube, operator, api, tmp_path, capsys) -> None:
+    """--storage lists the output's complete checkpoints (here a local output directory)."""
+    from kubetune.checkpoints import write_manifest
+
+    output = tmp_path / "out"
+    for step in (100, 200, 300):
+        directory = output / "checkpoints" / f"step-{step}"
+        directory.mkdir(parents=True)
+        (directory / "adapter_model.safetensors").write_bytes(b"w" * step)
+        if step != 300:  # step 300 is still being written: no manifest, not complete
+            write_manifest(directory, step, "cfg")
+    kube.apply({**manifest("lam", output={"uri": str(output)}), "metadata": {"name": "lam", "namespace": NS}})
+    wait_status(kube, api, "lam", lambda st: st.get("phase") in ("Pending", "Running"), "reconciled")
+    patch_status(api, "lam", {"checkpoint": {"step": 200, "uri": f"{output}/checkpoints/step-200"}})
+    code, out, err = kubetune(capsys, "checkpoints", "lam", "-n", NS, "--storage")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("100", f"{output}/checkpoints/step-100"),
+                                           ("200", f"{output}/checkpoints/step-200")]
+    assert rows[0][-1] == "storage" and rows[1][-2:] == ["status", "(latest)"]
+    code, out, _ = kubetune(capsys, "checkpoints", "lam", "-n", NS, "--storage", "-o", "json")
+    assert [c["step"] for c in json.loads(out)] == [100, 200]
+    code, out, err = kubetune(capsys, "checkpoints", "alpha-missing", "-n", NS)
+    assert code == cluster.EXIT_CLUSTER and "'alpha-missing' not found" in err
