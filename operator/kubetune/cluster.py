@@ -50,9 +50,14 @@ INSTALL_HINT = ("install it with the chart (helm install kubetune charts/kubetun
 class ClusterError(Exception):
     """A problem talking to the cluster, with a message naming what to fix."""
 
-    def __init__(self, message: str, code: int = EXIT_CLUSTER):
+    def __init__(self, message: str, code: int = EXIT_CLUSTER, status: int | None = None):
         super().__init__(message)
         self.code = code
+        self.status = status  # the API server's HTTP status, when it answered
+
+
+class CrdMissing(ClusterError):
+    """The API server does not serve finetunejobs.kubetune.io."""
 
 
 # ----- connection -----
@@ -124,27 +129,33 @@ class Cluster:
             body = {}
         message = body.get("message") or error.reason or ""
         where = f" in namespace {self.namespace!r}" if resource != "customresourcedefinitions" else ""
-        if error.status == 401:
+        explained = self._explain_status(error.status, message, verb, resource, name, where)
+        explained.status = error.status
+        return explained
+
+    def _explain_status(self, status: int, message: str, verb: str, resource: str, name: str | None,
+                        where: str) -> ClusterError:
+        if status == 401:
             return ClusterError(f"the API server {self.server} refused the credentials of {self.where} "
                                 f"(401 Unauthorized): log in again or renew the token")
-        if error.status == 403:
+        if status == 403:
             return ClusterError(f"RBAC denied: cannot {verb} {resource}{where} ({message}); ask a cluster admin "
                                 f"for a Role granting {verb!r} on {resource!r} (the chart's kubetune-edit and "
                                 f"kubetune-view ClusterRoles aggregate into edit and view)")
-        if error.status == 404:
+        if status == 404:
             if resource == RESOURCE and not self.crd_installed():
-                return ClusterError(f"the FineTuneJob CRD ({RESOURCE}) is not installed in the cluster at "
+                return CrdMissing(f"the FineTuneJob CRD ({RESOURCE}) is not installed in the cluster at "
                                     f"{self.server}: {INSTALL_HINT}")
             if name:
                 return ClusterError(f"{resource} {name!r} not found{where} (kubetune get -n {self.namespace} "
                                     "lists them)" if resource == RESOURCE else
                                     f"{resource} {name!r} not found{where}")
             return ClusterError(f"{verb} {resource}{where}: not found: {message}")
-        if error.status == 409:
+        if status == 409:
             return ClusterError(f"conflict on {resource} {name or ''}{where}: {message}")
-        if error.status == 422 or error.status == 400:
+        if status in (400, 422):
             return ClusterError(f"the API server rejected {verb} {resource} {name or ''}: {message}")
-        return ClusterError(f"{verb} {resource} {name or ''}{where} failed: {error.status} {message}".replace(
+        return ClusterError(f"{verb} {resource} {name or ''}{where} failed: {status} {message}".replace(
             "  ", " "))
 
     def crd_installed(self) -> bool:
@@ -167,8 +178,10 @@ class Cluster:
         """The FineTuneJob, or None when it does not exist (the CRD does)."""
         try:
             return self.get(name)
+        except CrdMissing:
+            raise
         except ClusterError as error:
-            if "not found" in str(error) and "CRD" not in str(error):
+            if error.status == 404:
                 return None
             raise
 
@@ -460,7 +473,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         after = cluster.apply(body, force=args.force_conflicts)
     except ClusterError as error:
-        if "conflict" in str(error):
+        if error.status == 409:
             raise ClusterError(f"{error}; another field manager owns these fields: pass --force-conflicts to take "
                                "them over") from None
         raise
@@ -552,6 +565,7 @@ class _Bar:
 def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = False) -> int:
     """Follow one job until it finishes: 0 Succeeded, 1 Failed or deleted, 124 timeout."""
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = _Bar(name, quiet)
@@ -585,6 +599,8 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
             except ApiException as error:
                 if error.status != 410:  # 410 Gone: resourceVersion too old; read again
                     raise cluster._explain(error, "watch", RESOURCE, name) from None
+            except HTTPError:  # the connection dropped: read again (a dead server fails the read)
+                time.sleep(1)
             fresh = cluster.find(name)
             if fresh is None:
                 bar.stop()
@@ -619,7 +635,7 @@ def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int |
         response = cluster.call("get", "pods/log", cluster.core.read_namespaced_pod_log, name, cluster.namespace,
                                 name=name, **kwargs)
     except ClusterError as error:
-        if "RBAC denied" in str(error) or "refused the credentials" in str(error):
+        if error.status in (401, 403):
             raise
         node = (pod.get("spec") or {}).get("nodeName") or "no node yet"
         phase = (pod.get("status") or {}).get("phase") or "?"
