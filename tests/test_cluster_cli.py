@@ -43,7 +43,8 @@ OPERATOR_ENV = {
     "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
     "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),
 }
-USERS = {"viewer": (secrets.token_hex(16), []), "nobody": (secrets.token_hex(16), [])}
+USERS = {"viewer": (secrets.token_hex(16), []), "nobody": (secrets.token_hex(16), []),
+         "podlister": (secrets.token_hex(16), [])}
 SHA = "ab" * 32
 
 
@@ -108,6 +109,15 @@ def cp(request, log_file):
                      "metadata": {"name": "ftj-view", "namespace": NS},
                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ftj-view"},
                      "subjects": [{"kind": "User", "name": "viewer", "apiGroup": "rbac.authorization.k8s.io"}]})
+        # podlister: read FineTuneJobs and list pods, but not their logs
+        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                     "metadata": {"name": "pod-list", "namespace": NS},
+                     "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list"]},
+                               {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]})
+        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                     "metadata": {"name": "pod-list", "namespace": NS},
+                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-list"},
+                     "subjects": [{"kind": "User", "name": "podlister", "apiGroup": "rbac.authorization.k8s.io"}]})
         yield plane
         if request.session.testsfailed > failed_before:
             print(plane.diagnostics(20))
@@ -510,6 +520,11 @@ def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot patch finetunejobs.kubetune.io" in err
     code, _, err = kubetune(capsys, "logs", "iota", "-n", NS, "--kubeconfig", viewer)
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot list pods in namespace 'ml'" in err
+    running(kube, kube.api_client(), "iota")
+    code, _, err = kubetune(capsys, "logs", "iota", "-n", NS, "--rank", "0", "--kubeconfig",
+                            kube.kubeconfig_for("podlister"))
+    assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot get pods/log in namespace 'ml'" in err
+    assert "granting 'get' on 'pods/log'" in err
     code, out, _ = kubetune(capsys, "describe", "iota", "-n", NS, "--kubeconfig", viewer)
     assert code == 0 and "Events:       <RBAC denied: cannot list events" in out
 
