@@ -343,6 +343,7 @@ def test_context_namespace_is_the_default(kube, operator, tmp_path, capsys, monk
 def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) -> None:
     kube.apply({**manifest("beta"), "metadata": {"name": "beta", "namespace": NS}})
     pods = running(kube, api, "beta")
+    wait_status(kube, api, "beta", lambda st: st.get("phase") == "Running", "Running")
     patch_status(api, "beta", {"progress": progress(10)})
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "watch", "beta", "-n", NS, "--timeout", "90"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -386,6 +387,7 @@ def test_submit_wait_exits_with_the_failure(kube, operator, api, tmp_path) -> No
                             env={**os.environ, "KUBECONFIG": kube.kubeconfig,
                                  "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
     pods = running(kube, api, "gamma")
+    wait_status(kube, api, "gamma", lambda st: st.get("phase") == "Running", "Running")
     patch_status(api, "gamma", {"progress": progress(5)})
     time.sleep(2)
     kube.fail_pod(NS, pods[0]["metadata"]["name"], exit_code=3, message="bad row data.jsonl:7")
