@@ -66,8 +66,12 @@ class Cluster:
     """An API client for one kubeconfig context (or in-cluster) and a namespace."""
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None):
-        from kubernetes import client, config
-        from kubernetes.config.config_exception import ConfigException
+        try:
+            from kubernetes import client, config
+            from kubernetes.config.config_exception import ConfigException
+        except ImportError:
+            raise ClusterError("the cluster commands need the Kubernetes client: pip install 'kubetune[operator]'"
+                               ) from None
 
         cfg = client.Configuration()
         path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
