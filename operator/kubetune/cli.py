@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(func=_cmd_crd)
     schema = sub.add_parser("schema", help="print the JSON schema of a FineTuneJob")
     schema.set_defaults(func=_cmd_schema)
+
+    from kubetune.cluster import add_cluster_commands  # submit, get, describe, watch, logs, ... on a cluster
+
+    add_cluster_commands(sub)
     return parser
 
 
