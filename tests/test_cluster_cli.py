@@ -233,14 +233,21 @@ def finished(name: str) -> dict[str, Any]:
 # ----- errors before anything is installed -----
 
 def test_crd_not_installed_is_named(cp, kube, capsys) -> None:
-    if cp.kubectl("get", "crd", f"{PLURAL}.{GROUP}", check=False).returncode == 0:
-        pytest.skip("the CRD is already installed (this test runs first in the module)")
-    code, out, err = kubetune(capsys, "get", "-n", NS)
-    assert code == cluster.EXIT_CLUSTER
-    assert "FineTuneJob CRD (finetunejobs.kubetune.io) is not installed" in err
-    assert "helm install kubetune charts/kubetune" in err and "kubetune crd | kubectl apply -f -" in err
-    code, _, err = kubetune(capsys, "describe", "anything", "-n", NS)
-    assert code == cluster.EXIT_CLUSTER and "is not installed" in err
+    installed = cp.kubectl("get", "crd", f"{PLURAL}.{GROUP}", check=False).returncode == 0
+    if installed:  # run out of order (-k, -p randomly): take it away for this test and put it back after
+        cp.kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--wait=true", timeout=120)
+        cp.wait_for(lambda: cp.kubectl("api-resources", "--api-group", GROUP, "-o", "name").stdout.strip() == "",
+                    60, "FineTuneJob API gone")
+    try:
+        code, out, err = kubetune(capsys, "get", "-n", NS)
+        assert code == cluster.EXIT_CLUSTER
+        assert "FineTuneJob CRD (finetunejobs.kubetune.io) is not installed" in err
+        assert "helm install kubetune charts/kubetune" in err and "kubetune crd | kubectl apply -f -" in err
+        code, _, err = kubetune(capsys, "describe", "anything", "-n", NS)
+        assert code == cluster.EXIT_CLUSTER and "is not installed" in err
+    finally:
+        if installed:
+            install_crd(cp)
 
 
 def test_no_kubeconfig(monkeypatch, tmp_path, capsys) -> None:
