@@ -164,8 +164,13 @@ build_dockerfile() { # name dockerfile build-args...
     log "$name: up to date ($ref)"
     return
   fi
-  log "$name: wheelhouse $wheelhouse (pip download --require-hashes of locks/$name.txt)"
-  bash scripts/wheelhouse.sh "$name" "$wheelhouse" 3.11
+  local lock_sum
+  lock_sum="$(sha256sum "locks/$name.txt" | cut -c1-64)"
+  if [[ "$(cat "$wheelhouse/.lock.sha256" 2>/dev/null)" != "$lock_sum" ]]; then
+    log "$name: wheelhouse $wheelhouse (pip download --require-hashes of locks/$name.txt)"
+    bash scripts/wheelhouse.sh "$name" "$wheelhouse" 3.11
+    echo "$lock_sum" >"$wheelhouse/.lock.sha256"
+  fi
   log "$name: buildah bud -f $dockerfile"
   local t0=$SECONDS
   buildah bud --quiet --layers --network host --format docker -f "$dockerfile" \
