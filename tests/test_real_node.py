@@ -129,7 +129,7 @@ def job_manifest(name: str, prefix: str, endpoint: str) -> dict[str, Any]:
                         "credentialsSecretRef": {"name": "s3-creds"}},
             "tracking": {"tensorboard": False},
             # one node has 2 CPUs: the two workers and the operator share them
-            "resources": {"nodes": 2, "gpusPerNode": 0, "strategy": "ddp", "cpu": "800m", "memory": "4Gi",
+            "resources": {"nodes": 2, "gpusPerNode": 0, "strategy": "ddp", "cpu": "900m", "memory": "4Gi",
                           "sharedMemory": "256Mi"},
         },
     }

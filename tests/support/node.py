@@ -509,6 +509,14 @@ oom_score = 0
                           if line.split()[4].startswith(str(state))]
                 for mount in sorted(mounts, key=len, reverse=True):
                     _run("umount", "-l", mount, check=False)
+        # the kubelet's (now empty) pod cgroups
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            top = hierarchy / "kubepods"
+            if top.is_dir():
+                for path in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts),
+                                   reverse=True) + [top]:
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
         for undo in reversed(self._undo):
             with contextlib.suppress(Exception):
                 undo()
