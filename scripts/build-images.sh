@@ -177,6 +177,9 @@ build_dockerfile() { # name dockerfile build-args...
     --volume "$wheelhouse:/wheelhouse:ro" "$@" -t "$ref" "$REPO" >"$OUT/$name.build.log" 2>&1 \
     || { tail -40 "$OUT/$name.build.log" >&2; exit 1; }
   log "$name: built in $((SECONDS - t0)) s"
+  # earlier builds of this image: untag (their layers stay while a newer build shares them)
+  buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep "^localhost/kubetune/$name:" | grep -vx "$ref" \
+    | xargs -r buildah rmi >/dev/null 2>&1 || true
   save "$name" "$ref" "$stamp"
 }
 

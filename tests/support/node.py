@@ -34,6 +34,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,25 @@ def _issue_client_cert(pki: Path, name: str, cn: str, org: str) -> tuple[Path, P
                                        serialization.NoEncryption()))
     keyf.chmod(0o600)
     return crt, keyf
+
+
+def flush_kube_chains() -> None:
+    """Remove the KUBE-* chains (and the jumps to them) that kubelet and kube-proxy leave behind."""
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        for table in ("filter", "nat", "mangle"):
+            rules = _run(tool, "-t", table, "-S", check=False).stdout.splitlines()
+            chains = [r.split()[1] for r in rules if r.startswith("-N KUBE-")]
+            for rule in rules:
+                parts = shlex.split(rule)
+                if parts[:1] == ["-A"] and not parts[1].startswith("KUBE-") and "-j" in parts \
+                        and parts[parts.index("-j") + 1].startswith("KUBE-"):
+                    _run(tool, "-t", table, "-D", *parts[1:], check=False)
+            for chain in chains:
+                _run(tool, "-t", table, "-F", chain, check=False)
+            for chain in chains:
+                _run(tool, "-t", table, "-X", chain, check=False)
 
 
 class RealNodeCluster:
@@ -289,6 +309,11 @@ oom_score = 0
 
     def _import_images(self, archives: Mapping[str, Path]) -> None:
         present = set(self.ctr("images", "list", "-q").stdout.split())
+        current = {image_ref(name) for name in self.images}
+        repos = {ref.rsplit(":", 1)[0] for ref in current}
+        stale = [ref for ref in present if ref.rsplit(":", 1)[0] in repos and ref not in current]
+        if stale:  # earlier builds of the same images (their layers stay while still shared)
+            self.ctr("images", "remove", *stale, check=False)
         for name in self.images:
             ref = image_ref(name)
             if ref in present:
@@ -489,6 +514,7 @@ oom_score = 0
         if hasattr(self, "kube_proxy_config"):
             # removes the KUBE-* chains and rules it made
             _run(str(self.bin_dir / "kube-proxy"), "--cleanup", f"--config={self.kube_proxy_config}", check=False)
+            flush_kube_chains()  # the kubelet's own (KUBE-FIREWALL, canaries)
         self.cp.stop()
         if "containerd" in self.components:
             with contextlib.suppress(Exception):
