@@ -50,7 +50,9 @@ lock:
 demo: install
 	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
-test: install control-plane images
+# The Go builds (CPU) and the image builds (downloads, then CPU) run side by side.
+test: install
+	$(MAKE) -j2 control-plane images
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: install

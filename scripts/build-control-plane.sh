@@ -219,7 +219,7 @@ command -v iptables >/dev/null || node_pkgs+=(iptables)
 if ((${#node_pkgs[@]})); then
   if [[ $(id -u) == 0 ]]; then
     log "node packages: apt-get install ${node_pkgs[*]}"
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${node_pkgs[@]}" >/dev/null
+    apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${node_pkgs[@]}" >/dev/null
   else
     log "node packages missing (${node_pkgs[*]}): run as root, or apt-get install them"
   fi

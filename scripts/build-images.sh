@@ -16,7 +16,7 @@
 # /wheelhouse: the builds install with --no-index --require-hashes. buildah builds with --layers,
 # so a code change rebuilds only the small last layers. Each image is rebuilt only when the hash
 # of its inputs (Dockerfile, lock, sources, base image, build args) changes: a second run takes
-# seconds. KUBETUNE_REBUILD=1 forces a rebuild. Usage: scripts/build-images.sh [NAME...]
+# seconds. KUBETUNE_REBUILD=1 forces a rebuild (buildah --no-cache: a cold build). Usage: scripts/build-images.sh [NAME...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -36,7 +36,7 @@ for pair in buildah:buildah debootstrap:debootstrap; do
 done
 if ((${#need[@]})); then
   log "installing ${need[*]} (apt-get)"
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 # buildah without CAP_SYS_RESOURCE: no raised rlimits; cgroupfs (PID 1 is not systemd).
@@ -173,7 +173,9 @@ build_dockerfile() { # name dockerfile build-args...
   fi
   log "$name: buildah bud -f $dockerfile"
   local t0=$SECONDS
-  buildah bud --quiet --layers --network host --format docker -f "$dockerfile" \
+  local cache_flag=--layers
+  [[ "${KUBETUNE_REBUILD:-0}" == 1 ]] && cache_flag=--no-cache
+  buildah bud --quiet "$cache_flag" --network host --format docker -f "$dockerfile" \
     --volume "$wheelhouse:/wheelhouse:ro" "$@" -t "$ref" "$REPO" >"$OUT/$name.build.log" 2>&1 \
     || { tail -40 "$OUT/$name.build.log" >&2; exit 1; }
   log "$name: built in $((SECONDS - t0)) s"

@@ -36,7 +36,7 @@ import json
 import re
 import subprocess
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from kubetune.checkpoints import CheckpointStore
 from tests.support.controlplane import ensure_binaries
 from tests.support.node import GATEWAY, NODE_NAME, RealNodeCluster
 from tests.support.s3server import SeaweedS3
+from tests.support.status_watch import PHASE_ORDER, StatusWatch
 from tests.support.trainer_fixtures import PYDOC
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,13 +142,20 @@ def worker_pods(node: RealNodeCluster, name: str, attempt: int | None = None) ->
     return sorted(items, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
 
 
+def parse_stamp(stamp: str) -> float:
+    """An RFC 3339 time (the kubelet's log timestamps have nanoseconds) as epoch seconds."""
+    base, _, rest = stamp.rstrip("Z").partition(".")
+    fraction = float("0." + re.sub(r"\D.*", "", rest)) if rest else 0.0
+    return datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp() + fraction
+
+
 def first_step_time(node: RealNodeCluster, pod: str) -> float | None:
     """Timestamp (kubelet's CRI log) of the first `step N/` line of a pod, or None."""
     r = node.cp.kubectl("-n", NS, "logs", pod, "--timestamps", check=False, timeout=60)
     for line in r.stdout.splitlines():
         stamp, _, text = line.partition(" ")
         if re.match(r"step \d+/", text):
-            return datetime.fromisoformat(stamp.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+            return parse_stamp(stamp)
     return None
 
 
@@ -218,19 +226,20 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
                    "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
     output = f"{prefix}/run"
-    seen: list[dict[str, Any]] = []
+    statuses = StatusWatch(node.cp.api_client(), NS, name)
     applied = time.time()
-    node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
+    try:
+        node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
 
-    def finished() -> dict[str, Any] | None:
-        obj = ftj(node, name)
-        status = obj.get("status") or {}
-        if status and (not seen or seen[-1] != status):
-            seen.append(json.loads(json.dumps(status)))
-        return obj if status.get("phase") in ("Succeeded", "Failed") else None
+        def finished() -> dict[str, Any] | None:
+            obj = ftj(node, name)
+            return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
 
-    final = node.wait_for(finished, 900, f"{name} finished", interval=1.0)
-    elapsed = time.time() - applied
+        final = node.wait_for(finished, 900, f"{name} finished", interval=1.0)
+        elapsed = time.time() - applied
+    finally:
+        time.sleep(0.5)  # the watch sees the last version
+        statuses.stop()
     workers = worker_pods(node, name)
     texts = {p["metadata"]["name"]: logs(node, NS, p["metadata"]["name"]) for p in workers}
     for pod_name, text in texts.items():
@@ -254,26 +263,68 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
         assert pod["status"]["phase"] == "Succeeded"
         assert pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(index)
 
-    # phases and progress seen while Running (patched by rank 0 through its own token)
-    phases = [s.get("phase") for s in seen]
-    assert "Running" in phases and phases[-1] == "Succeeded", phases
-    steps = [s["progress"]["step"] for s in seen if s.get("phase") == "Running" and s.get("progress")]
+    # the command is what the operator rendered; the real kubelet expanded the Job's index
+    for pod in workers:
+        command = pod["spec"]["containers"][0]["command"]
+        assert command[command.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+        env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+        assert {"JOB_COMPLETION_INDEX", "AWS_SECRET_ACCESS_KEY"} <= env
+
+    # phases: Pending (or Initializing) -> Running -> Succeeded, never backwards
+    phases = statuses.phases()
+    assert phases[0] in ("Pending", "Initializing") and phases[-1] == "Succeeded", phases
+    assert "Running" in phases and all(p in PHASE_ORDER for p in phases), phases
+    assert [PHASE_ORDER.index(p) for p in phases] == sorted(PHASE_ORDER.index(p) for p in phases), phases
+
+    # progress: patched by rank 0 (its own token, the API through the Service) while Running,
+    # fresh against the trainer's own log lines (the kubelet's CRI timestamps)
+    printed: dict[int, float] = {}
+    stamped = node.cp.kubectl("-n", NS, "logs", workers[0]["metadata"]["name"], "--timestamps").stdout
+    for line in stamped.splitlines():
+        stamp, _, text = line.partition(" ")
+        match = re.match(rf"step (\d+)/{STEPS}\b", text)
+        if match:
+            printed.setdefault(int(match.group(1)), parse_stamp(stamp))
+    assert set(range(1, STEPS + 1)) <= set(printed), sorted(printed)
+    running = [(seen_at, st["progress"]) for seen_at, st in statuses.seen
+               if st.get("phase") == "Running" and st.get("progress")]
+    steps = [p["step"] for _, p in running]
     assert len({s for s in steps if s > 0}) >= 2 and steps == sorted(steps), steps
+    for seen_at, progress in running:
+        assert progress["totalSteps"] == STEPS
+        if progress["step"] > 0:
+            assert seen_at - printed[progress["step"]] <= 30, (progress, seen_at - printed[progress["step"]])
+            assert abs(parse_stamp(progress["updatedAt"]) - printed[progress["step"]]) <= 30, progress
+    lags = [seen_at - printed[p["step"]] for seen_at, p in running if p["step"] > 0]
+    print(f"progress seen at {len(set(steps))} distinct steps while Running; lag behind the trainer's log: "
+          f"max {max(lags):.2f} s, mean {sum(lags) / len(lags):.2f} s")
     assert status["progress"]["step"] == STEPS and status["progress"]["percent"] == 100
-    rank0 = texts[workers[0]["metadata"]["name"]]
-    assert set(range(1, STEPS + 1)) <= {int(m) for m in re.findall(rf"^step (\d+)/{STEPS}\b", rank0, re.M)}
 
     # checkpoints and exports in S3, digests in the status
     store = CheckpointStore(output, options)
     assert store.complete_steps() == [STEPS - CHECKPOINT_EVERY, STEPS]
+    for step in store.complete_steps():
+        assert storage.exists(f"{store.step_uri(step)}/manifest.json", options=options)
     assert status["checkpoint"]["step"] == STEPS
+    assert status["checkpoint"]["uri"].rstrip("/") == store.step_uri(STEPS).rstrip("/")
     summary = json.loads(storage.read_bytes(f"{output}/summary.json", options=options))
     assert summary["status"] == "Succeeded" and summary["steps"] == STEPS and summary["worldSize"] == 2
     artifacts = {a["kind"]: a for a in status["artifacts"]}
     assert {"adapter", "merged"} <= set(artifacts)
-    for kind in ("adapter", "merged"):
-        manifest_bytes = storage.read_bytes(f"{artifacts[kind]['uri']}/manifest.json", options=options)
-        assert hashlib.sha256(manifest_bytes).hexdigest() == artifacts[kind]["sha256"]
+    for artifact in status["artifacts"]:
+        assert set(artifact) >= {"kind", "uri", "sha256", "sizeBytes"} and artifact["uri"].startswith(output + "/")
+        if artifact["kind"] in ("adapter", "merged"):
+            assert artifact["uri"] == f"{output}/exports/{artifact['kind']}"
+            manifest_bytes = storage.read_bytes(f"{artifact['uri']}/manifest.json", options=options)
+            assert hashlib.sha256(manifest_bytes).hexdigest() == artifact["sha256"]
+            manifest = json.loads(manifest_bytes)
+            assert sum(f["size"] for f in manifest["files"]) == artifact["sizeBytes"]
+            for entry in manifest["files"]:
+                assert storage.exists(f"{artifact['uri']}/{entry['path']}", options=options), entry
+        else:  # single files (loss plot, metrics): the digest of the object itself
+            data = storage.read_bytes(artifact["uri"], options=options)
+            assert hashlib.sha256(data).hexdigest() == artifact["sha256"] and len(data) == artifact["sizeBytes"]
+    assert {k: a["sha256"] for k, a in artifacts.items()} == {a["kind"]: a["sha256"] for a in summary["artifacts"]}
     metrics = status["metrics"]
     assert 0 < metrics["finalPerplexity"] < metrics["baselinePerplexity"], metrics
     conditions = {c["type"]: c for c in status["conditions"]}
