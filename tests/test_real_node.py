@@ -22,7 +22,9 @@ Checked, in order (the tests share the cluster and run in file order):
   the S3 secret in no object, event or log;
 * a worker killed mid-training (its container SIGKILLed through containerd) fails the attempt; the
   operator starts attempt 2, which resumes from the latest complete checkpoint and succeeds;
-* the operator pod deleted: the Deployment's next pod is Ready and picks the job up;
+* the operator pod deleted: the Deployment's next pod is Ready;
+* two operator replicas (kopf peering): the acting one SIGKILLed, a job created right after is
+  still reconciled;
 * Pod Security: a privileged pod is refused in the restricted namespace.
 
 The figures (helm install -> Ready, apply -> first step, apply -> Succeeded, kill -> resumed) are
@@ -395,6 +397,42 @@ def test_operator_pod_replaced(node: RealNodeCluster) -> None:
     # the new operator acts: a change to a finished job's spec is seen (status observedGeneration)
     node.wait_for(lambda: "kopf" in logs(node, SYSTEM_NS, new["metadata"]["name"]).lower() or None, 60,
                   "new operator log")
+
+
+def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeCluster, s3: SeaweedS3) -> None:
+    """Two replicas (kopf peering): SIGKILL the acting one's container; a job created right after is
+    still reconciled (by the standby once the dead peer's record expires, or by the restarted
+    container, whichever comes first)."""
+    helm(node, "upgrade", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--reuse-values", "--wait",
+         "--timeout", "300s", "--set", "replicas=2")
+
+    def replicas() -> list[dict[str, Any]] | None:
+        items = [p for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
+                 if not p["metadata"].get("deletionTimestamp")
+                 and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        if len(items) != 2:
+            return None
+        paused = [p for p in items if "Pausing operations" in logs(node, SYSTEM_NS, p["metadata"]["name"])]
+        return items if len(paused) == 1 else None  # one stands by, the other acts
+
+    items = node.wait_for(replicas, 180, "two replicas, one standing by", interval=1.0)
+    (active,) = [p for p in items if "Pausing operations" not in logs(node, SYSTEM_NS, p["metadata"]["name"])]
+    (standby,) = [p for p in items if p is not active]
+    container_id = active["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    name = "after-failover"
+    killed = time.time()
+    node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id)
+    manifest = job_manifest(name, f"s3://{s3.bucket}/failover", s3.endpoint_url)
+    manifest["spec"]["suspend"] = True  # reconciled, but no pods: nothing to train
+    node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    node.wait_for(lambda: (ftj(node, name).get("status") or {}).get("phase") == "Suspended", 300,
+                  f"{name} reconciled after the kill", interval=0.5)
+    FIGURES["active operator SIGKILLed -> next job reconciled"] = time.time() - killed
+    standby_log = logs(node, SYSTEM_NS, standby["metadata"]["name"])
+    print("reconciled by the " + ("standby" if "Resuming operations" in standby_log else "restarted replica"))
+    node.cp.kubectl("-n", NS, "delete", f"{PLURAL}.{GROUP}", name, "--wait=true", timeout=120)
+    helm(node, "upgrade", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--reuse-values", "--wait",
+         "--timeout", "300s", "--set", "replicas=1")
 
 
 def test_privileged_pod_is_refused_under_restricted(node: RealNodeCluster) -> None:

@@ -308,7 +308,11 @@ oom_score = 0
             self.ctr("containers", "delete", cid, check=False, timeout=30)
 
     def _import_images(self, archives: Mapping[str, Path]) -> None:
-        present = set(self.ctr("images", "list", "-q").stdout.split())
+        """Import each archive unless containerd has that very archive (ref + a label naming the
+        archive's size and mtime: a forced rebuild under the same tag is imported again)."""
+        listing = self.ctr("images", "list").stdout.splitlines()[1:]
+        present = {line.split()[0] for line in listing if line.split()}
+        labels = {line.split()[0]: line.split()[-1] for line in listing if line.split()}
         current = {image_ref(name) for name in self.images}
         repos = {ref.rsplit(":", 1)[0] for ref in current}
         stale = [ref for ref in present if ref.rsplit(":", 1)[0] in repos and ref not in current]
@@ -316,10 +320,13 @@ oom_score = 0
             self.ctr("images", "remove", *stale, check=False)
         for name in self.images:
             ref = image_ref(name)
-            if ref in present:
+            info = archives[name].stat()
+            label = f"io.kubetune.archive={info.st_size}-{int(info.st_mtime)}"
+            if ref in present and label in labels.get(ref, "").split(","):
                 continue
             t = time.monotonic()
             self.ctr("images", "import", str(archives[name]), timeout=1800)
+            self.ctr("images", "label", ref, label)
             self.timings[f"import {name}"] = time.monotonic() - t
 
     def image(self, name: str) -> str:
