@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.controlplane import (
@@ -85,15 +85,17 @@ def _sysctl_path(name: str) -> Path:
     return Path("/proc/sys") / name.replace(".", "/")
 
 
-def ensure_images(names: Sequence[str] = ("pause", "operator", "trainer")) -> dict[str, Path]:
-    """Run scripts/build-images.sh (a no-op when up to date); return {name: docker-archive path}."""
-    out = cache_dir() / "images"
+def ensure_images(names: Sequence[str] = ("pause", "operator", "trainer")) -> None:
+    """Run scripts/build-images.sh (a no-op when up to date): the images are in buildah's storage."""
     subprocess.run(["bash", str(IMAGES_SCRIPT), *names], check=True, stdout=sys.stderr, stderr=sys.stderr)
-    return {n: out / f"{n}.tar" for n in names}
 
 
 def image_ref(name: str) -> str:
     return (cache_dir() / "images" / f"{name}.ref").read_text().strip()
+
+
+def image_id(name: str) -> str:
+    return (cache_dir() / "images" / f"{name}.id").read_text().strip()
 
 
 def _issue_client_cert(pki: Path, name: str, cn: str, org: str) -> tuple[Path, Path]:
@@ -187,7 +189,7 @@ class RealNodeCluster:
             raise NodeError("a real node needs root (containerd, kubelet, bridge, iptables)")
         t0 = time.monotonic()
         self.bin_dir = ensure_binaries((*NODE_BINARIES, "kube-apiserver", "kubectl"))
-        archives = ensure_images(self.images)
+        ensure_images(self.images)
         self.timings["images"] = time.monotonic() - t0
         lock_path = cache_dir() / "node.lock"
         self._lock_file = open(lock_path, "w")
@@ -202,7 +204,7 @@ class RealNodeCluster:
                 time.sleep(2)
         self._started = True
         try:
-            self._start(archives)
+            self._start()
         except BaseException:
             print(self.diagnostics(), file=sys.stderr)
             self.stop()
@@ -210,7 +212,7 @@ class RealNodeCluster:
         self.timings["total"] = time.monotonic() - t0
         return self
 
-    def _start(self, archives: Mapping[str, Path]) -> None:
+    def _start(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kubetune-node-"))
         (self.dir / "logs").mkdir()
         # the kubelet's root (emptyDirs, volumes) on disk, not /tmp's possible tmpfs
@@ -224,7 +226,7 @@ class RealNodeCluster:
         self._network_up()
         t = time.monotonic()
         self._start_containerd()
-        self._import_images(archives)
+        self._import_images()
         self.timings["containerd+import"] = time.monotonic() - t
         t = time.monotonic()
         self.cp.start()
@@ -307,9 +309,10 @@ oom_score = 0
             self.ctr("tasks", "delete", "-f", cid, check=False, timeout=30)
             self.ctr("containers", "delete", cid, check=False, timeout=30)
 
-    def _import_images(self, archives: Mapping[str, Path]) -> None:
-        """Import each archive unless containerd has that very archive (ref + a label naming the
-        archive's size and mtime: a forced rebuild under the same tag is imported again)."""
+    def _import_images(self) -> None:
+        """Stream each image from buildah's storage into containerd unless containerd has that very
+        image (its ref with a label holding buildah's image ID: a rebuild under the same tag is
+        imported again). No archive is written to disk."""
         listing = self.ctr("images", "list").stdout.splitlines()[1:]
         present = {line.split()[0] for line in listing if line.split()}
         labels = {line.split()[0]: line.split()[-1] for line in listing if line.split()}
@@ -320,12 +323,24 @@ oom_score = 0
             self.ctr("images", "remove", *stale, check=False)
         for name in self.images:
             ref = image_ref(name)
-            info = archives[name].stat()
-            label = f"io.kubetune.archive={info.st_size}-{int(info.st_mtime)}"
+            label = f"io.kubetune.image-id={image_id(name)}"
             if ref in present and label in labels.get(ref, "").split(","):
                 continue
             t = time.monotonic()
-            self.ctr("images", "import", str(archives[name]), timeout=1800)
+            env = {**os.environ, "CONTAINERS_CONF": str(cache_dir() / "images" / "containers.conf")}
+            push = subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            try:
+                imported = subprocess.run(["ctr", "--address", self.containerd_socket, "--namespace", "k8s.io",
+                                           "images", "import", "-"], stdin=push.stdout, capture_output=True,
+                                          text=True, timeout=1800)
+            finally:
+                push.stdout.close()
+                push_err = push.stderr.read().decode(errors="replace")
+                push.wait(60)
+            if push.returncode != 0 or imported.returncode != 0:
+                raise NodeError(f"importing {ref}: buildah push -> {push.returncode} {push_err}\n"
+                                f"ctr import -> {imported.returncode} {imported.stdout} {imported.stderr}")
             self.ctr("images", "label", ref, label)
             self.timings[f"import {name}"] = time.monotonic() - t
 
