@@ -219,7 +219,9 @@ command -v iptables >/dev/null || node_pkgs+=(iptables)
 if ((${#node_pkgs[@]})); then
   if [[ $(id -u) == 0 ]]; then
     log "node packages: apt-get install ${node_pkgs[*]}"
-    apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${node_pkgs[@]}" >/dev/null
+    # one apt-get at a time (make test runs this script beside the other one)
+    flock /tmp/kubetune-apt.lock bash -c 'apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+      --no-install-recommends "$@" >/dev/null' apt "${node_pkgs[@]}"
   else
     log "node packages missing (${node_pkgs[*]}): run as root, or apt-get install them"
   fi

@@ -39,7 +39,9 @@ for pair in buildah:buildah debootstrap:debootstrap; do
 done
 if ((${#need[@]})); then
   log "installing ${need[*]} (apt-get)"
-  apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" >/dev/null
+  # one apt-get at a time (make test runs this script beside the other one)
+  flock /tmp/kubetune-apt.lock bash -c 'apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+    --no-install-recommends "$@" >/dev/null' apt "${need[@]}"
 fi
 
 # buildah without CAP_SYS_RESOURCE: no raised rlimits; cgroupfs (PID 1 is not systemd).

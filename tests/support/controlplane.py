@@ -5,7 +5,9 @@ free loopback ports, all built from Go modules by ``scripts/build-control-plane.
 ``${KUBETUNE_CACHE:-~/.cache/kubetune}/bin`` (the script is run automatically, once, if a binary
 is missing: a cold build takes tens of minutes). There is no kubelet: kwok plays every kubelet
 of the fake nodes added with :meth:`ControlPlane.add_fake_node`, driven by the Stage documents
-in ``tests/support/kwok-stages.yaml``.  See docs/control-plane.md.
+in ``tests/support/kwok-stages.yaml``.  See docs/control-plane.md. For a real node (containerd,
+kubelet, kube-proxy, CoreDNS; containers really run) see ``tests/support/node.py``, which starts
+this control plane on its bridge address (``address=``, ``service_cluster_ip_range=``).
 
 Usage::
 
