@@ -9,7 +9,7 @@
 # Idempotent: each binary has a stamp file (bin/.<name>.stamp) holding the version it was
 # built from; binaries whose stamp matches are skipped, so a second run takes seconds.
 # Set KUBETUNE_REBUILD=1 to force a rebuild. Versions can be overridden by K8S_VERSION,
-# K8S_STAGING_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION (see defaults below).
+# K8S_STAGING_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION, COREDNS_VERSION (see defaults below).
 #
 # See docs/control-plane.md for what was verified and why the build looks like this.
 set -euo pipefail
