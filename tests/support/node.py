@@ -17,8 +17,9 @@
 * kube-proxy (iptables mode; touches no host sysctl) and CoreDNS as host processes, CoreDNS on the
   gateway address :53 with the ``kubernetes`` plugin only (no ``forward``: other names fail).
 
-Images come from ``scripts/build-images.sh`` (docker archives in ``${KUBETUNE_CACHE}/images``) and
-are imported into containerd when missing: :meth:`RealNodeCluster.image` gives a name to put in a
+Images come from ``scripts/build-images.sh`` (buildah's storage) and are streamed into containerd
+when it lacks them (``buildah push ... docker-archive:/dev/stdout | ctr images import -``):
+:meth:`RealNodeCluster.image` gives a name to put in a
 pod. See docs/control-plane.md ("A real node").
 
 Teardown (``stop``): pods deleted through the API, then kubelet, kube-proxy (``--cleanup`` removes
