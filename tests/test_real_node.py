@@ -38,6 +38,7 @@ import json
 import re
 import subprocess
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -407,16 +408,27 @@ def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeClus
          "--timeout", "300s", "--set", "replicas=2")
 
     def replicas() -> list[dict[str, Any]] | None:
+        """The two Ready replicas once both have registered in the ClusterKopfPeering."""
         items = [p for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
                  if not p["metadata"].get("deletionTimestamp")
                  and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
         if len(items) != 2:
             return None
-        paused = [p for p in items if "Pausing operations" in logs(node, SYSTEM_NS, p["metadata"]["name"])]
-        return items if len(paused) == 1 else None  # one stands by, the other acts
+        peers = node.cp.get_json("clusterkopfpeering", "kubetune").get("status") or {}
+        registered = [p for p in items if any(p["metadata"]["name"] in peer for peer in peers)]
+        return items if len(registered) == 2 else None
 
-    items = node.wait_for(replicas, 180, "two replicas, one standing by", interval=1.0)
-    (active,) = [p for p in items if "Pausing operations" not in logs(node, SYSTEM_NS, p["metadata"]["name"])]
+    try:
+        items = node.wait_for(replicas, 300, "two replicas in the peering", interval=1.0)
+    except Exception:
+        for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune"):
+            print(f"--- {p['metadata']['name']} {p['status'].get('phase')}\n"
+                  f"{node.cp.kubectl('-n', SYSTEM_NS, 'logs', p['metadata']['name'], check=False).stdout[-3000:]}")
+        print(node.cp.kubectl("get", "clusterkopfpeering", "-o", "yaml", check=False).stdout)
+        raise
+    # the acting replica: the higher `--priority auto` (operator_main: crc32 of the pod's hostname)
+    priority = {p["metadata"]["name"]: zlib.crc32(p["metadata"]["name"].encode()) % 1_000_000 + 1 for p in items}
+    active = max(items, key=lambda p: priority[p["metadata"]["name"]])
     (standby,) = [p for p in items if p is not active]
     container_id = active["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
     name = "after-failover"
