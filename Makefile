@@ -1,10 +1,11 @@
 # kubetune — the two commands of the README:
 #   make demo   install what is needed and fine-tune SmolLM2 on this machine (examples/quickstart.yaml)
-#   make test   install, build the test control plane (cached), start services in the tests, run every test
+#   make test   install, build the test control plane, node and images (cached), start services in the tests,
+#               run every test
 #
 # Everything slow is cached under $(KUBETUNE_CACHE) (default ~/.cache/kubetune): the virtual
 # environment (keyed by the hash of pyproject.toml and constraints.txt), the Kubernetes binaries,
-# the converted SmolLM2 model. A second run installs nothing.
+# the converted SmolLM2 model, the node's images and their wheelhouses. A second run installs nothing.
 
 SHELL := /bin/bash
 PYTHON_BASE ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 
 export KUBETUNE_CACHE
 
-.PHONY: demo test install control-plane lint crd bench clean-venv
+.PHONY: demo test install control-plane images lock lint crd bench clean-venv
 
 $(STAMP):
 	@echo "== installing Python dependencies into $(VENV) (once) =="
@@ -37,10 +38,21 @@ install: $(STAMP)
 control-plane:
 	bash scripts/build-control-plane.sh
 
+# The images the real-node tests run (operator, trainer, pause; Debian base by debootstrap), built
+# with buildah from the project's Dockerfiles and a local wheelhouse of the hashed locks.
+images:
+	bash scripts/build-images.sh
+
+# Regenerate locks/*.txt (hashed, from constraints.txt) after changing pyproject.toml or constraints.txt.
+lock:
+	bash scripts/lock.sh
+
 demo: install
 	$(VENV)/bin/kubetune run examples/quickstart.yaml
 
-test: install control-plane
+# The Go builds (CPU) and the image builds (downloads, then CPU) run side by side.
+test: install
+	$(MAKE) -j2 control-plane images
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: install

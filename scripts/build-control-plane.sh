@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl), kwok and helm from Go modules, into
+# kube-scheduler, kubectl), the node components (kubelet, kube-proxy, CoreDNS), kwok and helm from
+# Go modules, into
 #   ${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/bin/
-# No container runtime or release downloads are needed: only the Go module proxy.
+# and install the node's Debian packages when missing (containerd, runc, CNI plugins, iptables; as
+# root, like CI). No release downloads are needed: only the Go module proxy and Debian's packages.
 #
 # Idempotent: each binary has a stamp file (bin/.<name>.stamp) holding the version it was
 # built from; binaries whose stamp matches are skipped, so a second run takes seconds.
 # Set KUBETUNE_REBUILD=1 to force a rebuild. Versions can be overridden by K8S_VERSION,
-# K8S_STAGING_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION (see defaults below).
+# K8S_STAGING_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION, COREDNS_VERSION (see defaults below).
 #
 # See docs/control-plane.md for what was verified and why the build looks like this.
 set -euo pipefail
@@ -18,6 +20,7 @@ K8S_STAGING_VERSION="${K8S_STAGING_VERSION:-v0.${K8S_VERSION#v1.}}"
 # Empty: the etcd server version that k8s.io/kubernetes itself pins in its go.mod (3.5.x).
 ETCD_VERSION="${ETCD_VERSION:-}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.15.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 JOBS="${KUBETUNE_BUILD_JOBS:-2}"
 
@@ -52,9 +55,15 @@ log "cache: $CACHE (go $(go env GOVERSION), GOMODCACHE $(go env GOMODCACHE), -p 
 # 1. Kubernetes + etcd, one wrapper module.
 # ---------------------------------------------------------------------------------------------
 K8S_BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# The node's binaries come from the same wrapper module, in a second `go build` (they were added
+# later: a cache built before them keeps its control-plane binaries and only links these).
+NODE_BINS=(kubelet kube-proxy)
 k8s_stamp="kubernetes=$K8S_VERSION staging=$K8S_STAGING_VERSION etcd=${ETCD_VERSION:-pinned}"
 need_k8s=0
 for b in "${K8S_BINS[@]}"; do stamp_ok "$b" "$k8s_stamp" || need_k8s=1; done
+need_node=0
+for b in "${NODE_BINS[@]}"; do stamp_ok "$b" "$k8s_stamp" || need_node=1; done
+[[ $need_node == 1 && ! -f "$SRC/k8s-wrapper/go.mod" ]] && need_k8s=1
 
 if [[ $need_k8s == 0 ]]; then
   log "kubernetes $K8S_VERSION + etcd: up to date, skipping"
@@ -134,6 +143,25 @@ EOF
   log "kubernetes: $("$BIN/kube-apiserver" --version) / etcd $("$BIN/etcd" --version | head -n1)"
 fi
 
+if [[ $need_node == 0 ]]; then
+  log "kubelet, kube-proxy $K8S_VERSION: up to date, skipping"
+else
+  k8s_json="$(mod_json "k8s.io/kubernetes@$K8S_VERSION")"
+  git_commit="$(json_get Hash <<<"$k8s_json")"
+  build_date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$(json_get Info <<<"$k8s_json")" | head -n1)"
+  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  ldflags="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    ldflags+=" -X $p.gitCommit=$git_commit -X $p.gitTreeState=clean -X $p.buildDate=$build_date"
+  done
+  log "kubernetes $K8S_VERSION: compiling ${NODE_BINS[*]} (warm after the control plane: minutes)"
+  (cd "$SRC/k8s-wrapper" && go build -p "$JOBS" -trimpath -ldflags "$ldflags" -o "$BIN/" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
+  for b in "${NODE_BINS[@]}"; do write_stamp "$b" "$k8s_stamp"; done
+  log "node: $("$BIN/kubelet" --version) / $("$BIN/kube-proxy" --version)"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 2. Small tools, each in its own wrapper module (they need newer k8s.io modules than 1.33).
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +201,69 @@ if ! stamp_ok helm "helm.sh/helm/v3=$HELM_VERSION"; then
   done
 fi
 build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_ldflags" "version --short"
+
+# Cluster DNS for the real node (a host process; tests/support/node.py): CoreDNS with only the
+# plugins its Corefile uses (a custom build as CoreDNS documents it: a main package importing
+# coremain and the plugins, in upstream's directive order). 799 packages instead of 1403: no cloud
+# SDKs, tracing or dnstap to compile.
+COREDNS_PLUGINS=(bind ready health errors log cache kubernetes)
+coredns_stamp="github.com/coredns/coredns=$COREDNS_VERSION plugins=${COREDNS_PLUGINS[*]}"
+if stamp_ok coredns "$coredns_stamp"; then
+  log "coredns $COREDNS_VERSION: up to date, skipping"
+else
+  W="$SRC/coredns-wrapper"
+  mkdir -p "$W"
+  if ! grep -qs "^require github.com/coredns/coredns $COREDNS_VERSION\$" "$W/go.mod"; then
+    printf '// Generated by scripts/build-control-plane.sh; do not edit.\nmodule kubetune.local/coredns\n\ngo 1.22\n\nrequire github.com/coredns/coredns %s\n' \
+      "$COREDNS_VERSION" >"$W/go.mod"
+    rm -f "$W/go.sum"
+  fi
+  {
+    echo "// Generated by scripts/build-control-plane.sh: CoreDNS with the plugins ${COREDNS_PLUGINS[*]}."
+    echo "package main"
+    echo
+    echo "import ("
+    echo '	"github.com/coredns/coredns/core/dnsserver"'
+    echo '	"github.com/coredns/coredns/coremain"'
+    for plugin in "${COREDNS_PLUGINS[@]}"; do echo "	_ \"github.com/coredns/coredns/plugin/$plugin\""; done
+    echo ")"
+    echo
+    printf 'func init() { dnsserver.Directives = []string{%s} }\n' \
+      "$(printf '"%s", ' "${COREDNS_PLUGINS[@]}" | sed 's/, $//')"
+    echo
+    echo "func main() { coremain.Run() }"
+  } >"$W/main.go"
+  log "coredns $COREDNS_VERSION: downloading modules"
+  (cd "$W" && go mod download "github.com/coredns/coredns@$COREDNS_VERSION" \
+    && go get "github.com/coredns/coredns@$COREDNS_VERSION" >/dev/null)
+  log "coredns $COREDNS_VERSION: compiling (plugins: ${COREDNS_PLUGINS[*]})"
+  (cd "$W" && go build -p "$JOBS" -trimpath \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$BIN/coredns" .)
+  write_stamp coredns "$coredns_stamp"
+  log "coredns: $("$BIN/coredns" -version | head -n1), plugins: $("$BIN/coredns" -plugins | tr '\n' ' ')"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2b. The node's Debian packages (tests/support/node.py starts containerd itself; PID 1 is not
+#     systemd). Installed only when missing; needs root, as CI has.
+# ---------------------------------------------------------------------------------------------
+node_pkgs=()
+command -v containerd >/dev/null || node_pkgs+=(containerd)
+command -v runc >/dev/null || node_pkgs+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || node_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null || node_pkgs+=(iptables)
+if ((${#node_pkgs[@]})); then
+  if [[ $(id -u) == 0 ]]; then
+    log "node packages: apt-get install ${node_pkgs[*]}"
+    # one apt-get at a time (make test runs this script beside the other one)
+    flock /tmp/kubetune-apt.lock bash -c 'apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+      --no-install-recommends "$@" >/dev/null' apt "${node_pkgs[@]}"
+  else
+    log "node packages missing (${node_pkgs[*]}): run as root, or apt-get install them"
+  fi
+else
+  log "node packages: containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), CNI plugins in /usr/lib/cni"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 3. Upstream kwok Stage documents, for reference. The tests use the adapted, committed copy in

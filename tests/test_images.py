@@ -8,7 +8,8 @@
   that pin; the operator's closure has no torch; and every pinned package of the trainer's closure
   has a wheel for the trainer image's Python (Ubuntu's python3) on manylinux x86_64.
 
-Building the images needs a container runtime and is not done here.
+The images are built (buildah, from these Dockerfiles) and run on a real node by
+tests/test_real_node.py; the locks they install from are checked by tests/test_locks.py.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def canonical(name: str) -> str:
 
 
 def resolve_from(args: dict[str, str], base: str) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    while "${" in base:  # ARG defaults may name other ARGs (BASE_IMAGE=python:${PYTHON_VERSION}-...)
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    return base
 
 
 # ----- static -----
@@ -113,6 +116,13 @@ def test_base_images_and_tools_are_pinned(dockerfile: Path) -> None:
     assert last(dockerfile, "USER") == "1000:1000"
     text = dockerfile.read_text()
     assert "-c constraints.txt" in text and "--no-cache-dir" in text
+    # every dependency from the hashed lock (tests/test_locks.py), pip/setuptools/wheel included
+    lock = f"locks/{'trainer' if dockerfile == TRAINER else 'operator'}.txt"
+    assert f"COPY {lock} locks/" in text
+    installs = [rest for name, rest in instructions(dockerfile) if name == "RUN" and "pip install" in rest]
+    assert all("--require-hashes" in r for r in installs if "-r " in r), installs
+    assert not [r for r in installs if "pip install" in r and "==" in r and "--require-hashes" not in r
+                and "flash-attn" not in r], "a pinned install that is not hash-checked"
 
 
 def test_trainer_image_matches_torch_and_the_pods() -> None:
@@ -123,9 +133,9 @@ def test_trainer_image_matches_torch_and_the_pods() -> None:
     assert cuda == ".".join(pinned["nvidia-cuda-runtime"].split(".")[:2]), \
         "the CUDA base must match the CUDA libraries the torch wheel pulls (nvidia-cuda-runtime)"
     assert args["CUDA_VERSION"].split(".")[0] == "13" and any(p.endswith("-cu13") for p in pinned)
-    froms = [rest.split()[0] for name, rest in instructions(TRAINER) if name == "FROM"]
-    assert froms == ["nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}",
-                     "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}"]
+    froms = [resolve_from(args, rest.split()[0]) for name, rest in instructions(TRAINER) if name == "FROM"]
+    assert froms == [f"nvidia/cuda:{args['CUDA_VERSION']}-devel-ubuntu{args['UBUNTU_VERSION']}",
+                     f"nvidia/cuda:{args['CUDA_VERSION']}-runtime-ubuntu{args['UBUNTU_VERSION']}"]
     assert args["DS_BUILD_OPS"] == "0" and args["FLASH_ATTN_VERSION"] == ""
     assert json.loads(last(TRAINER, "ENTRYPOINT")) == ["python", "-m", "kubetune_trainer"]
     # caches only under the volumes render.py mounts, with the same variables
@@ -153,7 +163,7 @@ def test_operator_image_matches_the_chart() -> None:
     assert set(last(OPERATOR, "EXPOSE").split()) == {str(values["metrics"]["port"]), str(values["health"]["port"])}
     assert values["podSecurityContext"]["runAsUser"] == 1000
     text = OPERATOR.read_text()
-    assert "['operator']" in text and "trainer" not in re.findall(r"optional-dependencies'\]\['(\w+)", text)
+    assert "locks/operator.txt" in text and "locks/trainer.txt" not in text
     assert env_of(OPERATOR)["HOME"] == "/tmp"  # the chart's only writable mount
 
 

@@ -1,6 +1,6 @@
 """status.observe() while an attempt finishes: workers that already exited 0 keep the job Running.
 
-Found by tests/test_e2e_cluster.py: rank 1 exits as soon as training ends, rank 0 goes on exporting
+Found by the former tests/test_e2e_cluster.py (now tests/test_real_node.py): rank 1 exits as soon as training ends, rank 0 goes on exporting
 and uploading; the job went Running -> Initializing -> Succeeded.
 """
 

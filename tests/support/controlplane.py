@@ -5,7 +5,9 @@ free loopback ports, all built from Go modules by ``scripts/build-control-plane.
 ``${KUBETUNE_CACHE:-~/.cache/kubetune}/bin`` (the script is run automatically, once, if a binary
 is missing: a cold build takes tens of minutes). There is no kubelet: kwok plays every kubelet
 of the fake nodes added with :meth:`ControlPlane.add_fake_node`, driven by the Stage documents
-in ``tests/support/kwok-stages.yaml``.  See docs/control-plane.md.
+in ``tests/support/kwok-stages.yaml``.  See docs/control-plane.md. For a real node (containerd,
+kubelet, kube-proxy, CoreDNS; containers really run) see ``tests/support/node.py``, which starts
+this control plane on its bridge address (``address=``, ``service_cluster_ip_range=``).
 
 Usage::
 
@@ -152,19 +154,19 @@ _SERVING_DNS = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.def
 _SERVING_IPS = ["127.0.0.1", "10.0.0.1"]
 
 
-def _write_pki(d: Path) -> None:
-    """Write ca.{crt,key}, apiserver.{crt,key} (serving) and sa.{key,pub} into d."""
+def _write_pki(d: Path, serving_ips: Sequence[str] = _SERVING_IPS) -> None:
+    """Write ca.{crt,key}, apiserver.{crt,key} (serving, for ``serving_ips``) and sa.{key,pub} into d."""
     try:
         import cryptography  # noqa: F401
     except ImportError:
-        _write_pki_openssl(d)
+        _write_pki_openssl(d, serving_ips)
     else:
-        _write_pki_cryptography(d)
+        _write_pki_cryptography(d, serving_ips)
     for name in ("ca.key", "apiserver.key", "sa.key"):
         os.chmod(d / name, 0o600)
 
 
-def _write_pki_cryptography(d: Path) -> None:
+def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -191,7 +193,7 @@ def _write_pki_cryptography(d: Path) -> None:
           .sign(ca_key, hashes.SHA256()))
 
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName(n) for n in _SERVING_DNS] + [x509.IPAddress(ipaddress.ip_address(i)) for i in _SERVING_IPS]
+    sans = [x509.DNSName(n) for n in _SERVING_DNS] + [x509.IPAddress(ipaddress.ip_address(i)) for i in serving_ips]
     srv = (x509.CertificateBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
            .issuer_name(ca_name).public_key(srv_key.public_key())
@@ -215,7 +217,7 @@ def _write_pki_cryptography(d: Path) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def _write_pki_openssl(d: Path) -> None:
+def _write_pki_openssl(d: Path, serving_ips: Sequence[str]) -> None:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, cwd=d, capture_output=True)
 
@@ -225,7 +227,7 @@ def _write_pki_openssl(d: Path) -> None:
         "-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign", "-out", "ca.crt")
     run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key")
     run("req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr")
-    san = ",".join([f"DNS:{n}" for n in _SERVING_DNS] + [f"IP:{i}" for i in _SERVING_IPS])
+    san = ",".join([f"DNS:{n}" for n in _SERVING_DNS] + [f"IP:{i}" for i in serving_ips])
     (d / "apiserver.ext").write_text(
         f"basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
     run("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -298,7 +300,17 @@ class ControlPlane:
 
     def __init__(self, extra_tokens: Mapping[str, tuple[str, Sequence[str]]] | None = None, *,
                  stages: str | os.PathLike | None = None, verbosity: int = 1,
-                 keep: bool | None = None, start_timeout: float = 120.0):
+                 keep: bool | None = None, start_timeout: float = 120.0,
+                 address: str = "127.0.0.1", service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE,
+                 before_apiserver=None):
+        # address: where the API server binds and what it advertises (kubeconfigs point there). On
+        # 127.0.0.1 the "kubernetes" Endpoints stay empty (--endpoint-reconciler-type=none: they
+        # cannot hold a loopback address); any other address (e.g. a real node's bridge gateway,
+        # tests/support/node.py) gets the lease reconciler, so pods reach the API at its ClusterIP.
+        # before_apiserver(cp) -> extra kube-apiserver flags, called once the PKI exists.
+        self.address = address
+        self.service_cluster_ip_range = service_cluster_ip_range
+        self.before_apiserver = before_apiserver
         self.stages = Path(stages) if stages else STAGES_FILE
         self.verbosity = verbosity
         self.keep = keep if keep is not None else os.environ.get("KUBETUNE_KEEP_CONTROLPLANE") == "1"
@@ -379,10 +391,11 @@ class ControlPlane:
         for sub in ("pki", "logs", "etcd", "cfg"):
             (d / sub).mkdir()
         (d / "etcd").chmod(0o700)
-        _write_pki(self._pki)
+        first_service_ip = str(next(ipaddress.ip_network(self.service_cluster_ip_range).hosts()))
+        _write_pki(self._pki, list(dict.fromkeys(["127.0.0.1", self.address, first_service_ip])))
         names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
         self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
-        self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
+        self.server = f"https://{self.address}:{self.ports['apiserver']}"
 
         token_file = d / "cfg" / "tokens.csv"
         token_file.write_text("".join(
@@ -404,20 +417,22 @@ class ControlPlane:
         ])
         self._wait(f"etcd at {etcd_url}/health", lambda: self._http_ok(f"{etcd_url}/health"), 30, "etcd")
 
+        extra_apiserver_args = list(self.before_apiserver(self)) if self.before_apiserver else []
+        reconciler = "none" if self.address == "127.0.0.1" else "lease"
         self._spawn("kube-apiserver", [
             str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}", f"--cert-dir={pki}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={token_file}",
-            f"--secure-port={p['apiserver']}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}", "--allow-privileged=true",
+            f"--secure-port={p['apiserver']}", f"--bind-address={self.address}",
+            f"--advertise-address={self.address}", f"--service-cluster-ip-range={self.service_cluster_ip_range}", "--allow-privileged=true",
             "--authorization-mode=Node,RBAC",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             # The default admission plugins stay enabled (ServiceAccount, LimitRanger, Priority,
             # DefaultTolerationSeconds, ResourceQuota, PodSecurity, webhooks, ...).
-            "--endpoint-reconciler-type=none",  # the "kubernetes" Endpoints cannot hold 127.0.0.1
-            "--profiling=false", v,
+            f"--endpoint-reconciler-type={reconciler}",  # the "kubernetes" Endpoints cannot hold 127.0.0.1
+            "--profiling=false", v, *extra_apiserver_args,
         ])
         self._wait("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
                    60, "kube-apiserver")

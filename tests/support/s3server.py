@@ -97,7 +97,11 @@ class SeaweedS3:
         secret_key: str | None = None,
         startup_timeout: float = 90.0,
         tls: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
+        # host: the address every listener binds to (default loopback; the real-node tests use the
+        # node's bridge gateway, on this machine, so that pods reach it)
+        self.host = host
         self._own_dir = data_dir is None
         self.base_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="kubetune-seaweed-"))
         self.data_dir = self.base_dir / "data"
@@ -162,7 +166,7 @@ class SeaweedS3:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.host}:{self.ports['s3']}"
 
     def _allocate_ports(self) -> None:
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
@@ -176,7 +180,7 @@ class SeaweedS3:
         p = self.ports
         return [
             weed_binary(), "mini",
-            f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={self.bucket}",
+            f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}", f"-bucket={self.bucket}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
