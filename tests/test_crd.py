@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from kubetune import crd
-from kubetune.spec import FineTuneJobSpec, FineTuneJobStatus
+from kubetune.spec import MAX_DATASETS, FineTuneJobSpec, FineTuneJobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -101,11 +101,25 @@ def test_conversions() -> None:
     assert spec["resources"]["properties"]["nodes"]["minimum"] == 1
     assert spec["resources"]["properties"]["nodeSelector"]["additionalProperties"]["type"] == "string"
     assert spec["resources"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert spec["resources"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    toleration = spec["resources"]["properties"]["tolerations"]["items"]
+    assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal"]  # typed as core/v1 has it
+    assert len(toleration["x-kubernetes-validations"]) == 3
+    assert spec["resources"]["properties"]["cpu"]["x-kubernetes-validations"][0]["rule"].startswith("self.matches(")
     assert spec["model"]["properties"]["revision"]["type"] == "string"
     assert "nullable" not in spec["model"]["properties"]["revision"]
     conditions = _schema()["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_bounds_come_from_the_models() -> None:
+    """Every spec string and list is bounded in kubetune.spec, so validate enforces what the CRD does."""
+    spec = _schema()["properties"]["spec"]
+    assert spec["properties"]["datasets"]["maxItems"] == MAX_DATASETS
+    for path, node in _walk(spec, "spec"):
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, path
+        if node.get("type") == "integer" and "enum" not in node:
+            assert "maximum" in node, path
 
 
 def test_cel_rules_present() -> None:

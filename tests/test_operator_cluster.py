@@ -24,6 +24,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.manifest import ManifestError, parse_job
+from tests import manifest_cases
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 from tests.support.policies import TRUSTED_POLICY
@@ -208,85 +210,40 @@ def test_examples_are_accepted(cp, path: Path) -> None:
     body["metadata"]["namespace"] = NS
     result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
     assert result.returncode == 0, result.stderr
+    assert _validate_verdict(body) == []
 
 
-def _set(path: str, value: Any) -> Callable[[dict], None]:
-    def apply(body: dict) -> None:
-        node = body
-        keys = path.split(".")
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-        if value is _DELETE:
-            node.pop(keys[-1], None)
-        else:
-            node[keys[-1]] = value
-    return apply
+def _server_verdict(cp: ControlPlane, body: dict) -> subprocess.CompletedProcess:
+    return cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
 
 
-_DELETE = object()
-
-INVALID: list[tuple[str, Callable[[dict], None], str]] = [
-    ("missing-model", _set("spec.model", _DELETE), "spec.model"),
-    ("missing-task", _set("spec.task", _DELETE), "spec.task"),
-    ("missing-datasets", _set("spec.datasets", _DELETE), "spec.datasets"),
-    ("empty-datasets", _set("spec.datasets", []), "spec.datasets"),
-    ("empty-model-source", _set("spec.model.source", ""), "spec.model.source"),
-    ("unknown-bundled-model", _set("spec.model.source", "bundled://nope"), "spec.model.source"),
-    ("bad-method", _set("spec.method", {"type": "prefix-tuning"}), "spec.method.type"),
-    ("qlora-without-quantization", _set("spec.method", {"type": "qlora"}), "spec.method.quantization"),
-    ("quantization-without-qlora", _set("spec.method", {"type": "lora", "quantization": {}}),
-     "spec.method.quantization"),
-    ("lora-with-full", _set("spec.method", {"type": "full", "lora": {}}), "spec.method.lora"),
-    ("full-exports-adapter", _set("spec.method", {"type": "full"}), "spec.output.exports"),
-    ("lora-rank-zero", _set("spec.method", {"type": "lora", "lora": {"r": 0}}), "spec.method.lora.r"),
-    ("lora-dropout-one", _set("spec.method", {"type": "lora", "lora": {"dropout": 1}}), "spec.method.lora.dropout"),
-    ("quantization-8-bits", _set("spec.method", {"type": "qlora", "quantization": {"bits": 8}}),
-     "spec.method.quantization.bits"),
-    ("bad-task", _set("spec.task.type", "translation"), "spec.task.type"),
-    ("dataset-weight-zero", _set("spec.datasets", [{"source": "d", "weight": 0}]), "spec.datasets[0].weight"),
-    ("dataset-weight-negative", _set("spec.datasets", [{"source": "d", "weight": -1}]), "spec.datasets[0].weight"),
-    ("dataset-bad-format", _set("spec.datasets", [{"source": "d", "format": "xml"}]), "spec.datasets[0].format"),
-    ("completion-with-chat-data", lambda b: (_set("spec.task.type", "completion")(b),
-                                             _set("spec.datasets", [{"source": "d", "format": "messages"}])(b)),
-     "spec.datasets"),
-    ("completion-with-chat-validation", lambda b: (
-        _set("spec.task.type", "completion")(b),
-        _set("spec.validation", {"datasets": [{"source": "v", "format": "alpaca"}]})(b)), "spec.validation"),
-    ("validation-fraction-and-datasets", _set("spec.validation", {"fraction": 0.1, "datasets": [{"source": "v"}]}),
-     "spec.validation.datasets"),
-    ("validation-fraction-one", _set("spec.validation", {"fraction": 1}), "spec.validation.fraction"),
-    ("warmup-steps-and-ratio", _set("spec.training", {"warmupSteps": 10, "warmupRatio": 0.1}),
-     "spec.training.warmupRatio"),
-    ("learning-rate-zero", _set("spec.training", {"learningRate": 0}), "spec.training.learningRate"),
-    ("learning-rate-above-one", _set("spec.training", {"learningRate": 2}), "spec.training.learningRate"),
-    ("bad-precision", _set("spec.training", {"precision": "fp8"}), "spec.training.precision"),
-    ("tiny-seq-length", _set("spec.training", {"maxSeqLength": 4}), "spec.training.maxSeqLength"),
-    ("bad-scheduler", _set("spec.training", {"scheduler": "step"}), "spec.training.scheduler"),
-    ("zero-nodes", _set("spec.resources.nodes", 0), "spec.resources.nodes"),
-    ("negative-gpus", _set("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
-    ("bad-strategy", _set("spec.resources.strategy", "horovod"), "spec.resources.strategy"),
-    ("bad-pull-policy", _set("spec.resources.imagePullPolicy", "Sometimes"), "spec.resources.imagePullPolicy"),
-    ("keep-last-zero", _set("spec.checkpoint", {"keepLast": 0}), "spec.checkpoint.keepLast"),
-    ("bad-export", _set("spec.output.exports", ["pdf"]), "spec.output.exports[0]"),
-    ("negative-max-restarts", _set("spec.runPolicy", {"maxRestarts": -1}), "spec.runPolicy.maxRestarts"),
-    ("zero-deadline", _set("spec.runPolicy", {"activeDeadlineSeconds": 0}), "spec.runPolicy.activeDeadlineSeconds"),
-    ("wandb-without-project", _set("spec.tracking", {"wandb": {}}), "spec.tracking.wandb.project"),
-    ("empty-secret-name", _set("spec.output.credentialsSecretRef", {"name": ""}),
-     "spec.output.credentialsSecretRef.name"),
-    ("unknown-field", _set("spec.learningRate", 0.1), "spec.learningRate"),
-    ("name-too-long", _set("metadata.name", "a" * 49), "metadata.name"),
-    ("name-starts-with-digit", _set("metadata.name", "1job"), "metadata.name"),
-    ("suspend-not-bool", _set("spec.suspend", "yes"), "spec.suspend"),
-]
+def _validate_verdict(body: dict) -> list[str]:
+    try:
+        parse_job(body)
+    except ManifestError as error:
+        return error.problems
+    return []
 
 
-@pytest.mark.parametrize(("mutate", "field"), [(m, f) for _, m, f in INVALID], ids=[i for i, _, _ in INVALID])
-def test_invalid_manifest_is_rejected_naming_the_field(cp, mutate, field: str) -> None:
-    body = manifest("invalid")
-    mutate(body)
-    result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
-    assert result.returncode != 0, f"accepted: {body}"
-    assert field in result.stderr, result.stderr
+@pytest.mark.parametrize("case", manifest_cases.INVALID, ids=[c.id for c in manifest_cases.INVALID])
+def test_invalid_manifest_is_rejected_naming_the_field(cp, case: manifest_cases.Case) -> None:
+    """Both validators (kubetune validate's models and the API server's CRD) refuse it, naming the same field."""
+    body = case.manifest("invalid")
+    problems = _validate_verdict(body)
+    assert any(p.startswith((f"{case.field}:", f"{case.field}[", f"{case.field}.")) for p in problems), problems
+    result = _server_verdict(cp, body)
+    assert result.returncode != 0, f"accepted by the API server: {body}"
+    if not case.client_side:
+        assert case.field in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and manifest_cases.LONG_KEY not in result.stderr
+
+
+@pytest.mark.parametrize("case", manifest_cases.VALID, ids=[c.id for c in manifest_cases.VALID])
+def test_valid_manifest_is_accepted_by_both(cp, case: manifest_cases.Case) -> None:
+    body = case.manifest("valid")
+    assert _validate_verdict(body) == []
+    result = _server_verdict(cp, body)
+    assert result.returncode == 0, result.stderr
 
 
 def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
