@@ -256,7 +256,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
         raise SchemaError(f"{path}: no type")
     if "default" in node and node["default"] is not None:
         out["default"] = node["default"]
-    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")):
+    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")
+          and not path.endswith("[]")):
         # default_factory sub-objects: `{}` lets the API server fill their nested defaults
         out["default"] = {}
     rules = copy.deepcopy(node.get("x-kubernetes-validations", [])) + copy.deepcopy(VALIDATION_RULES.get(path, []))
