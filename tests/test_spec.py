@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,83 @@ def test_validate_cli(tmp_path: Path) -> None:
                             text=True)
     assert result.returncode == 3
     assert "spec.training.learningRate" in result.stderr
+
+
+# ----- loading: encodings, YAML dialect, duplicate keys, alias bombs, several documents
+
+
+def _load_bytes(tmp_path: Path, data: bytes) -> ManifestError:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ManifestError) as caught:
+        load_job(path)
+    return caught.value
+
+
+GOOD_YAML = yaml.safe_dump(base(), sort_keys=False)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (GOOD_YAML.encode("utf-16"), "UTF-16 text; save it as UTF-8"),
+    (GOOD_YAML.encode("utf-16-le"), "save it as UTF-8"),
+    (GOOD_YAML.replace("demo", "démo").encode("latin-1"), ":4: invalid FineTuneJob:\n  - not UTF-8 text (byte 0xe9)"),
+    (b"\x7fELF\x02\x01\x01" + bytes(100), "binary"),
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "compressed"),
+], ids=["utf16-bom", "utf16-no-bom", "latin1", "binary", "gzip"])
+def test_unreadable_encodings_are_named(tmp_path: Path, data: bytes, expected: str) -> None:
+    assert expected in str(_load_bytes(tmp_path, data))
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_YAML.encode())
+    assert load_job(path).metadata.name == "demo"
+
+
+def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
+    text = GOOD_YAML + "spec:\n  model: {source: x/y}\n"
+    error = _load_bytes(tmp_path, text.encode())
+    assert "duplicate key 'spec' (first on line" in str(error)
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    start = time.monotonic()
+    error = _load_bytes(tmp_path, ("\n".join(lines) + "\n").encode())
+    assert "aliases expand to more than" in str(error) and time.monotonic() - start < 5
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    assert "not valid YAML" in str(_load_bytes(tmp_path, b"a: &a [*a]\n"))
+
+
+def test_oversized_manifest_is_refused(tmp_path: Path) -> None:
+    assert "larger than 1 MiB" in str(_load_bytes(tmp_path, GOOD_YAML.encode() + b"#" * (2 << 20)))
+
+
+def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
+    """1e9 is a number and 2024-01-01 a string for kubectl; PyYAML's defaults differ."""
+    doc = base()
+    doc["spec"]["resources"] = {"memory": "1e9"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("'1e9'", "1e9"))
+    with pytest.raises(ManifestError, match="spec.resources.memory: input should be a valid string, got a number"):
+        load_job(path)
+    path.write_text(GOOD_YAML.replace("source: bundled://smollm2-135m-instruct",
+                                      "source: org/model\n    revision: 2024-01-01"))
+    assert load_job(path).spec.model.revision == "2024-01-01"
+
+
+def test_several_documents_name_the_wrong_one(tmp_path: Path) -> None:
+    bad = mutate("spec.training.learningRate", -1)
+    path = tmp_path / "job.yaml"
+    path.write_text("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\n" + yaml.safe_dump(bad))
+    with pytest.raises(ManifestError, match=r"\(document 2 of 2\): invalid FineTuneJob"):
+        load_job(path)
+    path.write_text(GOOD_YAML + "---\n" + GOOD_YAML)
+    with pytest.raises(ManifestError, match=r"found 2 \(documents 1: 'FineTuneJob', 2: 'FineTuneJob'\)"):
+        load_job(path)
+    path.write_text("---\n- a\n---\nkind: Secret\n")
+    with pytest.raises(ManifestError, match="documents 1: not a mapping, 2: 'Secret'"):
+        load_job(path)

@@ -113,25 +113,127 @@ def parse_job(document: Any, source: str = "manifest") -> FineTuneJob:
         raise ManifestError(source, format_validation_error(error)) from None
 
 
-def load_job(path: str | Path) -> FineTuneJob:
-    """Read and validate a FineTuneJob YAML file."""
-    path = Path(path)
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: an object the API server takes is at most ~1.5 MiB of JSON
+MAX_EXPANDED_NODES = 100_000  # YAML nodes after aliases are expanded (a "billion laughs" file has 10^9)
+_GO_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """SafeLoader that reads scalars as kubectl does (1e9 is a number, 2024-01-01 a string), refuses
+    duplicate keys, and refuses alias expansion beyond MAX_EXPANDED_NODES."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key that is not a string",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)} (first on line {seen[key]}); every field once",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+_ManifestLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:float", _GO_FLOAT, list("-+.0123456789"))
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse alias bombs and recursive aliases before anything is built from them."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise yaml.composer.ComposerError(None, None, "a recursive alias (a node that contains itself)",
+                                              node.start_mark)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        if total > MAX_EXPANDED_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_EXPANDED_NODES:,} YAML nodes (an alias bomb?)",
+                node.start_mark)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    for bom, name in ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            raise ManifestError(str(path), [f"the file is {name} text; save it as UTF-8"])
+    if data.startswith((b"\x1f\x8b", b"PK\x03\x04", b"BZh", b"\xfd7zXZ")):
+        raise ManifestError(str(path), ["the file is compressed (gzip, zip, bzip2 or xz), not a YAML manifest"])
+    if b"\x00" in data[:8192]:
+        raise ManifestError(str(path), ["the file is binary (NUL bytes) or UTF-16 text, not a YAML manifest; "
+                                        "save it as UTF-8"])
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ManifestError(str(path), [f"cannot read the file: {error.strerror}"]) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ManifestError(f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[error.start]:02x}); save the "
+                                               "file as UTF-8"]) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def load_documents(text: str, source: str) -> list[Any]:
+    """Every non-empty YAML document of a manifest, parsed as kubectl parses it."""
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ManifestError(where, [f"not valid YAML: {getattr(error, 'problem', error)}"]) from None
-    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ManifestError(where, [f"not valid YAML: {getattr(error, 'problem', None) or error}"]) from None
+    except RecursionError:
+        raise ManifestError(source, ["not valid YAML: nested too deeply"]) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Read and validate a FineTuneJob YAML file.
+
+    A file with several documents must hold exactly one FineTuneJob; errors name the document."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as error:
+        raise ManifestError(str(path), [f"cannot read the file: {error.strerror or error}"]) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(str(path), [f"the file is larger than {MAX_MANIFEST_BYTES >> 20} MiB; a FineTuneJob "
+                                        "manifest is a few kilobytes"])
+    documents = load_documents(_decode(path, data), str(path))
     if len(documents) == 1:
-        jobs = documents
+        return parse_job(documents[0], str(path))
+    jobs = [(i, d) for i, d in enumerate(documents, start=1) if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
     if len(jobs) != 1:
-        raise ManifestError(str(path), [f"expected exactly one FineTuneJob document, found {len(jobs)}"])
-    return parse_job(jobs[0], str(path))
+        kinds = ", ".join(f"{i}: {shorten(d.get('kind')) if isinstance(d, dict) else 'not a mapping'}"
+                          for i, d in enumerate(documents, start=1)) or "none"
+        raise ManifestError(str(path), [f"expected exactly one FineTuneJob document, found {len(jobs)} "
+                                        f"(documents {kinds})"])
+    index, document = jobs[0]
+    return parse_job(document, f"{path} (document {index} of {len(documents)})")
 
 
 def dump_job(job: FineTuneJob) -> dict[str, Any]:

@@ -254,8 +254,7 @@ def _read_parquet(name: str, path: Path) -> Iterator[tuple[str, Any, str | None]
     try:
         parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):
-            for record in parquet.read_row_group(group).to_pylist():
-                yield record
+            yield from parquet.read_row_group(group).to_pylist()
     except (pa.ArrowException, OSError, ValueError) as error:
         detail = " ".join(str(error).split())[:200]
         raise DataError(f"{name}: not a readable Parquet file (truncated or corrupt?): {detail}") from None
