@@ -386,6 +386,46 @@ def test_exit_code_3_fails_without_restart(cp, api, operator) -> None:
     assert any(e["reason"] == "ConfigError" and e["type"] == "Warning" for e in events(api, name))
 
 
+def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> None:
+    """A 4xx other than 404/409 on a child (here an admission policy's denial): Failed at once, with a
+    condition and a Warning event carrying the server's message; no retry loop, no worker Job."""
+    name = "refused-child"
+    policy = "kubetune-test-refuse-children"
+    label = "kubetune.io/job-name"
+    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": policy},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [{
+                  "apiGroups": ["", "batch", "rbac.authorization.k8s.io", "networking.k8s.io"], "apiVersions": ["*"],
+                  "operations": ["CREATE"], "resources": ["*"]}]},
+                  "validations": [{"expression": f"!has(object.metadata.labels) || !('{label}' in "
+                                                 f"object.metadata.labels) || object.metadata.labels['{label}'] != "
+                                                 f"'{name}'",
+                                   "message": "the platform refuses children of refused-child"}]}})
+    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+              "metadata": {"name": policy}, "spec": {"policyName": policy, "validationActions": ["Deny"]}})
+    probe = {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "probe", "namespace": NS, "labels": {label: name}}}
+
+    def active() -> bool:
+        result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        return result.returncode != 0 and "refuses children" in result.stderr
+
+    try:
+        cp.wait_for(active, 30, "admission policy active", interval=0.5)
+        cp.apply(manifest(name))
+        st = wait_phase(cp, api, name, "Failed")
+        failed = condition(st, "Failed")
+        assert failed["reason"] == "ChildRefused", failed
+        message = failed["message"]
+        assert "the platform refuses children of refused-child" in message and "(403)" in message, message
+        assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
+                   for e in events(api, name))
+        time.sleep(3)  # a few more reconciles: still Failed, still no workers
+        assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
+    finally:
+        cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
+
+
 def test_preemption_restarts_without_counting(cp, api, operator) -> None:
     name = "preempted"
     cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
