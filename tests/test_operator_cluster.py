@@ -417,7 +417,7 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
         failed = condition(st, "Failed")
         assert failed["reason"] == "ChildRefused", failed
         message = failed["message"]
-        assert "the platform refuses children of refused-child" in message and "(403)" in message, message
+        assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
         assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
                    for e in events(api, name))
         time.sleep(3)  # a few more reconciles: still Failed, still no workers
