@@ -192,7 +192,7 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     doc["spec"]["resources"] = {"memory": "1e9"}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(doc).replace("'1e9'", "1e9"))
-    with pytest.raises(ManifestError, match="spec.resources.memory: input should be a valid string, got a number"):
+    with pytest.raises(ManifestError, match="spec.resources.memory: Input should be a valid string, got a number"):
         load_job(path)
     path.write_text(GOOD_YAML.replace("source: bundled://smollm2-135m-instruct",
                                       "source: org/model\n    revision: 2024-01-01"))

@@ -79,7 +79,7 @@ def _message(item: Any) -> str:
         return "must be a finite number (not NaN or infinity)"
     if kind.endswith("_type") and "input" in item:
         got = type(item["input"]).__name__
-        return f"{message[:1].lower()}{message[1:]}, got {_TYPE_NAMES.get(got, got)} {shorten(item['input'])}"
+        return f"{message}, got {_TYPE_NAMES.get(got, got)} {shorten(item['input'])}"
     if "input" in item and not isinstance(item["input"], (dict, list)):
         return f"{message} (got {shorten(item['input'])})"
     return message

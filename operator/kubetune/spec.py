@@ -571,7 +571,7 @@ class ResourcesSpec(JobModel):
 class SchedulingSpec(JobModel):
     """Queueing."""
 
-    queue_name: Annotated[LabelValue, StringConstraints(min_length=1)] | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
+    queue_name: LabelValue | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
                                    "by Kueue.")
     priority_class_name: K8sName | None = Field(None, description="Kueue WorkloadPriorityClass.")
 
