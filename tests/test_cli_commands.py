@@ -92,3 +92,17 @@ def test_estimate_from_overrides_needs_no_access(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["data"]["tokens"] == 1000000 and "given" in report["data"]["method"]
+
+
+def test_run_with_bad_data_exits_3_before_the_model_and_leaves_no_directories(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "x"}\n')
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bad-data"},
+           "spec": {"model": {"source": "org/not-downloaded"}, "task": {"type": "instruction"},
+                    "datasets": [{"source": str(data)}], "output": {"uri": str(tmp_path / "out" / "run")}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = kubetune("run", str(path), "--quiet")
+    assert result.returncode == EXIT_CONFIG_ERROR, result.stderr
+    assert f"{data}:2: not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -420,7 +420,9 @@ class TrainingSpec(JobModel):
 class CheckpointSpec(JobModel):
     """Checkpoints: complete only once their manifest is written."""
 
-    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Save every N optimizer steps (and always at the end of training).")
+    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Save a checkpoint every N optimizer "
+                                    "steps and at the last step. Unset: no checkpoints, so a restarted run "
+                                    "starts over (the exports are written either way).")
     keep_last: int = Field(2, ge=1, le=MAX_INT, description="Keep this many newest complete checkpoints (plus the best).")
     background: bool = Field(True, description="Hash, manifest and upload checkpoints in a background thread "
                              "while training goes on (only writing the files blocks training).")
