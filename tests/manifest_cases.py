@@ -77,12 +77,14 @@ INVALID: list[Case] = [
     _bad("missing-datasets", "spec.datasets", spec__datasets=DELETE),
     _bad("empty-datasets", "spec.datasets", spec__datasets=[]),
     _bad("empty-model-source", "spec.model.source", spec__model__source=""),
+    _bad("null-model-source", "spec.model.source", spec__model__source=None),
     _bad("model-not-a-mapping", "spec.model", spec__model="bundled://smollm2-135m-instruct"),
     _bad("unknown-field", "spec.learningRate", spec__learningRate=0.1),
     _bad("unknown-nested-field", "spec.trainng", spec__trainng={"epochs": 1}),
     _bad("lora-at-top-level", "spec.lora", spec__lora={"r": 8}),
     _bad("snake-case-field", "spec.training.max_steps", spec__training={"max_steps": 3}),
     _bad("snake-case-section", "spec.run_policy", spec__run_policy={"maxRestarts": 1}),
+    _bad("unknown-field-null", "spec.training.maxStep", spec__training={"maxStep": None}),
     # enums
     _bad("bad-method", "spec.method.type", spec__method={"type": "prefix-tuning"}),
     _bad("bad-task", "spec.task.type", spec__task__type="translation"),
@@ -254,5 +256,10 @@ VALID: list[Case] = [
     _ok("queue", spec__scheduling={"queueName": "team-a"}),
     _ok("completion", spec__task__type="completion", spec__datasets=[{"source": "d.txt"}]),
     _ok("seed-zero", spec__training={"seed": 0}),
+    _ok("integral-float-for-int", spec__training={"seed": 7.0, "maxSteps": 100.0}, spec__resources__nodes=2.0),
+    # null means absent (the API server prunes nulls before defaulting): the defaults apply
+    _ok("nulls-are-absent", spec__training={"seed": None, "learningRate": None, "packing": None},
+        spec__method=None, spec__output__exports=None, spec__resources__nodeSelector={"pool": None},
+        spec__runPolicy=None, spec__evaluation={"samplePrompts": None}),
     _ok("cpu-training", spec__resources__gpusPerNode=0, spec__resources__nodes=1),
 ]

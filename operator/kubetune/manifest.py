@@ -78,8 +78,10 @@ def _message(item: Any) -> str:
     if kind in ("finite_number",):
         return "must be a finite number (not NaN or infinity)"
     if kind.endswith("_type") and "input" in item:
-        got = type(item["input"]).__name__
-        return f"{message}, got {_TYPE_NAMES.get(got, got)} {shorten(item['input'])}"
+        value = item["input"]
+        got = _TYPE_NAMES.get(type(value).__name__, type(value).__name__)
+        shown = "" if value is None or isinstance(value, (dict, list)) else f" {shorten(value)}"
+        return f"{message}, got {got}{shown}"
     if "input" in item and not isinstance(item["input"], (dict, list)):
         return f"{message} (got {shorten(item['input'])})"
     return message

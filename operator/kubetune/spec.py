@@ -14,7 +14,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -167,6 +168,40 @@ class JobModel(SpecModel):
     No "8" for 8, no true for 1, no "yes" for true, no NaN or infinity."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_the_api_server_reads_it(cls, data: Any) -> Any:
+        """A known field set to null is absent (the API server prunes such nulls before defaulting, also
+        in string maps); an integer field takes an integral number such as 2.0 (JSON does not tell them
+        apart). Unknown fields stay, to be refused even when null."""
+        if not isinstance(data, dict):
+            return data
+        fields = _field_kinds(cls)
+        out = {}
+        for key, value in data.items():
+            kind = fields.get(key)
+            if kind is not None and value is None:
+                continue
+            if kind == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            elif kind == "map" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if v is not None}
+            out[key] = value
+        return out
+
+
+def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
+    """{camelCase name: int | map | other} of a model's fields."""
+    kinds = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        union = get_origin(annotation) in (Union, UnionType)
+        args = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+        origin = get_origin(args[0]) if len(args) == 1 else None
+        kind = "int" if args == [int] else "map" if origin is dict else "other"
+        kinds[info.alias or name] = kind
+    return kinds
 
 
 def _lax(kind: type) -> Any:
