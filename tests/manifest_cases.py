@@ -263,3 +263,47 @@ VALID: list[Case] = [
         spec__runPolicy=None, spec__evaluation={"samplePrompts": None}),
     _ok("cpu-training", spec__resources__gpusPerNode=0, spec__resources__nodes=1),
 ]
+
+
+# Values put in place of every field of every valid case by `mutations()`: wrong types, bounds, nulls,
+# lengths, near-miss strings. Both validators must agree on each result.
+MUTATION_VALUES: list[Any] = [
+    None, "", "x", "8", 8, -1, 0, 1.5, -0.0, True, "yes", [], {}, [1], {"a": 1}, "a" * 1500, 2**40, 2**31,
+    2**31 - 1, 1e10, "1e3", "0.5", "500m", "s3://b", "s3://b/k", "hf://x/y", "http://x", "/abs/path", [None],
+    [""], ["x"], [{"a": 1}], {"k": None}, "A_b", "a.b/c",
+]
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, path + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            out += _paths(value, path + (index,))
+    return out
+
+
+def mutations(documents: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(description, manifest) for every spec field of `documents` set to every MUTATION_VALUES value
+    (each field path and value once)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for document in documents:
+        for path in _paths(document):
+            if len(path) < 2 or path[0] != "spec":
+                continue
+            shape = ".".join("#" if isinstance(p, int) else str(p) for p in path)
+            for value in MUTATION_VALUES:
+                key = (shape, repr(value))
+                if key in seen:
+                    continue
+                seen.add(key)
+                body = copy.deepcopy(document)
+                node: Any = body
+                for part in path[:-1]:
+                    node = node[part]
+                node[path[-1]] = copy.deepcopy(value)
+                out.append((f"{shape}={value!r:.30}", body))
+    return out

@@ -247,6 +247,32 @@ def test_valid_manifest_is_accepted_by_both(cp, case: manifest_cases.Case) -> No
     assert result.returncode == 0, result.stderr
 
 
+def test_generated_mutations_get_the_same_verdict_from_both(cp, api) -> None:
+    """Every field of every valid case and example set to wrong types, bounds, nulls and near misses:
+    `kubetune validate` and the API server agree on each, and name the same field when they refuse."""
+    documents = [c.manifest("x") for c in manifest_cases.VALID]
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        body["metadata"]["namespace"] = NS
+        documents.append(body)
+    custom = client.CustomObjectsApi(api)
+    disagreements = []
+    for index, (what, body) in enumerate(manifest_cases.mutations(documents)):
+        body["metadata"]["name"] = f"mutation-{index}"
+        problems = _validate_verdict(body)
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body, dry_run="All",
+                                                   field_validation="Strict")
+            server = ""
+        except ApiException as error:
+            server = json.loads(error.body or "{}").get("message") or str(error.status)
+        if bool(problems) != bool(server):
+            disagreements.append(f"{what}: validate {problems[:1] or 'accepted'}, server {server[:200] or 'accepted'}")
+        elif problems and not any(p.split(": ")[0].split("[")[0] in server for p in problems):
+            disagreements.append(f"{what}: validate names {problems}, server {server[:200]}")
+    assert not disagreements, "\n".join(disagreements[:30])
+
+
 def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
     """Transition rules: training config never changes; resources only while suspended."""
     body = manifest("immutable", suspend=True)
