@@ -305,3 +305,25 @@ def test_skip_invalid_rows_counts_undecodable_json_rows(tmp_path: Path) -> None:
     path = _bad_file(tmp_path, "d.jsonl", ROW + b"\n" + b"[" * 5000 + b"\n" + ROW.replace(b"Say 0", b"Say 1") + b"\n")
     rows, report = load(path, skip_invalid_rows=True)
     assert len(rows) == 2 and report.invalid == 1
+
+
+def test_csv_long_field_is_read(tmp_path: Path) -> None:
+    long_text = "word " * 60000  # 300k characters: over csv's default field limit
+    path = _bad_file(tmp_path, "long.csv", f'instruction,input,output\nsay,,"{long_text}"\n'.encode())
+    assert len(load(path)[0][0].content["output"]) > 250000
+
+
+def test_chat_template_refusing_a_conversation_names_the_row() -> None:
+    from jinja2 import TemplateError
+
+    class Tokenizer:
+        chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+        def apply_chat_template(self, messages, **_):
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"}]
+    with pytest.raises(DataError, match=r"f.jsonl:7: the model's chat template refuses this conversation: "
+                                        r"Conversation roles must alternate"):
+        data._chat_segments(messages, Tokenizer(), "f.jsonl:7")

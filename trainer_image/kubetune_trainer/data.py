@@ -176,6 +176,7 @@ _MAGIC = [
     (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"),
     (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"),
 ]
+CSV_MAX_FIELD = 64 << 20  # characters in one CSV field
 MAX_NESTING = 200  # JSON nesting depth a row may have (far beyond any chat or alpaca row)
 _BOM = "\ufeff"
 
@@ -288,6 +289,7 @@ def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, 
             yield f"{name}:{number}", item, None
     elif file_type == "csv":
         lines = (text for _, text in _text_lines(name, path))
+        csv.field_size_limit(CSV_MAX_FIELD)  # the default (128 KiB) refuses long documents
         reader = csv.DictReader(lines)
         start = 2
         try:
@@ -411,46 +413,10 @@ def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cach
     seen: set[str] = set()
     rows: list[Row] = []
     for name, path in resolve_files(spec.source, cache_dir, s3):
-        report.files.append(name)
-        report.hashes[name] = _sha256(path)
-        file_type = _file_type(spec, name)
-        if file_type == "txt" and fmt != DatasetFormat.text.value:
-            raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
-        for origin, raw, parse_error in read_raw(name, path, file_type):
-            report.read += 1
-            try:
-                if parse_error:
-                    raise ValueError(parse_error)
-                content = check_row(raw, fmt, spec)
-            except ValueError as error:
-                message = f"{origin}: {error}"
-                if not cleaning.skip_invalid_rows:
-                    raise DataError(message + " (set cleaning.skipInvalidRows: true to skip such rows)") from None
-                report.invalid += 1
-                if len(report.invalid_examples) < 5:
-                    report.invalid_examples.append(message)
-                continue
-            if cleaning.strip:
-                content = _strip(content)
-            if cleaning.drop_empty and _is_empty(content):
-                report.empty += 1
-                continue
-            chars = _char_count(content)
-            if chars < cleaning.min_chars:
-                report.too_short += 1
-                continue
-            if cleaning.max_chars is not None and chars > cleaning.max_chars:
-                report.too_long += 1
-                continue
-            if cleaning.drop_duplicates:
-                key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-                if key in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(key)
-            rows.append(Row(origin=origin, format=fmt, content=content))
-            if spec.max_examples is not None and len(rows) >= spec.max_examples:
-                break
+        try:
+            _load_file(name, path, spec, fmt, cleaning, report, seen, rows)
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as error:
+            raise DataError(f"{name}: cannot read the file: {error.strerror or error}") from None
         if spec.max_examples is not None and len(rows) >= spec.max_examples:
             break
     report.kept = len(rows)
@@ -459,6 +425,51 @@ def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cach
                         f"{report.invalid}, empty {report.empty}, duplicates {report.duplicates}, too short "
                         f"{report.too_short}, too long {report.too_long})")
     return rows, report
+
+
+def _load_file(name: str, path: Path, spec: DatasetSpec, fmt: str, cleaning: CleaningSpec, report: DatasetReport,
+               seen: set[str], rows: list[Row]) -> None:
+    """Read, check and clean one file of a dataset into `rows` (see load_dataset_rows)."""
+    report.files.append(name)
+    report.hashes[name] = _sha256(path)
+    file_type = _file_type(spec, name)
+    if file_type == "txt" and fmt != DatasetFormat.text.value:
+        raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
+    for origin, raw, parse_error in read_raw(name, path, file_type):
+        report.read += 1
+        try:
+            if parse_error:
+                raise ValueError(parse_error)
+            content = check_row(raw, fmt, spec)
+        except ValueError as error:
+            message = f"{origin}: {error}"
+            if not cleaning.skip_invalid_rows:
+                raise DataError(message + " (set cleaning.skipInvalidRows: true to skip such rows)") from None
+            report.invalid += 1
+            if len(report.invalid_examples) < 5:
+                report.invalid_examples.append(message)
+            continue
+        if cleaning.strip:
+            content = _strip(content)
+        if cleaning.drop_empty and _is_empty(content):
+            report.empty += 1
+            continue
+        chars = _char_count(content)
+        if chars < cleaning.min_chars:
+            report.too_short += 1
+            continue
+        if cleaning.max_chars is not None and chars > cleaning.max_chars:
+            report.too_long += 1
+            continue
+        if cleaning.drop_duplicates:
+            key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            if key in seen:
+                report.duplicates += 1
+                continue
+            seen.add(key)
+        rows.append(Row(origin=origin, format=fmt, content=content))
+        if spec.max_examples is not None and len(rows) >= spec.max_examples:
+            return
 
 
 # ---------------------------------------------------------------- split and mix
@@ -563,6 +574,18 @@ def render_segments(row: Row, task_template: str, tokenizer: Any) -> list[tuple[
     return _chat_segments(content["messages"], tokenizer, row.origin)
 
 
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], origin: str, **kwargs: Any) -> str:
+    """The chat template's text; a template that refuses the conversation (roles that do not alternate,
+    a system turn it does not take) is a data error naming the row."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise DataError(f"{origin}: the model's chat template refuses this conversation: {detail}") from None
+
+
 def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> list[tuple[str, bool]]:
     """Render with the chat template, marking each assistant turn as a response segment."""
     if not getattr(tokenizer, "chat_template", None):
@@ -573,8 +596,8 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) 
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        prefix = _render_chat(tokenizer, messages[:index], origin, add_generation_prompt=True)
+        full = _render_chat(tokenizer, messages[: index + 1], origin)
         if not prefix.startswith(rendered) or not full.startswith(prefix):
             raise DataError(f"{origin}: the chat template does not render turns as a growing prefix; "
                             "cannot locate the assistant's tokens")
