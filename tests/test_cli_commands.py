@@ -106,3 +106,17 @@ def test_run_with_bad_data_exits_3_before_the_model_and_leaves_no_directories(tm
     assert result.returncode == EXIT_CONFIG_ERROR, result.stderr
     assert f"{data}:2: not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_without_storage_credentials_is_one_message(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(4)))
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "no-creds"},
+           "spec": {"model": {"source": "s3://models/some-model/"}, "task": {"type": "instruction"},
+                    "datasets": [{"source": str(data)}], "output": {"uri": str(tmp_path / "out")}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = kubetune("run", str(path), "--quiet")
+    assert result.returncode == EXIT_CONFIG_ERROR, result.stderr
+    assert "credentials" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

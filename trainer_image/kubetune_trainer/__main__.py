@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.manifest import ManifestError, load_job
 from kubetune.spec import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
+from kubetune.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,6 +106,12 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
         print(f"error: {error}", file=sys.stderr)
         _remove_if_empty(new_dirs)
         return EXIT_CONFIG_ERROR, None
+    except StorageError as error:
+        # 403/404/bad credentials cannot heal by retrying (exit 3); timeouts, throttling and 5xx can (exit 1)
+        print(f"error: {error}", file=sys.stderr)
+        if not error.retryable:
+            _remove_if_empty(new_dirs)
+        return (EXIT_RETRYABLE if error.retryable else EXIT_CONFIG_ERROR), None
     except KeyboardInterrupt:
         return EXIT_PREEMPTED, None
     except Exception:  # noqa: BLE001 - any other failure is retryable from the last checkpoint
