@@ -180,7 +180,9 @@ INVALID: list[Case] = [
     _bad("bad-node-selector-value", "spec.resources.nodeSelector", spec__resources__nodeSelector={"pool": "a b"}),
     _bad("bad-node-selector-key", "spec.resources.nodeSelector", spec__resources__nodeSelector={"bad key!": "x"}),
     _bad("cpu-not-a-quantity", "spec.resources.cpu", spec__resources__cpu="lots"),
-    _bad("cpu-as-number", "spec.resources.cpu", spec__resources__cpu=16),
+    _bad("cpu-zero", "spec.resources.cpu", spec__resources__cpu=0),
+    _bad("cpu-fraction-number", "spec.resources.cpu", spec__resources__cpu=1.5),
+    _bad("cpu-bool", "spec.resources.cpu", spec__resources__cpu=True),
     _bad("memory-negative", "spec.resources.memory", spec__resources__memory="-1Gi"),
     _bad("memory-bad-suffix", "spec.resources.memory", spec__resources__memory="12GB"),
     _bad("memory-zero", "spec.resources.memory", spec__resources__memory="0"),
@@ -230,6 +232,7 @@ VALID: list[Case] = [
     _ok("quantities", spec__resources__cpu="500m", spec__resources__memory="64Gi",
         spec__resources__sharedMemory="1.5G"),
     _ok("quantity-exponent", spec__resources__memory="1e9", spec__resources__cpu="2"),
+    _ok("quantity-as-number", spec__resources__cpu=16, spec__resources__memory=68719476736),
     _ok("tolerations", spec__resources__tolerations=[
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
         {"key": "pool", "operator": "Equal", "value": "gpu"},

@@ -69,7 +69,8 @@ def test_schema_is_structural() -> None:
         for bad in ("$ref", "anyOf", "allOf", "oneOf", "title", "const", "$defs"):
             assert bad not in node, f"{path}: {bad}"
         assert node.get("additionalProperties") is not False, path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or \
+            node.get("x-kubernetes-int-or-string"), path
         assert not ("properties" in node and "additionalProperties" in node), path
         if node.get("type") == "string" and "enum" not in node and path not in (".apiVersion", ".kind"):
             assert "maxLength" in node, path
@@ -104,7 +105,8 @@ def test_conversions() -> None:
     toleration = spec["resources"]["properties"]["tolerations"]["items"]
     assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal"]  # typed as core/v1 has it
     assert len(toleration["x-kubernetes-validations"]) == 3
-    assert spec["resources"]["properties"]["cpu"]["x-kubernetes-validations"][0]["rule"].startswith("self.matches(")
+    cpu = spec["resources"]["properties"]["cpu"]  # a quantity: 16 or "500m", as core/v1 takes it
+    assert cpu["x-kubernetes-int-or-string"] is True and "self.matches(" in cpu["x-kubernetes-validations"][0]["rule"]
     assert spec["model"]["properties"]["revision"]["type"] == "string"
     assert "nullable" not in spec["model"]["properties"]["revision"]
     conditions = _schema()["properties"]["status"]["properties"]["conditions"]

@@ -209,6 +209,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
         out["type"] = kind
     if "description" in node:
         out["description"] = node["description"]
+    if node.get("x-kubernetes-int-or-string"):  # a quantity: 16 or "16Gi"
+        out["x-kubernetes-int-or-string"] = True
     if "enum" in node:
         out["type"] = out.get("type", "string")
         out["enum"] = list(node["enum"])
@@ -252,7 +254,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
                 out["additionalProperties"] = value
         else:  # a free-form dict (dict[str, Any]): core/v1 objects such as affinity or tolerations
             out["x-kubernetes-preserve-unknown-fields"] = True
-    elif not kind and "enum" not in out:
+    elif not kind and "enum" not in out and not out.get("x-kubernetes-int-or-string"):
         raise SchemaError(f"{path}: no type")
     if "default" in node and node["default"] is not None:
         out["default"] = node["default"]

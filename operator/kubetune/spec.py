@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -138,8 +139,25 @@ OutputRule = Rule(
 EndpointRule = Rule(_match("^https?://[^/]+"), "self.matches('^https?://[^/]+')",
                     "use http://host[:port] or https://host[:port]")
 QuantityRule = Rule(lambda v: bool(re.match(QUANTITY, v)) and bool(re.search("[1-9]", re.sub("[eE].*$", "", v))),
-                    f"self.matches('{QUANTITY}') && self.replace('e', 'E').split('E')[0].matches('[1-9]')",
+                    f"type(self) == int ? self > 0 : (self.matches('{QUANTITY}') && "
+                    "self.replace('e', 'E').split('E')[0].matches('[1-9]'))",
                     "a positive Kubernetes quantity, for example 16, 500m, 64Gi or 1.5G")
+
+
+def _whole_units(value: Any) -> Any:
+    """A quantity written as a whole number (cpu: 16), as Kubernetes takes it, becomes its string form."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class _IntOrString:
+    """Marks a field int-or-string in its JSON schema (x-kubernetes-int-or-string), as core/v1 quantities."""
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        out = handler(schema)
+        out.pop("type", None)
+        out["x-kubernetes-int-or-string"] = True
+        return out
 
 Text = Annotated[str, StringConstraints(max_length=DEFAULT_MAX_LENGTH)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=DEFAULT_MAX_LENGTH)]
@@ -147,7 +165,8 @@ Location = Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX_LEN
 K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=316, pattern=QUALIFIED_NAME)]
-Quantity = Annotated[str, StringConstraints(min_length=1, max_length=64), QuantityRule]
+Quantity = Annotated[str, StringConstraints(min_length=1, max_length=64), QuantityRule, BeforeValidator(_whole_units),
+                     _IntOrString()]
 
 
 class SpecModel(BaseModel):
