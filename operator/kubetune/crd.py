@@ -30,6 +30,8 @@ from kubetune.spec import (
     API_GROUP,
     API_VERSION,
     COMMIT_SHA,
+    GENERATE_NAME_PATTERN,
+    GENERATED_SUFFIX,
     HUB_ID,
     KIND,
     MAX_NAME_LENGTH,
@@ -316,7 +318,10 @@ def openapi_schema() -> dict[str, Any]:
             "metadata": {"type": "object", "properties": {"name": {
                 "type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN,
                 "description": f"A DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
-                               "digits and '-', starting with a letter): it names the worker Service and pods."}}},
+                               "digits and '-', starting with a letter): it names the worker Service and pods."},
+                "generateName": {
+                    "type": "string", "maxLength": MAX_NAME_LENGTH - GENERATED_SUFFIX, "pattern": GENERATE_NAME_PATTERN,
+                    "description": "A prefix the API server completes with 5 characters into the name."}}},
             "spec": spec,
             "status": status_schema(),
         },

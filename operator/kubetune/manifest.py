@@ -46,6 +46,7 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "s
 _PATTERNS = {
     spec.NAME_PATTERN: f"a DNS-1035 label of at most {spec.MAX_NAME_LENGTH} characters (lowercase letters, digits "
                        "and '-', starting with a letter and ending with a letter or digit)",
+    spec.GENERATE_NAME_PATTERN: "a prefix of lowercase letters, digits and '-', starting with a letter",
     spec.DNS_LABEL.pattern: "a DNS label (lowercase letters, digits and '-', at most 63 characters)",
     spec.DNS_SUBDOMAIN: "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
     spec.LABEL_VALUE: "a label value (letters, digits, '-', '_' and '.', starting and ending with a letter or digit)",

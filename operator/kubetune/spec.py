@@ -10,6 +10,7 @@ This module imports nothing heavy (no torch), so the operator image can use it.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -700,24 +701,53 @@ def default_format(task: str) -> str:
     }[task]
 
 
-class ObjectMeta(BaseModel):
-    """Kubernetes object metadata; only name is required for `kubetune run`."""
+GENERATED_SUFFIX = 5  # characters the API server appends to metadata.generateName
+GENERATE_NAME_PATTERN = "^[a-z][-a-z0-9]*$"
+_SERVER_METADATA = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
+                    "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields", "selfLink")
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+
+class ObjectMeta(BaseModel):
+    """Kubernetes object metadata; a name (or a generateName) is required. Labels and annotations are
+    checked as the API server checks them; unknown fields are refused as it refuses them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel, populate_by_name=True)
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    generate_name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH - GENERATED_SUFFIX,
+                                      pattern=GENERATE_NAME_PATTERN)
     namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL.pattern)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
+    # written by the API server; accepted so that `kubectl get -o yaml` output validates
+    uid: Any = None
+    resource_version: Any = None
+    generation: Any = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: Any = None
+    owner_references: Any = None
+    finalizers: Any = None
+    managed_fields: Any = None
+    self_link: Any = None
+
+    @model_validator(mode="after")
+    def _named(self) -> ObjectMeta:
+        if self.name is None:
+            if self.generate_name is None:
+                raise ValueError("name: required (or generateName, a prefix the API server completes)")
+            alphabet = "bcdfghjklmnpqrstvwxz2456789"  # the API server's
+            self.name = self.generate_name + "".join(random.choice(alphabet) for _ in range(GENERATED_SUFFIX))
+        return self
 
 
 class FineTuneJob(JobModel):
     """A FineTuneJob manifest (as applied with kubectl or run with `kubetune run`)."""
 
-    model_config = ConfigDict(extra="ignore")  # status and other server fields are ignored
     api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
     spec: FineTuneJobSpec
+    status: Any = Field(None, exclude=True, description="Written by the operator; ignored here.")
 
 
 # ----- status (written by the operator; its schema goes into the CRD) -----
