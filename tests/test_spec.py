@@ -211,3 +211,10 @@ def test_several_documents_name_the_wrong_one(tmp_path: Path) -> None:
     path.write_text("---\n- a\n---\nkind: Secret\n")
     with pytest.raises(ManifestError, match="documents 1: not a mapping, 2: 'Secret'"):
         load_job(path)
+
+
+def test_merge_keys_work_as_in_kubectl(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD_YAML + "  training:\n    <<: {learningRate: 0.001, maxSteps: 5}\n    maxSteps: 7\n")
+    training = load_job(path).spec.training
+    assert training.learning_rate == 0.001 and training.max_steps == 7
