@@ -142,6 +142,9 @@ INVALID: list[Case] = [
     _bad("long-text-field", "spec.datasets[0].textField", spec__datasets=[{"source": "d", "textField": "t" * 1100}]),
     _bad("long-prompt", "spec.evaluation.samplePrompts[0]", spec__evaluation={"samplePrompts": ["p" * 9000]}),
     _bad("secret-in-region", "spec.storage.s3.region", spec__storage={"s3": {"region": LONG_KEY * 4}}),
+    _bad("secret-in-secret-name", "spec.output.credentialsSecretRef.name",
+         spec__output__credentialsSecretRef={"name": LONG_KEY[:120]}),
+    _bad("secret-in-node-selector", "spec.resources.nodeSelector", spec__resources__nodeSelector={"pool": "=" + LONG_KEY[:60]}),
     # metadata
     _bad("name-too-long", "metadata.name", metadata__name="a" * 49),
     _bad("name-starts-with-digit", "metadata.name", metadata__name="1job"),

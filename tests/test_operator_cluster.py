@@ -236,7 +236,7 @@ def test_invalid_manifest_is_rejected_naming_the_field(cp, case: manifest_cases.
     assert result.returncode != 0, f"accepted by the API server: {body}"
     if not case.client_side:
         assert case.field in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and manifest_cases.LONG_KEY not in result.stderr
+        assert "Traceback" not in result.stderr and manifest_cases.LONG_KEY[:40] not in result.stderr
 
 
 @pytest.mark.parametrize("case", manifest_cases.VALID, ids=[c.id for c in manifest_cases.VALID])

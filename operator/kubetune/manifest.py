@@ -22,15 +22,23 @@ class ManifestError(ValueError):
         super().__init__(f"{source}: invalid FineTuneJob:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+# string maps: their entries are named `nodeSelector[key]`, as the API server names them
+MAP_FIELDS = {"nodeSelector", "labels", "annotations"}
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     path = ""
+    previous: Any = None
     for part in loc:
         if part == "[key]":  # a dict key that is itself invalid: the path already ends with it
             continue
-        if isinstance(part, int):
+        if isinstance(part, int) or previous in MAP_FIELDS:
             path += f"[{part}]"
+        elif not isinstance(part, str):
+            path += f"[{part!r}]"
         else:
             path += ("." if path else "") + str(part)
+        previous = part
     return path or "(manifest)"
 
 

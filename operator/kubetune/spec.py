@@ -163,9 +163,21 @@ class _IntOrString:
 Text = Annotated[str, StringConstraints(max_length=DEFAULT_MAX_LENGTH)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=DEFAULT_MAX_LENGTH)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX_LENGTH)]
-K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
-LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
-LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=316, pattern=QUALIFIED_NAME)]
+
+
+def _pattern_rule(pattern: str, message: str) -> Rule:
+    """A regex check as a Rule rather than a schema `pattern`: the API server then names what is valid and
+    does not print the offending value back (it may be a secret pasted into the wrong field)."""
+    return Rule(_match(pattern), f"self.matches('{pattern}')", message)
+
+
+K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253), _pattern_rule(
+    DNS_SUBDOMAIN, "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')")]
+LabelValue = Annotated[str, StringConstraints(max_length=63), _pattern_rule(
+    LABEL_VALUE, "must be a label value (letters, digits, '-', '_' and '.', starting and ending with a letter "
+    "or digit)")]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=316), _pattern_rule(
+    QUALIFIED_NAME, "must be a qualified name such as nvidia.com/gpu (an optional DNS prefix and a name)")]
 Quantity = Annotated[str, StringConstraints(min_length=1, max_length=64), QuantityRule, BeforeValidator(_whole_units),
                      _IntOrString()]
 
