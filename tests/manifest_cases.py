@@ -180,6 +180,8 @@ INVALID: list[Case] = [
          spec__training={"earlyStopping": {"patience": 2}}),
     _bad("early-stopping-intervals-do-not-divide", "spec.checkpoint.everySteps",
          spec__training={"earlyStopping": {}}, spec__evaluation={"everySteps": 10}, spec__checkpoint={"everySteps": 15}),
+    _bad("fp16-on-cpu", "spec.training.precision", spec__training={"precision": "fp16"},
+         spec__resources__gpusPerNode=0),
     _bad("wandb-without-project", "spec.tracking.wandb.project", spec__tracking={"wandb": {}}),
     # Kubernetes-typed fields
     _bad("empty-secret-name", "spec.output.credentialsSecretRef.name", spec__output__credentialsSecretRef={"name": ""}),
@@ -279,6 +281,8 @@ VALID: list[Case] = [
         spec__method=None, spec__output__exports=None, spec__resources__nodeSelector={"pool": None},
         spec__runPolicy=None, spec__evaluation={"samplePrompts": None}),
     _ok("cpu-training", spec__resources__gpusPerNode=0, spec__resources__nodes=1),
+    _ok("bf16-on-cpu", spec__resources__gpusPerNode=0, spec__training={"precision": "bf16"}),
+    _ok("fp16-on-gpu", spec__training={"precision": "fp16"}),
 ]
 
 

@@ -133,6 +133,10 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
               "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
               "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the "
               "default), 'int8' and/or 'onnx'", ".output.exports", "FieldValueInvalid"),
+        _rule("!has(self.training) || !has(self.training.precision) || self.training.precision != 'fp16' || "
+              "!has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode != 0",
+              "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16",
+              ".training.precision", "FieldValueInvalid"),
         _rule("!has(self.training) || !has(self.training.earlyStopping) || "
               "(has(self.evaluation) && has(self.evaluation.everySteps))",
               "needs evaluation.everySteps (the plateau is measured at each evaluation)",

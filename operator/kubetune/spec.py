@@ -689,6 +689,9 @@ class FineTuneJobSpec(JobModel):
         if early is not None and evaluate is None:
             raise ValueError("training.earlyStopping: needs evaluation.everySteps (the plateau is measured at "
                              "each evaluation)")
+        if self.training.precision == Precision.fp16.value and self.resources.gpus_per_node == 0:
+            raise ValueError("training.precision: fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, "
+                             "fp32 or bf16")
         save = self.checkpoint.every_steps
         if early is not None and evaluate is not None and save is not None and save % evaluate:
             raise ValueError("checkpoint.everySteps: with training.earlyStopping it must be a multiple of "
