@@ -327,3 +327,22 @@ def test_chat_template_refusing_a_conversation_names_the_row() -> None:
     with pytest.raises(DataError, match=r"f.jsonl:7: the model's chat template refuses this conversation: "
                                         r"Conversation roles must alternate"):
         data._chat_segments(messages, Tokenizer(), "f.jsonl:7")
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("bigint.json", b'[{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}]", r":1: not valid JSON: a number too long"),
+    ("bigint-top.json", b'{"n": ' + b"9" * 5000 + b"}", r": not valid JSON: a number too long"),
+    ("bigint.jsonl", b'{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}\n",
+     r":1: not valid JSON: a number too long"),
+    ("trailing.json", b'[{"instruction": "a", "output": "b"}]\nxyz', r":2: not valid JSON: text after the closing"),
+], ids=["bigint-json", "bigint-top", "bigint-jsonl", "trailing-text"])
+def test_more_hostile_json(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    path = _bad_file(tmp_path, name, content)
+    with pytest.raises(DataError, match=rf"{path}{expected}"):
+        load(path)
+
+
+def test_csv_with_old_mac_line_ends(tmp_path: Path) -> None:
+    path = _bad_file(tmp_path, "mac.csv", b"instruction,input,output\rsay,,one\rtell,,two\r")
+    rows, _ = load(path)
+    assert [r.content["output"] for r in rows] == ["one", "two"] and rows[1].origin.endswith(":3")

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,10 @@ def _file_type(spec: DatasetSpec, name: str) -> str:
     return SUFFIX_TYPES[suffix]
 
 
+def _number_problem(error: ValueError) -> str:
+    return "a number too long to read" if "digits" in str(error) else " ".join(str(error).split())[:120]
+
+
 def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
     """Yield (line, item) for each element of a top-level JSON array, keeping line numbers."""
     decoder = json.JSONDecoder()
@@ -134,6 +139,8 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
             value = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        except ValueError as error:  # a number of more than 4300 digits
+            raise DataError(f"{name}: not valid JSON: {_number_problem(error)}") from None
         if isinstance(value, dict):
             for key in ("data", "rows", "examples", "train"):
                 if isinstance(value.get(key), list):
@@ -141,8 +148,14 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
                         yield 1, item if not isinstance(item, dict) else {**item, "__index__": i}
                     return
         raise DataError(f"{name}:1: expected a JSON array of rows (or use a .jsonl file with one row per line)")
+    def closed(i: int) -> bool:
+        rest = skip_ws(i + 1)
+        if rest < length:
+            raise DataError(f"{name}:{text.count(chr(10), 0, rest) + 1}: not valid JSON: text after the closing ']'")
+        return True
+
     index = skip_ws(index + 1)
-    if index < length and text[index] == "]":
+    if index < length and text[index] == "]" and closed(index):
         return
     while index < length:
         line = text.count("\n", 0, index) + 1
@@ -150,11 +163,13 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
             item, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as error:
             raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        except ValueError as error:  # a number of more than 4300 digits
+            raise DataError(f"{name}:{line}: not valid JSON: {_number_problem(error)}") from None
         yield line, item
         index = skip_ws(index)
         if index < length and text[index] == ",":
             index = skip_ws(index + 1)
-        elif index < length and text[index] == "]":
+        elif index < length and text[index] == "]" and closed(index):
             return
         else:
             line = text.count("\n", 0, index) + 1
@@ -216,6 +231,15 @@ def _text_lines(name: str, path: Path) -> Iterator[tuple[int, str]]:
             yield number, _decode(name, number, raw)
 
 
+def _csv_lines(name: str, path: Path) -> Iterator[str]:
+    """Lines for the csv module, old Mac line ends (a lone CR) included."""
+    for _, text in _text_lines(name, path):
+        if "\r" in text.rstrip("\r\n"):
+            yield from (part for part in re.split(r"(?<=\r)(?!\n)", text) if part)
+        else:
+            yield text
+
+
 def _read_text(name: str, path: Path) -> str:
     return "".join(text for _, text in _text_lines(name, path))
 
@@ -275,8 +299,8 @@ def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, 
                 yield f"{name}:{number}", _loads(line), None
             except json.JSONDecodeError as error:
                 yield f"{name}:{number}", None, f"not valid JSON: {error.msg} at column {error.colno}"
-            except ValueError as error:
-                yield f"{name}:{number}", None, f"not valid JSON: {error}"
+            except ValueError as error:  # nesting, or a number of more than 4300 digits
+                yield f"{name}:{number}", None, f"not valid JSON: {_number_problem(error)}"
     elif file_type == "json":
         text = _read_text(name, path)
         try:
@@ -288,7 +312,7 @@ def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, 
                 item.pop("__index__", None)
             yield f"{name}:{number}", item, None
     elif file_type == "csv":
-        lines = (text for _, text in _text_lines(name, path))
+        lines = _csv_lines(name, path)
         csv.field_size_limit(CSV_MAX_FIELD)  # the default (128 KiB) refuses long documents
         reader = csv.DictReader(lines)
         start = 2
@@ -301,7 +325,7 @@ def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, 
                     yield f"{name}:{start}", dict(record), None
                 start = reader.line_num + 1
         except csv.Error as error:
-            raise DataError(f"{name}:{reader.line_num}: not valid CSV: {error}") from None
+            raise DataError(f"{name}:{max(1, reader.line_num)}: not valid CSV: {error}") from None
     elif file_type == "parquet":
         for number, record in enumerate(_read_parquet(name, path), start=1):
             yield f"{name}:row {number}", record, None
