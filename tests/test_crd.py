@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from kubetune import crd
-from kubetune.spec import FineTuneJobSpec, FineTuneJobStatus
+from kubetune.spec import MAX_DATASETS, FineTuneJobSpec, FineTuneJobStatus
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -69,7 +69,8 @@ def test_schema_is_structural() -> None:
         for bad in ("$ref", "anyOf", "allOf", "oneOf", "title", "const", "$defs"):
             assert bad not in node, f"{path}: {bad}"
         assert node.get("additionalProperties") is not False, path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or \
+            node.get("x-kubernetes-int-or-string"), path
         assert not ("properties" in node and "additionalProperties" in node), path
         if node.get("type") == "string" and "enum" not in node and path not in (".apiVersion", ".kind"):
             assert "maxLength" in node, path
@@ -101,11 +102,26 @@ def test_conversions() -> None:
     assert spec["resources"]["properties"]["nodes"]["minimum"] == 1
     assert spec["resources"]["properties"]["nodeSelector"]["additionalProperties"]["type"] == "string"
     assert spec["resources"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert spec["resources"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    toleration = spec["resources"]["properties"]["tolerations"]["items"]
+    assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal"]  # typed as core/v1 has it
+    assert len(toleration["x-kubernetes-validations"]) == 3
+    cpu = spec["resources"]["properties"]["cpu"]  # a quantity: 16 or "500m", as core/v1 takes it
+    assert cpu["x-kubernetes-int-or-string"] is True and "self.matches(" in cpu["x-kubernetes-validations"][0]["rule"]
     assert spec["model"]["properties"]["revision"]["type"] == "string"
     assert "nullable" not in spec["model"]["properties"]["revision"]
     conditions = _schema()["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_bounds_come_from_the_models() -> None:
+    """Every spec string and list is bounded in kubetune.spec, so validate enforces what the CRD does."""
+    spec = _schema()["properties"]["spec"]
+    assert spec["properties"]["datasets"]["maxItems"] == MAX_DATASETS
+    for path, node in _walk(spec, "spec"):
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, path
+        if node.get("type") == "integer" and "enum" not in node:
+            assert "maximum" in node, path
 
 
 def test_cel_rules_present() -> None:

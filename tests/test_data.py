@@ -246,3 +246,103 @@ def test_json_rows_written_by_json_module(tmp_path: Path) -> None:
     path.write_text(json.dumps(ALPACA[:3], indent=2))
     rows, _ = load(path)
     assert [int(r.origin.rsplit(":", 1)[1]) for r in rows] == [2, 7, 12]
+
+
+# ------------------------------------------------------------ hostile files: DataError (exit 3), never a traceback
+
+
+def _bad_file(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+ROW = json.dumps(ALPACA[0]).encode()
+HOSTILE = [
+    ("undecodable.jsonl", ROW + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n', r":2: not UTF-8 text \(byte 0xe9"),
+    ("latin1.csv", b"instruction,input,output\nsay,,caf\xe9\n", r":2: not UTF-8 text"),
+    ("gzipped.jsonl", b"\x1f\x8b\x08\x00" + bytes(range(40)), r": this is a gzip-compressed file"),
+    ("zipped.csv", b"PK\x03\x04" + bytes(40), r": this is a zip archive"),
+    ("binary.jsonl", b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(64), r": binary data \(NUL bytes\)"),
+    ("utf16.jsonl", "\ufeff".encode("utf-16-le") + (json.dumps(ALPACA[0]) + "\n").encode("utf-16-le"),
+     r": this is UTF-16 text"),
+    ("utf16-nobom.jsonl", (json.dumps(ALPACA[0]) + "\n").encode("utf-16-le"), r": looks like UTF-16 text"),
+    ("truncated.parquet", b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02", r": not a readable Parquet file"),
+    ("not.parquet", b'{"a": 1}\n', r": not a Parquet file"),
+    ("parquet-named.jsonl", b"PAR1" + bytes(30), r": this is a Parquet file"),
+    ("deep.jsonl", b'{"instruction": ' + b"[" * 100000 + b"]" * 100000 + b', "output": "x"}\n',
+     r":1: not valid JSON: nested more than"),
+    ("deep.json", b"[" * 100000 + b"]" * 100000, r": not valid JSON: nested more than"),
+    ("surrogate.jsonl", b'{"instruction": "hi \\ud800 there", "output": "x"}\n',
+     r":1: field 'instruction' holds an unpaired surrogate"),
+    ("ragged.csv", b"instruction,input,output\na,b,c,d\n", r":2: 1 more value"),
+    ("role-object.jsonl", b'{"messages": [{"role": {"a": 1}, "content": "x"}]}\n', r":1: messages\[0\].role must be"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_file_is_refused_with_file_and_line(tmp_path: Path, name: str, content: bytes,
+                                                    expected: str) -> None:
+    path = _bad_file(tmp_path, name, content)
+    fmt = "messages" if name.startswith("role") else None
+    with pytest.raises(DataError, match=rf"{path}{expected}"):
+        load(path, fmt)
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    """Excel and Notepad write a UTF-8 byte-order mark; it is not part of the first field."""
+    jsonl = _bad_file(tmp_path, "bom.jsonl", b"\xef\xbb\xbf" + ROW + b"\n")
+    assert len(load(jsonl)[0]) == 1
+    csv_path = _bad_file(tmp_path, "bom.csv", b"\xef\xbb\xbfinstruction,input,output\nsay,,hello\n")
+    assert load(csv_path)[0][0].content["instruction"] == "say"
+    json_path = _bad_file(tmp_path, "bom.json", b"\xef\xbb\xbf[" + ROW + b"]")
+    assert len(load(json_path)[0]) == 1
+    txt = _bad_file(tmp_path, "bom.txt", b"\xef\xbb\xbfsome text\n")
+    assert load(txt, "text", task="completion")[0][0].content["text"] == "some text"
+
+
+def test_skip_invalid_rows_counts_undecodable_json_rows(tmp_path: Path) -> None:
+    path = _bad_file(tmp_path, "d.jsonl", ROW + b"\n" + b"[" * 5000 + b"\n" + ROW.replace(b"Say 0", b"Say 1") + b"\n")
+    rows, report = load(path, skip_invalid_rows=True)
+    assert len(rows) == 2 and report.invalid == 1
+
+
+def test_csv_long_field_is_read(tmp_path: Path) -> None:
+    long_text = "word " * 60000  # 300k characters: over csv's default field limit
+    path = _bad_file(tmp_path, "long.csv", f'instruction,input,output\nsay,,"{long_text}"\n'.encode())
+    assert len(load(path)[0][0].content["output"]) > 250000
+
+
+def test_chat_template_refusing_a_conversation_names_the_row() -> None:
+    from jinja2 import TemplateError
+
+    class Tokenizer:
+        chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+        def apply_chat_template(self, messages, **_):
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"}]
+    with pytest.raises(DataError, match=r"f.jsonl:7: the model's chat template refuses this conversation: "
+                                        r"Conversation roles must alternate"):
+        data._chat_segments(messages, Tokenizer(), "f.jsonl:7")
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("bigint.json", b'[{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}]", r":1: not valid JSON: a number too long"),
+    ("bigint-top.json", b'{"n": ' + b"9" * 5000 + b"}", r": not valid JSON: a number too long"),
+    ("bigint.jsonl", b'{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}\n",
+     r":1: not valid JSON: a number too long"),
+    ("trailing.json", b'[{"instruction": "a", "output": "b"}]\nxyz', r":2: not valid JSON: text after the closing"),
+], ids=["bigint-json", "bigint-top", "bigint-jsonl", "trailing-text"])
+def test_more_hostile_json(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    path = _bad_file(tmp_path, name, content)
+    with pytest.raises(DataError, match=rf"{path}{expected}"):
+        load(path)
+
+
+def test_csv_with_old_mac_line_ends(tmp_path: Path) -> None:
+    path = _bad_file(tmp_path, "mac.csv", b"instruction,input,output\rsay,,one\rtell,,two\r")
+    rows, _ = load(path)
+    assert [r.content["output"] for r in rows] == ["one", "two"] and rows[1].origin.endswith(":3")

@@ -24,6 +24,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.manifest import ManifestError, parse_job
+from tests import manifest_cases
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 from tests.support.policies import TRUSTED_POLICY
@@ -208,85 +210,67 @@ def test_examples_are_accepted(cp, path: Path) -> None:
     body["metadata"]["namespace"] = NS
     result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
     assert result.returncode == 0, result.stderr
+    assert _validate_verdict(body) == []
 
 
-def _set(path: str, value: Any) -> Callable[[dict], None]:
-    def apply(body: dict) -> None:
-        node = body
-        keys = path.split(".")
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-        if value is _DELETE:
-            node.pop(keys[-1], None)
-        else:
-            node[keys[-1]] = value
-    return apply
+def _server_verdict(cp: ControlPlane, body: dict) -> subprocess.CompletedProcess:
+    # JSON, not YAML: the case's Python values reach both validators unchanged ("1e9" stays a string)
+    return cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False)
 
 
-_DELETE = object()
-
-INVALID: list[tuple[str, Callable[[dict], None], str]] = [
-    ("missing-model", _set("spec.model", _DELETE), "spec.model"),
-    ("missing-task", _set("spec.task", _DELETE), "spec.task"),
-    ("missing-datasets", _set("spec.datasets", _DELETE), "spec.datasets"),
-    ("empty-datasets", _set("spec.datasets", []), "spec.datasets"),
-    ("empty-model-source", _set("spec.model.source", ""), "spec.model.source"),
-    ("unknown-bundled-model", _set("spec.model.source", "bundled://nope"), "spec.model.source"),
-    ("bad-method", _set("spec.method", {"type": "prefix-tuning"}), "spec.method.type"),
-    ("qlora-without-quantization", _set("spec.method", {"type": "qlora"}), "spec.method.quantization"),
-    ("quantization-without-qlora", _set("spec.method", {"type": "lora", "quantization": {}}),
-     "spec.method.quantization"),
-    ("lora-with-full", _set("spec.method", {"type": "full", "lora": {}}), "spec.method.lora"),
-    ("full-exports-adapter", _set("spec.method", {"type": "full"}), "spec.output.exports"),
-    ("lora-rank-zero", _set("spec.method", {"type": "lora", "lora": {"r": 0}}), "spec.method.lora.r"),
-    ("lora-dropout-one", _set("spec.method", {"type": "lora", "lora": {"dropout": 1}}), "spec.method.lora.dropout"),
-    ("quantization-8-bits", _set("spec.method", {"type": "qlora", "quantization": {"bits": 8}}),
-     "spec.method.quantization.bits"),
-    ("bad-task", _set("spec.task.type", "translation"), "spec.task.type"),
-    ("dataset-weight-zero", _set("spec.datasets", [{"source": "d", "weight": 0}]), "spec.datasets[0].weight"),
-    ("dataset-weight-negative", _set("spec.datasets", [{"source": "d", "weight": -1}]), "spec.datasets[0].weight"),
-    ("dataset-bad-format", _set("spec.datasets", [{"source": "d", "format": "xml"}]), "spec.datasets[0].format"),
-    ("completion-with-chat-data", lambda b: (_set("spec.task.type", "completion")(b),
-                                             _set("spec.datasets", [{"source": "d", "format": "messages"}])(b)),
-     "spec.datasets"),
-    ("completion-with-chat-validation", lambda b: (
-        _set("spec.task.type", "completion")(b),
-        _set("spec.validation", {"datasets": [{"source": "v", "format": "alpaca"}]})(b)), "spec.validation"),
-    ("validation-fraction-and-datasets", _set("spec.validation", {"fraction": 0.1, "datasets": [{"source": "v"}]}),
-     "spec.validation.datasets"),
-    ("validation-fraction-one", _set("spec.validation", {"fraction": 1}), "spec.validation.fraction"),
-    ("warmup-steps-and-ratio", _set("spec.training", {"warmupSteps": 10, "warmupRatio": 0.1}),
-     "spec.training.warmupRatio"),
-    ("learning-rate-zero", _set("spec.training", {"learningRate": 0}), "spec.training.learningRate"),
-    ("learning-rate-above-one", _set("spec.training", {"learningRate": 2}), "spec.training.learningRate"),
-    ("bad-precision", _set("spec.training", {"precision": "fp8"}), "spec.training.precision"),
-    ("tiny-seq-length", _set("spec.training", {"maxSeqLength": 4}), "spec.training.maxSeqLength"),
-    ("bad-scheduler", _set("spec.training", {"scheduler": "step"}), "spec.training.scheduler"),
-    ("zero-nodes", _set("spec.resources.nodes", 0), "spec.resources.nodes"),
-    ("negative-gpus", _set("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
-    ("bad-strategy", _set("spec.resources.strategy", "horovod"), "spec.resources.strategy"),
-    ("bad-pull-policy", _set("spec.resources.imagePullPolicy", "Sometimes"), "spec.resources.imagePullPolicy"),
-    ("keep-last-zero", _set("spec.checkpoint", {"keepLast": 0}), "spec.checkpoint.keepLast"),
-    ("bad-export", _set("spec.output.exports", ["pdf"]), "spec.output.exports[0]"),
-    ("negative-max-restarts", _set("spec.runPolicy", {"maxRestarts": -1}), "spec.runPolicy.maxRestarts"),
-    ("zero-deadline", _set("spec.runPolicy", {"activeDeadlineSeconds": 0}), "spec.runPolicy.activeDeadlineSeconds"),
-    ("wandb-without-project", _set("spec.tracking", {"wandb": {}}), "spec.tracking.wandb.project"),
-    ("empty-secret-name", _set("spec.output.credentialsSecretRef", {"name": ""}),
-     "spec.output.credentialsSecretRef.name"),
-    ("unknown-field", _set("spec.learningRate", 0.1), "spec.learningRate"),
-    ("name-too-long", _set("metadata.name", "a" * 49), "metadata.name"),
-    ("name-starts-with-digit", _set("metadata.name", "1job"), "metadata.name"),
-    ("suspend-not-bool", _set("spec.suspend", "yes"), "spec.suspend"),
-]
+def _validate_verdict(body: dict) -> list[str]:
+    try:
+        parse_job(body)
+    except ManifestError as error:
+        return error.problems
+    return []
 
 
-@pytest.mark.parametrize(("mutate", "field"), [(m, f) for _, m, f in INVALID], ids=[i for i, _, _ in INVALID])
-def test_invalid_manifest_is_rejected_naming_the_field(cp, mutate, field: str) -> None:
-    body = manifest("invalid")
-    mutate(body)
-    result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
-    assert result.returncode != 0, f"accepted: {body}"
-    assert field in result.stderr, result.stderr
+@pytest.mark.parametrize("case", manifest_cases.INVALID, ids=[c.id for c in manifest_cases.INVALID])
+def test_invalid_manifest_is_rejected_naming_the_field(cp, case: manifest_cases.Case) -> None:
+    """Both validators (kubetune validate's models and the API server's CRD) refuse it, naming the same field."""
+    body = case.manifest("invalid")
+    problems = _validate_verdict(body)
+    assert any(p.startswith((f"{case.field}:", f"{case.field}[", f"{case.field}.")) for p in problems), problems
+    result = _server_verdict(cp, body)
+    assert result.returncode != 0, f"accepted by the API server: {body}"
+    if not case.client_side:
+        assert case.field in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and manifest_cases.LONG_KEY[:40] not in result.stderr
+
+
+@pytest.mark.parametrize("case", manifest_cases.VALID, ids=[c.id for c in manifest_cases.VALID])
+def test_valid_manifest_is_accepted_by_both(cp, case: manifest_cases.Case) -> None:
+    body = case.manifest("valid")
+    assert _validate_verdict(body) == []
+    result = _server_verdict(cp, body)
+    assert result.returncode == 0, result.stderr
+
+
+def test_generated_mutations_get_the_same_verdict_from_both(cp, api) -> None:
+    """Every field of every valid case and example set to wrong types, bounds, nulls and near misses:
+    `kubetune validate` and the API server agree on each, and name the same field when they refuse."""
+    documents = [c.manifest("x") for c in manifest_cases.VALID]
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        body["metadata"]["namespace"] = NS
+        documents.append(body)
+    custom = client.CustomObjectsApi(api)
+    disagreements = []
+    for index, (what, body) in enumerate(manifest_cases.mutations(documents)):
+        body["metadata"]["name"] = f"mutation-{index}"
+        problems = _validate_verdict(body)
+        try:
+            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body, dry_run="All",
+                                                   field_validation="Strict")
+            server = ""
+        except ApiException as error:
+            server = json.loads(error.body or "{}").get("message") or str(error.status)
+        if bool(problems) != bool(server):
+            disagreements.append(f"{what}: validate {problems[:1] or 'accepted'}, server {server[:200] or 'accepted'}")
+        elif problems and not any(p.split(": ")[0].split("[")[0] in server for p in problems):
+            disagreements.append(f"{what}: validate names {problems}, server {server[:200]}")
+    assert not disagreements, "\n".join(disagreements[:30])
 
 
 def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
@@ -426,6 +410,46 @@ def test_exit_code_3_fails_without_restart(cp, api, operator) -> None:
     assert pods(api, name, 1, "Running") == []  # the Job (backoffLimit 0) stopped the other worker
     assert pods(api, name, 1, "Failed")  # the failed pod is kept for `kubectl logs`
     assert any(e["reason"] == "ConfigError" and e["type"] == "Warning" for e in events(api, name))
+
+
+def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> None:
+    """A 4xx other than 404/409 on a child (here an admission policy's denial): Failed at once, with a
+    condition and a Warning event carrying the server's message; no retry loop, no worker Job."""
+    name = "refused-child"
+    policy = "kubetune-test-refuse-children"
+    label = "kubetune.io/job-name"
+    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": policy},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [{
+                  "apiGroups": ["", "batch", "rbac.authorization.k8s.io", "networking.k8s.io"], "apiVersions": ["*"],
+                  "operations": ["CREATE"], "resources": ["*"]}]},
+                  "validations": [{"expression": f"!has(object.metadata.labels) || !('{label}' in "
+                                                 f"object.metadata.labels) || object.metadata.labels['{label}'] != "
+                                                 f"'{name}'",
+                                   "message": "the platform refuses children of refused-child"}]}})
+    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+              "metadata": {"name": policy}, "spec": {"policyName": policy, "validationActions": ["Deny"]}})
+    probe = {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "probe", "namespace": NS, "labels": {label: name}}}
+
+    def active() -> bool:
+        result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        return result.returncode != 0 and "refuses children" in result.stderr
+
+    try:
+        cp.wait_for(active, 30, "admission policy active", interval=0.5)
+        cp.apply(manifest(name))
+        st = wait_phase(cp, api, name, "Failed")
+        failed = condition(st, "Failed")
+        assert failed["reason"] == "ChildRefused", failed
+        message = failed["message"]
+        assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
+        assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
+                   for e in events(api, name))
+        time.sleep(3)  # a few more reconciles: still Failed, still no workers
+        assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
+    finally:
+        cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
 
 
 def test_preemption_restarts_without_counting(cp, api, operator) -> None:

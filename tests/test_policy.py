@@ -183,7 +183,8 @@ ATTACKS = [
     ({"model.source": "hf://../../proc/self"}, "spec.model.source", "dataPaths"),
     ({"datasets": [{"source": "s3:/../../proc/self/environ", "fileType": "txt"}]}, "spec.datasets[0].source",
      "dataPaths"),
-    ({"datasets": [{"source": "http://169.254.169.254/latest/meta-data/"}]}, "spec.datasets[0].source", "dataPaths"),
+    # (a URL is not a location the spec admits at all: refused before the policy is asked)
+    ({"datasets": [{"source": "http://169.254.169.254/latest/meta-data/"}]}, "spec.datasets[0].source", "spec"),
     ({"storage": {"s3": {"caBundle": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"}}},
      "spec.storage.s3.caBundle", "dataPaths"),
     # reading and writing other teams' data with the platform's credentials
@@ -204,6 +205,8 @@ def test_attack_is_refused_naming_the_field_and_the_rule(change: dict[str, Any],
     assert field in message
     if rule == "extra":  # no such field any more: the spec itself refuses it
         assert "unknown field" in message
+    elif rule == "spec":  # the spec's own rules refuse it
+        assert not isinstance(refused.value, PolicyViolation)
     else:
         assert isinstance(refused.value, PolicyViolation)
         assert f"(policy.{rule})" in message
@@ -212,7 +215,7 @@ def test_attack_is_refused_naming_the_field_and_the_rule(change: dict[str, Any],
 def test_trust_remote_code_needs_a_pinned_commit_everywhere() -> None:
     allowing = PlatformDefaults(**{**PLATFORM.__dict__, "policy": PLATFORM.policy.model_copy(update={
         "allow_trust_remote_code": True})})
-    with pytest.raises(RenderError, match=r"spec.model: model.revision: .*40-hex commit"):
+    with pytest.raises(RenderError, match=r"spec.model.revision: .*40-hex commit"):
         render_children(cr(model={"source": "org/model", "trustRemoteCode": True, "revision": "main"}), allowing)
     render_children(cr(model={"source": "org/model", "trustRemoteCode": True, "revision": "ab" * 20}), allowing)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from kubetune.manifest import ManifestError, load_job, parse_job
+from tests.manifest_cases import INVALID, LONG_KEY, VALID
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -53,35 +55,26 @@ def mutate(path: str, value) -> dict:
     return doc
 
 
-BAD = [
-    ("spec.trainng", {"epochs": 1}, "spec.trainng: unknown field"),
-    ("spec.training.learningRate", -1, "spec.training.learningRate: Input should be greater than 0"),
-    ("spec.training.precision", "fp8", "spec.training.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
-    ("spec.training.scheduler", "warp", "spec.training.scheduler"),
-    ("spec.training.batchSizePerDevice", "four", "spec.training.batchSizePerDevice"),
-    ("spec.method", {"type": "qlora"}, "method.type qlora requires method.quantization"),
-    ("spec.method", {"type": "lora", "quantization": {"bits": 4}}, "only valid with method.type qlora"),
-    ("spec.method", {"type": "full", "lora": {"r": 8}}, "method.lora is only valid with method.type lora"),
-    ("spec.datasets", [], "spec.datasets: List should have at least 1 item"),
-    ("spec.datasets.0.weight", 0, "spec.datasets[0].weight: Input should be greater than 0"),
-    ("spec.datasets.0.fileType", "xlsx", "spec.datasets[0].fileType"),
-    ("spec.model.source", "bundled://gpt-5", "unknown bundled model 'gpt-5'"),
-    ("spec.model", {}, "spec.model.source: required field is missing"),
-    ("spec.task.type", "rlhf", "spec.task.type: Input should be 'instruction', 'chat' or 'completion'"),
-    ("metadata.name", "Bad_Name", "metadata.name: String should match pattern"),
-    ("apiVersion", "kubetune.io/v2", "apiVersion: Input should be 'kubetune.io/v1alpha1'"),
-    ("spec.resources.nodes", 0, "spec.resources.nodes: Input should be greater than or equal to 1"),
-    ("spec.output.exports", ["adapter", "gguf"], "spec.output.exports[1]"),
-    ("spec.validation", {"fraction": 0.1, "datasets": [{"source": "v.jsonl"}]}, "give either fraction or datasets"),
-    ("spec.lora", {"r": 8}, "spec.lora: unknown field"),
-]
+def names(problems: list[str], field: str) -> bool:
+    """Whether one of the problems is about `field` (or a field inside it)."""
+    return any(p.startswith((f"{field}:", f"{field}[", f"{field}.")) for p in problems)
 
 
-@pytest.mark.parametrize("path,value,expected", BAD, ids=[b[0] for b in BAD])
-def test_bad_manifest_names_the_field(path: str, value, expected: str) -> None:
+@pytest.mark.parametrize("case", INVALID, ids=[c.id for c in INVALID])
+def test_invalid_case_is_refused_naming_the_field(case) -> None:
+    """The shared cases (tests/manifest_cases.py); test_operator_cluster runs them through the API server."""
     with pytest.raises(ManifestError) as caught:
-        parse_job(mutate(path, value))
-    assert expected in str(caught.value), str(caught.value)
+        parse_job(case.manifest())
+    assert names(caught.value.problems, case.field), caught.value.problems
+    text = str(caught.value)
+    assert "Error" not in text and "pydantic" not in text and "spec: " not in text  # no class names, no doubling
+    assert all(len(p) < 400 for p in caught.value.problems), caught.value.problems
+    assert LONG_KEY[:40] not in text  # a pasted secret is never printed back whole
+
+
+@pytest.mark.parametrize("case", VALID, ids=[c.id for c in VALID])
+def test_valid_case_is_accepted(case) -> None:
+    parse_job(case.manifest())
 
 
 def test_warmup_steps_and_ratio_exclusive() -> None:
@@ -95,7 +88,7 @@ def test_completion_task_needs_text_datasets() -> None:
     doc = base()
     doc["spec"]["task"] = {"type": "completion"}
     doc["spec"]["datasets"] = [{"source": "a.jsonl", "format": "alpaca"}]
-    with pytest.raises(ManifestError, match=r"datasets\[0\].format: a completion task takes text datasets"):
+    with pytest.raises(ManifestError, match=r"spec.datasets\[0\].format: a completion task takes text datasets"):
         parse_job(doc)
 
 
@@ -104,7 +97,7 @@ def test_full_method_cannot_export_adapter() -> None:
     doc["spec"]["method"] = {"type": "full"}
     assert parse_job(doc).spec.output.exports == ["merged"]  # the default follows the method
     doc["spec"]["output"] = {"exports": ["adapter"]}
-    with pytest.raises(ManifestError, match="'adapter' needs method lora or qlora"):
+    with pytest.raises(ManifestError, match=r"spec.output.exports: 'adapter' needs method lora or qlora"):
         parse_job(doc)
 
 
@@ -138,3 +131,90 @@ def test_validate_cli(tmp_path: Path) -> None:
                             text=True)
     assert result.returncode == 3
     assert "spec.training.learningRate" in result.stderr
+
+
+# ----- loading: encodings, YAML dialect, duplicate keys, alias bombs, several documents
+
+
+def _load_bytes(tmp_path: Path, data: bytes) -> ManifestError:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ManifestError) as caught:
+        load_job(path)
+    return caught.value
+
+
+GOOD_YAML = yaml.safe_dump(base(), sort_keys=False)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (GOOD_YAML.encode("utf-16"), "UTF-16 text; save it as UTF-8"),
+    (GOOD_YAML.encode("utf-16-le"), "save it as UTF-8"),
+    (GOOD_YAML.replace("demo", "démo").encode("latin-1"), ":4: invalid FineTuneJob:\n  - not UTF-8 text (byte 0xe9)"),
+    (b"\x7fELF\x02\x01\x01" + bytes(100), "binary"),
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "compressed"),
+], ids=["utf16-bom", "utf16-no-bom", "latin1", "binary", "gzip"])
+def test_unreadable_encodings_are_named(tmp_path: Path, data: bytes, expected: str) -> None:
+    assert expected in str(_load_bytes(tmp_path, data))
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_YAML.encode())
+    assert load_job(path).metadata.name == "demo"
+
+
+def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
+    text = GOOD_YAML + "spec:\n  model: {source: x/y}\n"
+    error = _load_bytes(tmp_path, text.encode())
+    assert "duplicate key 'spec' (first on line" in str(error)
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    start = time.monotonic()
+    error = _load_bytes(tmp_path, ("\n".join(lines) + "\n").encode())
+    assert "aliases expand to more than" in str(error) and time.monotonic() - start < 5
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    assert "not valid YAML" in str(_load_bytes(tmp_path, b"a: &a [*a]\n"))
+
+
+def test_oversized_manifest_is_refused(tmp_path: Path) -> None:
+    assert "larger than 1 MiB" in str(_load_bytes(tmp_path, GOOD_YAML.encode() + b"#" * (2 << 20)))
+
+
+def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
+    """1e9 is a number and 2024-01-01 a string for kubectl; PyYAML's defaults differ."""
+    doc = base()
+    doc["spec"]["resources"] = {"memory": "1e9"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("'1e9'", "1e9"))
+    with pytest.raises(ManifestError, match="spec.resources.memory: Input should be a valid string, got a number"):
+        load_job(path)
+    path.write_text(GOOD_YAML.replace("source: bundled://smollm2-135m-instruct",
+                                      "source: org/model\n    revision: 2024-01-01"))
+    assert load_job(path).spec.model.revision == "2024-01-01"
+
+
+def test_several_documents_name_the_wrong_one(tmp_path: Path) -> None:
+    bad = mutate("spec.training.learningRate", -1)
+    path = tmp_path / "job.yaml"
+    path.write_text("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\n" + yaml.safe_dump(bad))
+    with pytest.raises(ManifestError, match=r"\(document 2 of 2\): invalid FineTuneJob"):
+        load_job(path)
+    path.write_text(GOOD_YAML + "---\n" + GOOD_YAML)
+    with pytest.raises(ManifestError, match=r"found 2 \(documents 1: 'FineTuneJob', 2: 'FineTuneJob'\)"):
+        load_job(path)
+    path.write_text("---\n- a\n---\nkind: Secret\n")
+    with pytest.raises(ManifestError, match="documents 1: not a mapping, 2: 'Secret'"):
+        load_job(path)
+
+
+def test_merge_keys_work_as_in_kubectl(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD_YAML + "  training:\n    <<: {learningRate: 0.001, maxSteps: 5}\n    maxSteps: 7\n")
+    training = load_job(path).spec.training
+    assert training.learning_rate == 0.001 and training.max_steps == 7

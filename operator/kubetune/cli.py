@@ -1,4 +1,10 @@
-"""The `kubetune` command: run a FineTuneJob on this machine, validate it, estimate it."""
+"""The `kubetune` command: run a FineTuneJob on this machine, validate it, estimate it.
+
+Exit codes of every subcommand: 0 success; 3 the manifest, the data or an argument is invalid (the
+message names the file, line or field); 4 storage or a service could not be reached, or credentials
+are missing or refused (the message names the URI); 130 interrupted. No expected error prints a
+traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import sys
 
 from kubetune.manifest import ManifestError, dump_job, load_job
 from kubetune.spec import EXIT_CONFIG_ERROR
+
+EXIT_UNAVAILABLE = 4  # storage, network or credentials: fix access (or pass estimate's overrides) and retry
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -138,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu-table", help="YAML/JSON file overriding the GPU table (TFLOPS, memory, price)")
     estimate.add_argument("--calibrate", action="store_true", help="time a few real steps on this machine")
     estimate.add_argument("--json", action="store_true", help="print JSON")
+    estimate.add_argument("--model-config", metavar="PATH",
+                          help="the model's config.json (or its directory): no access to the model needed")
+    estimate.add_argument("--tokens", type=int, metavar="N",
+                          help="training tokens per epoch: no access to the data needed")
+    estimate.add_argument("--sequences", type=int, metavar="N",
+                          help="training sequences per epoch with --tokens (default: tokens / maxSeqLength)")
     estimate.set_defaults(func=_cmd_estimate)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
@@ -151,10 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(invalid input, unavailable) exception types; the trainer's exist only where it is installed."""
+    from kubetune.storage import StorageError
+
+    invalid: tuple[type[BaseException], ...] = (ManifestError,)
+    try:
+        from kubetune_trainer.errors import ConfigError
+
+        invalid += (ConfigError,)
+    except ImportError:  # the operator image has no trainer
+        pass
+    return invalid, (StorageError,)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `kubetune` console script."""
+    """Entry point of the `kubetune` console script: expected errors are one line and an exit code."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    invalid, unavailable = _expected_errors()
+    try:
+        return int(args.func(args) or 0)
+    except invalid as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except unavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except FileNotFoundError as error:
+        print(f"error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ kept. The cross-field checks of the pydantic validators are repeated as CEL rule
 (`x-kubernetes-validations`) so the API server rejects what `kubetune validate` rejects, with a
 message that names the field. Immutability (transition rules with `oldSelf`) is CRD-only.
 
-CRD-only size bounds: CEL rules are rejected by the API server when their estimated worst-case
-cost is too high, and unbounded strings and lists are costed as if they filled the 3 MiB request
-limit. So every string without a `maxLength` gets :data:`DEFAULT_MAX_LENGTH` (or a per-field
-value from :data:`MAX_LENGTHS`) and every list without `maxItems` gets one from :data:`MAX_ITEMS`
-(or :data:`DEFAULT_MAX_ITEMS`). These bounds are far above any real manifest.
+Size bounds: CEL rules are rejected by the API server when their estimated worst-case cost is too
+high, and unbounded strings and lists are costed as if they filled the 3 MiB request limit. Every
+string and list of the spec has a bound in the models (kubetune.spec sets them all, so `kubetune
+validate` enforces the same ones); the status, written by kubetune itself, gets
+:data:`MAX_LENGTHS` and :data:`MAX_ITEMS` here (the tenant policy the defaults). Rules that a field's type carries
+(`spec.Rule`: URIs, quantities) come with its JSON schema; cross-field rules are in
+:data:`VALIDATION_RULES`, next to their pydantic twins' messages.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ from kubetune.spec import (
     API_GROUP,
     API_VERSION,
     COMMIT_SHA,
+    GENERATE_NAME_PATTERN,
+    GENERATED_SUFFIX,
     HUB_ID,
     KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
     PLURAL,
+    QUALIFIED_NAME,
     SHORT_NAMES,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -38,35 +45,17 @@ from kubetune.spec import (
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CATEGORIES = ["kubetune"]
-# metadata.name bound: the Job is <name>-<attempt>, its pods' hostnames <name>-<attempt>-<index>,
-# and the headless Service <name> must be a DNS-1035 label (63 characters, starting with a letter).
-MAX_NAME_LENGTH = 48
-NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
+# bounds of what kubetune writes itself (the status) and of the tenant policy's lists
 DEFAULT_MAX_LENGTH = 1024
+DEFAULT_MAX_ITEMS = 256
 MAX_LENGTHS: dict[str, int] = {
-    "spec.evaluation.samplePrompts[]": 8192,
-    "spec.model.source": 2048,
-    "spec.datasets[].source": 2048,
-    "spec.validation.datasets[].source": 2048,
-    "spec.output.uri": 2048,
-    "spec.tracking.mlflow.trackingUri": 2048,
-    "spec.storage.s3.endpointUrl": 2048,
-    "spec.storage.s3.caBundle": 2048,
     "status.message": 32768,
     "status.conditions[].message": 32768,
     "status.checkpoint.uri": 4096,
     "status.artifacts[].uri": 4096,
 }
-DEFAULT_MAX_ITEMS = 256
-MAX_ITEMS: dict[str, int] = {
-    "spec.datasets": 64,
-    "spec.validation.datasets": 64,
-    "spec.evaluation.samplePrompts": 64,
-    "spec.output.exports": 8,
-    "status.conditions": 32,
-    "status.artifacts": 256,
-}
+MAX_ITEMS: dict[str, int] = {"status.conditions": 32, "status.artifacts": 256}
 
 # Fields of spec that may never change after creation (a resumed run must train the same thing).
 IMMUTABLE_FIELDS = ["model", "method", "task", "datasets", "validation", "cleaning", "training", "checkpoint",
@@ -95,45 +84,68 @@ _NOT_TEXT = "has(d.format) && d.format != 'text'"
 VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
     "spec.model": [
         _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
-              "spec.model.source: unknown bundled model; bundled models: bundled://smollm2-135m-instruct",
-              ".source", "FieldValueInvalid"),
+              "unknown bundled model; bundled models: bundled://smollm2-135m-instruct", ".source",
+              "FieldValueInvalid"),
         _rule("!has(self.trustRemoteCode) || !self.trustRemoteCode || "
               f"!self.source.matches('{HUB_ID.pattern}') || "
               f"(has(self.revision) && self.revision.matches('{COMMIT_SHA.pattern}'))",
-              "spec.model.revision: trustRemoteCode runs the repository's code, so pin the revision to a full "
-              "40-hex commit (not a branch or tag, which can move)", ".revision", "FieldValueInvalid"),
+              "trustRemoteCode runs the repository's code, so pin the revision to a full 40-hex commit (not a "
+              "branch or tag, which can move)", ".revision", "FieldValueInvalid"),
     ],
     "spec.method": [
         _rule("!has(self.type) || self.type != 'qlora' || has(self.quantization)",
-              "spec.method.quantization is required when method.type is qlora (for example {bits: 4, type: nf4})",
-              ".quantization", "FieldValueRequired"),
+              "required when type is qlora (for example {bits: 4, type: nf4})", ".quantization",
+              "FieldValueRequired"),
         _rule("!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
-              "spec.method.quantization is only valid with method.type qlora", ".quantization",
-              "FieldValueForbidden"),
+              "only valid with type qlora", ".quantization", "FieldValueForbidden"),
         _rule("!has(self.lora) || !has(self.type) || self.type != 'full'",
-              "spec.method.lora is only valid with method.type lora or qlora, not full", ".lora",
-              "FieldValueForbidden"),
+              "only valid with type lora or qlora, not full", ".lora", "FieldValueForbidden"),
     ],
     "spec.training": [
         _rule("!(has(self.warmupSteps) && has(self.warmupRatio))",
-              "spec.training: give warmupSteps or warmupRatio, not both", ".warmupRatio", "FieldValueForbidden"),
+              "give warmupSteps or warmupRatio, not both", ".warmupRatio", "FieldValueForbidden"),
     ],
     "spec.validation": [
         _rule("!(has(self.fraction) && has(self.datasets))",
-              "spec.validation: give either fraction or datasets, not both", ".datasets", "FieldValueForbidden"),
+              "give either validation.fraction or validation.datasets, not both", ".datasets",
+              "FieldValueForbidden"),
+    ],
+    "spec.resources.nodeSelector": [
+        _rule(f"self.all(k, k.matches('{QUALIFIED_NAME}'))",
+              "keys must be label keys such as example.com/pool (an optional DNS prefix and a name)", None,
+              "FieldValueInvalid"),
+    ],
+    "spec.resources.tolerations[]": [
+        _rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+              "must be empty when operator is Exists", ".value", "FieldValueInvalid"),
+        _rule("has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+              "must be Exists when key is empty (a toleration of every taint)", ".operator", "FieldValueInvalid"),
+        _rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+              "must be NoExecute when tolerationSeconds is set", ".effect", "FieldValueInvalid"),
     ],
     "spec": [
         _rule(f"self.task.type != 'completion' || !self.datasets.exists(d, {_NOT_TEXT})",
-              "spec.datasets[].format: a completion task takes text datasets only", ".datasets",
-              "FieldValueInvalid"),
+              "a completion task takes text datasets only", ".datasets", "FieldValueInvalid"),
         _rule("self.task.type != 'completion' || !has(self.validation) || !has(self.validation.datasets) || "
               f"!self.validation.datasets.exists(d, {_NOT_TEXT})",
-              "spec.validation.datasets[].format: a completion task takes text datasets only",
-              ".validation", "FieldValueInvalid"),
+              "a completion task takes text datasets only", ".validation.datasets", "FieldValueInvalid"),
         _rule("!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
-              "(has(self.output) && has(self.output.exports) && !('adapter' in self.output.exports))",
-              "spec.output.exports: 'adapter' (the default) needs method lora or qlora; full fine-tuning must "
-              "set exports to 'merged' (the full model), 'int8' and/or 'onnx'", ".output", "FieldValueInvalid"),
+              "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
+              "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the "
+              "default), 'int8' and/or 'onnx'", ".output.exports", "FieldValueInvalid"),
+        _rule("!has(self.training) || !has(self.training.precision) || self.training.precision != 'fp16' || "
+              "!has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode != 0",
+              "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16",
+              ".training.precision", "FieldValueInvalid"),
+        _rule("!has(self.training) || !has(self.training.earlyStopping) || "
+              "(has(self.evaluation) && has(self.evaluation.everySteps))",
+              "needs evaluation.everySteps (the plateau is measured at each evaluation)",
+              ".training.earlyStopping", "FieldValueRequired"),
+        _rule("!has(self.training) || !has(self.training.earlyStopping) || !has(self.evaluation) || "
+              "!has(self.evaluation.everySteps) || !has(self.checkpoint) || !has(self.checkpoint.everySteps) || "
+              "self.checkpoint.everySteps % self.evaluation.everySteps == 0",
+              "with training.earlyStopping it must be a multiple of evaluation.everySteps, so that the best "
+              "evaluation has a checkpoint", ".checkpoint.everySteps", "FieldValueInvalid"),
         # Transition rules (updates only): what a resumed run depends on never changes.
         *[_rule(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
                 f"spec.{f} is immutable: create a new FineTuneJob to train something else", f".{f}",
@@ -203,10 +215,13 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
         out["type"] = kind
     if "description" in node:
         out["description"] = node["description"]
+    if node.get("x-kubernetes-int-or-string"):  # a quantity: 16 or "16Gi"
+        out["x-kubernetes-int-or-string"] = True
     if "enum" in node:
         out["type"] = out.get("type", "string")
         out["enum"] = list(node["enum"])
-    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"):
+    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties", "pattern",
+                "format"):
         if key in node:
             out[key] = node[key]
     for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -214,14 +229,20 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
             out[bound] = node[key]
             out[key] = True
     if out.get("type") == "string" and "enum" not in out and "maxLength" not in out:
+        if path.startswith("spec"):
+            raise SchemaError(f"{path}: a string without max_length (bound it in kubetune.spec)")
         out["maxLength"] = MAX_LENGTHS.get(path, DEFAULT_MAX_LENGTH)
     if kind == "array":
         out["items"] = _structural(node.get("items", {}), defs, path + "[]", spec=spec)
         if "maxItems" not in out:
+            if path.startswith("spec"):
+                raise SchemaError(f"{path}: a list without max_length (bound it in kubetune.spec)")
             out["maxItems"] = MAX_ITEMS.get(path, DEFAULT_MAX_ITEMS)
     elif kind == "object":
         props = node.get("properties")
         extra = node.get("additionalProperties")
+        if not extra and len(node.get("patternProperties") or {}) == 1:  # dict[ConstrainedKey, V]: keys by CEL
+            extra = next(iter(node["patternProperties"].values()))
         if props:
             out["properties"] = {}
             for name, sub in props.items():
@@ -239,15 +260,17 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
                 out["additionalProperties"] = value
         else:  # a free-form dict (dict[str, Any]): core/v1 objects such as affinity or tolerations
             out["x-kubernetes-preserve-unknown-fields"] = True
-    elif not kind and "enum" not in out:
+    elif not kind and "enum" not in out and not out.get("x-kubernetes-int-or-string"):
         raise SchemaError(f"{path}: no type")
     if "default" in node and node["default"] is not None:
         out["default"] = node["default"]
-    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")):
+    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")
+          and not path.endswith("[]")):
         # default_factory sub-objects: `{}` lets the API server fill their nested defaults
         out["default"] = {}
-    if path in VALIDATION_RULES:
-        out["x-kubernetes-validations"] = copy.deepcopy(VALIDATION_RULES[path])
+    rules = copy.deepcopy(node.get("x-kubernetes-validations", [])) + copy.deepcopy(VALIDATION_RULES.get(path, []))
+    if rules:
+        out["x-kubernetes-validations"] = rules
     return out
 
 
@@ -299,7 +322,10 @@ def openapi_schema() -> dict[str, Any]:
             "metadata": {"type": "object", "properties": {"name": {
                 "type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN,
                 "description": f"A DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
-                               "digits and '-', starting with a letter): it names the worker Service and pods."}}},
+                               "digits and '-', starting with a letter): it names the worker Service and pods."},
+                "generateName": {
+                    "type": "string", "maxLength": MAX_NAME_LENGTH - GENERATED_SUFFIX, "pattern": GENERATE_NAME_PATTERN,
+                    "description": "A prefix the API server completes with 5 characters into the name."}}},
             "spec": spec,
             "status": status_schema(),
         },

@@ -141,6 +141,27 @@ def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
         response.release_conn()
 
 
+# 4xx answers to creating a child that retrying cannot fix (admission webhooks, quotas, invalid objects,
+# forbidden fields): the FineTuneJob fails with the server's message. 404 (namespace going away), 408 and
+# 429 (load) are retried; 409 means the child exists.
+RETRIED_STATUSES = {404, 408, 409, 429}
+
+
+class ChildRefused(Exception):
+    """The API server refused to create a child object; the message is the server's own (clipped)."""
+
+    def __init__(self, kind: str, name: str, error: ApiException):
+        detail = error.reason or ""
+        try:
+            detail = json.loads(error.body or b"{}").get("message") or detail
+        except (ValueError, AttributeError):
+            pass
+        detail = " ".join(str(detail).split())
+        if len(detail) > 800:
+            detail = detail[:797] + "..."
+        super().__init__(f"the API server refused to create {kind} {name} ({error.status}): {detail}")
+
+
 def _pod_done(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
@@ -218,6 +239,8 @@ class Reconciler:
             (log.info if kind == "Job" else log.debug)("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as error:
+            if error.status and 400 <= error.status < 500 and error.status not in RETRIED_STATUSES:
+                raise ChildRefused(kind, name, error) from None
             if error.status != 409:
                 raise
         existing = json.loads(_raw(read, name, namespace))
@@ -272,7 +295,10 @@ class Reconciler:
                 if not job["metadata"].get("deletionTimestamp"):
                     self.delete_job(namespace, job["metadata"]["name"])
         elif update.action == st.Action.ENSURE:
-            wait = self.ensure(job_cr, jobs, pods, uid, update.events)
+            try:
+                wait = self.ensure(job_cr, jobs, pods, uid, update.events)
+            except ChildRefused as error:
+                return self._fail_refused(job_cr, jobs, str(error), update.events)
             if wait:
                 requeue = min(requeue or wait, wait)
         elif update.action == st.Action.DELETE:
@@ -322,6 +348,19 @@ class Reconciler:
                                        f"with {child['spec']['completions']} worker pod(s)"))
         self._ensured[uid] = attempt
         return None
+
+    def _fail_refused(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], message: str,
+                      events: list[st.Event]) -> tuple[None, list[st.Event], dict[str, Any]]:
+        """A child was refused: Failed with a ChildRefused condition and Warning event; no retry loop."""
+        namespace, name = job_cr["metadata"]["namespace"], job_cr["metadata"]["name"]
+        failed = st.config_error(job_cr, message, _now(), "ChildRefused")
+        if failed.patch:
+            self.patch_status(namespace, name, failed.patch)
+        log.warning("%s/%s: %s", namespace, name, message)
+        for job in jobs:
+            if not job["metadata"].get("deletionTimestamp"):
+                self.delete_job(namespace, job["metadata"]["name"])
+        return None, events + failed.events, {**job_cr, "status": {**job_cr["status"], **failed.status}}
 
     def _undo_tampering(self, job_cr: dict[str, Any], uid: str) -> list[st.Event]:
         """Put back operator-owned status fields that someone else changed since this process wrote them.

@@ -10,12 +10,27 @@ This module imports nothing heavy (no torch), so the operator image can use it.
 
 from __future__ import annotations
 
+import random
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -36,6 +51,136 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
+# ----- bounds: the one place they are set (pydantic enforces them; the CRD is generated from them) -----
+
+# metadata.name: the Job is <name>-<attempt>, its pods' hostnames <name>-<attempt>-<index>, and the
+# headless Service <name> must be a DNS-1035 label (63 characters, starting with a letter).
+MAX_NAME_LENGTH = 48
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DEFAULT_MAX_LENGTH = 1024  # any string without a tighter bound
+URI_MAX_LENGTH = 2048  # model, dataset and output locations, endpoints
+PROMPT_MAX_LENGTH = 8192  # evaluation.samplePrompts[]
+DEFAULT_MAX_ITEMS = 256  # any list without a tighter bound
+MAX_DATASETS = 64
+MAX_INT = 2**31 - 1  # every integer (the API server's int64 is wider; nothing sensible is larger)
+MAX_SEED = 2**32 - 1  # numpy's seed range
+# a Kubernetes object name (Secret, PriorityClass, ...): a DNS-1123 subdomain
+DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# a label value (also Kueue queue names)
+LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# a label or taint key: an optional DNS subdomain prefix and a name of at most 63 characters
+QUALIFIED_NAME = ("^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# a resource quantity as Kubernetes writes it (no sign: a negative size makes no sense here)
+QUANTITY = "^([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check kept in one place for both validators: `check` for pydantic, `cel` (on `self`) for the CRD.
+
+    The message says what is valid; both validators prefix it with the field path."""
+
+    check: Callable[[Any], bool]
+    cel: str
+    message: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def validate(value: Any) -> Any:
+            if not self.check(value):
+                raise ValueError(self.message)
+            return value
+        return core_schema.no_info_after_validator_function(validate, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        out = handler(schema)
+        out.setdefault("x-kubernetes-validations", []).append(
+            {"rule": self.cel, "message": self.message, "reason": "FieldValueInvalid"})
+        return out
+
+
+def _match(pattern: str) -> Callable[[str], bool]:
+    regex = re.compile(pattern)
+    return lambda value: bool(regex.search(value))
+
+
+
+
+def _location(value: str, *, key: bool) -> bool:
+    if re.match(r"^https?://", value, re.IGNORECASE):
+        return False
+    if re.match(r"^[A-Za-z][-A-Za-z0-9+.]*://", value) and not re.match(r"^(s3|hf|bundled)://", value):
+        return False
+    if value.startswith("s3://"):
+        return bool(re.match(r"^s3://[^/]+/[^/].*$" if key else r"^s3://[^/]+(/.*)?$", value))
+    return True
+
+
+SourceRule = Rule(
+    lambda v: _location(v, key=True),
+    "(!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://') || self.matches('^(s3|hf|bundled)://')) && "
+    "(!self.startsWith('s3://') || self.matches('^s3://[^/]+/[^/].*$'))",
+    "use s3://bucket/key (a bucket and a key), a local path, a Hugging Face hub id (org/name) or "
+    "bundled://<name>; http(s) URLs and other schemes are not read",
+)
+DatasetSourceRule = Rule(
+    lambda v: _location(v, key=True) and not v.startswith(("hf://", "bundled://")),
+    "(!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://') || self.startsWith('s3://')) && "
+    "(!self.startsWith('s3://') || self.matches('^s3://[^/]+/[^/].*$'))",
+    "use s3://bucket/key (a bucket and a key; globs allowed in the key) or a local file, directory or glob; "
+    "http(s) URLs and other schemes are not read",
+)
+OutputRule = Rule(
+    lambda v: _location(v, key=False) and not v.startswith(("hf://", "bundled://")),
+    "(!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://') || self.startsWith('s3://')) && "
+    "(!self.startsWith('s3://') || self.matches('^s3://[^/]+(/.*)?$'))",
+    "use s3://bucket/prefix/ (a bucket is required) or a local directory; other schemes are not written",
+)
+EndpointRule = Rule(_match("^https?://[^/]+"), "self.matches('^https?://[^/]+')",
+                    "use http://host[:port] or https://host[:port]")
+QuantityRule = Rule(lambda v: bool(re.match(QUANTITY, v)) and bool(re.search("[1-9]", re.sub("[eE].*$", "", v))),
+                    f"type(self) == int ? self > 0 : (self.matches('{QUANTITY}') && "
+                    "self.replace('e', 'E').split('E')[0].matches('[1-9]'))",
+                    "a positive Kubernetes quantity, for example 16, 500m, 64Gi or 1.5G")
+
+
+def _whole_units(value: Any) -> Any:
+    """A quantity written as a whole number (cpu: 16), as Kubernetes takes it, becomes its string form."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class _IntOrString:
+    """Marks a field int-or-string in its JSON schema (x-kubernetes-int-or-string), as core/v1 quantities."""
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        out = handler(schema)
+        out.pop("type", None)
+        out["x-kubernetes-int-or-string"] = True
+        return out
+
+Text = Annotated[str, StringConstraints(max_length=DEFAULT_MAX_LENGTH)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=DEFAULT_MAX_LENGTH)]
+Location = Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX_LENGTH)]
+
+
+def _pattern_rule(pattern: str, message: str) -> Rule:
+    """A regex check as a Rule rather than a schema `pattern`: the API server then names what is valid and
+    does not print the offending value back (it may be a secret pasted into the wrong field)."""
+    return Rule(_match(pattern), f"self.matches('{pattern}')", message)
+
+
+K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253), _pattern_rule(
+    DNS_SUBDOMAIN, "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')")]
+LabelValue = Annotated[str, StringConstraints(max_length=63), _pattern_rule(
+    LABEL_VALUE, "must be a label value (letters, digits, '-', '_' and '.', starting and ending with a letter "
+    "or digit)")]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=316), _pattern_rule(
+    QUALIFIED_NAME, "must be a qualified name such as nvidia.com/gpu (an optional DNS prefix and a name)")]
+Quantity = Annotated[str, StringConstraints(min_length=1, max_length=64), QuantityRule, BeforeValidator(_whole_units),
+                     _IntOrString()]
+
 
 class SpecModel(BaseModel):
     """Base of every spec model: camelCase aliases, unknown fields rejected."""
@@ -49,10 +194,57 @@ class SpecModel(BaseModel):
     )
 
 
-class SecretKeyRef(SpecModel):
+class JobModel(SpecModel):
+    """Base of the FineTuneJob spec models: strict types, as the API server has them.
+
+    No "8" for 8, no true for 1, no "yes" for true, no NaN or infinity."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_the_api_server_reads_it(cls, data: Any) -> Any:
+        """A known field set to null is absent (the API server prunes such nulls before defaulting, also
+        in string maps); an integer field takes an integral number such as 2.0 (JSON does not tell them
+        apart). Unknown fields stay, to be refused even when null."""
+        if not isinstance(data, dict):
+            return data
+        fields = _field_kinds(cls)
+        out = {}
+        for key, value in data.items():
+            kind = fields.get(key)
+            if kind is not None and value is None:
+                continue
+            if kind == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            elif kind == "map" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if v is not None}
+            out[key] = value
+        return out
+
+
+def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
+    """{camelCase name: int | map | other} of a model's fields."""
+    kinds = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        union = get_origin(annotation) in (Union, UnionType)
+        args = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+        origin = get_origin(args[0]) if len(args) == 1 else None
+        kind = "int" if args == [int] else "map" if origin is dict else "other"
+        kinds[info.alias or name] = kind
+    return kinds
+
+
+def _lax(kind: type) -> Any:
+    """An enum field that takes its string values (strict mode would want the Python enum member)."""
+    return Annotated[kind, Strict(False)]
+
+
+class SecretKeyRef(JobModel):
     """A reference to a Kubernetes Secret; values are passed to pods as environment only."""
 
-    name: str = Field(description="Name of a Secret in the job's namespace.", min_length=1)
+    name: K8sName = Field(description="Name of a Secret in the job's namespace.")
 
 
 class MethodType(str, Enum):
@@ -61,26 +253,26 @@ class MethodType(str, Enum):
     qlora = "qlora"
 
 
-class LoraSpec(SpecModel):
+class LoraSpec(JobModel):
     """Low-rank adapter settings (PEFT LoraConfig)."""
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    alpha: float = Field(32, gt=0, le=1e6, description="Scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on the adapter input.")
-    target_modules: list[str] = Field(
+    target_modules: list[NonEmpty] = Field(
         default_factory=lambda: ["all-linear"],
-        min_length=1,
+        min_length=1, max_length=DEFAULT_MAX_ITEMS,
         description="Module names to adapt (for example q_proj, v_proj), or the single entry 'all-linear' "
         "for every linear layer except the output head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
-    modules_to_save: list[str] = Field(
-        default_factory=list,
+    modules_to_save: list[NonEmpty] = Field(
+        default_factory=list, max_length=DEFAULT_MAX_ITEMS,
         description="Extra modules trained in full and saved with the adapter (for example lm_head).",
     )
 
 
-class QuantizationSpec(SpecModel):
+class QuantizationSpec(JobModel):
     """4-bit quantization of the frozen base model for QLoRA (bitsandbytes)."""
 
     bits: Literal[4] = Field(4, description="Bits per weight of the frozen base model. Only 4 is supported.")
@@ -91,10 +283,10 @@ class QuantizationSpec(SpecModel):
     )
 
 
-class MethodSpec(SpecModel):
+class MethodSpec(JobModel):
     """How the weights are trained."""
 
-    type: MethodType = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
+    type: _lax(MethodType) = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
                              "base; qlora: adapters on a 4-bit quantized frozen base.")
     lora: LoraSpec | None = Field(None, description="Adapter settings; defaults apply for lora and qlora when omitted.")
     quantization: QuantizationSpec | None = Field(None, description="Required for qlora, not allowed otherwise.")
@@ -102,25 +294,24 @@ class MethodSpec(SpecModel):
     @model_validator(mode="after")
     def _check_method(self) -> MethodSpec:
         if self.type == MethodType.qlora.value and self.quantization is None:
-            raise ValueError("method.type qlora requires method.quantization (for example {bits: 4, type: nf4})")
+            raise ValueError("quantization: required when type is qlora (for example {bits: 4, type: nf4})")
         if self.type != MethodType.qlora.value and self.quantization is not None:
-            raise ValueError(f"method.quantization is only valid with method.type qlora, not {self.type}")
+            raise ValueError(f"quantization: only valid with type qlora, not {self.type}")
         if self.type == MethodType.full.value and self.lora is not None:
-            raise ValueError("method.lora is only valid with method.type lora or qlora, not full")
+            raise ValueError("lora: only valid with type lora or qlora, not full")
         if self.type != MethodType.full.value and self.lora is None:
             self.lora = LoraSpec()
         return self
 
 
-class ModelSpec(SpecModel):
+class ModelSpec(JobModel):
     """The base model to fine-tune."""
 
-    source: str = Field(
-        min_length=1,
+    source: Annotated[Location, SourceRule] = Field(
         description="Where the base model is: a local directory in Hugging Face format, s3://bucket/prefix/, "
         "a Hugging Face hub id (org/name, or hf://org/name), or bundled://smollm2-135m-instruct.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    revision: NonEmpty | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     credentials_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model."
     )
@@ -132,10 +323,11 @@ class ModelSpec(SpecModel):
         if self.source.startswith(BUNDLED_PREFIX):
             name = self.source[len(BUNDLED_PREFIX):]
             if name not in BUNDLED_MODELS:
-                raise ValueError(f"unknown bundled model {name!r}; bundled models: {sorted(BUNDLED_MODELS)}")
+                raise ValueError(f"source: unknown bundled model {name[:40]!r}; bundled models: "
+                                 f"{', '.join(BUNDLED_PREFIX + m for m in sorted(BUNDLED_MODELS))}")
         if (self.trust_remote_code and is_hub_source(self.source)
                 and not (self.revision and COMMIT_SHA.match(self.revision))):
-            raise ValueError("model.revision: trustRemoteCode runs the repository's code, so pin the revision to a "
+            raise ValueError("revision: trustRemoteCode runs the repository's code, so pin the revision to a "
                              "full 40-hex commit (not a branch or tag, which can move)")
         return self
 
@@ -151,10 +343,10 @@ class TaskType(str, Enum):
     completion = "completion"
 
 
-class TaskSpec(SpecModel):
+class TaskSpec(JobModel):
     """What the model learns to do, and how examples become tokens."""
 
-    type: TaskType = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
+    type: _lax(TaskType) = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
                            "messages list rendered by the chat template; completion: raw text for continued "
                            "pretraining, cut into fixed-length blocks.")
     template: Literal["alpaca", "chat-template", "plain"] = Field(
@@ -183,51 +375,50 @@ class DatasetFormat(str, Enum):
     text = "text"
 
 
-class DatasetSpec(SpecModel):
+class DatasetSpec(JobModel):
     """One dataset: files, their row format and their weight in the mixture."""
 
-    source: str = Field(
-        min_length=1,
+    source: Annotated[Location, DatasetSourceRule] = Field(
         description="A file, a directory or a glob, local or s3://bucket/key (globs allowed in the key).",
     )
-    file_type: FileType = Field(FileType.auto, description="File format; auto picks it from the extension.")
-    format: DatasetFormat | None = Field(
+    file_type: _lax(FileType) = Field(FileType.auto, description="File format; auto picks it from the extension.")
+    format: _lax(DatasetFormat) | None = Field(
         None,
         description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}) or "
         "text (a text column, or whole lines of a .txt file). Defaults from task.type.",
     )
-    weight: float = Field(1.0, gt=0, description="Relative share of this dataset in the training mixture, "
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this dataset in the training mixture, "
                           "counted in examples (not tokens).")
-    text_field: str = Field("text", min_length=1, description="Column holding the text for the text format.")
-    messages_field: str = Field("messages", min_length=1, description="Column holding the messages list.")
-    max_examples: int | None = Field(None, ge=1, description="Use at most this many rows (after cleaning).")
+    text_field: NonEmpty = Field("text", description="Column holding the text for the text format.")
+    messages_field: NonEmpty = Field("messages", description="Column holding the messages list.")
+    max_examples: int | None = Field(None, ge=1, le=MAX_INT, description="Use at most this many rows (after cleaning).")
 
 
-class ValidationSpec(SpecModel):
+class ValidationSpec(JobModel):
     """Held-out data for evaluation: a fraction of the training data, or separate files."""
 
     fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of each training dataset held out. "
                                    "Default 0.05 when no datasets are given.")
-    datasets: list[DatasetSpec] | None = Field(None, min_length=1, description="Separate validation files.")
-    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many examples.")
+    datasets: list[DatasetSpec] | None = Field(None, min_length=1, max_length=MAX_DATASETS, description="Separate validation files.")
+    max_examples: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate on at most this many examples.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ValidationSpec:
         if self.fraction is not None and self.datasets is not None:
-            raise ValueError("validation: give either fraction or datasets, not both")
+            raise ValueError("datasets: give either validation.fraction or validation.datasets, not both")
         if self.fraction is None and self.datasets is None:
             self.fraction = 0.05
         return self
 
 
-class CleaningSpec(SpecModel):
+class CleaningSpec(JobModel):
     """Row cleaning applied to every dataset before tokenization; counts are reported."""
 
     strip: bool = Field(True, description="Strip leading and trailing whitespace from every text field.")
     drop_empty: bool = Field(True, description="Drop rows whose response (or text) is empty.")
     drop_duplicates: bool = Field(True, description="Drop exact duplicate rows.")
-    min_chars: int = Field(0, ge=0, description="Drop rows shorter than this many characters in total.")
-    max_chars: int | None = Field(None, ge=1, description="Drop rows longer than this many characters in total.")
+    min_chars: int = Field(0, ge=0, le=MAX_INT, description="Drop rows shorter than this many characters in total.")
+    max_chars: int | None = Field(None, ge=1, le=MAX_INT, description="Drop rows longer than this many characters in total.")
     skip_invalid_rows: bool = Field(
         False, description="Skip and count malformed rows instead of failing with their file:line."
     )
@@ -251,66 +442,69 @@ class Scheduler(str, Enum):
     cosine_with_min_lr = "cosine_with_min_lr"
 
 
-class EarlyStoppingSpec(SpecModel):
+class EarlyStoppingSpec(JobModel):
     """Stop when the evaluation metric stops improving; the best checkpoint is kept."""
 
-    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    patience: int = Field(3, ge=1, le=MAX_INT, description="Evaluations without improvement before stopping.")
     metric: Literal["eval_loss", "eval_perplexity"] = Field("eval_loss", description="Metric watched (lower is better).")
-    min_delta: float = Field(0.0, ge=0, description="Smallest decrease that counts as an improvement.")
+    min_delta: float = Field(0.0, ge=0, le=1e6, description="Smallest decrease that counts as an improvement.")
 
 
-class TrainingSpec(SpecModel):
+class TrainingSpec(JobModel):
     """Optimization hyperparameters."""
 
-    epochs: float | None = Field(None, gt=0, description="Passes over the training mixture. Default 1 when "
+    epochs: float | None = Field(None, gt=0, le=1e6, description="Passes over the training mixture. Default 1 when "
                                  "maxSteps is not set.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Optimizer steps; overrides epochs when set.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    scheduler: Scheduler = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (overrides warmupRatio).")
+    scheduler: _lax(Scheduler) = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_INT, description="Linear warmup steps (overrides warmupRatio).")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of total steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
-    batch_size_per_device: int = Field(4, ge=1, description="Sequences per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_seq_length: int = Field(1024, ge=8, description="Longest sequence in tokens; longer examples are truncated.")
+    weight_decay: float = Field(0.0, ge=0, le=1e6, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 disables clipping).")
+    batch_size_per_device: int = Field(4, ge=1, le=MAX_INT, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_INT, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, ge=8, le=MAX_INT, description="Longest sequence in tokens; longer examples are truncated.")
     packing: bool = Field(False, description="Pack several examples into each sequence (instruction and chat "
                           "tasks); completion tasks are always cut into full blocks.")
-    precision: Precision = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
+    precision: _lax(Precision) = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
                                  "GPUs, fp32 on CPU.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations to save memory. "
                                                 "Default: on for GPUs, off on CPU.")
-    seed: int = Field(42, description="Seed for data order, initialization and dropout.")
-    logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, initialization and dropout.")
+    logging_steps: int = Field(10, ge=1, le=MAX_INT, description="Log metrics every N optimizer steps.")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop early on an evaluation plateau.")
 
     @model_validator(mode="after")
     def _check_training(self) -> TrainingSpec:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            raise ValueError("training: give warmupSteps or warmupRatio, not both")
+            raise ValueError("warmupRatio: give warmupSteps or warmupRatio, not both")
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
         return self
 
 
-class CheckpointSpec(SpecModel):
+class CheckpointSpec(JobModel):
     """Checkpoints: complete only once their manifest is written."""
 
-    every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps (always at the end).")
-    keep_last: int = Field(2, ge=1, description="Keep this many newest complete checkpoints (plus the best).")
+    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Save a checkpoint every N optimizer "
+                                    "steps and at the last step. Unset: no checkpoints, so a restarted run "
+                                    "starts over (the exports are written either way).")
+    keep_last: int = Field(2, ge=1, le=MAX_INT, description="Keep this many newest complete checkpoints (plus the best).")
     background: bool = Field(True, description="Hash, manifest and upload checkpoints in a background thread "
                              "while training goes on (only writing the files blocks training).")
 
 
-class EvaluationSpec(SpecModel):
+class EvaluationSpec(JobModel):
     """Held-out evaluation and sample generations."""
 
-    every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (always before "
+    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate every N optimizer steps (always before "
                                     "and after training).")
     perplexity: bool = Field(True, description="Report held-out perplexity.")
-    sample_prompts: list[str] = Field(default_factory=list, description="Prompts to generate from before and "
+    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=PROMPT_MAX_LENGTH)]] = Field(
+        default_factory=list, max_length=64, description="Prompts to generate from before and "
                                       "after training; defaults to a few held-out prompts.")
-    num_sample_prompts: int = Field(3, ge=0, description="Held-out prompts used when samplePrompts is empty.")
+    num_sample_prompts: int = Field(3, ge=0, le=1024, description="Held-out prompts used when samplePrompts is empty.")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per sample prompt.")
 
 
@@ -321,30 +515,30 @@ class ExportKind(str, Enum):
     onnx = "onnx"
 
 
-class S3Spec(SpecModel):
+class S3Spec(JobModel):
     """S3-compatible endpoint settings (AWS S3, MinIO, Ceph RGW, SeaweedFS)."""
 
-    endpoint_url: str | None = Field(None, description="Endpoint URL, for example http://minio.storage:9000.")
-    region: str | None = Field(None, description="Region name.")
+    endpoint_url: Annotated[Location, EndpointRule] | None = Field(None, description="Endpoint URL, for example http://minio.storage:9000.")
+    region: NonEmpty | None = Field(None, description="Region name.")
     addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="Bucket addressing style; "
                                                                  "path for most self-hosted servers.")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
-    ca_bundle: str | None = Field(None, description="Path of a CA bundle file to verify the server with.")
+    ca_bundle: Location | None = Field(None, description="Path of a CA bundle file to verify the server with.")
 
 
-class OutputSpec(SpecModel):
+class OutputSpec(JobModel):
     """Where checkpoints, exports and the run summary go."""
 
-    uri: str | None = Field(None, description="A local directory or s3://bucket/prefix/. Required in a cluster; "
+    uri: Annotated[Location, OutputRule] | None = Field(None, description="A local directory or s3://bucket/prefix/. Required in a cluster; "
                             "kubetune run defaults to ./runs/<name>.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
                                                         "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[ExportKind] | None = Field(None, description="Artifacts to export: adapter (PEFT), merged "
+    exports: list[_lax(ExportKind)] | None = Field(None, min_length=1, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
                                              "(plain transformers), int8, onnx. Default: adapter for lora and "
                                              "qlora, merged for full.")
 
 
-class StorageSpec(SpecModel):
+class StorageSpec(JobModel):
     """Object-storage settings shared by the model, the datasets and the output."""
 
     s3: S3Spec = Field(default_factory=S3Spec, description="S3 endpoint settings.")
@@ -352,25 +546,25 @@ class StorageSpec(SpecModel):
                                                         "s3:// location.")
 
 
-class WandbSpec(SpecModel):
+class WandbSpec(JobModel):
     """Weights & Biases logging."""
 
-    project: str = Field(min_length=1, description="Weights & Biases project.")
-    entity: str | None = Field(None, description="Team or user.")
+    project: NonEmpty = Field(description="Weights & Biases project.")
+    entity: NonEmpty | None = Field(None, description="Team or user.")
     mode: Literal["online", "offline"] = Field("online", description="offline writes runs to the output only.")
     api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret with WANDB_API_KEY.")
 
 
-class MlflowSpec(SpecModel):
+class MlflowSpec(JobModel):
     """MLflow logging."""
 
-    tracking_uri: str = Field(min_length=1, description="MLflow tracking URI (http(s)://... or file:...).")
-    experiment: str = Field("kubetune", description="Experiment name.")
+    tracking_uri: Location = Field(description="MLflow tracking URI (http(s)://... or file:...).")
+    experiment: NonEmpty = Field("kubetune", description="Experiment name.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with MLFLOW_TRACKING_TOKEN or "
                                                         "MLFLOW_TRACKING_USERNAME/PASSWORD.")
 
 
-class TrackingSpec(SpecModel):
+class TrackingSpec(JobModel):
     """Experiment tracking."""
 
     tensorboard: bool = Field(True, description="Write TensorBoard event files to the output.")
@@ -386,50 +580,89 @@ class Strategy(str, Enum):
     deepspeed_zero3 = "deepspeed-zero3"
 
 
-class ResourcesSpec(SpecModel):
+class Toleration(JobModel):
+    """A core/v1 Toleration, validated as Kubernetes does. Reads like the dict it renders to (camelCase keys)."""
+
+    key: LabelKey | None = Field(
+        None, description="Taint key (a qualified name); empty with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
+    value: LabelValue | None = Field(None, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
+    toleration_seconds: int | None = Field(None, ge=0, le=MAX_INT, description="With effect NoExecute: how long "
+                                           "the pod stays bound after the taint appears.")
+
+    @model_validator(mode="after")
+    def _check_toleration(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value: must be empty when operator is Exists")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("operator: must be Exists when key is empty (a toleration of every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("effect: must be NoExecute when tolerationSeconds is set")
+        return self
+
+    def _items(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+    def keys(self) -> Iterator[str]:
+        """The set fields' camelCase names (so that dict(toleration) is the core/v1 object)."""
+        return iter(self._items())
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Like dict.get, with camelCase keys."""
+        return self._items().get(key, default)
+
+
+class ResourcesSpec(JobModel):
     """Pods, GPUs and placement of the training workers."""
 
     nodes: int = Field(1, ge=1, le=1024, description="Worker pods (one per node).")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (and training processes) per pod; 0 trains on CPU.")
-    strategy: Strategy = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
-    image: str | None = Field(None, description="Trainer image; the platform default when omitted.")
+    strategy: _lax(Strategy) = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
+    image: NonEmpty | None = Field(None, description="Trainer image; the platform default when omitted.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
-    cpu: str | None = Field(None, description="CPU request and limit per pod, for example '16'.")
-    memory: str | None = Field(None, description="Memory request and limit per pod, for example '128Gi'.")
-    shared_memory: str = Field("8Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations (core/v1 Toleration).")
+    image_pull_secrets: list[K8sName] = Field(default_factory=list, max_length=DEFAULT_MAX_ITEMS, description="Names of image pull Secrets.")
+    cpu: Quantity | None = Field(None, description="CPU request and limit per pod, for example '16'.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per pod, for example '128Gi'.")
+    shared_memory: Quantity = Field("8Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64,
+                                                      description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=DEFAULT_MAX_ITEMS,
+                                         description="Pod tolerations (core/v1 Toleration).")
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods.")
 
 
-class SchedulingSpec(SpecModel):
+class SchedulingSpec(JobModel):
     """Queueing."""
 
-    queue_name: str | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
+    queue_name: LabelValue | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
                                    "by Kueue.")
-    priority_class_name: str | None = Field(None, description="Kueue WorkloadPriorityClass.")
+    priority_class_name: K8sName | None = Field(None, description="Kueue WorkloadPriorityClass.")
 
 
-class RunPolicySpec(SpecModel):
+class RunPolicySpec(JobModel):
     """Restarts and lifetimes."""
 
-    max_restarts: int = Field(3, ge=0, description="Restarts of the worker group after retryable failures "
+    max_restarts: int = Field(3, ge=0, le=1000, description="Restarts of the worker group after retryable failures "
                                     "(preemptions do not count).")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this many seconds of "
+    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_INT, description="Fail the job after this many seconds of "
                                                 "running.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the FineTuneJob this long after "
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=MAX_INT, description="Delete the FineTuneJob this long after "
                                                    "it finished.")
 
 
-class FineTuneJobSpec(SpecModel):
+class FineTuneJobSpec(JobModel):
     """What to fine-tune, on what, how, and where the results go."""
 
     model: ModelSpec = Field(description="The base model.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Training method: full, lora or qlora.")
     task: TaskSpec = Field(description="The task and prompt format.")
-    datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets, mixed by weight.")
+    datasets: list[DatasetSpec] = Field(min_length=1, max_length=MAX_DATASETS, description="Training datasets, mixed by weight.")
     validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Held-out evaluation data.")
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row cleaning.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
@@ -446,10 +679,23 @@ class FineTuneJobSpec(SpecModel):
     @model_validator(mode="after")
     def _check_spec(self) -> FineTuneJobSpec:
         task = self.task.type
-        for index, dataset in enumerate(self.datasets + (self.validation.datasets or [])):
-            fmt = dataset.format or default_format(task)
-            if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
-                raise ValueError(f"datasets[{index}].format: a completion task takes text datasets, not {fmt}")
+        for field, datasets in (("datasets", self.datasets), ("validation.datasets", self.validation.datasets or [])):
+            for index, dataset in enumerate(datasets):
+                fmt = dataset.format or default_format(task)
+                if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
+                    raise ValueError(f"{field}[{index}].format: a completion task takes text datasets only, "
+                                     f"not {fmt}")
+        early, evaluate = self.training.early_stopping, self.evaluation.every_steps
+        if early is not None and evaluate is None:
+            raise ValueError("training.earlyStopping: needs evaluation.everySteps (the plateau is measured at "
+                             "each evaluation)")
+        if self.training.precision == Precision.fp16.value and self.resources.gpus_per_node == 0:
+            raise ValueError("training.precision: fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, "
+                             "fp32 or bf16")
+        save = self.checkpoint.every_steps
+        if early is not None and evaluate is not None and save is not None and save % evaluate:
+            raise ValueError("checkpoint.everySteps: with training.earlyStopping it must be a multiple of "
+                             "evaluation.everySteps, so that the best evaluation has a checkpoint")
         if self.output.exports is None:
             default = ExportKind.merged if self.method.type == MethodType.full.value else ExportKind.adapter
             self.output.exports = [default.value]
@@ -457,7 +703,7 @@ class FineTuneJobSpec(SpecModel):
             bad = [e for e in self.output.exports if e == ExportKind.adapter.value]
             if bad:
                 raise ValueError("output.exports: 'adapter' needs method lora or qlora; full fine-tuning exports "
-                                 "'merged' (the full model), 'int8' or 'onnx'")
+                                 "'merged' (the full model, the default), 'int8' and/or 'onnx'")
         return self
 
 
@@ -470,24 +716,53 @@ def default_format(task: str) -> str:
     }[task]
 
 
+GENERATED_SUFFIX = 5  # characters the API server appends to metadata.generateName
+GENERATE_NAME_PATTERN = "^[a-z][-a-z0-9]*$"
+_SERVER_METADATA = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
+                    "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields", "selfLink")
+
+
 class ObjectMeta(BaseModel):
-    """Kubernetes object metadata; only name is required for `kubetune run`."""
+    """Kubernetes object metadata; a name (or a generateName) is required. Labels and annotations are
+    checked as the API server checks them; unknown fields are refused as it refuses them."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL.pattern)
-    namespace: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel, populate_by_name=True)
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    generate_name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH - GENERATED_SUFFIX,
+                                      pattern=GENERATE_NAME_PATTERN)
+    namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL.pattern)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
+    # written by the API server; accepted so that `kubectl get -o yaml` output validates
+    uid: Any = None
+    resource_version: Any = None
+    generation: Any = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: Any = None
+    owner_references: Any = None
+    finalizers: Any = None
+    managed_fields: Any = None
+    self_link: Any = None
+
+    @model_validator(mode="after")
+    def _named(self) -> ObjectMeta:
+        if self.name is None:
+            if self.generate_name is None:
+                raise ValueError("name: required (or generateName, a prefix the API server completes)")
+            alphabet = "bcdfghjklmnpqrstvwxz2456789"  # the API server's
+            self.name = self.generate_name + "".join(random.choice(alphabet) for _ in range(GENERATED_SUFFIX))
+        return self
 
 
-class FineTuneJob(SpecModel):
+class FineTuneJob(JobModel):
     """A FineTuneJob manifest (as applied with kubectl or run with `kubetune run`)."""
 
-    model_config = ConfigDict(extra="ignore")  # status and other server fields are ignored
     api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
     spec: FineTuneJobSpec
+    status: Any = Field(None, exclude=True, description="Written by the operator; ignored here.")
 
 
 # ----- status (written by the operator; its schema goes into the CRD) -----

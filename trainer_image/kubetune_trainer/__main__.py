@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.manifest import ManifestError, load_job
 from kubetune.spec import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRYABLE
+from kubetune.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,27 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _missing_dirs(output: str) -> list[Path]:
+    """The local output directory and those of its parents that do not exist yet (deepest first)."""
+    if "://" in output:
+        return []
+    path = Path(output).expanduser().resolve()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    """A run refused before it wrote anything leaves no empty output directories behind."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or already gone): keep it and its parents
+            return
+
+
 def run_trainer(config: str, output: str | None = None, deepspeed: str | None = None, resume: str = "auto",
                 show_progress: bool = True) -> tuple[int, dict | None]:
     """Run one training process; returns (exit code, summary or None). Never raises."""
@@ -64,6 +86,7 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR, None
+    new_dirs = _missing_dirs(output or job.spec.output.uri or f"runs/{job.metadata.name}")
     try:
         from kubetune_trainer.train import make_context, run
 
@@ -81,7 +104,14 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
         summary = run(ctx)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        _remove_if_empty(new_dirs)
         return EXIT_CONFIG_ERROR, None
+    except StorageError as error:
+        # 403/404/bad credentials cannot heal by retrying (exit 3); timeouts, throttling and 5xx can (exit 1)
+        print(f"error: {error}", file=sys.stderr)
+        if not error.retryable:
+            _remove_if_empty(new_dirs)
+        return (EXIT_RETRYABLE if error.retryable else EXIT_CONFIG_ERROR), None
     except KeyboardInterrupt:
         return EXIT_PREEMPTED, None
     except Exception:  # noqa: BLE001 - any other failure is retryable from the last checkpoint

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,10 @@ def _file_type(spec: DatasetSpec, name: str) -> str:
     return SUFFIX_TYPES[suffix]
 
 
+def _number_problem(error: ValueError) -> str:
+    return "a number too long to read" if "digits" in str(error) else " ".join(str(error).split())[:120]
+
+
 def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
     """Yield (line, item) for each element of a top-level JSON array, keeping line numbers."""
     decoder = json.JSONDecoder()
@@ -134,6 +139,8 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
             value = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        except ValueError as error:  # a number of more than 4300 digits
+            raise DataError(f"{name}: not valid JSON: {_number_problem(error)}") from None
         if isinstance(value, dict):
             for key in ("data", "rows", "examples", "train"):
                 if isinstance(value.get(key), list):
@@ -141,8 +148,14 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
                         yield 1, item if not isinstance(item, dict) else {**item, "__index__": i}
                     return
         raise DataError(f"{name}:1: expected a JSON array of rows (or use a .jsonl file with one row per line)")
+    def closed(i: int) -> bool:
+        rest = skip_ws(i + 1)
+        if rest < length:
+            raise DataError(f"{name}:{text.count(chr(10), 0, rest) + 1}: not valid JSON: text after the closing ']'")
+        return True
+
     index = skip_ws(index + 1)
-    if index < length and text[index] == "]":
+    if index < length and text[index] == "]" and closed(index):
         return
     while index < length:
         line = text.count("\n", 0, index) + 1
@@ -150,11 +163,13 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
             item, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as error:
             raise DataError(f"{name}:{error.lineno}: not valid JSON: {error.msg}") from None
+        except ValueError as error:  # a number of more than 4300 digits
+            raise DataError(f"{name}:{line}: not valid JSON: {_number_problem(error)}") from None
         yield line, item
         index = skip_ws(index)
         if index < length and text[index] == ",":
             index = skip_ws(index + 1)
-        elif index < length and text[index] == "]":
+        elif index < length and text[index] == "]" and closed(index):
             return
         else:
             line = text.count("\n", 0, index) + 1
@@ -162,47 +177,169 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
     raise DataError(f"{name}: not valid JSON: the array is not closed")
 
 
+# Leading bytes of files that are not text (compressed, archives, other binary formats) and of text that is
+# not UTF-8: they are refused by name before any line is parsed.
+_MAGIC = [
+    (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"),
+    (b"PK\x03\x04", "a zip archive (extract it first)"),
+    (b"BZh", "a bzip2-compressed file (decompress it first)"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file (decompress it first)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file (decompress it first)"),
+    (b"PAR1", "a Parquet file (name it .parquet or set fileType: parquet)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text (save it as UTF-8)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text (save it as UTF-8)"),
+    (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"),
+]
+CSV_MAX_FIELD = 64 << 20  # characters in one CSV field
+MAX_NESTING = 200  # JSON nesting depth a row may have (far beyond any chat or alpaca row)
+_BOM = "\ufeff"
+
+
+def _sniff(name: str, path: Path, file_type: str) -> None:
+    """Refuse binary, compressed and non-UTF-8 files named as text, before reading a line of them."""
+    with path.open("rb") as handle:
+        head = handle.read(8192)
+    if file_type == "parquet":
+        if head[:4] != b"PAR1":
+            raise DataError(f"{name}: not a Parquet file (it does not start with PAR1)")
+        return
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"{name}: this is {what}, not a {file_type} text file")
+    if b"\x00" in head:
+        even, odd, half = head[0::2].count(0), head[1::2].count(0), max(1, len(head) // 2)
+        if (odd > 0.8 * half and even < 0.05 * half) or (even > 0.8 * half and odd < 0.05 * half):
+            raise DataError(f"{name}: looks like UTF-16 text without a byte-order mark (save it as UTF-8)")
+        raise DataError(f"{name}: binary data (NUL bytes) in a {file_type} text file")
+
+
+def _decode(name: str, number: int, raw: bytes) -> str:
+    """One line as text; undecodable bytes name the line and column. A UTF-8 BOM on line 1 is dropped."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{name}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                        f"{error.start + 1}); save the file as UTF-8") from None
+    return text[1:] if number == 1 and text.startswith(_BOM) else text
+
+
+def _text_lines(name: str, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, BOM dropped, with universal newlines kept per line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield number, _decode(name, number, raw)
+
+
+def _csv_lines(name: str, path: Path) -> Iterator[str]:
+    """Lines for the csv module, old Mac line ends (a lone CR) included."""
+    for _, text in _text_lines(name, path):
+        if "\r" in text.rstrip("\r\n"):
+            yield from (part for part in re.split(r"(?<=\r)(?!\n)", text) if part)
+        else:
+            yield text
+
+
+def _read_text(name: str, path: Path) -> str:
+    return "".join(text for _, text in _text_lines(name, path))
+
+
+def _check_depth(text: str) -> None:
+    """Refuse JSON nested deeper than MAX_NESTING (json would hit a RecursionError)."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ValueError(f"nested more than {MAX_NESTING} levels deep")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _loads(text: str) -> Any:
+    """json.loads of one row, refusing nesting deeper than MAX_NESTING."""
+    _check_depth(text)
+    return json.loads(text)
+
+
+def _read_parquet(name: str, path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            yield from parquet.read_row_group(group).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise DataError(f"{name}: not a readable Parquet file (truncated or corrupt?): {detail}") from None
+
+
 def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, str | None]]:
-    """Yield (origin, raw row, parse error) from one file; origin is 'file:line'."""
+    """Yield (origin, raw row, parse error) from one file; origin is 'file:line'.
+
+    Never raises anything but DataError: binary, compressed, UTF-16 and undecodable files, broken
+    Parquet and over-deep JSON are named with file (and line where there is one)."""
+    _sniff(name, path, file_type)
     if file_type == "jsonl":
-        with path.open(encoding="utf-8", errors="strict") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{name}:{number}", json.loads(line), None
-                except json.JSONDecodeError as error:
-                    yield f"{name}:{number}", None, f"not valid JSON: {error.msg} at column {error.colno}"
+        for number, line in _text_lines(name, path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{name}:{number}", _loads(line), None
+            except json.JSONDecodeError as error:
+                yield f"{name}:{number}", None, f"not valid JSON: {error.msg} at column {error.colno}"
+            except ValueError as error:  # nesting, or a number of more than 4300 digits
+                yield f"{name}:{number}", None, f"not valid JSON: {_number_problem(error)}"
     elif file_type == "json":
-        for number, item in _json_array_items(path.read_text(encoding="utf-8"), name):
+        text = _read_text(name, path)
+        try:
+            _check_depth(text)
+        except ValueError as error:
+            raise DataError(f"{name}: not valid JSON: {error}") from None
+        for number, item in _json_array_items(text, name):
             if isinstance(item, dict):
                 item.pop("__index__", None)
             yield f"{name}:{number}", item, None
     elif file_type == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            start = 2
+        lines = _csv_lines(name, path)
+        csv.field_size_limit(CSV_MAX_FIELD)  # the default (128 KiB) refuses long documents
+        reader = csv.DictReader(lines)
+        start = 2
+        try:
             for record in reader:
-                yield f"{name}:{start}", dict(record), None
+                if None in record:
+                    yield f"{name}:{start}", None, (f"{len(record[None])} more value(s) than the "
+                                                    f"{len(reader.fieldnames or [])} columns of the header")
+                else:
+                    yield f"{name}:{start}", dict(record), None
                 start = reader.line_num + 1
+        except csv.Error as error:
+            raise DataError(f"{name}:{max(1, reader.line_num)}: not valid CSV: {error}") from None
     elif file_type == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for number, record in enumerate(table.to_pylist(), start=1):
+        for number, record in enumerate(_read_parquet(name, path), start=1):
             yield f"{name}:row {number}", record, None
     elif file_type == "txt":
         paragraph: list[str] = []
         first_line = 0
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    if not paragraph:
-                        first_line = number
-                    paragraph.append(line.rstrip("\n"))
-                elif paragraph:
-                    yield f"{name}:{first_line}", {"text": "\n".join(paragraph)}, None
-                    paragraph = []
+        for number, line in _text_lines(name, path):
+            if line.strip():
+                if not paragraph:
+                    first_line = number
+                paragraph.append(line.rstrip("\r\n"))
+            elif paragraph:
+                yield f"{name}:{first_line}", {"text": "\n".join(paragraph)}, None
+                paragraph = []
         if paragraph:
             yield f"{name}:{first_line}", {"text": "\n".join(paragraph)}, None
     else:  # pragma: no cover - the spec enum prevents this
@@ -220,6 +357,16 @@ def _require_string(row: dict[str, Any], key: str, required: bool = True) -> str
     value = row[key]
     if not isinstance(value, str):
         raise ValueError(f"field '{key}' must be a string, got {type(value).__name__} {value!r:.40}")
+    return _encodable(value, f"field '{key}'")
+
+
+def _encodable(value: str, where: str) -> str:
+    """The text itself, if it can be encoded as UTF-8 (a lone surrogate from a JSON \\ud800 escape cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where} holds an unpaired surrogate (\\u{ord(value[error.start]):04x} at character "
+                         f"{error.start + 1}), which is not text; fix the escape in the file") from None
     return value
 
 
@@ -239,8 +386,8 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
             raise ValueError(f"missing required field '{spec.messages_field}' (a list of {{role, content}})")
         if isinstance(messages, str):
             try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError:
+                messages = _loads(messages)
+            except ValueError:
                 raise ValueError(f"field '{spec.messages_field}' must be a list of {{role, content}}") from None
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"field '{spec.messages_field}' must be a non-empty list of {{role, content}}")
@@ -250,12 +397,12 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
             if not isinstance(message, dict):
                 raise ValueError(f"{where} must be an object with role and content")
             role = message.get("role")
-            if role not in CHAT_ROLES:
-                raise ValueError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}")
+            if not isinstance(role, str) or role not in CHAT_ROLES:
+                raise ValueError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r:.40}")
             content = message.get("content")
             if not isinstance(content, str):
                 raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
-            checked.append({"role": role, "content": content})
+            checked.append({"role": role, "content": _encodable(content, f"{where}.content")})
         if not any(m["role"] == "assistant" for m in checked):
             raise ValueError(f"field '{spec.messages_field}' has no assistant message to learn from")
         return {"messages": checked}
@@ -290,46 +437,10 @@ def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cach
     seen: set[str] = set()
     rows: list[Row] = []
     for name, path in resolve_files(spec.source, cache_dir, s3):
-        report.files.append(name)
-        report.hashes[name] = _sha256(path)
-        file_type = _file_type(spec, name)
-        if file_type == "txt" and fmt != DatasetFormat.text.value:
-            raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
-        for origin, raw, parse_error in read_raw(name, path, file_type):
-            report.read += 1
-            try:
-                if parse_error:
-                    raise ValueError(parse_error)
-                content = check_row(raw, fmt, spec)
-            except ValueError as error:
-                message = f"{origin}: {error}"
-                if not cleaning.skip_invalid_rows:
-                    raise DataError(message + " (set cleaning.skipInvalidRows: true to skip such rows)") from None
-                report.invalid += 1
-                if len(report.invalid_examples) < 5:
-                    report.invalid_examples.append(message)
-                continue
-            if cleaning.strip:
-                content = _strip(content)
-            if cleaning.drop_empty and _is_empty(content):
-                report.empty += 1
-                continue
-            chars = _char_count(content)
-            if chars < cleaning.min_chars:
-                report.too_short += 1
-                continue
-            if cleaning.max_chars is not None and chars > cleaning.max_chars:
-                report.too_long += 1
-                continue
-            if cleaning.drop_duplicates:
-                key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-                if key in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(key)
-            rows.append(Row(origin=origin, format=fmt, content=content))
-            if spec.max_examples is not None and len(rows) >= spec.max_examples:
-                break
+        try:
+            _load_file(name, path, spec, fmt, cleaning, report, seen, rows)
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as error:
+            raise DataError(f"{name}: cannot read the file: {error.strerror or error}") from None
         if spec.max_examples is not None and len(rows) >= spec.max_examples:
             break
     report.kept = len(rows)
@@ -338,6 +449,51 @@ def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cach
                         f"{report.invalid}, empty {report.empty}, duplicates {report.duplicates}, too short "
                         f"{report.too_short}, too long {report.too_long})")
     return rows, report
+
+
+def _load_file(name: str, path: Path, spec: DatasetSpec, fmt: str, cleaning: CleaningSpec, report: DatasetReport,
+               seen: set[str], rows: list[Row]) -> None:
+    """Read, check and clean one file of a dataset into `rows` (see load_dataset_rows)."""
+    report.files.append(name)
+    report.hashes[name] = _sha256(path)
+    file_type = _file_type(spec, name)
+    if file_type == "txt" and fmt != DatasetFormat.text.value:
+        raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
+    for origin, raw, parse_error in read_raw(name, path, file_type):
+        report.read += 1
+        try:
+            if parse_error:
+                raise ValueError(parse_error)
+            content = check_row(raw, fmt, spec)
+        except ValueError as error:
+            message = f"{origin}: {error}"
+            if not cleaning.skip_invalid_rows:
+                raise DataError(message + " (set cleaning.skipInvalidRows: true to skip such rows)") from None
+            report.invalid += 1
+            if len(report.invalid_examples) < 5:
+                report.invalid_examples.append(message)
+            continue
+        if cleaning.strip:
+            content = _strip(content)
+        if cleaning.drop_empty and _is_empty(content):
+            report.empty += 1
+            continue
+        chars = _char_count(content)
+        if chars < cleaning.min_chars:
+            report.too_short += 1
+            continue
+        if cleaning.max_chars is not None and chars > cleaning.max_chars:
+            report.too_long += 1
+            continue
+        if cleaning.drop_duplicates:
+            key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            if key in seen:
+                report.duplicates += 1
+                continue
+            seen.add(key)
+        rows.append(Row(origin=origin, format=fmt, content=content))
+        if spec.max_examples is not None and len(rows) >= spec.max_examples:
+            return
 
 
 # ---------------------------------------------------------------- split and mix
@@ -442,6 +598,18 @@ def render_segments(row: Row, task_template: str, tokenizer: Any) -> list[tuple[
     return _chat_segments(content["messages"], tokenizer, row.origin)
 
 
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], origin: str, **kwargs: Any) -> str:
+    """The chat template's text; a template that refuses the conversation (roles that do not alternate,
+    a system turn it does not take) is a data error naming the row."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise DataError(f"{origin}: the model's chat template refuses this conversation: {detail}") from None
+
+
 def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> list[tuple[str, bool]]:
     """Render with the chat template, marking each assistant turn as a response segment."""
     if not getattr(tokenizer, "chat_template", None):
@@ -452,8 +620,8 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) 
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        prefix = _render_chat(tokenizer, messages[:index], origin, add_generation_prompt=True)
+        full = _render_chat(tokenizer, messages[: index + 1], origin)
         if not prefix.startswith(rendered) or not full.startswith(prefix):
             raise DataError(f"{origin}: the chat template does not render turns as a growing prefix; "
                             "cannot locate the assistant's tokens")

@@ -118,11 +118,14 @@ def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_has
     return str(path)
 
 
-def build_datasets(ctx: RunContext, tokenizer: Any) -> tuple[Any, Any, dict[str, Any], list[data_lib.Row]]:
-    """Read, clean, split, mix and tokenize; returns (train, eval, data report, validation rows)."""
+def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedData | None = None
+                   ) -> tuple[Any, Any, dict[str, Any], list[data_lib.Row]]:
+    """Read (unless `prepared` is given), clean, split, mix and tokenize; returns (train, eval, data report,
+    validation rows)."""
     from datasets import Dataset
 
-    prepared = data_lib.prepare_rows(ctx.spec, model_lib.cache_root() / "data", ctx.s3)
+    if prepared is None:
+        prepared = data_lib.prepare_rows(ctx.spec, model_lib.cache_root() / "data", ctx.s3)
     train_sequences, train_stats = data_lib.tokenize_rows(prepared.train, tokenizer, ctx.spec)
     eval_sequences, eval_stats = data_lib.tokenize_rows(prepared.validation, tokenizer, ctx.spec, packing=False)
 
@@ -322,9 +325,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # ---- 2. data and 3. model
     precision = model_lib.pick_precision(spec.training.precision)
+    # every row is read and checked before the model is fetched: bad data fails fast (exit 3)
+    prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", ctx.s3)
     model_dir = model_lib.resolve_model_dir(spec.model, ctx.s3)
     tokenizer = model_lib.load_tokenizer(model_dir)
-    train_set, eval_set, data_report, validation_rows = build_datasets(ctx, tokenizer)
+    train_set, eval_set, data_report, validation_rows = build_datasets(ctx, tokenizer, prepared)
     torch.manual_seed(spec.training.seed)
     model = model_lib.load_model(spec, model_dir, precision)
 
