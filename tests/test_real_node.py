@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 import zlib
 from datetime import datetime, timezone
@@ -254,6 +256,19 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     first = first_step_time(node, workers[0]["metadata"]["name"])
     FIGURES["apply -> first training step"] = first - applied
     FIGURES["apply -> Succeeded"] = elapsed
+
+    # what a user sees with the kubetune command: rank 0's real log through the kubelet, the summary
+    cli = [sys.executable, "-m", "kubetune.cli"]
+    env = {**os.environ, "KUBECONFIG": str(node.cp.kubeconfig)}
+    shown = subprocess.run([*cli, "logs", name, "-n", NS, "--rank", "0"], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"^step {STEPS}/{STEPS}", shown.stdout, re.M), shown.stdout[-2000:]
+    described = subprocess.run([*cli, "describe", name, "-n", NS], capture_output=True, text=True, timeout=120,
+                               env=env)
+    assert described.returncode == 0 and "Succeeded" in described.stdout and "adapter" in described.stdout
+    watched = subprocess.run([*cli, "watch", name, "-n", NS], capture_output=True, text=True, timeout=120, env=env)
+    assert watched.returncode == 0, watched.stdout + watched.stderr  # the job's outcome as the exit code
 
     # the pods: the trainer image on the real node, ranks from the Job's index, DNS rendezvous
     assert len(workers) == 2
