@@ -177,6 +177,8 @@ def test_helm_install_runs_the_operator_image(node: RealNodeCluster, s3: Seaweed
     # the chart's tenant policy and admission policies stay on: the platform allows exactly this S3 endpoint
     out = helm(node, "install", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--wait", "--timeout", "300s",
                "--set-json", f"policy.allowedS3Endpoints={json.dumps([s3.endpoint_url])}",
+               # tenants may name images of the node's own repository (the missing-image test does)
+               "--set-json", f"policy.allowedImagePrefixes={json.dumps([node.image('trainer').rsplit(':', 1)[0]])}",
                "--set", f"image.repository={node.image('operator').rsplit(':', 1)[0]}",
                "--set", f"image.tag={node.image('operator').rsplit(':', 1)[1]}",
                "--set", "image.pullPolicy=Never",
@@ -195,6 +197,8 @@ def test_helm_install_runs_the_operator_image(node: RealNodeCluster, s3: Seaweed
     # inside the container: uid 1000, read-only root, the API through the Service's ClusterIP
     probe = (
         "import json, os, ssl, urllib.request\n"
+        "st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
+        "print(json.dumps({k: st[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff')}))\n"
         "sa = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
         "try:\n    open('/probe', 'w')\n    ro = False\n"
         "except OSError:\n    ro = True\n"
@@ -208,6 +212,9 @@ def test_helm_install_runs_the_operator_image(node: RealNodeCluster, s3: Seaweed
     out = node.cp.kubectl("-n", SYSTEM_NS, "exec", name, "--", "python", "-c", probe, timeout=60).stdout
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen == {"uid": 1000, "readOnly": True, "host": "10.250.1.1", "group": "kubetune.io/v1alpha1"}, seen
+    # the securityContext as the runtime applied it: no privilege escalation, seccomp filter, no capabilities
+    applied = json.loads(out.strip().splitlines()[0])
+    assert applied == {"NoNewPrivs": "1", "Seccomp": "2", "CapEff": "0000000000000000"}, applied
 
 
 def test_cluster_dns_from_a_pod(node: RealNodeCluster) -> None:
@@ -374,9 +381,26 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
     node.wait_for(lambda: store.complete_steps() or None, 900, "a complete checkpoint", interval=1.0)
     checkpoint = max(store.complete_steps())  # at least this one is complete when the worker dies
 
-    # SIGKILL rank 1's container through containerd, as an OOM kill or a crash would
+    # the trainer container as the runtime runs it: uid 1000, read-only root, no privilege escalation,
+    # seccomp, no capabilities; the short-lived projected token only, not the automounted one
     (victim,) = [p for p in worker_pods(node, name, attempt=1)
                  if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
+    probe = (
+        "import json, os\n"
+        "st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
+        "try:\n    open('/probe', 'w')\n    ro = False\n"
+        "except OSError:\n    ro = True\n"
+        "print(json.dumps({'uid': os.getuid(), 'readOnly': ro, 'token': os.path.exists("
+        "'/var/run/secrets/kubetune/token'), 'automounted': os.path.exists('/var/run/secrets/kubernetes.io'), "
+        "**{k: st[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff')}}))\n"
+    )
+    out = node.cp.kubectl("-n", NS, "exec", victim["metadata"]["name"], "--", "python", "-c", probe,
+                          timeout=60).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "uid": 1000, "readOnly": True, "token": True, "automounted": False, "NoNewPrivs": "1", "Seccomp": "2",
+        "CapEff": "0000000000000000"}, out
+
+    # SIGKILL rank 1's container through containerd, as an OOM kill or a crash would
     container_id = victim["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
     killed = time.time()
     node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id)
@@ -403,6 +427,58 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
     assert checkpoint <= resumed_from < STEPS, (checkpoint, resumed_from)
     steps = [int(m) for m in re.findall(rf"^step (\d+)/{STEPS}\b", rank0, re.M)]
     assert steps and min(steps) == resumed_from + 1 and max(steps) == STEPS, (resumed_from, steps[:5])
+
+
+def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
+    """A worker evicted through the Eviction API (as a drain does): SIGTERM, a checkpoint, exit 143 from the
+    launcher; the operator counts a preemption, not a restart, and attempt 2 finishes the job."""
+    from kubernetes import client
+
+    name = "tiny-evict"
+    prefix = f"s3://{s3.bucket}/node-evict-{int(time.time())}"
+    upload_inputs(s3, prefix, tiny_model)
+    node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
+
+    def rank0_training() -> dict[str, Any] | None:
+        running = [p for p in worker_pods(node, name, attempt=1) if p["status"].get("phase") == "Running"]
+        rank0 = [p for p in running if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"]
+        return rank0[0] if rank0 and first_step_time(node, rank0[0]["metadata"]["name"]) else None
+    victim = node.wait_for(rank0_training, 600, "rank 0 training", interval=1.0)
+    core = client.CoreV1Api(node.cp.api_client())
+    core.create_namespaced_pod_eviction(victim["metadata"]["name"], NS, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=victim["metadata"]["name"], namespace=NS)))
+    final = node.wait_for(lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed")
+                          and o, 900, f"{name} finished", interval=1.0)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["preemptions"] >= 1 and status["restarts"] == 0 and status["attempt"] >= 2, status
+    reasons = [e["reason"] for e in json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)[
+        "items"] if e["involvedObject"].get("name") == name]
+    assert "Preempted" in reasons and "Restarting" not in reasons, reasons
+
+
+def test_missing_image_and_unschedulable_jobs_say_so(node: RealNodeCluster, s3: SeaweedS3) -> None:
+    """Jobs that cannot start show why, in their status and as a Warning event, within a bounded time."""
+    prefix = f"s3://{s3.bucket}/node-stuck-{int(time.time())}"
+    missing = job_manifest("no-image", prefix, s3.endpoint_url)
+    missing["spec"]["resources"].update(nodes=1, image=node.image("trainer").rsplit(":", 1)[0] + ":does-not-exist")
+    too_big = job_manifest("too-big", prefix, s3.endpoint_url)
+    too_big["spec"]["resources"]["cpu"] = "64"
+    for manifest in (missing, too_big):
+        node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    def said(name: str, reason: str, text: str) -> bool:
+        status = ftj(node, name).get("status") or {}
+        events = json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)["items"]
+        return text in (status.get("message") or "") and any(
+            e["involvedObject"].get("name") == name and e["type"] == "Warning" and e["reason"] == reason
+            and text in e["message"] for e in events)
+    node.wait_for(lambda: said("no-image", "WorkerProblem", "ErrImageNeverPull"), 180, "missing image reported")
+    node.wait_for(lambda: said("too-big", "Unschedulable", "Insufficient cpu"), 180, "unschedulable reported")
+    running = {c["type"]: c for c in ftj(node, "too-big")["status"]["conditions"]}["Running"]
+    assert running["status"] == "False" and running["reason"] == "Unschedulable"
+    for manifest in (missing, too_big):
+        node.cp.kubectl("-n", NS, "delete", "ftj", manifest["metadata"]["name"], "--wait=true", timeout=120)
 
 
 def test_operator_pod_replaced(node: RealNodeCluster) -> None:

@@ -76,6 +76,10 @@ def test_waiting_for_pods_and_unschedulable() -> None:
     u = observe(cr(status), job(), [unsched], T0)
     assert u.phase == "Pending" and cond(u, "Running")["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in u.status["message"]
+    assert [(e.type, e.reason) for e in u.events] == [("Warning", "Unschedulable")]
+    assert "Insufficient nvidia.com/gpu" in u.events[0].message
+    again = observe(cr({**status, **u.status}), job(), [unsched], T0)  # said once, not at every look
+    assert again.events == [] and not again.patch
 
 
 def test_initializing_then_running() -> None:

@@ -190,7 +190,7 @@ def _failure_text(pod: Mapping[str, Any]) -> str:
 
 
 def _waiting_problem(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    bad = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+    bad = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
            "CreateContainerError", "CrashLoopBackOff"}
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -405,8 +405,11 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
             b.events.append(Event("Warning", "WorkerProblem", _clip(problem)))
         return b.result()
     unschedulable = _unschedulable(live)
+    was = (get_condition(b.old, "Running") or {}).get("reason")
     b.phase(PENDING, "Unschedulable" if unschedulable else "Pending",
             unschedulable or f"attempt {attempt}: waiting for {nodes} worker pod(s) to be scheduled")
+    if unschedulable and was != "Unschedulable" and b.old_phase == PENDING:  # phase() posts none: same phase
+        b.events.append(Event("Warning", "Unschedulable", _clip(unschedulable)))
     return b.result()
 
 
