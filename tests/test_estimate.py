@@ -134,7 +134,7 @@ def test_parameters_of_the_tiny_llama_by_hand(make_job, tiny_model: Path) -> Non
     # vocab 49152, hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 kv heads, tied embeddings
     embeddings = 49152 * 64
     linear_per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
-    full = model_facts(load_job(make_job("full", method={"type": "full"}, output={"exports": []})), str(tiny_model))
+    full = model_facts(load_job(make_job("full", method={"type": "full"}, output={"exports": ["merged"]})), str(tiny_model))
     assert full["parameters"] == embeddings + 2 * (linear_per_layer + 2 * 64) + 64
     assert full["flopParameters"] == 2 * linear_per_layer + embeddings  # the tied head still multiplies
     assert full["trainableParameters"] == full["parameters"] and full["tiedEmbeddings"]
@@ -151,7 +151,7 @@ def test_parameters_of_the_tiny_llama_by_hand(make_job, tiny_model: Path) -> Non
 
 def test_estimate_matches_a_real_run(make_job) -> None:
     """Steps and tokens predicted from the data pipeline are what the trainer then does."""
-    path = _tiny_job(make_job, "real", method={"type": "full"}, output={"exports": []})
+    path = _tiny_job(make_job, "real", method={"type": "full"}, output={"exports": ["merged"]})
     result = estimate(path, gpu="A100-80GB")
     data, flops = result["data"], result["flops"]
     assert data["exact"] and data["method"] == "exact"
@@ -192,7 +192,7 @@ def _data(tokens: int = 10_000_000, sequences: int = 20_000) -> dict[str, Any]:
 
 
 def test_a_warning_when_it_does_not_fit(make_job) -> None:
-    path = _tiny_job(make_job, "big", method={"type": "full"}, output={"exports": []},
+    path = _tiny_job(make_job, "big", method={"type": "full"}, output={"exports": ["merged"]},
                      training={"maxSeqLength": 1024})
     result = estimate(path, gpu="A10G", facts=_facts_7b(), data=_data())
     (row,) = result["gpus"]
@@ -200,7 +200,7 @@ def test_a_warning_when_it_does_not_fit(make_job) -> None:
     assert any("does not fit in GPU memory" in w and "A10G" in w for w in result["warnings"])
     assert result["memory"]["totalGiB"] > 60  # 7B x (2 + 2 + 4) bytes alone is ~50 GiB
     # sharded over 8 H200s with ZeRO-3 it fits
-    path = _tiny_job(make_job, "big3", method={"type": "full"}, output={"exports": []},
+    path = _tiny_job(make_job, "big3", method={"type": "full"}, output={"exports": ["merged"]},
                      resources={"gpusPerNode": 8, "strategy": "deepspeed-zero3"}, training={"maxSeqLength": 1024})
     sharded = estimate(path, gpu="H200", facts=_facts_7b(), data=_data())
     assert sharded["gpus"][0]["fits"] == "yes" and sharded["gpus"][0]["count"] == 8
@@ -208,7 +208,7 @@ def test_a_warning_when_it_does_not_fit(make_job) -> None:
 
 
 def test_time_and_cost_at_the_stated_mfu(make_job) -> None:
-    path = _tiny_job(make_job, "cost", method={"type": "full"}, output={"exports": []})
+    path = _tiny_job(make_job, "cost", method={"type": "full"}, output={"exports": ["merged"]})
     result = estimate(path, gpu="H100-SXM", gpus=4, mfu=0.5, facts=_facts_7b(), data=_data())
     (row,) = result["gpus"]
     seconds = result["flops"]["total"] / (4 * 989e12 * 0.5)
@@ -224,7 +224,7 @@ def test_gpu_table_can_be_overridden(make_job, tmp_path: Path) -> None:
                           "A10G: {pricePerHour: 0.5}\n")
     table = load_gpu_table(table_file)
     assert table["MI300X"]["tflops"] == 1307 and table["A10G"] == {**table["A10G"], "pricePerHour": 0.5}
-    path = _tiny_job(make_job, "table", method={"type": "full"}, output={"exports": []})
+    path = _tiny_job(make_job, "table", method={"type": "full"}, output={"exports": ["merged"]})
     result = estimate(path, gpu="mi300x", gpu_table=str(table_file), facts=_facts_7b(), data=_data())
     assert result["gpus"][0]["gpu"] == "MI300X" and result["gpus"][0]["mfu"] == 0.3
     with pytest.raises(ConfigError, match="unknown GPU type"):
