@@ -281,7 +281,7 @@ def test_submit_refuses_an_invalid_manifest_with_validates_messages(kube, operat
     code, _, submitted = kubetune(capsys, "submit", path, "-n", NS)
     assert code == 3
     vcode, _, validated = kubetune(capsys, "validate", path)
-    assert vcode == 3 and submitted == validated and "method.type qlora requires method.quantization" in submitted
+    assert vcode == 3 and submitted == validated and "spec.method.quantization: required when type is qlora" in submitted
     assert kube.kubectl("-n", NS, "get", "ftj", "bad-one", check=False).returncode != 0  # nothing was sent
     clash = write(tmp_path, {**manifest("ns-clash"), "metadata": {"name": "ns-clash", "namespace": "other"}})
     code, _, err = kubetune(capsys, "submit", clash, "-n", NS)
