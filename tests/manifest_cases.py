@@ -156,6 +156,7 @@ INVALID: list[Case] = [
     _bad("label-value-too-long", "metadata.labels", metadata__labels={"team": "v" * 64}),
     _bad("label-value-not-a-string", "metadata.labels", metadata__labels={"replicas": 3}),
     _bad("annotation-bad-key", "metadata.annotations", metadata__annotations={"not/a/key": "x"}),
+    _bad("annotations-too-large", "metadata.annotations", metadata__annotations={"a": "x" * 270000}),
     _bad("unknown-metadata-field", "metadata.labelz", metadata__labelz={"a": "b"}),
     _bad("unknown-top-level-field", "specs", specs={"model": {}}),
     # cross-field rules

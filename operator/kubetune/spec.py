@@ -716,6 +716,7 @@ def default_format(task: str) -> str:
     }[task]
 
 
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
 GENERATED_SUFFIX = 5  # characters the API server appends to metadata.generateName
 GENERATE_NAME_PATTERN = "^[a-z][-a-z0-9]*$"
 _SERVER_METADATA = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
@@ -747,6 +748,9 @@ class ObjectMeta(BaseModel):
 
     @model_validator(mode="after")
     def _named(self) -> ObjectMeta:
+        if sum(len(k.encode()) + len(v.encode()) for k, v in self.annotations.items()) > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations: at most {MAX_ANNOTATIONS_BYTES // 1024} KiB in total (the API server's "
+                             "limit)")
         if self.name is None:
             if self.generate_name is None:
                 raise ValueError("name: required (or generateName, a prefix the API server completes)")
