@@ -533,7 +533,7 @@ class OutputSpec(JobModel):
                             "kubetune run defaults to ./runs/<name>.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
                                                         "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[_lax(ExportKind)] | None = Field(None, min_length=1, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
+    exports: list[_lax(ExportKind)] | None = Field(None, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
                                              "(plain transformers), int8, onnx. Default: adapter for lora and "
                                              "qlora, merged for full.")
 
