@@ -135,7 +135,6 @@ INVALID: list[Case] = [
     # lengths of strings and lists
     _bad("too-many-datasets", "spec.datasets", spec__datasets=[{"source": f"d{i}"} for i in range(65)]),
     _bad("too-many-exports", "spec.output.exports", spec__output__exports=["adapter"] * 9),
-    _bad("empty-exports", "spec.output.exports", spec__output__exports=[]),
     _bad("too-many-prompts", "spec.evaluation.samplePrompts", spec__evaluation={"samplePrompts": ["p"] * 65}),
     _bad("empty-prompt", "spec.evaluation.samplePrompts[0]", spec__evaluation={"samplePrompts": [""]}),
     _bad("long-source", "spec.model.source", spec__model__source="org/" + "m" * 2100),
@@ -156,6 +155,7 @@ INVALID: list[Case] = [
     _bad("label-value-too-long", "metadata.labels", metadata__labels={"team": "v" * 64}),
     _bad("label-value-not-a-string", "metadata.labels", metadata__labels={"replicas": 3}),
     _bad("annotation-bad-key", "metadata.annotations", metadata__annotations={"not/a/key": "x"}),
+    _bad("annotations-too-large", "metadata.annotations", metadata__annotations={"a": "x" * 270000}),
     _bad("unknown-metadata-field", "metadata.labelz", metadata__labelz={"a": "b"}),
     _bad("unknown-top-level-field", "specs", specs={"model": {}}),
     # cross-field rules
@@ -238,6 +238,7 @@ INVALID: list[Case] = [
 VALID: list[Case] = [
     _ok("base"),
     _ok("full-without-exports", spec__method={"type": "full"}),
+    _ok("no-exports", spec__method={"type": "full"}, spec__output__exports=[]),
     _ok("full-with-merged", spec__method={"type": "full"}, spec__output__exports=["merged", "int8"]),
     _ok("qlora", spec__method={"type": "qlora", "quantization": {"bits": 4}}),
     _ok("int-for-float", spec__training={"learningRate": 1, "epochs": 2, "weightDecay": 0},

@@ -533,7 +533,7 @@ class OutputSpec(JobModel):
                             "kubetune run defaults to ./runs/<name>.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
                                                         "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[_lax(ExportKind)] | None = Field(None, min_length=1, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
+    exports: list[_lax(ExportKind)] | None = Field(None, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
                                              "(plain transformers), int8, onnx. Default: adapter for lora and "
                                              "qlora, merged for full.")
 
@@ -716,6 +716,7 @@ def default_format(task: str) -> str:
     }[task]
 
 
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
 GENERATED_SUFFIX = 5  # characters the API server appends to metadata.generateName
 GENERATE_NAME_PATTERN = "^[a-z][-a-z0-9]*$"
 _SERVER_METADATA = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
@@ -747,6 +748,9 @@ class ObjectMeta(BaseModel):
 
     @model_validator(mode="after")
     def _named(self) -> ObjectMeta:
+        if sum(len(k.encode()) + len(v.encode()) for k, v in self.annotations.items()) > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations: at most {MAX_ANNOTATIONS_BYTES // 1024} KiB in total (the API server's "
+                             "limit)")
         if self.name is None:
             if self.generate_name is None:
                 raise ValueError("name: required (or generateName, a prefix the API server completes)")
