@@ -429,15 +429,21 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
     assert steps and min(steps) == resumed_from + 1 and max(steps) == STEPS, (resumed_from, steps[:5])
 
 
-def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
+def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path,
+                                        tmp_path: Path) -> None:
     """A worker evicted through the Eviction API (as a drain does): SIGTERM, a checkpoint, exit 143 from the
-    launcher; the operator counts a preemption, not a restart, and attempt 2 finishes the job."""
+    launcher; the operator counts a preemption, not a restart, and attempt 2 finishes the job. Submitted with
+    `kubetune submit --wait`, which follows the progress and exits with the job's outcome."""
     from kubernetes import client
 
     name = "tiny-evict"
     prefix = f"s3://{s3.bucket}/node-evict-{int(time.time())}"
     upload_inputs(s3, prefix, tiny_model)
-    node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
+    manifest_file = tmp_path / "job.yaml"
+    manifest_file.write_text(yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
+    submitted = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "submit", str(manifest_file), "-n", NS,
+                                  "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "KUBECONFIG": str(node.cp.kubeconfig)})
 
     def rank0_training() -> dict[str, Any] | None:
         running = [p for p in worker_pods(node, name, attempt=1) if p["status"].get("phase") == "Running"]
@@ -455,6 +461,9 @@ def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, ti
     reasons = [e["reason"] for e in json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)[
         "items"] if e["involvedObject"].get("name") == name]
     assert "Preempted" in reasons and "Restarting" not in reasons, reasons
+    out, err = submitted.communicate(timeout=120)
+    assert submitted.returncode == 0, out + err
+    assert re.search(rf"{name}: Running  step \d+/{STEPS}", out) and "Succeeded" in out, out[-3000:]
 
 
 def test_missing_image_and_unschedulable_jobs_say_so(node: RealNodeCluster, s3: SeaweedS3) -> None:
