@@ -439,6 +439,8 @@ def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, ti
     name = "tiny-evict"
     prefix = f"s3://{s3.bucket}/node-evict-{int(time.time())}"
     upload_inputs(s3, prefix, tiny_model)
+    node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
+                   "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
     manifest_file = tmp_path / "job.yaml"
     manifest_file.write_text(yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
     submitted = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "submit", str(manifest_file), "-n", NS,
