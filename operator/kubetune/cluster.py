@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-GROUP, VERSION, PLURAL, KIND = "kubetune.io", "v1alpha1", "finetunejobs", "FineTuneJob"
-RESOURCE = f"{PLURAL}.{GROUP}"
+from kubetune.render import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_JOB
+from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, TERMINAL_PHASES, Phase
+from kubetune.status import parse_time
+
+RESOURCE = f"{PLURAL}.{API_GROUP}"
 FIELD_MANAGER = "kubetune"
-LABEL_JOB, LABEL_ATTEMPT = f"{GROUP}/job-name", f"{GROUP}/attempt"
-LABEL_COMPONENT = "app.kubernetes.io/component"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-CONTAINER = "trainer"
 TRAINING_SUMMARY = ("epochs", "maxSteps", "learningRate", "scheduler", "batchSizePerDevice",
                     "gradientAccumulationSteps", "maxSeqLength", "packing")
 EXIT_FAILED, EXIT_CLUSTER, EXIT_TIMEOUT = 1, 2, 124
@@ -167,7 +167,7 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            data = self.api.call_api(f"/apis/{GROUP}/{VERSION}", "GET", response_types_map={200: "object"},
+            data = self.api.call_api(f"/apis/{API_GROUP}/{API_VERSION}", "GET", response_types_map={200: "object"},
                                      auth_settings=["BearerToken"], _return_http_data_only=True)
         except ApiException:
             return False
@@ -175,7 +175,7 @@ class Cluster:
 
     # -- FineTuneJobs --
     def get(self, name: str) -> dict[str, Any]:
-        return self.call("get", RESOURCE, self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace,
+        return self.call("get", RESOURCE, self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
                          PLURAL, name, name=name)
 
     def find(self, name: str) -> dict[str, Any] | None:
@@ -191,9 +191,9 @@ class Cluster:
 
     def list(self, all_namespaces: bool = False) -> list[dict[str, Any]]:
         if all_namespaces:
-            data = self.call("list", RESOURCE, self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+            data = self.call("list", RESOURCE, self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, PLURAL)
         else:
-            data = self.call("list", RESOURCE, self.custom.list_namespaced_custom_object, GROUP, VERSION,
+            data = self.call("list", RESOURCE, self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION,
                              self.namespace, PLURAL)
         return sorted(data.get("items", []), key=lambda o: (o["metadata"].get("namespace", ""),
                                                             o["metadata"]["name"]))
@@ -201,23 +201,23 @@ class Cluster:
     def apply(self, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
         """Server-side apply (field manager `kubetune`)."""
         name = body["metadata"]["name"]
-        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, GROUP, VERSION,
+        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION,
                          self.namespace, PLURAL, name, body, field_manager=FIELD_MANAGER, force=force or None,
                          _content_type="application/apply-patch+yaml", name=name)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, GROUP, VERSION,
+        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION,
                          self.namespace, PLURAL, name, {"spec": spec}, field_manager=FIELD_MANAGER, name=name)
 
     def delete(self, name: str) -> None:
-        self.call("delete", RESOURCE, self.custom.delete_namespaced_custom_object, GROUP, VERSION, self.namespace,
+        self.call("delete", RESOURCE, self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
                   PLURAL, name, propagation_policy="Background", name=name)
 
     def watch(self, name: str, resource_version: str, timeout: int) -> Iterator[dict[str, Any]]:
         """Watch events of one FineTuneJob from resource_version (raw dicts: type, object)."""
         from kubernetes import watch
 
-        stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+        stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
                                       PLURAL, field_selector=f"metadata.name={name}",
                                       resource_version=resource_version, timeout_seconds=timeout,
                                       allow_watch_bookmarks=False)
@@ -263,17 +263,8 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
 
 
-def _parse(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _age(value: str | None) -> str:
-    moment = _parse(value)
+    moment = parse_time(value)
     return "-" if moment is None else _duration((datetime.now(timezone.utc) - moment).total_seconds())
 
 
@@ -306,7 +297,7 @@ def get_table(jobs: list[dict[str, Any]], all_namespaces: bool = False) -> str:
     for job in jobs:
         status = job.get("status") or {}
         progress = status.get("progress") or {}
-        eta = progress.get("etaSeconds") if status.get("phase") not in ("Succeeded", "Failed") else None
+        eta = progress.get("etaSeconds") if status.get("phase") not in TERMINAL_PHASES else None
         row = [job["metadata"]["name"], status.get("phase") or "-", progress_text(status),
                _num(progress.get("loss")), _num(progress.get("tokensPerSecond"), "{:.0f}"), _duration(eta),
                str(status.get("restarts", 0)), _age(job["metadata"].get("creationTimestamp"))]
@@ -339,7 +330,7 @@ def summary_text(job: dict[str, Any]) -> str:
     progress = status.get("progress") or {}
     metrics = status.get("metrics") or {}
     name = job["metadata"]["name"]
-    started, finished = _parse(status.get("startTime")), _parse(status.get("completionTime"))
+    started, finished = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
     seconds = int((finished - started).total_seconds()) if started and finished else None
     minutes, secs = divmod(seconds or 0, 60)
     took = f" in {minutes}m{secs:02d}s" if seconds is not None else ""
@@ -361,7 +352,7 @@ def summary_text(job: dict[str, Any]) -> str:
 def failure_reason(status: dict[str, Any]) -> str:
     """`Reason: message` of a Failed job."""
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "Failed" and cond.get("status") == "True":
+        if cond.get("type") == Phase.failed and cond.get("status") == "True":
             return f"{cond.get('reason')}: {cond.get('message') or status.get('message') or ''}".rstrip(": ")
     return status.get("message") or "no reason recorded"
 
@@ -488,7 +479,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         verb = "unchanged"
     ns = cluster.namespace
-    print(f"finetunejob.{GROUP}/{name} {verb} in namespace {ns}")
+    print(f"finetunejob.{API_GROUP}/{name} {verb} in namespace {ns}")
     if not args.wait:
         print(f"follow it:  kubetune watch {name} -n {ns}   logs: kubetune logs {name} -n {ns} -f   "
               f"status: kubetune describe {name} -n {ns}")
@@ -545,12 +536,12 @@ class _Bar:
         if self.quiet:
             return
         progress = status.get("progress") or {}
-        phase = status.get("phase") or "Pending"
+        phase = status.get("phase") or Phase.pending.value
         detail = f"{phase}"
         if progress:
             detail += (f"  step {progress_text(status)}  loss {_num(progress.get('loss'))}  "
                        f"{_num(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s")
-            if phase not in ("Succeeded", "Failed"):
+            if phase not in TERMINAL_PHASES:
                 detail += f"  ETA {_duration(progress.get('etaSeconds'))}"
         elif status.get("message"):
             detail += f"  {status['message']}"
@@ -579,12 +570,12 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
             status = job.get("status") or {}
             bar.update(status)
             phase = status.get("phase")
-            if phase in ("Succeeded", "Failed"):
+            if phase in TERMINAL_PHASES:
                 break
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 bar.stop()
-                print(f"error: {name} is still {phase or 'Pending'} after {timeout:g}s (--timeout)", file=sys.stderr)
+                print(f"error: {name} is still {phase or Phase.pending.value} after {timeout:g}s (--timeout)", file=sys.stderr)
                 return EXIT_TIMEOUT
             window = int(min(left, 60)) if left is not None else 60
             try:
@@ -596,7 +587,7 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
                     if event["type"] in ("ADDED", "MODIFIED"):
                         job = event["object"]
                         bar.update(job.get("status") or {})
-                        if (job.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                        if (job.get("status") or {}).get("phase") in TERMINAL_PHASES:
                             break
                         if deadline is not None and time.monotonic() >= deadline:
                             break
@@ -610,13 +601,13 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
                 bar.stop()
                 print(f"error: FineTuneJob {name} was deleted", file=sys.stderr)
                 return EXIT_FAILED
-            if (fresh.get("status") or {}).get("phase") in ("Succeeded", "Failed") or \
+            if (fresh.get("status") or {}).get("phase") in TERMINAL_PHASES or \
                     fresh["metadata"]["resourceVersion"] != job["metadata"]["resourceVersion"]:
                 job = fresh
     finally:
         bar.stop()
     status = job.get("status") or {}
-    if status.get("phase") == "Succeeded":
+    if status.get("phase") == Phase.succeeded:
         print(summary_text(job))
         return 0
     print(f"FineTuneJob {name} failed: {failure_reason(status)}", file=sys.stderr)
@@ -632,7 +623,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int | None, prefix: str,
                 lock: threading.Lock) -> None:
     name = pod["metadata"]["name"]
-    kwargs: dict[str, Any] = {"container": CONTAINER, "follow": follow, "_preload_content": False}
+    kwargs: dict[str, Any] = {"container": CONTAINER_NAME, "follow": follow, "_preload_content": False}
     if tail is not None:
         kwargs["tail_lines"] = tail
     try:
@@ -669,7 +660,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     status = job.get("status") or {}
     attempt = args.attempt if args.attempt is not None else status.get("attempt")
     if not attempt:
-        raise ClusterError(f"{args.name} has no worker pods yet (phase {status.get('phase') or 'Pending'}: "
+        raise ClusterError(f"{args.name} has no worker pods yet (phase {status.get('phase') or Phase.pending.value}: "
                            f"{status.get('message') or 'not reconciled'})")
     pods = cluster.pods(args.name, attempt)
     if args.rank is not None:
@@ -774,14 +765,14 @@ def _set_suspend(args: argparse.Namespace, value: bool) -> int:
     cluster = _connect(args)
     job = cluster.get(args.name)
     phase = (job.get("status") or {}).get("phase")
-    if phase in ("Succeeded", "Failed"):
+    if phase in TERMINAL_PHASES:
         raise ClusterError(f"{args.name} already {phase}: nothing to {'suspend' if value else 'resume'}")
     cluster.patch_spec(args.name, {"suspend": value})
     if value:
-        print(f"finetunejob.{GROUP}/{args.name} suspended: the operator removes its workers and keeps its "
+        print(f"finetunejob.{API_GROUP}/{args.name} suspended: the operator removes its workers and keeps its "
               f"checkpoints (kubetune resume {args.name} -n {cluster.namespace} continues)")
     else:
-        print(f"finetunejob.{GROUP}/{args.name} resumed: a new attempt starts from the latest complete checkpoint")
+        print(f"finetunejob.{API_GROUP}/{args.name} resumed: a new attempt starts from the latest complete checkpoint")
     return 0
 
 
@@ -802,7 +793,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     job = cluster.get(args.name)
     status = job.get("status") or {}
     cluster.delete(args.name)
-    print(f"finetunejob.{GROUP}/{args.name} deleted (cancelled); its Jobs and pods are removed with it")
+    print(f"finetunejob.{API_GROUP}/{args.name} deleted (cancelled); its Jobs and pods are removed with it")
     uri = _output_uri(job)
     checkpoint = status.get("checkpoint")
     if uri:

@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune import render
 from kubetune import status as st
 from kubetune.metrics import METRICS
-from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL, TERMINAL_PHASES
 
 log = logging.getLogger("kubetune.operator")
 
@@ -121,13 +121,6 @@ def _attempt_of(obj: Mapping[str, Any]) -> int:
         return 0
 
 
-def _finished_job(job: Mapping[str, Any]) -> bool:
-    """Complete or failed (FailureTarget/SuccessCriteriaMet: the Job controller is finishing it)."""
-    return any(c.get("type") in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet")
-               and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
-
-
 def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
     """The response body of a kubernetes client call, as bytes.
 
@@ -160,10 +153,6 @@ class ChildRefused(Exception):
         if len(detail) > 800:
             detail = detail[:797] + "..."
         super().__init__(f"the API server refused to create {kind} {name} ({error.status}): {detail}")
-
-
-def _pod_done(pod: Mapping[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
 class Reconciler:
@@ -273,14 +262,15 @@ class Reconciler:
         current_pods = [p for p in pods if _attempt_of(p) == attempt]
         phase = (job_cr.get("status") or {}).get("phase")
         update = None
-        if phase not in st.TERMINAL:
+        spec = None
+        if phase not in TERMINAL_PHASES:
             try:
-                render.effective_spec(job_cr, self.defaults)
+                spec = render.effective_spec(job_cr, self.defaults)
             except render.RenderError as error:
                 reason = "PolicyViolation" if isinstance(error, render.PolicyViolation) else "InvalidSpec"
                 update = st.config_error(job_cr, str(error), now, reason)
         if update is None:
-            update = st.observe(job_cr, current, current_pods, now)
+            update = st.observe(job_cr, current, current_pods, now, spec)
         if update.patch:
             self.patch_status(namespace, name, update.patch)
             log.info("%s/%s: phase %s, attempt %s, %s (status: %s)", namespace, name, update.phase,
@@ -315,9 +305,9 @@ class Reconciler:
         attempt = int(job_cr["status"]["attempt"])
         stale = [j for j in jobs if _attempt_of(j) != attempt]
         for job in stale:
-            if not job["metadata"].get("deletionTimestamp") and not _finished_job(job):
+            if not job["metadata"].get("deletionTimestamp") and not st.job_finishing(job):
                 self.delete_job(namespace, job["metadata"]["name"], "Foreground")
-        finished = sorted((j for j in stale if _finished_job(j) and not j["metadata"].get("deletionTimestamp")),
+        finished = sorted((j for j in stale if st.job_finishing(j) and not j["metadata"].get("deletionTimestamp")),
                           key=_attempt_of)
         for job in finished[:-KEEP_FINISHED_ATTEMPTS] if len(finished) > KEEP_FINISHED_ATTEMPTS else []:
             self.delete_job(namespace, job["metadata"]["name"])
@@ -328,10 +318,10 @@ class Reconciler:
             # process already. Creating each again only to read 409s cost 12 requests per reconcile.
             return None
         children = render.render_children(job_cr, self.defaults, attempt=attempt)
-        waiting = [p["metadata"]["name"] for p in pods if _attempt_of(p) != attempt and not _pod_done(p)]
+        waiting = [p["metadata"]["name"] for p in pods if _attempt_of(p) != attempt and not st.pod_done(p)]
         for child in children:
             if child["kind"] == "Job" and (waiting or any(
-                    j["metadata"].get("deletionTimestamp") and not _finished_job(j) for j in stale)):
+                    j["metadata"].get("deletionTimestamp") and not st.job_finishing(j) for j in stale)):
                 log.info("%s/%s: waiting for pods of earlier attempts to stop: %s", namespace, name, waiting)
                 return 2.0
             result = self.ensure_child(child, uid)
@@ -473,7 +463,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
             if current is None and requeue is None:
                 return  # the FineTuneJob is gone or being deleted: nothing left to do
             idle = CONFIG.interval
-            if ((current or {}).get("status") or {}).get("phase") in st.TERMINAL:
+            if ((current or {}).get("status") or {}).get("phase") in TERMINAL_PHASES:
                 idle *= CONFIG.finished_interval_factor
             delay = idle if requeue is None else min(requeue, idle)
             woken = asyncio.ensure_future(waker.wait())

@@ -29,10 +29,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubetune import __version__
+from kubetune.spec import Phase
+from kubetune.status import parse_time
 
 log = logging.getLogger("kubetune.metrics")
 
-PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = tuple(p.value for p in Phase)
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TIME_TO_RUNNING_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 
@@ -125,11 +127,11 @@ class OperatorMetrics:
             if grew > 0:
                 self.restarts.labels(namespace=namespace, reason=reason).inc(grew)
         first_attempt = int(new.get("attempt") or 0) == 1
-        if phase == "Running" and old.get("phase") != "Running" and first_attempt:
+        if phase == Phase.running and old.get("phase") != Phase.running and first_attempt:
             with self.lock:
                 seen = uid in self.timed_to_running
                 self.timed_to_running.add(uid)
-            created = _parse_time(meta.get("creationTimestamp"))
+            created = parse_time(meta.get("creationTimestamp"))
             if not seen and created is not None:
                 moment = now or datetime.now(created.tzinfo)
                 self.time_to_running.observe(max(0.0, (moment - created).total_seconds()))
@@ -147,15 +149,6 @@ def _reason(error: BaseException) -> str:
     if isinstance(status, int):
         return f"api_{status}"
     return type(error).__name__
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 METRICS = OperatorMetrics()

@@ -773,12 +773,18 @@ class FineTuneJob(JobModel):
 
 
 class Phase(str, Enum):
+    """status.phase of a FineTuneJob (docs/operator.md, "Phases and conditions")."""
+
     pending = "Pending"
     initializing = "Initializing"
     running = "Running"
     succeeded = "Succeeded"
     failed = "Failed"
     suspended = "Suspended"
+
+
+# phases a job does not leave (as the strings the status holds)
+TERMINAL_PHASES = (Phase.succeeded.value, Phase.failed.value)
 
 
 class Condition(SpecModel):

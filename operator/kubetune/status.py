@@ -24,11 +24,18 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from kubetune.spec import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from pydantic import ValidationError
 
-PENDING, INITIALIZING, RUNNING = "Pending", "Initializing", "Running"
-SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
-TERMINAL = (SUCCEEDED, FAILED)
+from kubetune.spec import (
+    EXIT_CONFIG_ERROR,
+    EXIT_PREEMPTED,
+    TERMINAL_PHASES,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    Phase,
+    RunPolicySpec,
+)
+
 OPERATOR_FIELDS = ("phase", "conditions", "attempt", "restarts", "preemptions", "startTime", "completionTime",
                    "observedGeneration", "message")
 # pod.status.reason values meaning the pod was taken away rather than failing on its own
@@ -36,9 +43,20 @@ DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShut
                       "DeletionByTaintManager", "DeletionByPodGC", "PreemptionByScheduler",
                       "EvictionByEvictionAPI", "TerminationByKubelet"}
 MAX_MESSAGE = 1024
-_DEFAULTS: dict[str, Any] = {"attempt": 0, "restarts": 0, "preemptions": 0, "conditions": []}
-DEFAULT_MAX_RESTARTS = 3
-DEFAULT_REQUEUE = 30.0
+
+
+def _status_defaults() -> dict[str, Any]:
+    """{camelCase field: default} of the operator-owned status fields that have one (FineTuneJobStatus)."""
+    out: dict[str, Any] = {}
+    for name, info in FineTuneJobStatus.model_fields.items():
+        key = info.alias or name
+        default = info.get_default(call_default_factory=True)
+        if key in OPERATOR_FIELDS and default is not None:
+            out[key] = default
+    return out
+
+
+_DEFAULTS = _status_defaults()  # attempt, restarts, preemptions: 0; conditions: []
 
 
 class Action(str, Enum):
@@ -71,6 +89,7 @@ class StatusUpdate:
 
     @property
     def phase(self) -> str | None:
+        """The phase after this observation (a Phase value)."""
         return self.status.get("phase")
 
 
@@ -80,9 +99,13 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_time(value: str | None) -> datetime | None:
+    """A Kubernetes timestamp (RFC 3339, `Z` or an offset) as an aware datetime; None if absent or unreadable."""
     if not value:
         return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _clip(text: str) -> str:
@@ -219,13 +242,10 @@ class _Builder:
         self.now = now
         meta = job_cr.get("metadata") or {}
         self.generation = meta.get("generation")
-        self.spec = job_cr.get("spec") or {}
         self.old = {k: copy.deepcopy(v) for k, v in (job_cr.get("status") or {}).items() if k in OPERATOR_FIELDS}
         self.new = copy.deepcopy(self.old)
-        self.new.setdefault("attempt", 0)
-        self.new.setdefault("restarts", 0)
-        self.new.setdefault("preemptions", 0)
-        self.new.setdefault("conditions", [])
+        for key, default in _DEFAULTS.items():
+            self.new.setdefault(key, copy.deepcopy(default))
         self.events: list[Event] = []
         self.action = Action.NONE
         self.requeue: float | None = None
@@ -238,25 +258,27 @@ class _Builder:
         self.new["conditions"] = set_condition(self.new["conditions"], type_, "True" if status else "False",
                                                reason, message, self.now, self.generation)
 
-    def phase(self, phase: str, reason: str, message: str, *, event: bool = True) -> None:
+    def phase(self, phase: Phase, reason: str, message: str, *, event: bool = True) -> None:
         message = _clip(message)
-        self.new["phase"] = phase
+        name = Phase(phase).value
+        self.new["phase"] = name
         self.new["message"] = message
-        self.condition("Running", phase == RUNNING, reason, message)
-        if phase == SUSPENDED or get_condition(self.new, "Suspended"):
-            self.condition("Suspended", phase == SUSPENDED, reason, message)
-        if phase in TERMINAL:
-            self.condition(phase, True, reason, message)
+        # condition types named after phases: Running, Suspended, Succeeded, Failed
+        self.condition(Phase.running.value, name == Phase.running, reason, message)
+        if name == Phase.suspended or get_condition(self.new, Phase.suspended.value):
+            self.condition(Phase.suspended.value, name == Phase.suspended, reason, message)
+        if name in TERMINAL_PHASES:
+            self.condition(name, True, reason, message)
             self.new.setdefault("completionTime", rfc3339(self.now))
-        if event and phase != self.old_phase:
-            self.events.append(Event("Warning" if phase == FAILED else "Normal", reason, message))
+        if event and name != self.old_phase:
+            self.events.append(Event("Warning" if name == Phase.failed else "Normal", reason, message))
 
     def requeue_in(self, seconds: float) -> None:
         seconds = max(1.0, seconds)
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def result(self) -> StatusUpdate:
-        if self.generation is not None and (self.old_phase not in TERMINAL or self.new.get("phase") != self.old_phase):
+        if self.generation is not None and (self.old_phase not in TERMINAL_PHASES or self.new.get("phase") != self.old_phase):
             self.new["observedGeneration"] = self.generation
         patch = {k: v for k, v in self.new.items() if self.old.get(k, _DEFAULTS.get(k)) != v}
         for k in self.old:
@@ -266,25 +288,33 @@ class _Builder:
                             requeue_after=self.requeue)
 
 
-def _run_policy(spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    return spec.get("runPolicy") or {}
+def _finished_run_policy(job_cr: Mapping[str, Any]) -> RunPolicySpec:
+    """runPolicy of a finished job, whose spec as a whole may be invalid (it may have failed for that).
+
+    The CRD's schema validates runPolicy; one that does not validate here has no TTL."""
+    try:
+        return RunPolicySpec.model_validate((job_cr.get("spec") or {}).get("runPolicy") or {})
+    except ValidationError:
+        return RunPolicySpec()
 
 
 def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
-            now: datetime) -> StatusUpdate:
-    """Status and next action from the FineTuneJob, the Job of its current attempt and that Job's pods."""
+            now: datetime, spec: FineTuneJobSpec | None = None) -> StatusUpdate:
+    """Status and next action from the FineTuneJob, the Job of its current attempt and that Job's pods.
+
+    `spec` is the job's validated spec (the operator passes its effective spec); by default the CR's
+    spec is validated here. A finished job's spec is not validated: only its TTL is read."""
     b = _Builder(job_cr, now)
-    policy = _run_policy(b.spec)
     attempt = b.new["attempt"]
 
     # finished: nothing runs any more; only the TTL is left
-    if b.old_phase in TERMINAL:
+    if b.old_phase in TERMINAL_PHASES:
         # a pod failure fails the Job by itself (backoffLimit 0) and keeps the failed pods for `kubectl
         # logs`; anything else (deadline, invalid spec) still running is stopped here
-        failed_pods = any((p.get("status") or {}).get("phase") == "Failed" for p in pods)
-        if b.old_phase == FAILED and child_job is not None and not _job_finished(child_job) and not failed_pods:
+        failed_pods = any(_pod_phase(p) == "Failed" for p in pods)
+        if b.old_phase == Phase.failed and child_job is not None and not job_finished(child_job) and not failed_pods:
             b.action = Action.STOP
-        ttl = policy.get("ttlSecondsAfterFinished")
+        ttl = (spec.run_policy if spec is not None else _finished_run_policy(job_cr)).ttl_seconds_after_finished
         done = parse_time(b.new.get("completionTime"))
         if ttl is not None and done is not None:
             left = (done - now).total_seconds() + ttl
@@ -295,30 +325,33 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
                 b.requeue_in(left)
         return b.result()
 
-    if b.spec.get("suspend"):
-        b.phase(SUSPENDED, "Suspended", "workers removed, checkpoints kept; set spec.suspend to false to resume "
+    if spec is None:
+        spec = FineTuneJobSpec.model_validate(job_cr.get("spec") or {})
+    policy = spec.run_policy
+    if spec.suspend:
+        b.phase(Phase.suspended, "Suspended", "workers removed, checkpoints kept; set spec.suspend to false to resume "
                 "from the latest checkpoint")
         b.action = Action.STOP if child_job is not None else Action.NONE
         return b.result()
 
-    if b.old_phase == SUSPENDED or attempt == 0:
-        resumed = b.old_phase == SUSPENDED
+    if b.old_phase == Phase.suspended or attempt == 0:
+        resumed = b.old_phase == Phase.suspended
         b.new["attempt"] = attempt + 1
         if resumed:
             b.new.pop("startTime", None)
-        b.phase(PENDING, "Resumed" if resumed else "Created",
+        b.phase(Phase.pending, "Resumed" if resumed else "Created",
                 f"{'resuming' if resumed else 'starting'} attempt {attempt + 1}"
                 + (" from the latest checkpoint" if resumed else ""))
         b.action = Action.ENSURE
         return b.result()
 
     # the deadline counts from startTime (the first time workers started in this run)
-    deadline = policy.get("activeDeadlineSeconds")
+    deadline = policy.active_deadline_seconds
     started = parse_time(b.new.get("startTime"))
     if deadline and started is not None:
         left = (started - now).total_seconds() + deadline
         if left <= 0:
-            b.phase(FAILED, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({deadline}s) exceeded since "
+            b.phase(Phase.failed, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({deadline}s) exceeded since "
                     f"{b.new['startTime']}; workers stopped")
             b.action = Action.STOP
             return b.result()
@@ -327,23 +360,24 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     if child_job is None:
         b.action = Action.ENSURE
         if b.old_phase in (None, ""):
-            b.phase(PENDING, "Created", f"creating attempt {attempt}")
+            b.phase(Phase.pending, "Created", f"creating attempt {attempt}")
         return b.result()
 
     b.action = Action.ENSURE  # idempotent: recreates anything missing of this attempt
 
     if _job_condition(child_job, "Complete") or _job_condition(child_job, "SuccessCriteriaMet"):
-        b.phase(SUCCEEDED, "Succeeded", f"training finished (attempt {attempt})")
+        b.phase(Phase.succeeded, "Succeeded", f"training finished (attempt {attempt})")
         b.action = Action.NONE
-        _schedule_ttl(b, policy)
+        if policy.ttl_seconds_after_finished is not None:
+            b.requeue_in(float(policy.ttl_seconds_after_finished))
         return b.result()
 
-    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed = [p for p in pods if _pod_phase(p) == "Failed"]
     disrupted = [(p, d) for p in pods if (d := disruption(p))]
     job_failed = _job_condition(child_job, "Failed") or _job_condition(child_job, "FailureTarget")
     config_errors = [p for p in failed if exit_code(p) == EXIT_CONFIG_ERROR]
     if config_errors:
-        b.phase(FAILED, "ConfigError", f"{_failure_text(config_errors[0])}; exit code {EXIT_CONFIG_ERROR} is a "
+        b.phase(Phase.failed, "ConfigError", f"{_failure_text(config_errors[0])}; exit code {EXIT_CONFIG_ERROR} is a "
                 "configuration or data error: not retried")
         b.action = Action.NONE  # the Job fails by itself (backoffLimit 0); its failed pod keeps the logs
         return b.result()
@@ -353,15 +387,15 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         b.new["attempt"] = attempt + 1
         message = (f"attempt {attempt} preempted (pod {_pod_name(pod)}: {why}); starting attempt {attempt + 1} "
                    "from the latest checkpoint (not counted as a restart)")
-        b.phase(PENDING, "Preempted", message, event=False)
+        b.phase(Phase.pending, "Preempted", message, event=False)
         b.events.append(Event("Warning", "Preempted", _clip(message)))
         return b.result()
     if failed or job_failed:
         what = _failure_text(failed[0]) if failed else (
             f"Job {child_job['metadata']['name']} failed: {job_failed.get('reason')}: {job_failed.get('message', '')}")
-        max_restarts = policy.get("maxRestarts", DEFAULT_MAX_RESTARTS)
+        max_restarts = policy.max_restarts
         if b.new["restarts"] >= max_restarts:
-            b.phase(FAILED, "RestartLimitExceeded", f"attempt {attempt}: {what}; runPolicy.maxRestarts "
+            b.phase(Phase.failed, "RestartLimitExceeded", f"attempt {attempt}: {what}; runPolicy.maxRestarts "
                     f"({max_restarts}) reached")
             b.action = Action.NONE
             return b.result()
@@ -369,30 +403,31 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         b.new["attempt"] = attempt + 1
         message = (f"attempt {attempt}: {what}; restarting as attempt {attempt + 1} from the latest checkpoint "
                    f"(restart {b.new['restarts']} of {max_restarts})")
-        b.phase(PENDING, "Restarting", message, event=False)
+        b.phase(Phase.pending, "Restarting", message, event=False)
         b.events.append(Event("Warning", "Restarting", _clip(message)))
         return b.result()
 
     # Kueue keeps the Job suspended until the workload is admitted (and suspends it again to evict it)
     if (child_job.get("spec") or {}).get("suspend"):
         queue = ((child_job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
-        if b.old_phase in (RUNNING, INITIALIZING):
+        if b.old_phase in (Phase.running, Phase.initializing):
             b.new["preemptions"] = b.new["preemptions"] + 1
             b.events.append(Event("Warning", "Preempted", f"Kueue evicted attempt {attempt}; it resumes from the "
                                   "latest checkpoint when admitted again (not counted as a restart)"))
         where = f" in queue {queue}" if queue else ""
-        b.phase(PENDING, "Queued", f"waiting for admission{where}", event=b.old_phase not in (None, PENDING))
+        b.phase(Phase.pending, "Queued", f"waiting for admission{where}",
+                event=b.old_phase not in (None, Phase.pending))
         return b.result()
 
-    nodes = int(((b.spec.get("resources") or {}).get("nodes")) or 1)
+    nodes = spec.resources.nodes
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    running = [p for p in live if _pod_phase(p) == "Running"]
     # workers that already exited 0 (rank > 0 ends before rank 0 has exported) still count: the
     # attempt is finishing, not initializing again, until the Job controller marks it Complete
-    finished = [p for p in live if (p.get("status") or {}).get("phase") == "Succeeded"]
+    finished = [p for p in live if _pod_phase(p) == "Succeeded"]
     if len(running) + len(finished) >= nodes:
         b.new.setdefault("startTime", rfc3339(now))
-        b.phase(RUNNING, "AllWorkersRunning", f"attempt {attempt}: {nodes} worker pod(s) running")
+        b.phase(Phase.running, "AllWorkersRunning", f"attempt {attempt}: {nodes} worker pod(s) running")
         if deadline and "startTime" in b.new:
             b.requeue_in((parse_time(b.new["startTime"]) - now).total_seconds() + deadline)
         return b.result()
@@ -400,15 +435,15 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     if running or any(_scheduled(p) for p in live):
         b.new.setdefault("startTime", rfc3339(now))
         message = problem or f"attempt {attempt}: {len(running)}/{nodes} worker pod(s) running"
-        b.phase(INITIALIZING, "Initializing", message)
+        b.phase(Phase.initializing, "Initializing", message)
         if problem and problem != b.old.get("message"):
             b.events.append(Event("Warning", "WorkerProblem", _clip(problem)))
         return b.result()
     unschedulable = _unschedulable(live)
-    was = (get_condition(b.old, "Running") or {}).get("reason")
-    b.phase(PENDING, "Unschedulable" if unschedulable else "Pending",
+    was = (get_condition(b.old, Phase.running.value) or {}).get("reason")
+    b.phase(Phase.pending, "Unschedulable" if unschedulable else "Pending",
             unschedulable or f"attempt {attempt}: waiting for {nodes} worker pod(s) to be scheduled")
-    if unschedulable and was != "Unschedulable" and b.old_phase == PENDING:  # phase() posts none: same phase
+    if unschedulable and was != "Unschedulable" and b.old_phase == Phase.pending:  # phase() posts none: same phase
         b.events.append(Event("Warning", "Unschedulable", _clip(unschedulable)))
     return b.result()
 
@@ -428,22 +463,32 @@ def restore_patch(status: Mapping[str, Any], written: Mapping[str, Any]) -> dict
     return {k: written.get(k) for k in tampered_fields(status, written)}
 
 
-def _job_finished(job: Mapping[str, Any]) -> bool:
+def job_finished(job: Mapping[str, Any]) -> bool:
+    """The worker Job is Complete or Failed: the Job controller is done with it and its pods."""
     return any(_job_condition(job, t) for t in ("Complete", "Failed"))
 
 
-def _schedule_ttl(b: _Builder, policy: Mapping[str, Any]) -> None:
-    ttl = policy.get("ttlSecondsAfterFinished")
-    if ttl is not None:
-        b.requeue_in(float(ttl))
+def job_finishing(job: Mapping[str, Any]) -> bool:
+    """The worker Job is finished, or its outcome is decided (FailureTarget, SuccessCriteriaMet) and the
+    Job controller is terminating its remaining pods."""
+    return any(_job_condition(job, t) for t in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"))
+
+
+def pod_done(pod: Mapping[str, Any]) -> bool:
+    """The pod has ended (Succeeded or Failed)."""
+    return _pod_phase(pod) in ("Succeeded", "Failed")
+
+
+def _pod_phase(pod: Mapping[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("phase")
 
 
 def config_error(job_cr: Mapping[str, Any], message: str, now: datetime, reason: str = "InvalidSpec") -> StatusUpdate:
     """The job cannot run as specified: the spec failed validation or lacks what a cluster needs
     (reason InvalidSpec), or breaks the platform's tenant policy (reason PolicyViolation)."""
     b = _Builder(job_cr, now)
-    if b.old_phase in TERMINAL:
+    if b.old_phase in TERMINAL_PHASES:
         return b.result()
-    b.phase(FAILED, reason, message)
+    b.phase(Phase.failed, reason, message)
     b.action = Action.STOP
     return b.result()
