@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kubetune import crd
-from kubetune.spec import MAX_DATASETS, FineTuneJobSpec, FineTuneJobStatus
+from kubetune.manifest import ManifestError, parse_job
+from kubetune.spec import MAX_DATASETS, FineTuneJobSpec, FineTuneJobStatus, JobModel, model_rules
+from tests.manifest_cases import INVALID
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -141,3 +145,38 @@ def test_cel_rules_present() -> None:
                                                           "FieldValueRequired", "FieldValueDuplicate"}
     name = _schema()["properties"]["metadata"]["properties"]["name"]
     assert name["maxLength"] == crd.MAX_NAME_LENGTH and name["pattern"].startswith("^[a-z]")
+
+
+def _job_models() -> list[type]:
+    found, todo = [], [JobModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                todo.append(sub)
+    return found
+
+
+def test_cel_rules_and_pydantic_validators_share_one_declaration() -> None:
+    """Every CEL rule comes from kubetune.spec (a `Rule` type or a model's `ModelRule`, which its pydantic
+    validator raises), except the CRD-only transition rules; every ModelRule reaches the CRD and is
+    exercised by a bad manifest of tests/manifest_cases.py that pydantic refuses at the rule's field with
+    the rule's message (test_operator_cluster sends the same manifests to the API server)."""
+    assert all("oldSelf" in r["rule"] for rules in crd.VALIDATION_RULES.values() for r in rules)
+    declared = {(r.cel, r.message): r for model in _job_models() for r in model_rules(model)}
+    assert len(declared) >= 16  # the models declare them (none lost in a refactoring)
+    found: dict[tuple[str, str], str] = {}
+    for path, node in _walk(_schema()["properties"]["spec"], "spec"):
+        for rule in node.get("x-kubernetes-validations", []):
+            if "fieldPath" in rule and "oldSelf" not in rule["rule"]:
+                assert (rule["rule"], rule["message"]) in declared, (path, rule)
+                found[rule["rule"], rule["message"]] = path + rule["fieldPath"]
+    assert set(found) == set(declared)
+    for key, location in found.items():
+        field = re.compile(re.escape(location).replace(r"\[\]", r"\[\d+\]"))
+        problems = []
+        for case in (c for c in INVALID if c.field and field.fullmatch(c.field)):
+            with pytest.raises(ManifestError) as caught:
+                parse_job(case.manifest())
+            problems += [p for p in caught.value.problems if p.startswith(case.field)]
+        assert any(declared[key].message in p for p in problems), (location, declared[key].message, problems)

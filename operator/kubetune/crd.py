@@ -13,13 +13,15 @@ high, and unbounded strings and lists are costed as if they filled the 3 MiB req
 string and list of the spec has a bound in the models (kubetune.spec sets them all, so `kubetune
 validate` enforces the same ones); the status, written by kubetune itself, gets
 :data:`MAX_LENGTHS` and :data:`MAX_ITEMS` here (the tenant policy the defaults). Rules that a field's type carries
-(`spec.Rule`: URIs, quantities) come with its JSON schema; cross-field rules are in
-:data:`VALIDATION_RULES`, next to their pydantic twins' messages.
+(`spec.Rule`: URIs, quantities, names) and the cross-field rules a model declares beside its pydantic
+validator (`spec.ModelRule`) come with the models' JSON schema; a map's key rules become
+`self.all(k, ...)`. Only the transition rules (:data:`VALIDATION_RULES`) are written here.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from typing import Any
 
@@ -29,15 +31,12 @@ from kubetune.policy import TenantPolicy
 from kubetune.spec import (
     API_GROUP,
     API_VERSION,
-    COMMIT_SHA,
     GENERATE_NAME_PATTERN,
     GENERATED_SUFFIX,
-    HUB_ID,
     KIND,
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     PLURAL,
-    QUALIFIED_NAME,
     SHORT_NAMES,
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -64,89 +63,16 @@ IMMUTABLE_FIELDS = ["model", "method", "task", "datasets", "validation", "cleani
 SUSPENDED_ONLY_FIELDS = ["resources", "scheduling"]
 
 
-def _rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"rule": rule, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
-    if reason:
-        out["reason"] = reason
-    return out
+def _rule(rule: str, message: str, field_path: str, reason: str) -> dict[str, Any]:
+    return {"rule": rule, "message": message, "fieldPath": field_path, "reason": reason}
 
 
-def _opt(path: str, expr: str) -> str:
-    """`!has(a.b) || expr`, for rules on a field that may be absent."""
-    obj, _, field = path.rpartition(".")
-    return f"!has({obj}.{field}) || {expr}"
-
-
-# CEL rules by schema path (relative to the CR root), mirroring the pydantic validators.
-_NOT_TEXT = "has(d.format) && d.format != 'text'"
+# CRD-only rules by schema path (relative to the CR root): transition rules (updates only), which have no
+# pydantic twin because `kubetune validate` sees one manifest. The cross-field checks the pydantic
+# validators make are declared on their models (`spec.ModelRule`) and come with the models' JSON schema.
 VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
-    "spec.model": [
-        _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
-              "unknown bundled model; bundled models: bundled://smollm2-135m-instruct", ".source",
-              "FieldValueInvalid"),
-        _rule("!has(self.trustRemoteCode) || !self.trustRemoteCode || "
-              f"!self.source.matches('{HUB_ID.pattern}') || "
-              f"(has(self.revision) && self.revision.matches('{COMMIT_SHA.pattern}'))",
-              "trustRemoteCode runs the repository's code, so pin the revision to a full 40-hex commit (not a "
-              "branch or tag, which can move)", ".revision", "FieldValueInvalid"),
-    ],
-    "spec.method": [
-        _rule("!has(self.type) || self.type != 'qlora' || has(self.quantization)",
-              "required when type is qlora (for example {bits: 4, type: nf4})", ".quantization",
-              "FieldValueRequired"),
-        _rule("!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
-              "only valid with type qlora", ".quantization", "FieldValueForbidden"),
-        _rule("!has(self.lora) || !has(self.type) || self.type != 'full'",
-              "only valid with type lora or qlora, not full", ".lora", "FieldValueForbidden"),
-    ],
-    "spec.training": [
-        _rule("!(has(self.warmupSteps) && has(self.warmupRatio))",
-              "give warmupSteps or warmupRatio, not both", ".warmupRatio", "FieldValueForbidden"),
-    ],
-    "spec.validation": [
-        _rule("!(has(self.fraction) && has(self.datasets))",
-              "give either validation.fraction or validation.datasets, not both", ".datasets",
-              "FieldValueForbidden"),
-    ],
-    "spec.resources.nodeSelector": [
-        _rule(f"self.all(k, k.matches('{QUALIFIED_NAME}'))",
-              "keys must be label keys such as example.com/pool (an optional DNS prefix and a name)", None,
-              "FieldValueInvalid"),
-    ],
-    "spec.resources.tolerations[]": [
-        _rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-              "must be empty when operator is Exists", ".value", "FieldValueInvalid"),
-        _rule("has(self.key) || (has(self.operator) && self.operator == 'Exists')",
-              "must be Exists when key is empty (a toleration of every taint)", ".operator", "FieldValueInvalid"),
-        _rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-              "must be NoExecute when tolerationSeconds is set", ".effect", "FieldValueInvalid"),
-    ],
     "spec": [
-        _rule(f"self.task.type != 'completion' || !self.datasets.exists(d, {_NOT_TEXT})",
-              "a completion task takes text datasets only", ".datasets", "FieldValueInvalid"),
-        _rule("self.task.type != 'completion' || !has(self.validation) || !has(self.validation.datasets) || "
-              f"!self.validation.datasets.exists(d, {_NOT_TEXT})",
-              "a completion task takes text datasets only", ".validation.datasets", "FieldValueInvalid"),
-        _rule("!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
-              "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
-              "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the "
-              "default), 'int8' and/or 'onnx'", ".output.exports", "FieldValueInvalid"),
-        _rule("!has(self.training) || !has(self.training.precision) || self.training.precision != 'fp16' || "
-              "!has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode != 0",
-              "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16",
-              ".training.precision", "FieldValueInvalid"),
-        _rule("!has(self.training) || !has(self.training.earlyStopping) || "
-              "(has(self.evaluation) && has(self.evaluation.everySteps))",
-              "needs evaluation.everySteps (the plateau is measured at each evaluation)",
-              ".training.earlyStopping", "FieldValueRequired"),
-        _rule("!has(self.training) || !has(self.training.earlyStopping) || !has(self.evaluation) || "
-              "!has(self.evaluation.everySteps) || !has(self.checkpoint) || !has(self.checkpoint.everySteps) || "
-              "self.checkpoint.everySteps % self.evaluation.everySteps == 0",
-              "with training.earlyStopping it must be a multiple of evaluation.everySteps, so that the best "
-              "evaluation has a checkpoint", ".checkpoint.everySteps", "FieldValueInvalid"),
-        # Transition rules (updates only): what a resumed run depends on never changes.
+        # what a resumed run depends on never changes
         *[_rule(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
                 f"spec.{f} is immutable: create a new FineTuneJob to train something else", f".{f}",
                 "FieldValueForbidden") for f in IMMUTABLE_FIELDS],
@@ -268,9 +194,24 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
           and not path.endswith("[]")):
         # default_factory sub-objects: `{}` lets the API server fill their nested defaults
         out["default"] = {}
-    rules = copy.deepcopy(node.get("x-kubernetes-validations", [])) + copy.deepcopy(VALIDATION_RULES.get(path, []))
+    rules = copy.deepcopy(node.get("x-kubernetes-validations", [])) + _key_rules(node) + copy.deepcopy(
+        VALIDATION_RULES.get(path, []))
     if rules:
-        out["x-kubernetes-validations"] = rules
+        # model rules in the order Kubernetes documents the keys (pydantic sorts a schema's keys)
+        out["x-kubernetes-validations"] = [{k: r[k] for k in _RULE_KEYS if k in r} if "fieldPath" in r else r
+                                           for r in rules]
+    return out
+
+
+_RULE_KEYS = ("rule", "message", "fieldPath", "reason")  # as Kubernetes documents them (pydantic sorts keys)
+
+
+def _key_rules(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """A map's key type's rules (`dict[LabelKey, ...]`: pydantic's propertyNames) as rules on every key."""
+    out = []
+    for rule in (node.get("propertyNames") or {}).get("x-kubernetes-validations", []):
+        on_key = re.sub(r"\bself\b", "k", rule["rule"])
+        out.append({"rule": f"self.all(k, {on_key})", "message": "keys " + rule["message"], "reason": rule["reason"]})
     return out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -98,6 +98,39 @@ class Rule:
         out.setdefault("x-kubernetes-validations", []).append(
             {"rule": self.cel, "message": self.message, "reason": "FieldValueInvalid"})
         return out
+
+
+@dataclass(frozen=True)
+class ModelRule:
+    """A cross-field check of one model, declared once (a ClassVar of the model, beside its validator).
+
+    `cel` (on the model's object, `self`) goes into the CRD as an x-kubernetes-validations rule with
+    fieldPath `.<field>`; the model's pydantic validator raises `error()` where the same condition
+    fails. Both say `message` for `field` (tests/test_crd.py checks each against a bad manifest)."""
+
+    field: str
+    cel: str
+    message: str
+    reason: str = "FieldValueInvalid"
+
+    def error(self, detail: str = "", *, at: str | None = None) -> ValueError:
+        """The pydantic validator's error: `<field>: <message><detail>` (`at`: a more precise field)."""
+        return ValueError(f"{at or self.field}: {self.message}{detail}")
+
+    def schema(self) -> dict[str, Any]:
+        """The x-kubernetes-validations entry."""
+        return {"rule": self.cel, "message": self.message, "fieldPath": f".{self.field}", "reason": self.reason}
+
+
+def model_rules(model: type) -> list[ModelRule]:
+    """The ModelRules a model class declares, in declaration order."""
+    return [value for value in vars(model).values() if isinstance(value, ModelRule)]
+
+
+def _add_model_rules(schema: dict[str, Any], model: type) -> None:
+    rules = [rule.schema() for rule in model_rules(model)]
+    if rules:
+        schema.setdefault("x-kubernetes-validations", []).extend(rules)
 
 
 def _match(pattern: str) -> Callable[[str], bool]:
@@ -199,7 +232,7 @@ class JobModel(SpecModel):
 
     No "8" for 8, no true for 1, no "yes" for true, no NaN or infinity."""
 
-    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, json_schema_extra=_add_model_rules)
 
     @model_validator(mode="before")
     @classmethod
@@ -291,14 +324,24 @@ class MethodSpec(JobModel):
     lora: LoraSpec | None = Field(None, description="Adapter settings; defaults apply for lora and qlora when omitted.")
     quantization: QuantizationSpec | None = Field(None, description="Required for qlora, not allowed otherwise.")
 
+    QLORA_NEEDS_QUANTIZATION: ClassVar[ModelRule] = ModelRule(
+        "quantization", "!has(self.type) || self.type != 'qlora' || has(self.quantization)",
+        "required when type is qlora (for example {bits: 4, type: nf4})", "FieldValueRequired")
+    QUANTIZATION_ONLY_QLORA: ClassVar[ModelRule] = ModelRule(
+        "quantization", "!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
+        "only valid with type qlora", "FieldValueForbidden")
+    NO_LORA_WITH_FULL: ClassVar[ModelRule] = ModelRule(
+        "lora", "!has(self.lora) || !has(self.type) || self.type != 'full'",
+        "only valid with type lora or qlora, not full", "FieldValueForbidden")
+
     @model_validator(mode="after")
     def _check_method(self) -> MethodSpec:
         if self.type == MethodType.qlora.value and self.quantization is None:
-            raise ValueError("quantization: required when type is qlora (for example {bits: 4, type: nf4})")
+            raise self.QLORA_NEEDS_QUANTIZATION.error()
         if self.type != MethodType.qlora.value and self.quantization is not None:
-            raise ValueError(f"quantization: only valid with type qlora, not {self.type}")
+            raise self.QUANTIZATION_ONLY_QLORA.error(f", not {self.type}")
         if self.type == MethodType.full.value and self.lora is not None:
-            raise ValueError("lora: only valid with type lora or qlora, not full")
+            raise self.NO_LORA_WITH_FULL.error()
         if self.type != MethodType.full.value and self.lora is None:
             self.lora = LoraSpec()
         return self
@@ -318,17 +361,26 @@ class ModelSpec(JobModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run. A hub "
                                     "model then needs revision pinned to a 40-hex commit (a branch can move).")
 
+    KNOWN_BUNDLED_MODEL: ClassVar[ModelRule] = ModelRule(
+        "source", f"!self.source.startsWith('{BUNDLED_PREFIX}') || "
+        + " || ".join(f"self.source == '{BUNDLED_PREFIX}{m}'" for m in sorted(BUNDLED_MODELS)),
+        f"unknown bundled model; bundled models: {', '.join(BUNDLED_PREFIX + m for m in sorted(BUNDLED_MODELS))}")
+    REMOTE_CODE_PINNED: ClassVar[ModelRule] = ModelRule(
+        "revision", "!has(self.trustRemoteCode) || !self.trustRemoteCode || "
+        f"!self.source.matches('{HUB_ID.pattern}') || "
+        f"(has(self.revision) && self.revision.matches('{COMMIT_SHA.pattern}'))",
+        "trustRemoteCode runs the repository's code, so pin the revision to a full 40-hex commit (not a "
+        "branch or tag, which can move)")
+
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:
         if self.source.startswith(BUNDLED_PREFIX):
             name = self.source[len(BUNDLED_PREFIX):]
             if name not in BUNDLED_MODELS:
-                raise ValueError(f"source: unknown bundled model {name[:40]!r}; bundled models: "
-                                 f"{', '.join(BUNDLED_PREFIX + m for m in sorted(BUNDLED_MODELS))}")
+                raise self.KNOWN_BUNDLED_MODEL.error(f" (not {name[:40]!r})")
         if (self.trust_remote_code and is_hub_source(self.source)
                 and not (self.revision and COMMIT_SHA.match(self.revision))):
-            raise ValueError("revision: trustRemoteCode runs the repository's code, so pin the revision to a "
-                             "full 40-hex commit (not a branch or tag, which can move)")
+            raise self.REMOTE_CODE_PINNED.error()
         return self
 
 
@@ -402,10 +454,14 @@ class ValidationSpec(JobModel):
     datasets: list[DatasetSpec] | None = Field(None, min_length=1, max_length=MAX_DATASETS, description="Separate validation files.")
     max_examples: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate on at most this many examples.")
 
+    FRACTION_OR_DATASETS: ClassVar[ModelRule] = ModelRule(
+        "datasets", "!(has(self.fraction) && has(self.datasets))",
+        "give either validation.fraction or validation.datasets, not both", "FieldValueForbidden")
+
     @model_validator(mode="after")
     def _one_source(self) -> ValidationSpec:
         if self.fraction is not None and self.datasets is not None:
-            raise ValueError("datasets: give either validation.fraction or validation.datasets, not both")
+            raise self.FRACTION_OR_DATASETS.error()
         if self.fraction is None and self.datasets is None:
             self.fraction = 0.05
         return self
@@ -475,10 +531,14 @@ class TrainingSpec(JobModel):
     logging_steps: int = Field(10, ge=1, le=MAX_INT, description="Log metrics every N optimizer steps.")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop early on an evaluation plateau.")
 
+    WARMUP_STEPS_OR_RATIO: ClassVar[ModelRule] = ModelRule(
+        "warmupRatio", "!(has(self.warmupSteps) && has(self.warmupRatio))",
+        "give warmupSteps or warmupRatio, not both", "FieldValueForbidden")
+
     @model_validator(mode="after")
     def _check_training(self) -> TrainingSpec:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
-            raise ValueError("warmupRatio: give warmupSteps or warmupRatio, not both")
+            raise self.WARMUP_STEPS_OR_RATIO.error()
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
         return self
@@ -592,14 +652,24 @@ class Toleration(JobModel):
     toleration_seconds: int | None = Field(None, ge=0, le=MAX_INT, description="With effect NoExecute: how long "
                                            "the pod stays bound after the taint appears.")
 
+    NO_VALUE_WITH_EXISTS: ClassVar[ModelRule] = ModelRule(
+        "value", "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "must be empty when operator is Exists")
+    EXISTS_WITHOUT_KEY: ClassVar[ModelRule] = ModelRule(
+        "operator", "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+        "must be Exists when key is empty (a toleration of every taint)")
+    SECONDS_ONLY_NO_EXECUTE: ClassVar[ModelRule] = ModelRule(
+        "effect", "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "must be NoExecute when tolerationSeconds is set")
+
     @model_validator(mode="after")
     def _check_toleration(self) -> Toleration:
         if self.operator == "Exists" and self.value:
-            raise ValueError("value: must be empty when operator is Exists")
+            raise self.NO_VALUE_WITH_EXISTS.error()
         if self.key is None and self.operator != "Exists":
-            raise ValueError("operator: must be Exists when key is empty (a toleration of every taint)")
+            raise self.EXISTS_WITHOUT_KEY.error()
         if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("effect: must be NoExecute when tolerationSeconds is set")
+            raise self.SECONDS_ONLY_NO_EXECUTE.error()
         return self
 
     def _items(self) -> dict[str, Any]:
@@ -676,34 +746,59 @@ class FineTuneJobSpec(JobModel):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Restarts and lifetimes.")
     suspend: bool = Field(False, description="Remove the workers but keep checkpoints; false resumes.")
 
+    # (the CRD adds transition rules of its own: kubetune.crd.IMMUTABLE_FIELDS, SUSPENDED_ONLY_FIELDS)
+    COMPLETION_TEXT_DATASETS: ClassVar[ModelRule] = ModelRule(
+        "datasets", "self.task.type != 'completion' || !self.datasets.exists(d, has(d.format) && d.format != 'text')",
+        "a completion task takes text datasets only")
+    COMPLETION_TEXT_VALIDATION: ClassVar[ModelRule] = ModelRule(
+        "validation.datasets", "self.task.type != 'completion' || !has(self.validation) || "
+        "!has(self.validation.datasets) || !self.validation.datasets.exists(d, has(d.format) && d.format != 'text')",
+        "a completion task takes text datasets only")
+    NO_ADAPTER_WITH_FULL: ClassVar[ModelRule] = ModelRule(
+        "output.exports", "!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
+        "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
+        "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the default), "
+        "'int8' and/or 'onnx'")
+    NO_FP16_ON_CPU: ClassVar[ModelRule] = ModelRule(
+        "training.precision", "!has(self.training) || !has(self.training.precision) || "
+        "self.training.precision != 'fp16' || !has(self.resources) || !has(self.resources.gpusPerNode) || "
+        "self.resources.gpusPerNode != 0",
+        "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16")
+    EARLY_STOPPING_NEEDS_EVALUATION: ClassVar[ModelRule] = ModelRule(
+        "training.earlyStopping", "!has(self.training) || !has(self.training.earlyStopping) || "
+        "(has(self.evaluation) && has(self.evaluation.everySteps))",
+        "needs evaluation.everySteps (the plateau is measured at each evaluation)", "FieldValueRequired")
+    CHECKPOINTS_AT_EVALUATIONS: ClassVar[ModelRule] = ModelRule(
+        "checkpoint.everySteps", "!has(self.training) || !has(self.training.earlyStopping) || !has(self.evaluation) "
+        "|| !has(self.evaluation.everySteps) || !has(self.checkpoint) || !has(self.checkpoint.everySteps) || "
+        "self.checkpoint.everySteps % self.evaluation.everySteps == 0",
+        "with training.earlyStopping it must be a multiple of evaluation.everySteps, so that the best evaluation "
+        "has a checkpoint")
+
     @model_validator(mode="after")
     def _check_spec(self) -> FineTuneJobSpec:
         task = self.task.type
-        for field, datasets in (("datasets", self.datasets), ("validation.datasets", self.validation.datasets or [])):
+        for rule, datasets in ((self.COMPLETION_TEXT_DATASETS, self.datasets),
+                               (self.COMPLETION_TEXT_VALIDATION, self.validation.datasets or [])):
             for index, dataset in enumerate(datasets):
                 fmt = dataset.format or default_format(task)
                 if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
-                    raise ValueError(f"{field}[{index}].format: a completion task takes text datasets only, "
-                                     f"not {fmt}")
+                    raise rule.error(f", not {fmt}", at=f"{rule.field}[{index}].format")
         early, evaluate = self.training.early_stopping, self.evaluation.every_steps
         if early is not None and evaluate is None:
-            raise ValueError("training.earlyStopping: needs evaluation.everySteps (the plateau is measured at "
-                             "each evaluation)")
+            raise self.EARLY_STOPPING_NEEDS_EVALUATION.error()
         if self.training.precision == Precision.fp16.value and self.resources.gpus_per_node == 0:
-            raise ValueError("training.precision: fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, "
-                             "fp32 or bf16")
+            raise self.NO_FP16_ON_CPU.error()
         save = self.checkpoint.every_steps
         if early is not None and evaluate is not None and save is not None and save % evaluate:
-            raise ValueError("checkpoint.everySteps: with training.earlyStopping it must be a multiple of "
-                             "evaluation.everySteps, so that the best evaluation has a checkpoint")
+            raise self.CHECKPOINTS_AT_EVALUATIONS.error()
         if self.output.exports is None:
             default = ExportKind.merged if self.method.type == MethodType.full.value else ExportKind.adapter
             self.output.exports = [default.value]
         if self.method.type == MethodType.full.value:
             bad = [e for e in self.output.exports if e == ExportKind.adapter.value]
             if bad:
-                raise ValueError("output.exports: 'adapter' needs method lora or qlora; full fine-tuning exports "
-                                 "'merged' (the full model, the default), 'int8' and/or 'onnx'")
+                raise self.NO_ADAPTER_WITH_FULL.error()
         return self
 
 
