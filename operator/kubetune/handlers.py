@@ -171,9 +171,6 @@ class Reconciler:
         # them: a change by anyone else (the trainer's token may patch the status subresource) is undone
         self._written: dict[str, dict[str, Any]] = {}
 
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        return self.api.sanitize_for_serialization(obj)
-
     # ----- reads -----
     def get_job_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -39,7 +39,6 @@ from pydantic import ValidationError
 from kubetune import __version__
 from kubetune.distributed import (
     CONFIG_DIR,
-    CONFIG_PATH,
     MASTER_PORT,
     deepspeed_config,
     launcher_args,
@@ -358,19 +357,14 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 
 def _env(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> list[dict[str, Any]]:
+    """The trainer's environment: what kubetune_trainer reads (KUBETUNE_*), where libraries cache, the
+    Secrets by reference. The launcher's command line carries the rendezvous (master address and port,
+    nodes, processes per node) and the config path."""
     meta = job["metadata"]
-    name = meta["name"]
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_JOB_NAME", "value": name},
+        {"name": "KUBETUNE_JOB_NAME", "value": meta["name"]},  # status_reporter.py, metrics.py
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": meta["namespace"]},
-        {"name": "KUBETUNE_JOB_UID", "value": meta["uid"]},
-        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
-        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
-        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "MASTER_ADDR", "value": master_address(name, attempt, spec.resources.nodes)},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "KUBETUNE_NNODES", "value": str(spec.resources.nodes)},
-        {"name": "KUBETUNE_NPROC_PER_NODE", "value": str(processes_per_node(spec))},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},  # metrics.py
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "KUBETUNE_CACHE", "value": f"{CACHE_DIR}/kubetune"},
         {"name": "KUBETUNE_WORKDIR", "value": f"{CACHE_DIR}/work"},
@@ -388,13 +382,13 @@ def _env(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> list[di
 
 
 def _omp_threads(cpu: str | None) -> str:
+    """Threads per CPU worker: the whole CPUs of its limit (at least 1)."""
     if not cpu:
         return "1"
-    try:
-        value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    except ValueError:
-        return "1"
-    return str(max(1, int(value)))
+    # the operator's dependency, imported here: `kubetune validate` (the base install) renders no pods
+    from kubernetes.utils.quantity import parse_quantity
+
+    return str(max(1, int(parse_quantity(cpu))))  # spec.Quantity has already checked the syntax
 
 
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:

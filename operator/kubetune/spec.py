@@ -193,7 +193,6 @@ class _IntOrString:
         out["x-kubernetes-int-or-string"] = True
         return out
 
-Text = Annotated[str, StringConstraints(max_length=DEFAULT_MAX_LENGTH)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=DEFAULT_MAX_LENGTH)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX_LENGTH)]
 
