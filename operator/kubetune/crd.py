@@ -31,6 +31,8 @@ from kubetune.policy import TenantPolicy
 from kubetune.spec import (
     API_GROUP,
     API_VERSION,
+    DEFAULT_MAX_ITEMS,
+    DEFAULT_MAX_LENGTH,
     GENERATE_NAME_PATTERN,
     GENERATED_SUFFIX,
     KIND,
@@ -45,9 +47,8 @@ from kubetune.spec import (
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CATEGORIES = ["kubetune"]
 
-# bounds of what kubetune writes itself (the status) and of the tenant policy's lists
-DEFAULT_MAX_LENGTH = 1024
-DEFAULT_MAX_ITEMS = 256
+# bounds of what kubetune writes itself (the status) and of the tenant policy's lists: the spec's defaults
+# (DEFAULT_MAX_LENGTH, DEFAULT_MAX_ITEMS), or these
 MAX_LENGTHS: dict[str, int] = {
     "status.message": 32768,
     "status.conditions[].message": 32768,

@@ -31,7 +31,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 from pydantic import ValidationError
@@ -157,17 +157,18 @@ class PlatformDefaults:
         data: dict[str, Any] = {}
         if env.get("KUBETUNE_DEFAULTS_FILE"):
             data = yaml.safe_load(Path(env["KUBETUNE_DEFAULTS_FILE"]).read_text()) or {}
+        types = get_type_hints(cls)
         for f in fields(cls):
             raw = env.get(f"KUBETUNE_DEFAULT_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
             data.pop(_camel(f.name), None)  # the file's camelCase key loses to the variable
-            if f.name in ("node_selector", "tolerations", "image_pull_secrets", "pod_annotations", "pod_labels",
-                          "trainer_service_account_annotations", "data_volumes", "policy"):
-                data[f.name] = json.loads(raw)
-            elif f.name == "termination_grace_period_seconds":
+            kind = types[f.name]
+            if kind is int:
                 data[f.name] = int(raw)
-            else:
+            elif kind is TenantPolicy or get_origin(kind) in (list, dict):
+                data[f.name] = json.loads(raw)
+            else:  # str or str | None
                 data[f.name] = raw
         return cls.from_mapping(data)
 
