@@ -36,6 +36,7 @@ from kubernetes import client
 from kubetune import crd, operator_main, render
 from kubetune.handlers import OPERATOR_RBAC_RULES
 from kubetune.policy import TenantPolicy
+from kubetune.spec import Phase
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
@@ -436,6 +437,15 @@ def _ftj(status: dict[str, Any] | None = None, generation: int = 1) -> dict[str,
         "unknown-phase"])
 def test_argocd_health_check(status: dict[str, Any] | None, health: str) -> None:
     assert lua_health(_ftj(status))["status"] == health
+
+
+def test_every_phase_has_a_health_and_a_dashboard_series() -> None:
+    """The phases are declared once (spec.Phase): the Argo CD health check and the dashboard know each."""
+    panels = json.loads((CHART / "dashboards" / "kubetune.json").read_text())["panels"]
+    queries = " ".join(t.get("expr", "") for p in panels for t in p.get("targets") or [])
+    for phase in Phase:
+        assert lua_health(_ftj({"phase": phase.value, "observedGeneration": 1}))["status"] != "Unknown", phase
+        assert f'phase="{phase.value}"' in queries, phase
 
 
 def test_argocd_health_messages() -> None:
