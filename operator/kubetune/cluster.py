@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.render import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_JOB
+from kubetune.render import CONTAINER_NAME, LABEL_ATTEMPT, worker_selector
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, TERMINAL_PHASES, Phase
 from kubetune.status import parse_time
 
@@ -231,7 +231,7 @@ class Cluster:
                       e.get("firstTimestamp") or "")
 
     def pods(self, name: str, attempt: int | None) -> list[dict[str, Any]]:
-        selector = f"{LABEL_JOB}={name},{LABEL_COMPONENT}=trainer"
+        selector = worker_selector(name)
         if attempt is not None:
             selector += f",{LABEL_ATTEMPT}={attempt}"
         data = self.call("list", "pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector)

@@ -187,7 +187,7 @@ class Reconciler:
 
     def worker_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         return json.loads(_raw(self.core.list_namespaced_pod, namespace,
-                               label_selector=f"{render.LABEL_JOB}={name},{render.LABEL_COMPONENT}=trainer")
+                               label_selector=render.worker_selector(name))
                           ).get("items") or []
 
     # ----- writes -----
@@ -431,7 +431,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Filter worker Jobs and pods on the server: kopf's `labels=` on a handler filters client-side, so
     # without these the operator would stream every Job and pod of the cluster to pick out its own.
     settings.watching.label_selectors["batch", "jobs"] = render.LABEL_JOB
-    settings.watching.label_selectors["v1", "pods"] = f"{render.LABEL_JOB},{render.LABEL_COMPONENT}=trainer"
+    settings.watching.label_selectors["v1", "pods"] = render.worker_selector()
     _reconciler()
 
 
@@ -519,7 +519,7 @@ def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # no
             _wake(ref.get("uid"))
 
 
-@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: "trainer"})
+@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT})
 def worker_pod_event(namespace: str, uid: str, meta: kopf.Meta, body: kopf.Body, type: str | None,  # noqa: A002
                      **_: Any) -> None:
     """A worker pod changed in a way the job's loop reads (scheduling, containers, exit, disruption,

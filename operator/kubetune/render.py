@@ -57,6 +57,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 CONTAINER_NAME = "trainer"
+TRAINER_COMPONENT = "trainer"  # app.kubernetes.io/component of the worker pods, their Job and their account
 DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 CACHE_DIR = "/cache"
 RUN_AS_USER = 1000
@@ -296,6 +297,18 @@ def _labels(name: str, component: str) -> dict[str, str]:
     }
 
 
+def worker_labels(name: str) -> dict[str, str]:
+    """The labels that select the worker pods of FineTuneJob `name` (Service, NetworkPolicy, the operator)."""
+    return {LABEL_JOB: name, LABEL_COMPONENT: TRAINER_COMPONENT}
+
+
+def worker_selector(name: str | None = None) -> str:
+    """worker_labels as a label selector; without a name, the worker pods of every job."""
+    if name is None:
+        return f"{LABEL_JOB},{LABEL_COMPONENT}={TRAINER_COMPONENT}"
+    return ",".join(f"{k}={v}" for k, v in worker_labels(name).items())
+
+
 def _meta(job: Mapping[str, Any], name: str, component: str, **extra_labels: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -426,7 +439,7 @@ def render_service(job: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": _meta(job, service_name(name), "rendezvous"),
         "spec": {
             "clusterIP": "None",
-            "selector": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"},
+            "selector": worker_labels(name),
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
         },
@@ -438,7 +451,7 @@ def render_rbac(job: Mapping[str, Any], defaults: PlatformDefaults | None = None
     name = job["metadata"]["name"]
     account = trainer_account_name(name)
     service_account: dict[str, Any] = {"apiVersion": "v1", "kind": "ServiceAccount",
-                                       "metadata": _meta(job, account, "trainer"),
+                                       "metadata": _meta(job, account, TRAINER_COMPONENT),
                                        "automountServiceAccountToken": False}
     if defaults is not None and defaults.trainer_service_account_annotations:
         service_account["metadata"]["annotations"] = dict(defaults.trainer_service_account_annotations)
@@ -446,7 +459,7 @@ def render_rbac(job: Mapping[str, Any], defaults: PlatformDefaults | None = None
     objects.append({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _meta(job, account, "trainer"),
+        "metadata": _meta(job, account, TRAINER_COMPONENT),
         "rules": [
             {"apiGroups": [API_GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
             {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name],
@@ -456,7 +469,7 @@ def render_rbac(job: Mapping[str, Any], defaults: PlatformDefaults | None = None
     objects.append({
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _meta(job, account, "trainer"),
+        "metadata": _meta(job, account, TRAINER_COMPONENT),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": job["metadata"]["namespace"]}],
     })
@@ -473,7 +486,7 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
     command = launcher_args(spec, master_addr=master_address(name, attempt, nodes), master_port=MASTER_PORT,
                             node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=processes_per_node(spec),
                             resume="latest" if attempt > 1 else None)
-    pod_labels = {**defaults.pod_labels, **_labels(name, "trainer"), LABEL_ATTEMPT: str(attempt)}
+    pod_labels = {**defaults.pod_labels, **_labels(name, TRAINER_COMPONENT), LABEL_ATTEMPT: str(attempt)}
     job_labels = {LABEL_ATTEMPT: str(attempt)}
     queue = spec.scheduling.queue_name
     if queue:
@@ -552,7 +565,7 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(job, job_name(name, attempt), "trainer", **job_labels),
+        "metadata": _meta(job, job_name(name, attempt), TRAINER_COMPONENT, **job_labels),
         "spec": {
             "completionMode": "Indexed",
             "completions": nodes,
@@ -585,7 +598,7 @@ def render_network_policy(job: Mapping[str, Any], defaults: PlatformDefaults) ->
     if not settings.enabled:
         return None
     name = job["metadata"]["name"]
-    own = {"podSelector": {"matchLabels": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"}}}
+    own = {"podSelector": {"matchLabels": worker_labels(name)}}
     ingress: list[dict[str, Any]] = [{"from": [own]}]
     if settings.metrics_from:
         ingress.append({"from": [dict(p) for p in settings.metrics_from],
@@ -602,7 +615,7 @@ def render_network_policy(job: Mapping[str, Any], defaults: PlatformDefaults) ->
         "kind": "NetworkPolicy",
         "metadata": _meta(job, network_policy_name(name), "network"),
         "spec": {
-            "podSelector": {"matchLabels": {LABEL_JOB: name, LABEL_COMPONENT: "trainer"}},
+            "podSelector": {"matchLabels": worker_labels(name)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": ingress,
             "egress": [{"to": [own]}, dns, *platform_egress],
