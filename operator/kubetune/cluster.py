@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.render import CONTAINER_NAME, LABEL_ATTEMPT, worker_selector
 from kubetune.spec import API_GROUP, API_VERSION, KIND, PLURAL, TERMINAL_PHASES, Phase
 from kubetune.status import parse_time
 
@@ -231,6 +230,8 @@ class Cluster:
                       e.get("firstTimestamp") or "")
 
     def pods(self, name: str, attempt: int | None) -> list[dict[str, Any]]:
+        from kubetune.render import LABEL_ATTEMPT, worker_selector  # imported when used: a fast CLI start
+
         selector = worker_selector(name)
         if attempt is not None:
             selector += f",{LABEL_ATTEMPT}={attempt}"
@@ -622,6 +623,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int | None, prefix: str,
                 lock: threading.Lock) -> None:
+    from kubetune.render import CONTAINER_NAME
+
     name = pod["metadata"]["name"]
     kwargs: dict[str, Any] = {"container": CONTAINER_NAME, "follow": follow, "_preload_content": False}
     if tail is not None:
