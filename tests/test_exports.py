@@ -232,7 +232,7 @@ def test_other_ranks_export_nothing(tmp_path: Path) -> None:
         target = tmp_path / kind
         details = EXPORTERS[ExportKind(kind)](trainer=_Trainer(Peft()), target=target, base_model_dir="unused", spec=_spec(),
                                   tokenizer=None, adapter_dir=tmp_path / "adapter", eval_set=None,
-                                  final_eval_loss=1.0, ctx=_Ctx(tmp_path, rank=1, world_size=2))
+                                  ctx=_Ctx(tmp_path, rank=1, world_size=2))
         assert details == {} and not target.exists()
 
 

@@ -111,8 +111,7 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
         if ctx.is_main and target.exists():
             shutil.rmtree(target)
         details = EXPORTERS[ExportKind(kind)](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
-                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set,
-                                  final_eval_loss=final["eval_loss"], ctx=ctx)
+                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set, ctx=ctx)
         trainer.accelerator.wait_for_everyone()  # later exports read what this one wrote
         if not ctx.is_main or kind not in kinds:
             continue

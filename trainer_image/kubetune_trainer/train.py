@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -365,9 +364,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     publisher = cb.CheckpointPublisher(ctx, store, expected_hash, reporter)
     samples = SampleGenerator(ctx, tokenizer, validation_rows)
     baseline_file = Path(resume_from) / "kubetune_baseline.json" if resume_from else None
-    baseline = cb.BaselineEvaluator(ctx, samples, baseline_file)
+    baseline_eval = cb.BaselineEvaluator(ctx, samples, baseline_file)
     callbacks = [
-        baseline,
+        baseline_eval,
         reporter,
         publisher,
         cb.PreemptionHandler(ctx),
@@ -391,7 +390,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         callbacks=callbacks,
         compute_metrics=None,
     )
-    reporter.trainer = baseline.trainer = trainer
+    reporter.trainer = baseline_eval.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
     for callback in tracking_callbacks(ctx):
         trainer.add_callback(callback)
@@ -400,7 +399,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # Every checkpoint load in there (resume, the best model at the end) is weights-only.
     with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
         train_result = trainer.train(resume_from_checkpoint=resume_from)
-    baseline_seconds, baseline = baseline.seconds, baseline.result
+    baseline_seconds, baseline = baseline_eval.seconds, baseline_eval.result
     preempted = cb.PreemptionHandler.requested
     publisher.wait()
     if preempted:
@@ -508,9 +507,3 @@ def write_summary(ctx: RunContext, summary: dict[str, Any]) -> None:
     tmp.replace(local)
     if ctx.output_is_s3:
         storage.upload_file(local, ctx.output_path(SUMMARY_NAME), options=ctx.s3)
-
-
-def cleanup_work_dir(ctx: RunContext) -> None:
-    """Remove local copies of an S3 run once everything is uploaded."""
-    if ctx.output_is_s3 and ctx.is_main:
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
