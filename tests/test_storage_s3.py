@@ -259,6 +259,52 @@ def test_cached_model_second_call_downloads_nothing(
         cached_model(f"{s3_prefix}/models/missing/", cache, options=s3_options)
 
 
+def test_cached_model_waits_for_a_download_in_progress(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
+    """A second caller for a model that is being downloaded waits on the cache's file lock and then
+    uses that download: the objects are fetched once."""
+    write_tree(tmp_path / "model", {"config.json": b"{}", "model.safetensors": os.urandom(100_000)})
+    uri = f"{s3_prefix}/models/locked/"
+    storage.upload_tree(tmp_path / "model", uri, options=s3_options)
+    cache = tmp_path / "cache"
+    gets = CallCounter(s3_options, "GetObject")
+    lists = CallCounter(s3_options, "ListObjectsV2")
+    paused, release = threading.Event(), threading.Event()
+
+    def hold(**kwargs: object) -> None:  # the first caller's GETs wait until released
+        paused.set()
+        release.wait(120)
+
+    client = storage.get_client(s3_options)
+    client.meta.events.register("before-parameter-build.s3.GetObject", hold)
+    results: dict[str, Path] = {}
+
+    def fetch(name: str) -> None:
+        results[name] = cached_model(uri, cache, options=s3_options)
+
+    first = threading.Thread(target=fetch, args=("first",))
+    second = threading.Thread(target=fetch, args=("second",))
+    try:
+        first.start()
+        assert paused.wait(120), "the first download never started"
+        listed = lists.count
+        second.start()
+        while lists.count == listed and second.is_alive():  # the second caller has listed the objects
+            release.wait(0.05)
+        # ... and now waits for the lock: it fetches nothing while the first download holds it
+        second.join(2.0)
+        assert second.is_alive() and gets.count <= 2, gets.count
+        release.set()
+        first.join(120)
+        second.join(120)
+    finally:
+        release.set()
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", hold)
+        gets.close()
+        lists.close()
+    assert results["first"] == results["second"] and (results["first"] / CACHE_MARKER).is_file()
+    assert gets.count == 2  # two objects, fetched once
+
+
 # ----- checkpoints on S3 -----
 
 
