@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
+from kubetune.checkpoints import sha256_file
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
 from kubetune.storage import S3Options
 from kubetune_trainer.errors import DataError
@@ -98,14 +99,6 @@ def resolve_files(source: str, cache_dir: Path, s3: S3Options | None = None) -> 
     if not files:
         raise DataError(f"{source}: no data files match (looked for {', '.join(sorted(SUFFIX_TYPES))})")
     return [(str(p), p) for p in files]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _file_type(spec: DatasetSpec, name: str) -> str:
@@ -455,7 +448,7 @@ def _load_file(name: str, path: Path, spec: DatasetSpec, fmt: str, cleaning: Cle
                seen: set[str], rows: list[Row]) -> None:
     """Read, check and clean one file of a dataset into `rows` (see load_dataset_rows)."""
     report.files.append(name)
-    report.hashes[name] = _sha256(path)
+    report.hashes[name] = sha256_file(path)
     file_type = _file_type(spec, name)
     if file_type == "txt" and fmt != DatasetFormat.text.value:
         raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
