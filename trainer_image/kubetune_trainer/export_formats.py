@@ -86,6 +86,14 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
     return model
 
 
+def save_plain_config(model: Any, target: Path) -> None:
+    """The model's config in `target`, without the quantization settings of a (dequantized) QLoRA base."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(target)
+
+
 def _logits(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits
 
@@ -271,10 +279,7 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.save(quantized.state_dict(), target / INT8_WEIGHTS)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(target)
+    save_plain_config(model, target)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -408,9 +413,6 @@ def export_onnx(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
                           f"{tolerance:g}); the exported graph does not compute what the model does")
     graph = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(target)
+    save_plain_config(model, target)
     tokenizer.save_pretrained(target)
     return {"onnxMaxAbsDiff": float(f"{diff:.3g}"), "tolerance": tolerance, "opset": opset}
