@@ -346,3 +346,20 @@ def test_csv_with_old_mac_line_ends(tmp_path: Path) -> None:
     path = _bad_file(tmp_path, "mac.csv", b"instruction,input,output\rsay,,one\rtell,,two\r")
     rows, _ = load(path)
     assert [r.content["output"] for r in rows] == ["one", "two"] and rows[1].origin.endswith(":3")
+
+
+def test_padding_collator_pads_right_with_ignore_index() -> None:
+    """Every row is padded on the right to the longest: ids with the pad token, labels with
+    IGNORE_INDEX (prompt labels stay masked), attention 1 exactly on the real tokens."""
+    import torch
+
+    features = [{"input_ids": [5, 6, 7], "labels": [data.IGNORE_INDEX, 6, 7]},
+                {"input_ids": [8], "labels": [8]},
+                {"input_ids": [1, 2, 3, 4, 9], "labels": [data.IGNORE_INDEX] * 2 + [3, 4, 9]}]
+    batch = data.PaddingCollator(pad_token_id=0)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [1, 2, 3, 4, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100], [8, -100, -100, -100, -100],
+                                        [-100, -100, 3, 4, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert data.IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index

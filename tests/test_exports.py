@@ -212,7 +212,17 @@ def test_weight_only_backend_round_trips(tmp_path: Path, tiny_model: Path) -> No
     assert (reloaded - _logits(model, ids, mask)).abs().max().item() < 0.05
 
 
+def test_every_export_kind_of_the_spec_has_an_exporter() -> None:
+    from kubetune.spec import ExportKind
+    from kubetune_trainer.exports import EXPORTERS
+
+    missing = [kind.value for kind in ExportKind if not callable(EXPORTERS.get(kind))]
+    assert not missing, f"ExportKind values with no exporter in kubetune_trainer.exports.EXPORTERS: {missing}"
+    assert set(EXPORTERS) == set(ExportKind)
+
+
 def test_other_ranks_export_nothing(tmp_path: Path) -> None:
+    from kubetune.spec import ExportKind
     from kubetune_trainer.exports import EXPORTERS
 
     class Peft:
@@ -220,9 +230,9 @@ def test_other_ranks_export_nothing(tmp_path: Path) -> None:
 
     for kind in ("int8", "onnx"):
         target = tmp_path / kind
-        details = EXPORTERS[kind](trainer=_Trainer(Peft()), target=target, base_model_dir="unused", spec=_spec(),
+        details = EXPORTERS[ExportKind(kind)](trainer=_Trainer(Peft()), target=target, base_model_dir="unused", spec=_spec(),
                                   tokenizer=None, adapter_dir=tmp_path / "adapter", eval_set=None,
-                                  final_eval_loss=1.0, ctx=_Ctx(tmp_path, rank=1, world_size=2))
+                                  ctx=_Ctx(tmp_path, rank=1, world_size=2))
         assert details == {} and not target.exists()
 
 

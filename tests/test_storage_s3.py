@@ -28,6 +28,7 @@ from kubetune.checkpoints import (
 )
 from kubetune.spec import S3Spec, StorageSpec
 from kubetune.storage import S3Options, StorageError
+from kubetune_trainer.model_cache import CACHE_MARKER, cached_model
 from tests.support.s3server import FaultProxy, SeaweedS3
 
 MB = 1_000_000
@@ -172,7 +173,7 @@ def test_local_paths_use_the_same_functions(tmp_path: Path) -> None:
     storage.download_tree(str(tmp_path / "copy"), tmp_path / "copy2")
     assert storage.read_bytes(str(tmp_path / "copy2" / "sub" / "c.jsonl")) == b"3"
     assert storage.list_dir(str(tmp_path / "copy2")) == ["a.jsonl", "b.jsonl", "sub", "x.txt"]
-    assert storage.cached_model(str(tmp_path / "src")) == tmp_path / "src"
+    assert cached_model(str(tmp_path / "src")) == tmp_path / "src"
     storage.delete_tree(str(tmp_path / "copy"))
     assert not (tmp_path / "copy").exists()
 
@@ -236,26 +237,72 @@ def test_cached_model_second_call_downloads_nothing(
     cache = tmp_path / "cache"
     gets = CallCounter(s3_options, "GetObject")
     try:
-        first = storage.cached_model(uri, cache, options=s3_options)
+        first = cached_model(uri, cache, options=s3_options)
         assert gets.count == 3
-        assert first.name.startswith("tiny-llama-") and (first / storage.CACHE_MARKER).is_file()
+        assert first.name.startswith("tiny-llama-") and (first / CACHE_MARKER).is_file()
         for rel, data in files.items():
             assert (first / rel).read_bytes() == data
         mtimes = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
-        second = storage.cached_model(uri.rstrip("/"), cache, options=s3_options)  # same prefix
+        second = cached_model(uri.rstrip("/"), cache, options=s3_options)  # same prefix
         assert second == first
         assert gets.count == 3  # nothing downloaded the second time
         assert {p: p.stat().st_mtime_ns for p in second.rglob("*")} == mtimes
         # A changed object has another ETag: a new cache entry is downloaded.
         storage.write_bytes(f"{uri}config.json", b'{"model_type": "llama", "v": 2}', options=s3_options)
-        third = storage.cached_model(uri, cache, options=s3_options)
+        third = cached_model(uri, cache, options=s3_options)
         assert third != first and gets.count == 6
         assert (third / "config.json").read_bytes() == b'{"model_type": "llama", "v": 2}'
     finally:
         gets.close()
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
     with pytest.raises(StorageError, match="no model files"):
-        storage.cached_model(f"{s3_prefix}/models/missing/", cache, options=s3_options)
+        cached_model(f"{s3_prefix}/models/missing/", cache, options=s3_options)
+
+
+def test_cached_model_waits_for_a_download_in_progress(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
+    """A second caller for a model that is being downloaded waits on the cache's file lock and then
+    uses that download: the objects are fetched once."""
+    write_tree(tmp_path / "model", {"config.json": b"{}", "model.safetensors": os.urandom(100_000)})
+    uri = f"{s3_prefix}/models/locked/"
+    storage.upload_tree(tmp_path / "model", uri, options=s3_options)
+    cache = tmp_path / "cache"
+    gets = CallCounter(s3_options, "GetObject")
+    lists = CallCounter(s3_options, "ListObjectsV2")
+    paused, release = threading.Event(), threading.Event()
+
+    def hold(**kwargs: object) -> None:  # the first caller's GETs wait until released
+        paused.set()
+        release.wait(120)
+
+    client = storage.get_client(s3_options)
+    client.meta.events.register("before-parameter-build.s3.GetObject", hold)
+    results: dict[str, Path] = {}
+
+    def fetch(name: str) -> None:
+        results[name] = cached_model(uri, cache, options=s3_options)
+
+    first = threading.Thread(target=fetch, args=("first",))
+    second = threading.Thread(target=fetch, args=("second",))
+    try:
+        first.start()
+        assert paused.wait(120), "the first download never started"
+        listed = lists.count
+        second.start()
+        while lists.count == listed and second.is_alive():  # the second caller has listed the objects
+            release.wait(0.05)
+        # ... and now waits for the lock: it fetches nothing while the first download holds it
+        second.join(2.0)
+        assert second.is_alive() and gets.count <= 2, gets.count
+        release.set()
+        first.join(120)
+        second.join(120)
+    finally:
+        release.set()
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", hold)
+        gets.close()
+        lists.close()
+    assert results["first"] == results["second"] and (results["first"] / CACHE_MARKER).is_file()
+    assert gets.count == 2  # two objects, fetched once
 
 
 # ----- checkpoints on S3 -----
@@ -520,7 +567,7 @@ def test_missing_bucket_names_bucket_and_key(s3_server: SeaweedS3, tmp_path: Pat
         assert err.value.code == "NoSuchBucket" and not err.value.retryable
         assert "kubetune-no-such-bucket" in str(err.value) and "models/llama/config.json" in str(err.value)
     with pytest.raises(StorageError, match="NoSuchBucket"):
-        storage.cached_model("s3://kubetune-no-such-bucket/models/llama/", tmp_path / "cache", options=opts)
+        cached_model("s3://kubetune-no-such-bucket/models/llama/", tmp_path / "cache", options=opts)
     with pytest.raises(StorageError) as err:
         storage.read_bytes(f"s3://{s3_server.bucket}/no/such/key.json", options=opts)
     assert err.value.code == "NoSuchKey" and "no/such/key.json" in str(err.value)

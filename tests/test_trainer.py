@@ -67,6 +67,9 @@ def test_summary_is_written_last_and_checkpoints_are_complete(make_job) -> None:
     assert summary_time >= newest_other
     steps = sorted(p.name for p in (output / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert steps == ["step-4"]  # keepLast 1
+    import transformers.trainer
+
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"  # our step-N naming did not leak
     manifest = json.loads((output / "checkpoints" / "step-4" / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["configHash"] == summary["configHash"]
     assert {f["path"] for f in manifest["files"]} >= {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth"}
@@ -74,6 +77,22 @@ def test_summary_is_written_last_and_checkpoints_are_complete(make_job) -> None:
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (output / "samples" / "samples.jsonl").read_text().splitlines()
     assert samples and {"prompt", "before", "after"} <= set(json.loads(samples[0]))
+
+
+def test_checkpoint_prefix_is_confined_and_restored() -> None:
+    """The one rebinding of a transformers global (the checkpoint directory name) is undone on exit,
+    also when saving fails."""
+    import transformers.trainer
+
+    from kubetune_trainer.train import checkpoint_prefix
+
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    with checkpoint_prefix():
+        assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "step"
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    with pytest.raises(OSError), checkpoint_prefix():
+        raise OSError("disk full")
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
 
 
 def test_precision_choice_on_cpu() -> None:

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from kubetune.checkpoints import CheckpointStore
-from kubetune_trainer.data import IGNORE_INDEX
-
-
-@dataclass
-class PaddingCollator:
-    """Pad a batch to its longest sequence; labels are padded with IGNORE_INDEX."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, feature in enumerate(features):
-            length = len(feature["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-            labels[row, :length] = torch.as_tensor(feature["labels"])
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+from kubetune.checkpoints import CheckpointStore, step_name
+from kubetune_trainer.evaluation import perplexity
 
 
 def _now() -> str:
@@ -146,8 +125,9 @@ class ProgressReporter(TrainerCallback):
             if "eval_loss" in logs and state.global_step > 0:
                 self.bar.console.print(f"step {state.global_step}: held-out loss {self.last_eval_loss}")
         if self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
+            ppl = perplexity(logs["eval_loss"])
             print(f"baseline: held-out loss {self.last_eval_loss} (perplexity "
-                  f"{math.exp(min(logs['eval_loss'], 50)):.2f}) on {self.ctx.job.metadata.name}", flush=True)
+                  f"{'-' if ppl is None else f'{ppl:.2f}'}) on {self.ctx.job.metadata.name}", flush=True)
         elif self.bar is None and self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
             eta = progress["etaSeconds"]
             print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss or '-'}  "
@@ -237,8 +217,6 @@ class BaselineEvaluator(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.result is None:
-            from kubetune_trainer.evaluation import perplexity
-
             started = time.perf_counter()
             metrics = self.trainer.evaluate(metric_key_prefix="eval")
             self.result = {"eval_loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"]),
@@ -264,7 +242,7 @@ class CheckpointPublisher(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.ctx.is_main:
             return
-        local = Path(args.output_dir) / f"step-{state.global_step}"
+        local = Path(args.output_dir) / step_name(state.global_step)
         baseline = self.ctx.work_dir / "baseline.json"
         if baseline.exists():
             (local / "kubetune_baseline.json").write_text(baseline.read_text())

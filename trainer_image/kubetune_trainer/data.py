@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import storage
+from kubetune.checkpoints import sha256_file
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
 from kubetune.storage import S3Options
 from kubetune_trainer.errors import DataError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a token the loss skips (torch's cross_entropy default ignore_index)
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -98,14 +99,6 @@ def resolve_files(source: str, cache_dir: Path, s3: S3Options | None = None) -> 
     if not files:
         raise DataError(f"{source}: no data files match (looked for {', '.join(sorted(SUFFIX_TYPES))})")
     return [(str(p), p) for p in files]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _file_type(spec: DatasetSpec, name: str) -> str:
@@ -455,7 +448,7 @@ def _load_file(name: str, path: Path, spec: DatasetSpec, fmt: str, cleaning: Cle
                seen: set[str], rows: list[Row]) -> None:
     """Read, check and clean one file of a dataset into `rows` (see load_dataset_rows)."""
     report.files.append(name)
-    report.hashes[name] = _sha256(path)
+    report.hashes[name] = sha256_file(path)
     file_type = _file_type(spec, name)
     if file_type == "txt" and fmt != DatasetFormat.text.value:
         raise DataError(f"{name}: a .txt file holds plain text; set format: text (it is {fmt})")
@@ -704,3 +697,30 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packin
         raise DataError("no training sequences after tokenization (every response was truncated away?); raise "
                         "training.maxSeqLength or shorten the prompts")
     return sequences, stats
+
+
+def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad tokenized examples to the longest: input_ids with `pad_token_id`, labels with
+    IGNORE_INDEX, attention_mask 1 on real tokens and 0 on padding (torch tensors, int64).
+
+    torch's pad_sequence does the padding. transformers' DataCollatorForSeq2Seq would pad on the
+    tokenizer's padding_side (left for some models) through tokenizer.pad, so it is not used here.
+    """
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+    labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
+    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
+            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)}
+
+
+@dataclass
+class PaddingCollator:
+    """The Trainer's data collator: pad_batch with the tokenizer's pad token."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad_batch(features, self.pad_token_id)

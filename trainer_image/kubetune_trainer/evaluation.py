@@ -7,11 +7,13 @@ import math
 from typing import Any
 
 from kubetune_trainer.data import Row, render_segments
+from kubetune_trainer.models import unwrap_model
 
 
-def perplexity(loss: float) -> float:
-    """exp(mean held-out token loss), capped so it stays finite in JSON."""
-    return round(math.exp(min(loss, 50.0)), 4)
+def perplexity(loss: float) -> float | None:
+    """exp(mean held-out token loss), capped so it stays finite in JSON; None (JSON null) when the
+    loss is not a number (nothing was measured)."""
+    return round(math.exp(min(loss, 50.0)), 4) if math.isfinite(loss) else None
 
 
 class SampleGenerator:
@@ -59,7 +61,7 @@ class SampleGenerator:
 
         if not self.prompts:
             return []
-        unwrapped = getattr(model, "module", model)
+        unwrapped = unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
         synced = bool(self.ctx.deepspeed_config and

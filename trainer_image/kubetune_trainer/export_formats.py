@@ -1,4 +1,4 @@
-"""The int8 and onnx exports (registered into exports.EXPORTERS by importing this module).
+"""The int8 and onnx exports (listed in exports.EXPORTERS).
 
     int8  dynamic int8 quantization of every Linear layer of the merged model (weights int8 per output
           channel, activations quantized on the fly), saved as a state dict plus config and tokenizer.
@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.data import IGNORE_INDEX, pad_batch
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.exports import exporter, local_model_loading, merged_model
+from kubetune_trainer.evaluation import perplexity
+from kubetune_trainer.merge import is_peft, local_model_loading, merged_model
+from kubetune_trainer.models import unwrap_model
 
 INT8_WEIGHTS = "model_int8.pt"
 INT8_CONFIG = "int8_config.json"
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-3  # max |logits(ORT) - logits(PyTorch)| in fp32
-IGNORE_INDEX = -100
 # Sequences of the held-out set used to compare int8 with fp32 perplexity (the int8 model runs on CPU).
 EVAL_SEQUENCES = int(os.environ.get("KUBETUNE_EXPORT_EVAL_SEQUENCES", "64"))
 
@@ -45,10 +46,6 @@ class ExportError(ConfigError):
 
 
 # ----------------------------------------------------------------------------- the source model
-
-
-def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
 
 
 def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path, ctx: Any,
@@ -63,7 +60,7 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if hasattr(_unwrap(trainer.model), "peft_config"):
+    if is_peft(trainer.model):
         if not ctx.is_main:
             return None
         model = merged_model(trainer, base_model_dir, spec, adapter_dir)
@@ -73,7 +70,7 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
         if sharded and ctx.world_size > 1:
             trainer.save_model(str(source))  # a collective: every rank gathers its shard
         elif ctx.is_main:
-            _unwrap(trainer.model).save_pretrained(str(source), safe_serialization=True)
+            unwrap_model(trainer.model).save_pretrained(str(source), safe_serialization=True)
         if not ctx.is_main:
             return None
         try:
@@ -87,6 +84,14 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def save_plain_config(model: Any, target: Path) -> None:
+    """The model's config in `target`, without the quantization settings of a (dequantized) QLoRA base."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(target)
 
 
 def _logits(model: Any, input_ids: Any, attention_mask: Any) -> Any:
@@ -107,14 +112,9 @@ def eval_loss(model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, ba
     with torch.inference_mode():
         for start in range(0, count, batch_size):
             rows = eval_set[start:min(start + batch_size, count)]
-            longest = max(len(ids) for ids in rows["input_ids"])
-            input_ids = torch.full((len(rows["input_ids"]), longest), pad_token_id, dtype=torch.long)
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-            mask = torch.zeros_like(input_ids)
-            for i, (ids, labs) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
-                input_ids[i, :len(ids)] = torch.as_tensor(ids)
-                labels[i, :len(labs)] = torch.as_tensor(labs)
-                mask[i, :len(ids)] = 1
+            batch = pad_batch([{"input_ids": ids, "labels": labs}
+                               for ids, labs in zip(rows["input_ids"], rows["labels"], strict=True)], pad_token_id)
+            input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             logits = _logits(model, input_ids, mask).float()
             shifted = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -125,11 +125,6 @@ def eval_loss(model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, ba
     if tokens == 0:
         return float("nan"), count
     return total / tokens, count
-
-
-def _perplexity(loss: float) -> float | None:
-    """exp(loss) as the trainer reports it; None (JSON null) when there was nothing to measure."""
-    return round(math.exp(min(loss, 50.0)), 4) if math.isfinite(loss) else None
 
 
 def tensor_bytes(state_dict: dict[str, Any]) -> int:
@@ -269,7 +264,6 @@ def load_int8(directory: str | Path) -> Any:
     return quantized
 
 
-@exporter("int8")
 def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any, adapter_dir: Path,
                 eval_set: Any = None, ctx: Any = None, **_: Any) -> dict[str, Any]:
     """int8 weights + config + tokenizer; details compare size and held-out perplexity with fp32."""
@@ -285,10 +279,7 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.save(quantized.state_dict(), target / INT8_WEIGHTS)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(target)
+    save_plain_config(model, target)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -312,7 +303,7 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fp32_loss, used = eval_loss(model, eval_set, pad_token_id=pad)
         int8_loss, _ = eval_loss(quantized, eval_set, pad_token_id=pad)
-        fp32_ppl, int8_ppl = _perplexity(fp32_loss), _perplexity(int8_loss)
+        fp32_ppl, int8_ppl = perplexity(fp32_loss), perplexity(int8_loss)
         change = round(int8_ppl - fp32_ppl, 4) if fp32_ppl is not None and int8_ppl is not None else None
         details.update({
             "fp32Perplexity": fp32_ppl,
@@ -398,7 +389,6 @@ def _export_onnx_graph(module: Any, path: Path, vocab_size: int) -> None:
     program.save(str(path))
 
 
-@exporter("onnx")
 def export_onnx(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any, adapter_dir: Path,
                 ctx: Any = None, **_: Any) -> dict[str, Any]:
     """model.onnx (+ config and tokenizer), verified with ONNX Runtime; fails if parity is off."""
@@ -423,9 +413,6 @@ def export_onnx(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
                           f"{tolerance:g}); the exported graph does not compute what the model does")
     graph = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(target)
+    save_plain_config(model, target)
     tokenizer.save_pretrained(target)
     return {"onnxMaxAbsDiff": float(f"{diff:.3g}"), "tolerance": tolerance, "opset": opset}

@@ -14,96 +14,44 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kubetune import storage
 from kubetune.checkpoints import sha256_file, write_manifest
+from kubetune.spec import ExportKind
+from kubetune_trainer.export_formats import export_int8, export_onnx
+from kubetune_trainer.merge import is_peft, merged_model
 
 ExportFn = Callable[..., dict[str, Any]]
-EXPORTERS: dict[str, ExportFn] = {}
 
 
-def exporter(kind: str) -> Callable[[ExportFn], ExportFn]:
-    """Register an export function for a kind."""
-    def register(fn: ExportFn) -> ExportFn:
-        EXPORTERS[kind] = fn
-        return fn
-    return register
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config")
-
-
-@exporter("adapter")
 def export_adapter(trainer: Any, target: Path, **_: Any) -> dict[str, Any]:
     """The PEFT adapter as trained (trainer.save_model gathers it under DeepSpeed/FSDP)."""
     trainer.save_model(str(target))
     return {}
 
 
-@contextmanager
-def local_model_loading() -> Iterator[None]:
-    """Load a model in this process alone, even while DeepSpeed ZeRO-3 is active.
-
-    Under ZeRO-3 transformers partitions every model it builds across the ranks (a collective); a
-    model loaded for an export on rank 0 must not be, or rank 0 waits forever for the others.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
-    """A plain transformers model with the adapter merged in (never into 4-bit weights)."""
-
-    model = trainer.model
-    if not _is_peft(getattr(model, "module", model)):
-        return getattr(model, "module", model)
-
-    with local_model_loading():
-        return _merge(base_model_dir, spec, adapter_dir)
-
-
-def _merge(base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    if spec.method.quantization is not None:
-        # QLoRA: the adapter was trained against the 4-bit weights. Load them the same way, dequantize
-        # to the compute dtype, then merge, so the merged model computes what was trained (and is
-        # never merged back into 4-bit weights).
-        from kubetune_trainer.models import quantization_config
-
-        dtype = getattr(torch, spec.method.quantization.compute_dtype)
-        base = AutoModelForCausalLM.from_pretrained(base_model_dir, quantization_config=quantization_config(spec),
-                                                    dtype=dtype)
-        base = base.dequantize().to(dtype)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-
-
-@exporter("merged")
 def export_merged(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any,
                   adapter_dir: Path, **_: Any) -> dict[str, Any]:
     """Merged weights (safetensors) + tokenizer + generation config."""
-    if not _is_peft(getattr(trainer.model, "module", trainer.model)):
+    if not is_peft(trainer.model):
         trainer.save_model(str(target))  # full fine-tuning: every rank takes part (ZeRO-3/FSDP gather)
     elif trainer.is_world_process_zero():
         merged_model(trainer, base_model_dir, spec, adapter_dir).save_pretrained(str(target), safe_serialization=True)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
     return {}
+
+
+# Every kind of spec.output.exports and the function that writes it (tests check none is missing).
+EXPORTERS: dict[ExportKind, ExportFn] = {
+    ExportKind.adapter: export_adapter,
+    ExportKind.merged: export_merged,
+    ExportKind.int8: export_int8,
+    ExportKind.onnx: export_onnx,
+}
 
 
 def model_card(ctx: Any, kind: str, data_report: dict[str, Any], baseline: dict[str, Any],
@@ -137,10 +85,14 @@ def model_card(ctx: Any, kind: str, data_report: dict[str, Any], baseline: dict[
               "```", "", "## Metrics", "",
               "| | before | after |", "|---|---|---|",
               f"| held-out loss | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
-              f"| held-out perplexity | {baseline['perplexity']:.3f} | {final['perplexity']:.3f} |"]
+              f"| held-out perplexity | {_number(baseline['perplexity'])} | {_number(final['perplexity'])} |"]
     for key, value in details.items():
         lines.append(f"| {key} | | {value} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data_report: dict[str, Any],
@@ -152,15 +104,14 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
     adapter_dir = exports_dir / "adapter"
     artifacts: list[dict[str, Any]] = []
     # Adapter weights are the input of every other export of a LoRA run: save them even if unlisted.
-    needs_adapter = _is_peft(getattr(trainer.model, "module", trainer.model))
+    needs_adapter = is_peft(trainer.model)
     ordered = (["adapter"] if needs_adapter else []) + [k for k in kinds if k != "adapter"]
     for kind in ordered:
         target = exports_dir / kind
         if ctx.is_main and target.exists():
             shutil.rmtree(target)
-        details = EXPORTERS[kind](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
-                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set,
-                                  final_eval_loss=final["eval_loss"], ctx=ctx)
+        details = EXPORTERS[ExportKind(kind)](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
+                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set, ctx=ctx)
         trainer.accelerator.wait_for_everyone()  # later exports read what this one wrote
         if not ctx.is_main or kind not in kinds:
             continue
@@ -186,6 +137,3 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
                 artifacts.append({"kind": {"loss.png": "loss-plot", "metrics.jsonl": "metrics"}[name], "uri": uri,
                                   "sha256": sha256_file(path), "sizeBytes": path.stat().st_size})
     return artifacts
-
-
-import kubetune_trainer.export_formats  # noqa: E402, F401  (registers int8 and onnx)

