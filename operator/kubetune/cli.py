@@ -48,14 +48,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _format_summary(summary: dict) -> str:
+    from kubetune.cluster import format_number
+
     metrics = summary["metrics"]
     minutes, seconds = divmod(int(summary["durationSeconds"]), 60)
     lines = [
         "",
         f"Finished {summary['job']}: {summary['steps']} steps, {summary['trainedTokens']:,} tokens trained "
         f"in {minutes}m{seconds:02d}s ({summary['tokensPerSecond']:.0f} tokens/s)",
-        f"  held-out perplexity {metrics['baselinePerplexity']:.3f} -> {metrics['finalPerplexity']:.3f}  "
-        f"(loss {metrics['baselineEvalLoss']:.4f} -> {metrics['finalEvalLoss']:.4f})",
+        f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+        f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  "
+        f"(loss {format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})",
     ]
     for report in summary.get("data", {}).get("datasets", []):
         dropped = {k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]}

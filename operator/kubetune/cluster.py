@@ -269,7 +269,8 @@ def _age(value: str | None) -> str:
     return "-" if moment is None else _duration((datetime.now(timezone.utc) - moment).total_seconds())
 
 
-def _num(value: Any, fmt: str = "{:.4f}") -> str:
+def format_number(value: Any, fmt: str = "{:.4f}") -> str:
+    """`fmt` applied to a metric, `-` when it is missing (e.g. a non-finite perplexity)."""
     return "-" if value is None else fmt.format(value)
 
 
@@ -300,7 +301,7 @@ def get_table(jobs: list[dict[str, Any]], all_namespaces: bool = False) -> str:
         progress = status.get("progress") or {}
         eta = progress.get("etaSeconds") if status.get("phase") not in TERMINAL_PHASES else None
         row = [job["metadata"]["name"], status.get("phase") or "-", progress_text(status),
-               _num(progress.get("loss")), _num(progress.get("tokensPerSecond"), "{:.0f}"), _duration(eta),
+               format_number(progress.get("loss")), format_number(progress.get("tokensPerSecond"), "{:.0f}"), _duration(eta),
                str(status.get("restarts", 0)), _age(job["metadata"].get("creationTimestamp"))]
         rows.append(([job["metadata"].get("namespace", "")] if all_namespaces else []) + row)
     return table(rows)
@@ -341,9 +342,9 @@ def summary_text(job: dict[str, Any]) -> str:
                  f"{f'{tokens:,}' if tokens is not None else '?'} tokens trained{took}"
                  f"{f' ({speed:.0f} tokens/s)' if speed is not None else ''}"]
     if metrics.get("baselinePerplexity") is not None or metrics.get("finalPerplexity") is not None:
-        lines.append(f"  held-out perplexity {_num(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-                     f"{_num(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
-                     f"{_num(metrics.get('baselineEvalLoss'))} -> {_num(metrics.get('finalEvalLoss'))})")
+        lines.append(f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+                     f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
+                     f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})")
     for artifact in status.get("artifacts") or []:
         lines.append(f"  {artifact.get('kind', '?'):<10} {artifact.get('uri', '?')}  "
                      f"sha256:{str(artifact.get('sha256', ''))[:12]}  {artifact.get('sizeBytes', 0):,} bytes")
@@ -384,14 +385,14 @@ def describe_text(job: dict[str, Any], events: list[dict[str, Any]] | str) -> st
              f"  Started:    {status.get('startTime') or '-'}   Completed: {status.get('completionTime') or '-'}"]
     progress = status.get("progress") or {}
     if progress:
-        lines.append(f"  Progress:   step {progress_text(status)}, loss {_num(progress.get('loss'))}, eval loss "
-                     f"{_num(progress.get('evalLoss'))}, {_num(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s, "
+        lines.append(f"  Progress:   step {progress_text(status)}, loss {format_number(progress.get('loss'))}, eval loss "
+                     f"{format_number(progress.get('evalLoss'))}, {format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s, "
                      f"ETA {_duration(progress.get('etaSeconds'))}")
     metrics = status.get("metrics") or {}
     if metrics:
-        lines.append(f"  Metrics:    perplexity {_num(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-                     f"{_num(metrics.get('finalPerplexity'), '{:.3f}')}, eval loss "
-                     f"{_num(metrics.get('baselineEvalLoss'))} -> {_num(metrics.get('finalEvalLoss'))}")
+        lines.append(f"  Metrics:    perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+                     f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}, eval loss "
+                     f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))}")
     checkpoint = status.get("checkpoint")
     lines.append("Checkpoint:   " + (f"step {checkpoint.get('step')} {checkpoint.get('uri')} ({checkpoint.get('time') or '-'})"
                                      if checkpoint else "<none>"))
@@ -540,8 +541,8 @@ class _Bar:
         phase = status.get("phase") or Phase.pending.value
         detail = f"{phase}"
         if progress:
-            detail += (f"  step {progress_text(status)}  loss {_num(progress.get('loss'))}  "
-                       f"{_num(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s")
+            detail += (f"  step {progress_text(status)}  loss {format_number(progress.get('loss'))}  "
+                       f"{format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s")
             if phase not in TERMINAL_PHASES:
                 detail += f"  ETA {_duration(progress.get('etaSeconds'))}"
         elif status.get("message"):
