@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -763,7 +764,7 @@ def upload_tree(
         for batch in (first, final):
             futures = []
             for rel in batch:
-                subscribers = [_DoneSubscriber(lambda rel=rel: on_uploaded(rel))] if on_uploaded else None
+                subscribers = [_DoneSubscriber(functools.partial(on_uploaded, rel))] if on_uploaded else None
                 futures.append((rel, manager.upload(str(root / rel), bucket, prefix + rel, subscribers=subscribers)))
             errors = []
             for rel, future in futures:
@@ -772,8 +773,8 @@ def upload_tree(
                 except Exception as exc:  # noqa: BLE001
                     errors.append((rel, exc))
             if errors:
-                rel, exc = errors[0]
-                raise _raise(exc, bucket, prefix + rel, "upload", opts) from exc
+                rel, error = errors[0]
+                raise _raise(error, bucket, prefix + rel, "upload", opts) from error
     return [f"s3://{bucket}/{prefix}{rel}" for rel in first + final]
 
 
