@@ -307,7 +307,7 @@ def training_flops(method: str, flop_parameters: int, adapter_parameters: int, t
             "evaluation": evaluation, "total": base + adapters + recompute + evaluation}
 
 
-def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any = None) -> dict[str, float]:
+def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any = None) -> dict[str, Any]:
     """Bytes per parameter of frozen weights and, per trainable parameter, of weights, gradients and
     optimizer states, as this trainer holds them.
 
@@ -466,7 +466,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     from kubetune import distributed
 
     if not isinstance(job, FineTuneJob):
-        job = load_job(job)
+        job = load_job(os.fspath(job))
     spec = job.spec
     table = gpu_table if isinstance(gpu_table, dict) else load_gpu_table(gpu_table)
     if mfu is not None and not 0 < mfu <= 1:
@@ -505,7 +505,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
                             adapter_dropout=bool(lora and lora.dropout > 0))
 
     names = [_find_gpu(table, gpu)] if gpu else list(table)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         entry = table[name]
         used_mfu = mfu if mfu is not None else entry.get("mfu", DEFAULT_MFU) * (
@@ -662,12 +662,12 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
         path.write_text(yaml.safe_dump(manifest))
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        hf_trainer.DEFAULT_CALLBACKS.append(timer)
+        hf_trainer.DEFAULT_CALLBACKS.append(timer)  # type: ignore[arg-type]  # Trainer takes instances too
         try:
             with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report (--json)
                 code, summary = run_trainer(str(path), resume="never", show_progress=False)
         finally:
-            hf_trainer.DEFAULT_CALLBACKS.remove(timer)
+            hf_trainer.DEFAULT_CALLBACKS.remove(timer)  # type: ignore[arg-type]
         peak_memory = torch.cuda.max_memory_allocated() if on_gpu else None
     if code != 0 or summary is None:
         raise ConfigError(f"calibration: the reduced training run failed (exit code {code}); see the log above")
