@@ -2,3 +2,17 @@
 # (a second `pytest_plugins = [...]` would replace this list).
 pytest_plugins = ["tests.support.s3_fixtures"]
 pytest_plugins.append("tests.support.trainer_fixtures")
+
+# A test that uses one of these fixtures needs a control plane, an S3 server or a real node: it is
+# `slow` (left out by `make test-fast`) wherever it is. Modules that are slow as a whole say so with
+# `pytestmark = pytest.mark.slow`.
+SLOW_FIXTURES = frozenset({"cp", "s3_server", "node"})
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Mark `slow` every test that uses a SLOW_FIXTURES fixture, directly or through another."""
+    import pytest
+
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -26,9 +26,11 @@ import pytest
 import yaml
 
 from kubetune import policy, render
+from tests.support.chart import apply_chart, find, one, render_chart, wait_counted
 from tests.support.controlplane import ControlPlane
 from tests.support.operator_process import token_kubeconfig
-from tests.test_chart import apply_chart, find, one, render_chart, wait_counted
+
+pytestmark = pytest.mark.slow  # a control plane with the chart installed
 
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 SYSTEM_NS, TEAM_A, TEAM_B = "kubetune-system", "team-a", "team-b"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,61 +35,27 @@ from kubernetes import client
 from kubetune import crd, operator_main, render
 from kubetune.handlers import OPERATOR_RBAC_RULES
 from kubetune.policy import TenantPolicy
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
+from tests.support.chart import (
+    CHART,
+    RELEASE,
+    apply_chart,
+    find,
+    helm,
+    one,
+    render_chart,
+    values_args,
+    wait_counted,
+)
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
-CHART = REPO / "charts" / "kubetune"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SYSTEM_NS = "kubetune-system"
-RELEASE = "kubetune"
 OPERATOR = "kubetune-operator"  # <fullname>-operator with release "kubetune"
 CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
-
-
-# ----- helm -----
-
-def helm_bin() -> str:
-    return str(ensure_binaries(["helm"]) / "helm")
-
-
-def _values_args(values: dict[str, Any] | None, tmp: Path) -> list[str]:
-    if not values:
-        return []
-    path = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return ["-f", str(path)]
-
-
-def helm(*args: str, check: bool = True, env: dict[str, str] | None = None,
-         timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=timeout, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def render_chart(tmp: Path, values: dict[str, Any] | None = None, *, release: str = RELEASE,
-                 namespace: str = SYSTEM_NS, crds: bool = False) -> list[dict[str, Any]]:
-    """`helm template` -> the documents (CRDs too with crds=True)."""
-    args = ["template", release, str(CHART), "--namespace", namespace, *_values_args(values, tmp)]
-    if crds:
-        args.append("--include-crds")
-    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
-
-
-def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
-         namespace: str | None = None) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-            and (namespace is None or d["metadata"].get("namespace") == namespace)]
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = find(docs, kind, name)
-    assert len(found) == 1, f"{len(found)} {kind} {name or ''}: {[d['metadata']['name'] for d in found]}"
-    return found[0]
 
 
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,7 +102,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_is_clean(variant: str, tmp_path: Path) -> None:
-    result = helm("lint", str(CHART), "--strict", *_values_args(VARIANTS[variant], tmp_path), check=False)
+    result = helm("lint", str(CHART), "--strict", *values_args(VARIANTS[variant], tmp_path), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
     docs = render_chart(tmp_path, VARIANTS[variant], crds=True)
@@ -352,7 +317,7 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
     ({"policy": {"dataPaths": ["//"]}}, "policy.dataPaths[0] \"//\": must be an absolute directory"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
-    result = helm("template", RELEASE, str(CHART), *_values_args(values, tmp_path), check=False)
+    result = helm("template", RELEASE, str(CHART), *values_args(values, tmp_path), check=False)
     assert result.returncode != 0, f"accepted {values}"
     assert message in result.stderr, result.stderr
 
@@ -514,18 +479,6 @@ class ChartOperator(OperatorProcess):
         return [sys.executable, "-m", "kubetune.operator_main", *out, "--metrics-address=127.0.0.1", "--verbose"]
 
 
-def apply_chart(cp: ControlPlane, docs: list[dict[str, Any]], manager: str = "kubetune-chart") -> None:
-    """CRDs first (and Established), then everything else, all with server-side apply."""
-    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
-    if crds:
-        cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-",
-                   input=yaml.safe_dump_all(crds))
-        for d in crds:
-            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{d['metadata']['name']}")
-    cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(rest))
-
-
 @pytest.fixture(scope="module")
 def cp(request):
     failed_before = request.session.testsfailed
@@ -550,26 +503,6 @@ def chart_docs(cp, tmp_path_factory) -> list[dict[str, Any]]:
     for name in ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity"):
         wait_counted(cp, TEAM_A, name)
     return docs
-
-
-def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeout: float = 150) -> None:
-    """Until the quota controller has counted every resource of the quota (quota admission refuses
-    what it has no count for: "status unknown for quota"). A count of a custom resource
-    (count/finetunejobs.kubetune.io) starts once the controller's discovery (every 30 s) has seen
-    the CRD, but the quota is only recounted at its next full resync (5 minutes) or when its
-    spec.hard changes (an annotation does not do it): so add and remove a key."""
-    touch = "count/touches.kubetune.test"
-
-    def counted() -> bool:
-        quota = cp.get_json("-n", namespace, "resourcequota", name)
-        if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
-            return True
-        for op in ({"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
-                   {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")}):
-            cp.kubectl("-n", namespace, "patch", "resourcequota", name, "--type=json", "-p", json.dumps([op]))
-        return False
-
-    cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ except ImportError:  # tests/ is on sys.path instead of the repository root
         ControlPlane,
     )
 
+pytestmark = pytest.mark.slow  # a control plane
+
 NODE = "kwok-gpu-0"
 NS = "cp-test"
 

@@ -30,6 +30,8 @@ from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 from tests.support.policies import TRUSTED_POLICY
 
+pytestmark = pytest.mark.slow  # a control plane and the operator
+
 REPO = Path(__file__).resolve().parents[1]
 NS = "ml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"

@@ -16,6 +16,8 @@ from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer
 
+pytestmark = pytest.mark.slow  # trains, is preempted and resumes
+
 LOSS_TOLERANCE = 1e-4  # same seed, same data order, restored RNG: CPU runs agree to float rounding
 
 

@@ -30,6 +30,8 @@ from kubetune.spec import S3Spec, StorageSpec
 from kubetune.storage import S3Options, StorageError
 from tests.support.s3server import FaultProxy, SeaweedS3
 
+pytestmark = pytest.mark.slow  # an S3 server (SeaweedFS)
+
 MB = 1_000_000
 
 

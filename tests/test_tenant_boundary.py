@@ -27,6 +27,8 @@ from kubernetes.client.exceptions import ApiException
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
 from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
 
+pytestmark = pytest.mark.slow  # a control plane and the operator
+
 REPO = Path(__file__).resolve().parents[1]
 NS = "team-a"
 OTHER_NS = "team-b"

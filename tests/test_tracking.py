@@ -12,6 +12,8 @@ import pytest
 
 from kubetune_trainer.__main__ import run_trainer
 
+pytestmark = pytest.mark.slow  # trains with the trackers
+
 WANDB_KEY = "wandb-key-d41d8cd98f00b204e9800998ecf8427e"
 MLFLOW_TOKEN = "mlflow-token-0cc175b9c0f1b6a831c399e269772661"
 

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore
 from tests.support.trainer_fixtures import PYDOC
+
+pytestmark = pytest.mark.slow  # an S3 server and training
 
 
 def trainer_env(server, workdir: Path) -> dict[str, str]:
