@@ -2,6 +2,7 @@
 # (a second `pytest_plugins = [...]` would replace this list).
 pytest_plugins = ["tests.support.s3_fixtures"]
 pytest_plugins.append("tests.support.trainer_fixtures")
+pytest_plugins.append("tests.support.cluster")
 
 # A test that uses one of these fixtures needs a control plane, an S3 server or a real node: it is
 # `slow` (left out by `make test-fast`) wherever it is. Modules that are slow as a whole say so with

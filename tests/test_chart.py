@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tests.support.chart import (
     values_args,
     wait_counted,
 )
+from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
@@ -481,18 +481,11 @@ class ChartOperator(OperatorProcess):
 
 @pytest.fixture(scope="module")
 def cp(request):
-    failed_before = request.session.testsfailed
-    with ControlPlane() as plane:
-        for index in range(2):
-            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
-        for namespace in (SYSTEM_NS, TEAM_A, TEAM_B):
-            plane.create_namespace(namespace, labels=RESTRICTED)
-        for namespace in (TEAM_A, TEAM_B):
-            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
-                         "stringData": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}})
+    s3_creds = {"s3-creds": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}}
+    with make_cluster(request, nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
+                 namespaces=[SYSTEM_NS, TEAM_A, TEAM_B], namespace_labels=RESTRICTED,
+                 secrets={TEAM_A: s3_creds, TEAM_B: s3_creds}) as plane:
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")
@@ -514,11 +507,6 @@ def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
     log = op.log()
     assert "Forbidden" not in log, "the chart's RBAC is missing something the operator needs"
     assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
-
-
-@pytest.fixture(scope="module")
-def api(cp):
-    return cp.api_client()
 
 
 def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
@@ -672,14 +660,13 @@ def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None
     text = yaml.safe_dump(manifest(name))
     cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
     wait_phase(cp, api, name, "Running")
-    time.sleep(1)
-    cp.wait_for(lambda: _stable(cp, name), 60, "a steady state", interval=0.5)
+    cp.wait_for(lambda: _stable(cp, operator, name), 120, "a steady state", interval=0.5)
     before = _snapshot(cp, name)
     assert {"FineTuneJob", f"Job/{name}-1", f"ConfigMap/{name}-config", f"Service/{name}",
             f"ServiceAccount/{name}-trainer", f"Role/{name}-trainer", f"RoleBinding/{name}-trainer"} <= set(before)
     result = cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
     assert "serverside-applied" in result.stdout or "unchanged" in result.stdout, result.stdout
-    time.sleep(6)  # three reconcile intervals of the operator
+    wait_reconciles(cp, operator, rounds=3)
     assert _snapshot(cp, name) == before
     assert cp.get_json("-n", TEAM_A, "ftj", name)["metadata"]["generation"] == 1
     fields = managed_fields(cp, "-n", TEAM_A, "ftj", name)
@@ -691,9 +678,10 @@ def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None
     wait_phase(cp, api, name, "Succeeded")
 
 
-def _stable(cp: ControlPlane, name: str) -> bool:
+def _stable(cp: ControlPlane, operator: OperatorProcess, name: str) -> bool:
+    """Nothing of the job changes over two more reconciles of each job."""
     first = _snapshot(cp, name)
-    time.sleep(4.5)  # two reconcile intervals
+    wait_reconciles(cp, operator)
     return _snapshot(cp, name) == first
 
 

@@ -446,7 +446,7 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
                 assert set(digests) <= set(storage.list_tree(latest.uri, options=server.options()))
             observations += 1
             observed.set()
-            time.sleep(0.05)
+            time.sleep(0.05)  # deliberate: the pace of the observer, which looks while the upload runs
         client.meta.events.unregister("before-call.s3.PutObject", gate)
         refs = store.wait(120)
         assert [r.step for r in refs] == [2]
