@@ -132,6 +132,7 @@ def test_trainer_metrics_callback_is_a_no_op_off_rank_0(monkeypatch) -> None:
     assert not MetricsCallback().enabled
 
 
+@pytest.mark.slow  # a training run of the tiny model
 def test_trainer_metrics_are_served_during_a_training_run(make_job, monkeypatch, tmp_path: Path) -> None:
     """Rank 0 serves step, loss and tokens/s while it trains (a real tiny run, held at step 2)."""
     from transformers import TrainerCallback
