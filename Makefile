@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export KUBETUNE_CACHE
 
-.PHONY: demo test install control-plane images lock lint crd bench clean-venv
+.PHONY: demo test test-fast install control-plane images lock lint crd bench clean-venv
 
 $(STAMP):
 	@echo "== installing Python dependencies into $(VENV) (once) =="
@@ -55,8 +55,15 @@ test: install
 	$(MAKE) -j2 control-plane images
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# The unit tests only: no control plane, S3 server, node or images, no training beyond seconds.
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+# tests/test_code_health.py runs the same three checks in `make test`; .pre-commit-config.yaml too.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 crd: install
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml

@@ -26,9 +26,12 @@ import pytest
 import yaml
 
 from kubetune import policy, render
+from tests.support.chart import apply_chart, find, one, render_chart, wait_counted
+from tests.support.cluster import FakeNode, make_cluster
 from tests.support.controlplane import ControlPlane
 from tests.support.operator_process import token_kubeconfig
-from tests.test_chart import apply_chart, find, one, render_chart, wait_counted
+
+pytestmark = pytest.mark.slow  # a control plane with the chart installed
 
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 SYSTEM_NS, TEAM_A, TEAM_B = "kubetune-system", "team-a", "team-b"
@@ -70,15 +73,9 @@ VALUES: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def cp(request) -> Iterator[ControlPlane]:
-    failed_before = request.session.testsfailed
-    plane = ControlPlane(extra_tokens={TENANT: ("alice-token-0123456789", ["team-a-devs"])})
-    with plane:
-        plane.add_fake_node("gpu-0", gpus=8, labels={"pool": "gpu"})
-        for namespace in (SYSTEM_NS, TEAM_A, TEAM_B):
-            plane.create_namespace(namespace)
+    with make_cluster(request, extra_tokens={TENANT: ("alice-token-0123456789", ["team-a-devs"])},
+                 nodes=[FakeNode("gpu-0", labels={"pool": "gpu"})], namespaces=[SYSTEM_NS, TEAM_A, TEAM_B]) as plane:
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")

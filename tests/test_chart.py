@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,61 +35,28 @@ from kubetune import crd, operator_main, render
 from kubetune.handlers import OPERATOR_RBAC_RULES
 from kubetune.policy import TenantPolicy
 from kubetune.spec import Phase
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
+from tests.support.chart import (
+    CHART,
+    RELEASE,
+    apply_chart,
+    find,
+    helm,
+    one,
+    render_chart,
+    values_args,
+    wait_counted,
+)
+from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
+from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
-CHART = REPO / "charts" / "kubetune"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SYSTEM_NS = "kubetune-system"
-RELEASE = "kubetune"
 OPERATOR = "kubetune-operator"  # <fullname>-operator with release "kubetune"
 CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
-
-
-# ----- helm -----
-
-def helm_bin() -> str:
-    return str(ensure_binaries(["helm"]) / "helm")
-
-
-def _values_args(values: dict[str, Any] | None, tmp: Path) -> list[str]:
-    if not values:
-        return []
-    path = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return ["-f", str(path)]
-
-
-def helm(*args: str, check: bool = True, env: dict[str, str] | None = None,
-         timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=timeout, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def render_chart(tmp: Path, values: dict[str, Any] | None = None, *, release: str = RELEASE,
-                 namespace: str = SYSTEM_NS, crds: bool = False) -> list[dict[str, Any]]:
-    """`helm template` -> the documents (CRDs too with crds=True)."""
-    args = ["template", release, str(CHART), "--namespace", namespace, *_values_args(values, tmp)]
-    if crds:
-        args.append("--include-crds")
-    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
-
-
-def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
-         namespace: str | None = None) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-            and (namespace is None or d["metadata"].get("namespace") == namespace)]
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = find(docs, kind, name)
-    assert len(found) == 1, f"{len(found)} {kind} {name or ''}: {[d['metadata']['name'] for d in found]}"
-    return found[0]
 
 
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -138,7 +103,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_is_clean(variant: str, tmp_path: Path) -> None:
-    result = helm("lint", str(CHART), "--strict", *_values_args(VARIANTS[variant], tmp_path), check=False)
+    result = helm("lint", str(CHART), "--strict", *values_args(VARIANTS[variant], tmp_path), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
     docs = render_chart(tmp_path, VARIANTS[variant], crds=True)
@@ -353,7 +318,7 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
     ({"policy": {"dataPaths": ["//"]}}, "policy.dataPaths[0] \"//\": must be an absolute directory"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
-    result = helm("template", RELEASE, str(CHART), *_values_args(values, tmp_path), check=False)
+    result = helm("template", RELEASE, str(CHART), *values_args(values, tmp_path), check=False)
     assert result.returncode != 0, f"accepted {values}"
     assert message in result.stderr, result.stderr
 
@@ -524,32 +489,13 @@ class ChartOperator(OperatorProcess):
         return [sys.executable, "-m", "kubetune.operator_main", *out, "--metrics-address=127.0.0.1", "--verbose"]
 
 
-def apply_chart(cp: ControlPlane, docs: list[dict[str, Any]], manager: str = "kubetune-chart") -> None:
-    """CRDs first (and Established), then everything else, all with server-side apply."""
-    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
-    if crds:
-        cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-",
-                   input=yaml.safe_dump_all(crds))
-        for d in crds:
-            cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{d['metadata']['name']}")
-    cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(rest))
-
-
 @pytest.fixture(scope="module")
 def cp(request):
-    failed_before = request.session.testsfailed
-    with ControlPlane() as plane:
-        for index in range(2):
-            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
-        for namespace in (SYSTEM_NS, TEAM_A, TEAM_B):
-            plane.create_namespace(namespace, labels=RESTRICTED)
-        for namespace in (TEAM_A, TEAM_B):
-            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
-                         "stringData": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}})
+    s3_creds = {"s3-creds": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}}
+    with make_cluster(request, nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
+                 namespaces=[SYSTEM_NS, TEAM_A, TEAM_B], namespace_labels=RESTRICTED,
+                 secrets={TEAM_A: s3_creds, TEAM_B: s3_creds}) as plane:
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")
@@ -562,26 +508,6 @@ def chart_docs(cp, tmp_path_factory) -> list[dict[str, Any]]:
     return docs
 
 
-def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeout: float = 150) -> None:
-    """Until the quota controller has counted every resource of the quota (quota admission refuses
-    what it has no count for: "status unknown for quota"). A count of a custom resource
-    (count/finetunejobs.kubetune.io) starts once the controller's discovery (every 30 s) has seen
-    the CRD, but the quota is only recounted at its next full resync (5 minutes) or when its
-    spec.hard changes (an annotation does not do it): so add and remove a key."""
-    touch = "count/touches.kubetune.test"
-
-    def counted() -> bool:
-        quota = cp.get_json("-n", namespace, "resourcequota", name)
-        if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
-            return True
-        for op in ({"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
-                   {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")}):
-            cp.kubectl("-n", namespace, "patch", "resourcequota", name, "--type=json", "-p", json.dumps([op]))
-        return False
-
-    cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)
-
-
 @pytest.fixture(scope="module")
 def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
     op = ChartOperator(cp, tmp_path_factory.mktemp("operator"), chart_docs, SYSTEM_NS, OPERATOR)
@@ -591,11 +517,6 @@ def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
     log = op.log()
     assert "Forbidden" not in log, "the chart's RBAC is missing something the operator needs"
     assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
-
-
-@pytest.fixture(scope="module")
-def api(cp):
-    return cp.api_client()
 
 
 def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
@@ -749,14 +670,13 @@ def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None
     text = yaml.safe_dump(manifest(name))
     cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
     wait_phase(cp, api, name, "Running")
-    time.sleep(1)
-    cp.wait_for(lambda: _stable(cp, name), 60, "a steady state", interval=0.5)
+    cp.wait_for(lambda: _stable(cp, operator, name), 120, "a steady state", interval=0.5)
     before = _snapshot(cp, name)
     assert {"FineTuneJob", f"Job/{name}-1", f"ConfigMap/{name}-config", f"Service/{name}",
             f"ServiceAccount/{name}-trainer", f"Role/{name}-trainer", f"RoleBinding/{name}-trainer"} <= set(before)
     result = cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
     assert "serverside-applied" in result.stdout or "unchanged" in result.stdout, result.stdout
-    time.sleep(6)  # three reconcile intervals of the operator
+    wait_reconciles(cp, operator, rounds=3)
     assert _snapshot(cp, name) == before
     assert cp.get_json("-n", TEAM_A, "ftj", name)["metadata"]["generation"] == 1
     fields = managed_fields(cp, "-n", TEAM_A, "ftj", name)
@@ -768,9 +688,10 @@ def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None
     wait_phase(cp, api, name, "Succeeded")
 
 
-def _stable(cp: ControlPlane, name: str) -> bool:
+def _stable(cp: ControlPlane, operator: OperatorProcess, name: str) -> bool:
+    """Nothing of the job changes over two more reconciles of each job."""
     first = _snapshot(cp, name)
-    time.sleep(4.5)  # two reconcile intervals
+    wait_reconciles(cp, operator)
     return _snapshot(cp, name) == first
 
 

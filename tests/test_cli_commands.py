@@ -84,6 +84,7 @@ def test_estimate_without_credentials_is_one_message() -> None:
     assert "--model-config" in result.stderr  # and how to estimate anyway
 
 
+@pytest.mark.slow  # a `kubetune` subprocess that imports the trainer
 def test_estimate_from_overrides_needs_no_access(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIG))
@@ -94,6 +95,7 @@ def test_estimate_from_overrides_needs_no_access(tmp_path: Path) -> None:
     assert report["data"]["tokens"] == 1000000 and "given" in report["data"]["method"]
 
 
+@pytest.mark.slow  # a `kubetune` subprocess that imports the trainer
 def test_run_with_bad_data_exits_3_before_the_model_and_leaves_no_directories(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "x"}\n')
@@ -108,6 +110,7 @@ def test_run_with_bad_data_exits_3_before_the_model_and_leaves_no_directories(tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a `kubetune` subprocess that imports the trainer
 def test_run_without_storage_credentials_is_one_message(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(4)))

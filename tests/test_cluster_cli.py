@@ -21,7 +21,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,13 @@ import yaml
 from kubernetes import client
 
 from kubetune import cli, cluster
+from tests.support.cluster import make_cluster, running_operator
 from tests.support.controlplane import HOLD_ANNOTATION, STAGES_FILE, ControlPlane
-from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
+from tests.support.operator_process import install_crd
 from tests.support.policies import TRUSTED_POLICY
+from tests.support.waiting import ProcessOutput
+
+pytestmark = pytest.mark.slow  # a control plane and the operator
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "ml"
@@ -95,12 +98,11 @@ def log_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cp(request, log_file):
-    failed_before = request.session.testsfailed
-    with ControlPlane(extra_tokens=USERS, stages=kwok_config(log_file.parent, log_file)) as plane:
+    with make_cluster(request, extra_tokens=USERS, stages=kwok_config(log_file.parent, log_file),
+                      namespaces=[NS]) as plane:
         for index in range(2):
             add_node(plane, f"gpu-{index}", "gpu", serves_logs=True)
         add_node(plane, "mute-0", "mute", serves_logs=False)
-        plane.create_namespace(NS)
         # viewer: read FineTuneJobs in ml, nothing else
         plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                      "metadata": {"name": "ftj-view", "namespace": NS},
@@ -119,29 +121,19 @@ def cp(request, log_file):
                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-list"},
                      "subjects": [{"kind": "User", "name": "podlister", "apiGroup": "rbac.authorization.k8s.io"}]})
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")
 def crd(cp):
+    """The CRD, installed by the first test that needs it (the earlier ones run without it)."""
     install_crd(cp)
     return cp
 
 
 @pytest.fixture(scope="module")
 def operator(crd, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(crd, directory / "operator.log", service_account_kubeconfig(crd, directory),
-                         env=OPERATOR_ENV)
-    op.start()
-    yield op
-    op.stop()
-
-
-@pytest.fixture(scope="module")
-def api(cp):
-    return cp.api_client()
+    with running_operator(crd, tmp_path_factory.mktemp("operator"), OPERATOR_ENV) as op:
+        yield op
 
 
 @pytest.fixture()
@@ -355,15 +347,17 @@ def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) 
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "watch", "beta", "-n", NS, "--timeout", "90"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
-    time.sleep(3)
+                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+                                 "PYTHONUNBUFFERED": "1"})
+    output = ProcessOutput(proc)
+    output.wait_for_stdout("step 10/100", 60)
     for step in (50, 90):
         patch_status(api, "beta", {"progress": progress(step)})
-        time.sleep(1)
+        output.wait_for_stdout(f"step {step}/100", 60)
     patch_status(api, "beta", finished("beta"))
     for pod in pods:
         kube.release_pod(NS, pod["metadata"]["name"])
-    out, err = proc.communicate(timeout=90)
+    out, err = output.communicate(timeout=90)
     assert proc.returncode == 0, (out, err)
     assert "beta: Running  step 10/100 (10%)" in out
     assert "step 50/100 (50%)  loss 1.5000  1234 tokens/s  ETA 1m40s" in out and "step 90/100" in out
@@ -392,13 +386,15 @@ def test_submit_wait_exits_with_the_failure(kube, operator, api, tmp_path) -> No
                              "--timeout", "90"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
+                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+                                 "PYTHONUNBUFFERED": "1"})
+    output = ProcessOutput(proc)
     pods = running(kube, api, "gamma")
     wait_status(kube, api, "gamma", lambda st: st.get("phase") == "Running", "Running")
     patch_status(api, "gamma", {"progress": progress(5)})
-    time.sleep(2)
+    output.wait_for_stdout("step 5/100", 60)
     kube.fail_pod(NS, pods[0]["metadata"]["name"], exit_code=3, message="bad row data.jsonl:7")
-    out, err = proc.communicate(timeout=90)
+    out, err = output.communicate(timeout=90)
     assert proc.returncode == cluster.EXIT_FAILED, (out, err)
     assert "finetunejob.kubetune.io/gamma created in namespace ml" in out
     assert "gamma: Running  step 5/100 (5%)" in out
@@ -444,11 +440,13 @@ def test_watch_reports_a_deletion(kube, operator, api) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "watch", "zeta", "-n", NS, "--timeout", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
+                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+                                 "PYTHONUNBUFFERED": "1"})
+    output = ProcessOutput(proc)
     running(kube, api, "zeta")
-    time.sleep(2)
+    output.wait_for_stdout("zeta: Running", 60)  # the watch has seen the job
     kube.kubectl("-n", NS, "delete", "ftj", "zeta", "--wait=false")
-    out, err = proc.communicate(timeout=60)
+    out, err = output.communicate(timeout=60)
     assert proc.returncode == cluster.EXIT_FAILED and "FineTuneJob zeta was deleted" in err
 
 

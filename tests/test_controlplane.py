@@ -11,20 +11,10 @@ import time
 
 import pytest
 
-try:
-    from tests.support.controlplane import (
-        FAIL_EXIT_CODE_ANNOTATION,
-        FAIL_LABEL,
-        HOLD_ANNOTATION,
-        ControlPlane,
-    )
-except ImportError:  # tests/ is on sys.path instead of the repository root
-    from support.controlplane import (  # type: ignore[no-redef]
-        FAIL_EXIT_CODE_ANNOTATION,
-        FAIL_LABEL,
-        HOLD_ANNOTATION,
-        ControlPlane,
-    )
+from tests.support.cluster import FakeNode, make_cluster
+from tests.support.controlplane import FAIL_EXIT_CODE_ANNOTATION, FAIL_LABEL, HOLD_ANNOTATION, ControlPlane
+
+pytestmark = pytest.mark.slow  # a control plane
 
 NODE = "kwok-gpu-0"
 NS = "cp-test"
@@ -32,13 +22,10 @@ NS = "cp-test"
 
 @pytest.fixture(scope="module")
 def cp(request):
-    failed_before = request.session.testsfailed
-    with ControlPlane(extra_tokens={"alice": ("alice-token", ["kubetune-devs"])}) as plane:
-        plane.add_fake_node(NODE, gpus=8, labels={"nvidia.com/gpu.product": "H100"})
-        plane.create_namespace(NS)
+    with make_cluster(request, extra_tokens={"alice": ("alice-token", ["kubetune-devs"])},
+                      nodes=[FakeNode(NODE, labels={"nvidia.com/gpu.product": "H100"})], namespaces=[NS],
+                      diagnostics_lines=60) as plane:
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(60))
 
 
 def job(name: str, gpus: int = 1, annotations: dict | None = None, labels: dict | None = None,
@@ -127,7 +114,7 @@ def test_held_pod_stays_running_until_released(cp):
     cp.apply(job("held-job", annotations={HOLD_ANNOTATION: "true"}))
     pod = _running_pod(cp, "held-job")
     assert pod["spec"]["nodeName"] == NODE
-    time.sleep(5)
+    time.sleep(5)  # deliberate: what is tested is that the held pod stays Running while time passes
     pod = cp.get_json("pod", "-n", NS, pod["metadata"]["name"])
     assert pod["status"]["phase"] == "Running"
     assert pod["status"]["containerStatuses"][0]["ready"] is True

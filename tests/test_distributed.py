@@ -14,6 +14,8 @@ import pytest
 from kubetune.distributed import deepspeed_config
 from kubetune.manifest import load_job
 
+pytestmark = pytest.mark.slow  # launches several training processes
+
 
 def free_port() -> int:
     with socket.socket() as sock:

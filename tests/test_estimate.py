@@ -149,6 +149,7 @@ def test_parameters_of_the_tiny_llama_by_hand(make_job, tiny_model: Path) -> Non
     assert every["adapterInputsPerLayer"] == 64 * 6 + 128
 
 
+@pytest.mark.slow  # loads the model and runs the estimator CLI (calibration trains)
 def test_estimate_matches_a_real_run(make_job) -> None:
     """Steps and tokens predicted from the data pipeline are what the trainer then does."""
     path = _tiny_job(make_job, "real", method={"type": "full"}, output={"exports": ["merged"]})
@@ -242,6 +243,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow  # loads the model and runs the estimator CLI (calibration trains)
 def test_cli_prints_a_table(make_job) -> None:
     path = _tiny_job(make_job, "cli")
     result = _cli(str(path), "--gpu", "L4")
@@ -251,6 +253,7 @@ def test_cli_prints_a_table(make_job) -> None:
         assert text in out, out
 
 
+@pytest.mark.slow  # loads the model and runs the estimator CLI (calibration trains)
 def test_cli_json_with_calibration(make_job) -> None:
     path = _tiny_job(make_job, "calib", training={"batchSizePerDevice": 2})
     result = _cli(str(path), "--json", "--calibrate", "--gpus", "2")
@@ -266,6 +269,7 @@ def test_cli_json_with_calibration(make_job) -> None:
     assert calibration["device"] == "cpu" or calibration["tableEntry"]
 
 
+@pytest.mark.slow  # loads the model and runs the estimator CLI (calibration trains)
 def test_cli_errors_are_config_errors(make_job, tmp_path: Path) -> None:
     path = _tiny_job(make_job, "err")
     assert _cli(str(path), "--gpu", "Voodoo2").returncode == 3

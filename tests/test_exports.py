@@ -15,6 +15,8 @@ import yaml
 from kubetune_trainer.__main__ import run_trainer
 from tests.support.trainer_fixtures import PYDOC
 
+pytestmark = pytest.mark.slow  # trains the tiny model once and exports every kind
+
 KINDS = ["adapter", "merged", "int8", "onnx"]
 
 

@@ -28,6 +28,8 @@ import pytest
 from kubetune import render
 from kubetune.distributed import MASTER_PORT
 
+pytestmark = pytest.mark.slow  # builds and runs the node's images
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "trainer_image" / "Dockerfile"
 OPERATOR = REPO / "operator" / "Dockerfile"

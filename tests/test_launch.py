@@ -10,6 +10,8 @@ import pytest
 
 from kubetune_trainer.launch import exit_code_of
 
+pytestmark = pytest.mark.slow  # runs the trainer under torchrun with several processes
+
 WORKER = """
 import os, sys
 rank = int(os.environ["RANK"])

@@ -114,6 +114,7 @@ def test_lock_is_the_closure_of_the_requirements(image: str) -> None:
         assert not {n for n in locked if n in {"torch", "triton", "deepspeed"} or n.startswith("nvidia-")}
 
 
+@pytest.mark.slow  # runs the lock script (pip resolution)
 def test_locks_are_what_the_script_generates(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(REPO / "scripts" / "lock.sh")], capture_output=True, text=True,
                             timeout=900, env={**os.environ, "LOCK_DIR": str(tmp_path)})

@@ -26,6 +26,7 @@ except ImportError:  # tests/ is on sys.path instead of the repository root
     from support.controlplane import free_port  # type: ignore[no-redef]
 
 from kubetune.metrics import PHASES, OperatorMetrics
+from tests.support.waiting import WaitTimeout, wait_for
 
 
 def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -95,7 +96,7 @@ def test_operator_reconcile_timer_counts_errors() -> None:
     registry = CollectorRegistry()
     m = OperatorMetrics(registry)
     with m.reconcile_timer():
-        time.sleep(0.01)
+        time.sleep(0.01)  # deliberate: the duration the timer measures
     with pytest.raises(ApiException), m.reconcile_timer():
         raise ApiException(status=409, reason="Conflict")
     with pytest.raises(KeyError), m.reconcile_timer():
@@ -131,6 +132,7 @@ def test_trainer_metrics_callback_is_a_no_op_off_rank_0(monkeypatch) -> None:
     assert not MetricsCallback().enabled
 
 
+@pytest.mark.slow  # a training run of the tiny model
 def test_trainer_metrics_are_served_during_a_training_run(make_job, monkeypatch, tmp_path: Path) -> None:
     """Rank 0 serves step, loss and tokens/s while it trains (a real tiny run, held at step 2)."""
     from transformers import TrainerCallback
@@ -154,19 +156,19 @@ def test_trainer_metrics_are_served_during_a_training_run(make_job, monkeypatch,
             if state.global_step == 2:
                 assert done.wait(60), "the metrics endpoint was not scraped"
 
+    def at_step_two() -> dict | None:
+        try:
+            s = scrape(port)
+        except OSError:  # not serving yet
+            return None
+        return s if (value(s, "kubetune_trainer_step") or 0) >= 2 else None
+
     def scraper() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                s = scrape(port)
-            except OSError:
-                time.sleep(0.2)
-                continue
-            if (value(s, "kubetune_trainer_step") or 0) >= 2:
-                scraped["during"] = s
-                done.set()
-                return
-            time.sleep(0.1)
+        try:
+            scraped["during"] = wait_for(at_step_two, 300, "kubetune_trainer_step >= 2 on /metrics", interval=0.1)
+        except WaitTimeout:
+            return  # the test's own assertion reports it
+        done.set()
 
     original = train.tracking_callbacks
     monkeypatch.setattr(train, "tracking_callbacks",

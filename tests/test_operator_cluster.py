@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +25,12 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.manifest import ManifestError, parse_job
 from tests import manifest_cases
+from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
-from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
+from tests.support.operator_process import OperatorProcess
 from tests.support.policies import TRUSTED_POLICY
+
+pytestmark = pytest.mark.slow  # a control plane and the operator
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "ml"
@@ -59,33 +61,16 @@ def operator_process(cp: ControlPlane, log_path: Path, kubeconfig: str, args: tu
 
 @pytest.fixture(scope="module")
 def cp(request):
-    failed_before = request.session.testsfailed
-    with ControlPlane() as plane:
-        for index in range(2):
-            plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
-        plane.create_namespace(NS, labels={"pod-security.kubernetes.io/enforce": "restricted",
-                                           "pod-security.kubernetes.io/enforce-version": "latest"})
-        install_crd(plane)
-        for name, data in SECRETS.items():
-            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-                         "stringData": data})
+    with make_cluster(request, nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
+                      namespaces=[NS], namespace_labels={"pod-security.kubernetes.io/enforce": "restricted",
+                                                         "pod-security.kubernetes.io/enforce-version": "latest"},
+                      crd=True, secrets={NS: SECRETS}) as plane:
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")
-def operator(cp, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("operator")
-    op = operator_process(cp, directory / "operator.log", service_account_kubeconfig(cp, directory))
-    op.start()
-    yield op
-    op.stop()
-
-
-@pytest.fixture(scope="module")
-def api(cp):
-    return cp.api_client()
+def operator_env() -> dict[str, str]:
+    return OPERATOR_ENV
 
 
 # ----- helpers -----
@@ -367,7 +352,7 @@ def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
     with pytest.raises(ApiException) as denied:
         client.CoreV1Api(client.ApiClient(config)).read_namespaced_secret("s3-creds", NS)
     assert denied.value.status == 403
-    time.sleep(3)  # the operator's next reconciles leave the trainer's fields alone
+    wait_reconciles(cp, operator)  # the operator's next reconciles leave the trainer's fields alone
     assert status(api, name)["progress"]["loss"] == 1.25
     release_all(cp, api, name, 1)
     wait_phase(cp, api, name, "Succeeded")
@@ -405,7 +390,7 @@ def test_exit_code_3_fails_without_restart(cp, api, operator) -> None:
     assert st["restarts"] == 0 and st["attempt"] == 1
     failed = condition(st, "Failed")
     assert failed["reason"] == "ConfigError" and "exit code 3" in failed["message"]
-    time.sleep(4)  # a few more reconciles: still no second attempt
+    wait_reconciles(cp, operator)  # a few more reconciles: still no second attempt
     assert [j["metadata"]["name"] for j in jobs(api, name)] == [f"{name}-1"]
     assert pods(api, name, 1, "Running") == []  # the Job (backoffLimit 0) stopped the other worker
     assert pods(api, name, 1, "Failed")  # the failed pod is kept for `kubectl logs`
@@ -446,7 +431,7 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
         assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
         assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
                    for e in events(api, name))
-        time.sleep(3)  # a few more reconciles: still Failed, still no workers
+        wait_reconciles(cp, operator)  # a few more reconciles: still Failed, still no workers
         assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
     finally:
         cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
@@ -589,7 +574,9 @@ def test_pod_changes_wake_the_job_without_polling(cp, api, operator, tmp_path) -
         watched.start()
         cp.apply(manifest(name))
         wait_phase(cp, api, name, "Running")
-        time.sleep(3)  # past the Job controller's updates for the started pods: only the pod changes next
+        # past the Job controller's updates for the started pods: only the pod changes next
+        cp.wait_for(lambda: (cp.get_json("-n", NS, "job", f"{name}-1").get("status") or {}).get("ready") == 2, 60,
+                    "the Job controller counting both pods ready")
         victim = running_pods(cp, api, name, 1, 2)[0]
         client.CoreV1Api(api).patch_namespaced_pod_status(victim["metadata"]["name"], NS, {"status": {"conditions": [{
             "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "drained",
@@ -638,7 +625,7 @@ def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) 
     operator.start()
     st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
     assert st["restarts"] == 1
-    time.sleep(5)  # several reconciles of the adopted job
+    wait_reconciles(cp, operator, rounds=3)  # several reconciles of the adopted job
     after = children(api, name)
     for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"):
         assert after[kind] == before[kind], kind
@@ -648,7 +635,7 @@ def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) 
     # and a plain restart while running creates nothing new
     operator.kill()
     operator.start()
-    time.sleep(5)
+    wait_reconciles(cp, operator, rounds=3)
     assert children(api, name) == after
     assert event_reasons(api, name).count("CreatedWorkers") == created + 1
     release_all(cp, api, name, 2)
@@ -683,8 +670,9 @@ def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:
         name = "peered"
         cp.apply(manifest(name))
         wait_phase(cp, api, name, "Running")
-        time.sleep(3)
-        assert f"created Job {NS}/{name}-1" in high.log() and f"{NS}/{name}" not in low.log()
+        cp.wait_for(lambda: f"created Job {NS}/{name}-1" in high.log(), 60, "the high-priority replica's Job")
+        wait_reconciles(cp, high)
+        assert f"{NS}/{name}" not in low.log()
         high.stop()  # a graceful exit removes its peering record at once
         cp.wait_for(lambda: "Resuming operations" in low.log(), 60, "the standby replica to take over")
         release_all(cp, api, name, 1)

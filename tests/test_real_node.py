@@ -56,6 +56,8 @@ from tests.support.s3server import SeaweedS3
 from tests.support.status_watch import PHASE_ORDER, StatusWatch
 from tests.support.trainer_fixtures import PYDOC
 
+pytestmark = pytest.mark.slow  # a real node: containerd, CNI, the images
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetune"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,9 @@ import pytest
 from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer
+from tests.support.waiting import wait_for, while_running
+
+pytestmark = pytest.mark.slow  # trains, is preempted and resumes
 
 LOSS_TOLERANCE = 1e-4  # same seed, same data order, restored RNG: CPU runs agree to float rounding
 
@@ -23,17 +25,6 @@ def start(path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(path), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(predicate, timeout: float = 300, process: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"process ended early ({process.returncode}): {process.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def progress_step(output: Path) -> int:
@@ -66,8 +57,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_job) -> None:
     output = Path(job.parent / "out-killed")
     process = start(job)
     # Kill it hard in the middle of the interval after the step-6 checkpoint completed.
-    wait_for(lambda: (output / "checkpoints" / "step-6" / "manifest.json").exists() and progress_step(output) >= 7,
-             process=process)
+    wait_for(while_running(process, lambda: (output / "checkpoints" / "step-6" / "manifest.json").exists()
+                           and progress_step(output) >= 7), 300, "the step-6 checkpoint and step 7", interval=0.05)
     killed_at = progress_step(output)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -109,7 +100,7 @@ def test_sigterm_saves_checkpoint_and_exits_preempted(make_job) -> None:
     job = make_job("preempt", **kwargs)
     output = Path(job.parent / "out-preempt")
     process = start(job)
-    wait_for(lambda: progress_step(output) >= 4, process=process)
+    wait_for(while_running(process, lambda: progress_step(output) >= 4), 300, "step 4", interval=0.05)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == EXIT_PREEMPTED, out[-3000:]

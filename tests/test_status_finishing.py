@@ -7,7 +7,7 @@ and uploading; the job went Running -> Initializing -> Succeeded.
 from __future__ import annotations
 
 from kubetune.status import Action, observe
-from tests.test_status import T0, cr, job, pod, running
+from tests.support.status_objects import T0, cr, job, pod, running
 
 
 def test_a_finished_worker_keeps_the_job_running() -> None:

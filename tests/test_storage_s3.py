@@ -31,6 +31,8 @@ from kubetune.storage import S3Options, StorageError
 from kubetune_trainer.model_cache import CACHE_MARKER, cached_model
 from tests.support.s3server import FaultProxy, SeaweedS3
 
+pytestmark = pytest.mark.slow  # an S3 server (SeaweedFS)
+
 MB = 1_000_000
 
 
@@ -491,7 +493,7 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
                 assert set(digests) <= set(storage.list_tree(latest.uri, options=server.options()))
             observations += 1
             observed.set()
-            time.sleep(0.05)
+            time.sleep(0.05)  # deliberate: the pace of the observer, which looks while the upload runs
         client.meta.events.unregister("before-call.s3.PutObject", gate)
         refs = store.wait(120)
         assert [r.step for r in refs] == [2]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
-from tests.support.operator_process import OperatorProcess, install_crd, service_account_kubeconfig
+
+pytestmark = pytest.mark.slow  # a control plane and the operator
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "team-a"
@@ -65,14 +66,12 @@ def tenant_role(tmp: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cp(request, tmp_path_factory):
-    failed_before = request.session.testsfailed
-    with ControlPlane(extra_tokens={TENANT: ("alice-token-0123456789", ["tenants"])}) as plane:
-        plane.add_fake_node("team-a-gpu", gpus=8, labels={"pool": "team-a", "nvidia.com/gpu.product": "H100"})
-        plane.add_fake_node("team-b-gpu", gpus=8, labels={"pool": "team-b", "nvidia.com/gpu.product": "H100"},
-                            taints=[{"key": "team-b", "value": "dedicated", "effect": "NoSchedule"}])
-        for namespace in (NS, OTHER_NS):
-            plane.create_namespace(namespace, labels={"pod-security.kubernetes.io/enforce": "restricted"})
-        install_crd(plane)
+    nodes = [FakeNode("team-a-gpu", labels={"pool": "team-a", "nvidia.com/gpu.product": "H100"}),
+             FakeNode("team-b-gpu", labels={"pool": "team-b", "nvidia.com/gpu.product": "H100"},
+                      taints=[{"key": "team-b", "value": "dedicated", "effect": "NoSchedule"}])]
+    with make_cluster(request, extra_tokens={TENANT: ("alice-token-0123456789", ["tenants"])}, nodes=nodes,
+                      namespaces=[NS, OTHER_NS], namespace_labels={"pod-security.kubernetes.io/enforce": "restricted"},
+                      crd=True) as plane:
         for role in tenant_role(tmp_path_factory.mktemp("chart")):
             plane.apply(role)
         edit = next(r for r in tenant_role(tmp_path_factory.mktemp("chart2")) if r["metadata"]["name"].endswith("-edit"))
@@ -88,17 +87,11 @@ def cp(request, tmp_path_factory):
         plane.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                      "metadata": {"name": "training"}, "value": 1000})
         yield plane
-        if request.session.testsfailed > failed_before:
-            print(plane.diagnostics(20))
 
 
 @pytest.fixture(scope="module")
-def operator(cp, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), env=OPERATOR_ENV)
-    op.start()
-    yield op
-    op.stop()
+def operator_env() -> dict[str, str]:
+    return OPERATOR_ENV
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +260,7 @@ def test_trainer_token_cannot_take_over_operator_status(cp, admin, operator) -> 
     assert restored["startTime"] == before["startTime"] and restored["progress"]["step"] == 7
     cp.wait_for(lambda: any(e["reason"] == "StatusTampered" and "status.attempt" in e["message"]
                             for e in warning_events(admin, name)), 30, "StatusTampered event")
-    time.sleep(2)
+    wait_reconciles(cp, operator)  # and a few reconciles later, still the same Job
     jobs = worker_jobs(admin, name)
     assert [j.metadata.uid for j in jobs] == [job_uid] and jobs[0].metadata.deletion_timestamp is None
     assert status(admin, name)["phase"] == "Running"

@@ -3,7 +3,6 @@ credentials given through the environment appear nowhere in what is written or p
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +10,9 @@ from typing import Any
 import pytest
 
 from kubetune_trainer.__main__ import run_trainer
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.slow  # trains with the trackers
 
 WANDB_KEY = "wandb-key-d41d8cd98f00b204e9800998ecf8427e"
 MLFLOW_TOKEN = "mlflow-token-0cc175b9c0f1b6a831c399e269772661"
@@ -63,12 +65,12 @@ def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path:
 
     # W&B: the offline run is under the output and holds the training and evaluation history
     (run_file,) = output.glob("wandb/offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + 60
-    while True:  # wandb's service may still be writing the log when finish() returns
+
+    def finished() -> list | None:  # wandb's service may still be writing the log when finish() returns
         records = wandb_records(run_file)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
+
+    records = wait_for(finished, 60, f"the exit record in {run_file}", interval=0.5)
     history = [{"/".join(item.nested_key) or item.key: item.value_json for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     train_steps = [int(h["train/global_step"]) for h in history if "train/loss" in h]

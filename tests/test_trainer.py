@@ -14,6 +14,8 @@ from kubetune.spec import EXIT_CONFIG_ERROR
 from kubetune_trainer.__main__ import run_trainer
 from tests.support.trainer_fixtures import REPO
 
+pytestmark = pytest.mark.slow  # trains the tiny model end to end
+
 DATA = REPO / "examples" / "data"
 TASK_DATA = {
     "instruction": {"source": str(DATA / "pydoc_instructions.jsonl"), "maxExamples": 40},

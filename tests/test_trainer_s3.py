@@ -8,12 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from kubetune import storage
 from kubetune.checkpoints import CheckpointStore
 from tests.support.trainer_fixtures import PYDOC
+from tests.support.waiting import wait_for, while_running
+
+pytestmark = pytest.mark.slow  # an S3 server and training
 
 
 def trainer_env(server, workdir: Path) -> dict[str, str]:
@@ -40,13 +44,8 @@ def test_s3_job_resumes_on_an_empty_disk(make_job, s3_server, s3_prefix, tiny_mo
     first_pod = subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
                                  env=trainer_env(s3_server, tmp_path / "pod-1"), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        latest = store.latest()
-        if latest is not None and latest.step >= 3:
-            break
-        assert first_pod.poll() is None, first_pod.stdout.read()[-3000:]
-        time.sleep(0.2)
+    wait_for(while_running(first_pod, lambda: (latest := store.latest()) is not None and latest.step >= 3), 600,
+             "a complete checkpoint of step 3 or later in S3")
     first_pod.send_signal(signal.SIGKILL)  # the node is lost
     first_pod.wait()
     assert not storage.exists(f"{output}/summary.json", options=options)

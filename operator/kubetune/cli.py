@@ -39,7 +39,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(f"error: {args.manifest}: {error}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
     print(f"{args.manifest}: valid FineTuneJob {job.metadata.name!r}: {spec.method.type} {spec.task.type} on "
-          f"{spec.model.source}, {len(spec.datasets)} dataset(s), exports {', '.join(spec.output.exports)}")
+          f"{spec.model.source}, {len(spec.datasets)} dataset(s), exports {', '.join(spec.output.exports or [])}")
     if args.show:
         import yaml
 

@@ -22,6 +22,7 @@ To pause and keep the resource, `suspend` (and `resume`) instead.
 from __future__ import annotations
 
 import argparse
+import builtins
 import functools
 import json
 import os
@@ -222,14 +223,14 @@ class Cluster:
                                       allow_watch_bookmarks=False)
         return stream
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str) -> builtins.list[dict[str, Any]]:  # `list` is a method of this class
         data = self.call("list", "events", self.core.list_namespaced_event, self.namespace,
                          field_selector=f"involvedObject.name={name},involvedObject.kind={KIND}")
         items = [self.api.sanitize_for_serialization(e) for e in data.items]
         return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
                       e.get("firstTimestamp") or "")
 
-    def pods(self, name: str, attempt: int | None) -> list[dict[str, Any]]:
+    def pods(self, name: str, attempt: int | None) -> builtins.list[dict[str, Any]]:
         from kubetune.render import LABEL_ATTEMPT, worker_selector  # imported when used: a fast CLI start
 
         selector = worker_selector(name)
@@ -244,8 +245,8 @@ def rank_of(pod: dict[str, Any]) -> int:
     meta = pod.get("metadata") or {}
     value = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return int(value or 0)
+    except ValueError:
         return 0
 
 
@@ -466,6 +467,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cluster = Cluster(args.kubeconfig, args.context, args.namespace or manifest_ns)
     body["metadata"]["namespace"] = cluster.namespace
     name = job.metadata.name
+    if name is None:
+        raise ClusterError(f"{args.manifest}: metadata.name is required by submit (server-side apply); "
+                           "metadata.generateName is not supported", code=EXIT_CONFIG_ERROR)
     before = cluster.find(name)
     try:
         after = cluster.apply(body, force=args.force_conflicts)

@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from kubetune.policy import TenantPolicy
 from kubetune.spec import (
@@ -226,7 +227,7 @@ def _strip_default_for_required(schema: dict[str, Any]) -> None:
         _strip_default_for_required(schema["items"])
 
 
-def model_schema(model: type, path: str, *, spec: bool) -> dict[str, Any]:
+def model_schema(model: type[BaseModel], path: str, *, spec: bool) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of one pydantic model (camelCase field names)."""
     raw = model.model_json_schema(by_alias=True)
     defs = raw.pop("$defs", {})

@@ -439,9 +439,10 @@ async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
     await stopped.wait()
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0)
-async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stopped: kopf.DaemonStopped,
-                           logger: logging.Logger, **_: Any) -> None:
+# The arg-type ignore below: the resource is namespaced, so kopf's `str | None` namespace is always a str
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0)  # type: ignore[arg-type]
+async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
+                           stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
     """The per-job loop: reconcile, post events, sleep until woken, stopped or the next interval."""
     waker = _WAKERS.setdefault(uid, asyncio.Event())
     _JOB_UIDS[namespace, name] = uid
@@ -519,7 +520,8 @@ def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # no
             _wake(ref.get("uid"))
 
 
-@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT})
+# The arg-type ignore below: pods are namespaced, so kopf's `str | None` namespace is always a str
+@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT})  # type: ignore[arg-type]
 def worker_pod_event(namespace: str, uid: str, meta: kopf.Meta, body: kopf.Body, type: str | None,  # noqa: A002
                      **_: Any) -> None:
     """A worker pod changed in a way the job's loop reads (scheduling, containers, exit, disruption,
@@ -553,7 +555,7 @@ def configure_operator(defaults: render.PlatformDefaults | None = None, interval
         CONFIG.defaults = defaults
     env_workers = os.environ.get("KUBETUNE_RECONCILE_WORKERS")
     if workers is not None or env_workers:
-        CONFIG.workers = max(1, int(workers if workers is not None else env_workers))
+        CONFIG.workers = max(1, int(workers) if workers is not None else int(env_workers or 1))
     if interval is not None:
         CONFIG.interval = interval
     env_interval = os.environ.get("KUBETUNE_RECONCILE_INTERVAL")

@@ -268,9 +268,9 @@ def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
     return kinds
 
 
-def _lax(kind: type) -> Any:
-    """An enum field that takes its string values (strict mode would want the Python enum member)."""
-    return Annotated[kind, Strict(False)]
+# Annotated[SomeEnum, _LAX]: an enum field that takes its string values (strict mode would want the
+# Python enum member). An Annotated alias, not a function call, so that type checkers read the field.
+_LAX = Strict(False)
 
 
 class SecretKeyRef(JobModel):
@@ -318,7 +318,7 @@ class QuantizationSpec(JobModel):
 class MethodSpec(JobModel):
     """How the weights are trained."""
 
-    type: _lax(MethodType) = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
+    type: Annotated[MethodType, _LAX] = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
                              "base; qlora: adapters on a 4-bit quantized frozen base.")
     lora: LoraSpec | None = Field(None, description="Adapter settings; defaults apply for lora and qlora when omitted.")
     quantization: QuantizationSpec | None = Field(None, description="Required for qlora, not allowed otherwise.")
@@ -342,7 +342,7 @@ class MethodSpec(JobModel):
         if self.type == MethodType.full.value and self.lora is not None:
             raise self.NO_LORA_WITH_FULL.error()
         if self.type != MethodType.full.value and self.lora is None:
-            self.lora = LoraSpec()
+            self.lora = LoraSpec.model_validate({})
         return self
 
 
@@ -397,7 +397,7 @@ class TaskType(str, Enum):
 class TaskSpec(JobModel):
     """What the model learns to do, and how examples become tokens."""
 
-    type: _lax(TaskType) = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
+    type: Annotated[TaskType, _LAX] = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
                            "messages list rendered by the chat template; completion: raw text for continued "
                            "pretraining, cut into fixed-length blocks.")
     template: Literal["alpaca", "chat-template", "plain"] = Field(
@@ -432,8 +432,8 @@ class DatasetSpec(JobModel):
     source: Annotated[Location, DatasetSourceRule] = Field(
         description="A file, a directory or a glob, local or s3://bucket/key (globs allowed in the key).",
     )
-    file_type: _lax(FileType) = Field(FileType.auto, description="File format; auto picks it from the extension.")
-    format: _lax(DatasetFormat) | None = Field(
+    file_type: Annotated[FileType, _LAX] = Field(FileType.auto, description="File format; auto picks it from the extension.")
+    format: Annotated[DatasetFormat, _LAX] | None = Field(
         None,
         description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}) or "
         "text (a text column, or whole lines of a .txt file). Defaults from task.type.",
@@ -512,7 +512,7 @@ class TrainingSpec(JobModel):
                                  "maxSteps is not set.")
     max_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Optimizer steps; overrides epochs when set.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    scheduler: _lax(Scheduler) = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
+    scheduler: Annotated[Scheduler, _LAX] = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
     warmup_steps: int | None = Field(None, ge=0, le=MAX_INT, description="Linear warmup steps (overrides warmupRatio).")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of total steps.")
     weight_decay: float = Field(0.0, ge=0, le=1e6, description="AdamW weight decay.")
@@ -522,7 +522,7 @@ class TrainingSpec(JobModel):
     max_seq_length: int = Field(1024, ge=8, le=MAX_INT, description="Longest sequence in tokens; longer examples are truncated.")
     packing: bool = Field(False, description="Pack several examples into each sequence (instruction and chat "
                           "tasks); completion tasks are always cut into full blocks.")
-    precision: _lax(Precision) = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
+    precision: Annotated[Precision, _LAX] = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
                                  "GPUs, fp32 on CPU.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations to save memory. "
                                                 "Default: on for GPUs, off on CPU.")
@@ -592,7 +592,7 @@ class OutputSpec(JobModel):
                             "kubetune run defaults to ./runs/<name>.")
     credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
                                                         "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[_lax(ExportKind)] | None = Field(None, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
+    exports: list[Annotated[ExportKind, _LAX]] | None = Field(None, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
                                              "(plain transformers), int8, onnx. Default: adapter for lora and "
                                              "qlora, merged for full.")
 
@@ -691,7 +691,7 @@ class ResourcesSpec(JobModel):
 
     nodes: int = Field(1, ge=1, le=1024, description="Worker pods (one per node).")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (and training processes) per pod; 0 trains on CPU.")
-    strategy: _lax(Strategy) = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
+    strategy: Annotated[Strategy, _LAX] = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
     image: NonEmpty | None = Field(None, description="Trainer image; the platform default when omitted.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
     image_pull_secrets: list[K8sName] = Field(default_factory=list, max_length=DEFAULT_MAX_ITEMS, description="Names of image pull Secrets.")
@@ -793,7 +793,7 @@ class FineTuneJobSpec(JobModel):
             raise self.CHECKPOINTS_AT_EVALUATIONS.error()
         if self.output.exports is None:
             default = ExportKind.merged if self.method.type == MethodType.full.value else ExportKind.adapter
-            self.output.exports = [default.value]
+            self.output.exports = [default.value]  # type: ignore[list-item]  # use_enum_values: values are stored as str
         if self.method.type == MethodType.full.value:
             bad = [e for e in self.output.exports if e == ExportKind.adapter.value]
             if bad:

@@ -392,7 +392,8 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         return b.result()
     if failed or job_failed:
         what = _failure_text(failed[0]) if failed else (
-            f"Job {child_job['metadata']['name']} failed: {job_failed.get('reason')}: {job_failed.get('message', '')}")
+            f"Job {child_job['metadata']['name']} failed: {(job_failed or {}).get('reason')}: "
+            f"{(job_failed or {}).get('message', '')}")
         max_restarts = policy.max_restarts
         if b.new["restarts"] >= max_restarts:
             b.phase(Phase.failed, "RestartLimitExceeded", f"attempt {attempt}: {what}; runPolicy.maxRestarts "
@@ -428,8 +429,9 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     if len(running) + len(finished) >= nodes:
         b.new.setdefault("startTime", rfc3339(now))
         b.phase(Phase.running, "AllWorkersRunning", f"attempt {attempt}: {nodes} worker pod(s) running")
-        if deadline and "startTime" in b.new:
-            b.requeue_in((parse_time(b.new["startTime"]) - now).total_seconds() + deadline)
+        started = parse_time(b.new.get("startTime"))
+        if deadline and started is not None:
+            b.requeue_in((started - now).total_seconds() + deadline)
         return b.result()
     problem = _waiting_problem(live)
     if running or any(_scheduled(p) for p in live):

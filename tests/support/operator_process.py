@@ -110,6 +110,10 @@ class OperatorProcess:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
+    def reconciles(self) -> float:
+        """How many reconciles (of any job) this process has finished since it started."""
+        return self.metrics().get(("kubetune_reconcile_duration_seconds_count", ()), 0.0)
+
     def kill(self) -> None:
         """SIGKILL: no cleanup at all, as when a node dies."""
         assert self.proc is not None

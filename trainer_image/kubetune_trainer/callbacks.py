@@ -256,7 +256,12 @@ class CheckpointPublisher(TrainerCallback):
             future = self.store.publish(local, step, self.config_hash, extra=extra,
                                         keep_last=self.ctx.spec.checkpoint.keep_last,
                                         protect={best} if best else ())
-            future.add_done_callback(lambda f: f.exception() is None and self.reporter.report_checkpoint(step, uri))
+
+            def reported(done: Future[Any]) -> None:
+                if done.exception() is None:
+                    self.reporter.report_checkpoint(step, uri)
+
+            future.add_done_callback(reported)
 
         if self.background:
             self._pending.append(self._executor.submit(publish))

@@ -265,7 +265,7 @@ def _loads(text: str) -> Any:
     return json.loads(text)
 
 
-def _read_parquet(name: str, path: Path) -> Iterator[tuple[str, Any, str | None]]:
+def _read_parquet(name: str, path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -131,7 +131,7 @@ def tensor_bytes(state_dict: dict[str, Any]) -> int:
     """Bytes of the distinct tensors of a state dict (tied weights counted once)."""
     import torch
 
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()  # (storage pointer, offset: an int or a SymInt)
     total = 0
     for value in state_dict.values():
         if not isinstance(value, torch.Tensor):
@@ -150,7 +150,7 @@ def tensor_bytes(state_dict: dict[str, Any]) -> int:
 _WEIGHT_ONLY_LINEAR: Any = None
 
 
-def weight_only_linear_class() -> type:
+def weight_only_linear_class() -> Any:
     """Int8WeightOnlyLinear: int8 weights with per-output-channel fp32 scales (symmetric), fp32 compute.
     Defined on first use so that importing this module does not import torch."""
     global _WEIGHT_ONLY_LINEAR
@@ -159,6 +159,10 @@ def weight_only_linear_class() -> type:
     import torch
 
     class Int8WeightOnlyLinear(torch.nn.Module):
+        weight_int8: torch.Tensor  # buffers (declared for type checkers; register_buffer makes them)
+        weight_scale: torch.Tensor
+        bias: Any  # a buffer, or None
+
         def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
             super().__init__()
             self.in_features, self.out_features = in_features, out_features
@@ -302,14 +306,15 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
     if eval_set is not None and len(eval_set):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fp32_loss, used = eval_loss(model, eval_set, pad_token_id=pad)
-        int8_loss, _ = eval_loss(quantized, eval_set, pad_token_id=pad)
+        int8_loss = eval_loss(quantized, eval_set, pad_token_id=pad)[0]
         fp32_ppl, int8_ppl = perplexity(fp32_loss), perplexity(int8_loss)
         change = round(int8_ppl - fp32_ppl, 4) if fp32_ppl is not None and int8_ppl is not None else None
         details.update({
             "fp32Perplexity": fp32_ppl,
             "int8Perplexity": int8_ppl,
             "int8PerplexityChange": change,
-            "int8PerplexityChangePercent": round(100 * change / fp32_ppl, 3) if change is not None else None,
+            "int8PerplexityChangePercent": (round(100 * change / fp32_ppl, 3)
+                                            if change is not None and fp32_ppl is not None else None),
             "int8EvalSequences": used,
         })
     return details
@@ -385,6 +390,7 @@ def _export_onnx_graph(module: Any, path: Path, vocab_size: int) -> None:
             output_names=["logits"], verbose=False,
             dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
         )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     # Weights go into a side file (model.onnx.data) only past the 2 GB protobuf limit.
     program.save(str(path))
 

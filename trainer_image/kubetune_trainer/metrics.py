@@ -110,14 +110,15 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, ctx: Any = None, port: int | None = None, address: str | None = None):
         raw = port if port is not None else os.environ.get(PORT_ENV)
-        self.enabled = _rank(ctx) == 0 and bool(raw) and int(raw) > 0
-        self.port = int(raw) if self.enabled else None
+        number = int(raw) if _rank(ctx) == 0 and raw else 0
+        self.enabled = number > 0
+        self.port = number if self.enabled else None
         self.address = address or os.environ.get(ADDRESS_ENV) or "0.0.0.0"
         self.metrics: TrainerMetrics | None = None
         self.started = 0.0
         self.start_tokens = 0
         if self.enabled:
-            self.metrics = serve(self.port, self.address)
+            self.metrics = serve(number, self.address)
             self.metrics.info.labels(finetunejob=os.environ.get("KUBETUNE_JOB_NAME", ""),
                                      namespace=os.environ.get("KUBETUNE_JOB_NAMESPACE", ""),
                                      attempt=os.environ.get("KUBETUNE_ATTEMPT", "")).set(1)

@@ -50,7 +50,7 @@ def bundled_model_dir(name: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
     # The GGUF weights are dequantized on load: what remains is a plain float32 model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def load_model(spec: FineTuneJobSpec, model_dir: str, precision: str) -> Any:
     targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it scales by alpha / r as a float
         lora_dropout=lora.dropout,
         target_modules=targets,
         bias=lora.bias,

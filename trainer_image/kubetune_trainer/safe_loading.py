@@ -89,7 +89,7 @@ def _dcp_metadata_globals() -> dict[str, Any]:
     import torch
     from torch.distributed.checkpoint import filesystem, metadata
 
-    objects = [
+    objects: list[Any] = [
         metadata.Metadata,
         metadata.TensorStorageMetadata,
         metadata.BytesStorageMetadata,
@@ -353,11 +353,11 @@ def _restricted_dcp_metadata() -> Iterator[None]:
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     original = FileSystemReader.__dict__["read_metadata"]
-    FileSystemReader.read_metadata = _restricted_dcp_read_metadata
+    FileSystemReader.read_metadata = _restricted_dcp_read_metadata  # type: ignore[method-assign]  # see above
     try:
         yield
     finally:
-        FileSystemReader.read_metadata = original
+        FileSystemReader.read_metadata = original  # type: ignore[method-assign]  # restored
 
 
 @contextlib.contextmanager

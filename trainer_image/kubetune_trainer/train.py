@@ -164,7 +164,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
     early = training.early_stopping
     if early is not None and eval_steps is None:
         raise ConfigError("training.earlyStopping needs evaluation.everySteps (the plateau is measured there)")
-    if early is not None:
+    if early is not None and eval_steps is not None:  # (eval_steps is set with early stopping: checked above)
         save_steps = save_steps or eval_steps
         if save_steps % eval_steps:
             raise ConfigError(f"training.earlyStopping: checkpoint.everySteps ({save_steps}) must be a multiple of "
@@ -199,7 +199,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps,
+        save_steps=save_steps or 500,  # (transformers' default; unused without checkpoints)
         load_best_model_at_end=early is not None,
         metric_for_best_model=early.metric if early else None,
         greater_is_better=False if early else None,
@@ -289,7 +289,7 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
             self.save_seconds += time.perf_counter() - started
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in dataset["input_ids"]]
             return SeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths)
 
@@ -405,6 +405,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if preempted:
         store.wait()
         return {"preempted": True, "step": trainer.state.global_step}
+    assert baseline is not None  # the BaselineEvaluator callback set it as training began
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
     if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
         final_metrics = {"eval_loss": last_eval[-1]["eval_loss"]}  # just evaluated at this very step
@@ -480,9 +481,9 @@ def tracking_callbacks(ctx: RunContext) -> list[Any]:
     """TensorBoard (default), Weights & Biases and MLflow callbacks, on rank 0 only."""
     if not ctx.is_main:
         return []
-    tracking = ctx.spec.tracking
+    settings = ctx.spec.tracking
     callbacks: list[Any] = []
-    if tracking.tensorboard:
+    if settings.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Callable, Collection
@@ -138,7 +139,7 @@ def upload_tree(
         for batch in (first, final):
             futures = []
             for rel in batch:
-                subscribers = [_DoneSubscriber(lambda rel=rel: on_uploaded(rel))] if on_uploaded else None
+                subscribers = [_DoneSubscriber(functools.partial(on_uploaded, rel))] if on_uploaded else None
                 futures.append((rel, manager.upload(str(root / rel), bucket, prefix + rel, subscribers=subscribers)))
             errors = []
             for rel, future in futures:
@@ -147,8 +148,8 @@ def upload_tree(
                 except Exception as exc:  # noqa: BLE001
                     errors.append((rel, exc))
             if errors:
-                rel, exc = errors[0]
-                raise classified_error(exc, bucket, prefix + rel, "upload", opts) from exc
+                rel, error = errors[0]
+                raise classified_error(error, bucket, prefix + rel, "upload", opts) from error
     return [f"s3://{bucket}/{prefix}{rel}" for rel in first + final]
 
 

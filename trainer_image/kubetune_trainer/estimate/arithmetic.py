@@ -58,7 +58,7 @@ def training_flops(method: str, flop_parameters: int, adapter_parameters: int, t
             "evaluation": evaluation, "total": base + adapters + recompute + evaluation}
 
 
-def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any = None) -> dict[str, float]:
+def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any = None) -> dict[str, Any]:
     """Bytes per parameter of frozen weights and, per trainable parameter, of weights, gradients and
     optimizer states, as this trainer holds them.
 

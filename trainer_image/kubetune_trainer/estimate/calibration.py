@@ -111,12 +111,12 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
         path.write_text(yaml.safe_dump(manifest))
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        hf_trainer.DEFAULT_CALLBACKS.append(timer)
+        hf_trainer.DEFAULT_CALLBACKS.append(timer)  # type: ignore[arg-type]  # Trainer takes instances too
         try:
             with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report (--json)
                 code, summary = run_trainer(str(path), resume="never", show_progress=False)
         finally:
-            hf_trainer.DEFAULT_CALLBACKS.remove(timer)
+            hf_trainer.DEFAULT_CALLBACKS.remove(timer)  # type: ignore[arg-type]
         peak_memory = torch.cuda.max_memory_allocated() if on_gpu else None
     if code != 0 or summary is None:
         raise ConfigError(f"calibration: the reduced training run failed (exit code {code}); see the log above")

@@ -41,7 +41,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     from kubetune import distributed
 
     if not isinstance(job, FineTuneJob):
-        job = load_job(job)
+        job = load_job(os.fspath(job))
     spec = job.spec
     table = gpu_table if isinstance(gpu_table, dict) else load_gpu_table(gpu_table)
     if mfu is not None and not 0 < mfu <= 1:
@@ -80,7 +80,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
                             adapter_dropout=bool(lora and lora.dropout > 0))
 
     names = [find_gpu(table, gpu)] if gpu else list(table)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         entry = table[name]
         used_mfu = mfu if mfu is not None else entry.get("mfu", DEFAULT_MFU) * (
