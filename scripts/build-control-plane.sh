@@ -44,6 +44,15 @@ stamp_ok() { # name version
 write_stamp() { echo "$2" >"$BIN/.$1.stamp"; }
 
 mod_json() { go mod download -json "$1"; }
+k8s_version_ldflags() { # git-commit build-date: the -X flags that make `--version` report $K8S_VERSION
+  local minor="${K8S_VERSION#v1.}" p flags=""
+  minor="${minor%%.*}"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    flags+=" -X $p.gitCommit=$1 -X $p.gitTreeState=clean -X $p.buildDate=$2"
+  done
+  echo "$flags"
+}
 json_get() { # key: print the first string field "key" of the indented JSON on stdin
   # (reads all of stdin: no early exit that could SIGPIPE the writer under pipefail)
   awk -v k="\"$1\": \"" 'v == "" && index($0, k) { v = substr($0, index($0, k) + length(k)); sub(/",?[[:space:]]*$/, "", v) } END { print v }'
@@ -125,12 +134,7 @@ EOF
     go get "go.etcd.io/etcd/server/v3@$etcd_version" >/dev/null
     etcd_sha="$(mod_json "go.etcd.io/etcd/server/v3@$etcd_version" | json_get Hash)"
     log "etcd: $(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3) (commit ${etcd_sha:-unknown})"
-    minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-    ldflags="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=${etcd_sha:0:7}"
-    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-      ldflags+=" -X $p.gitCommit=$git_commit -X $p.gitTreeState=clean -X $p.buildDate=$build_date"
-    done
+    ldflags="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=${etcd_sha:0:7}$(k8s_version_ldflags "$git_commit" "$build_date")"
     log "kubernetes $K8S_VERSION: compiling ${K8S_BINS[*]} (cold: tens of minutes on 2 cores)"
     go build -p "$JOBS" -trimpath -ldflags "$ldflags" -o "$BIN/" \
       ./cmd/etcd \
@@ -149,12 +153,7 @@ else
   k8s_json="$(mod_json "k8s.io/kubernetes@$K8S_VERSION")"
   git_commit="$(json_get Hash <<<"$k8s_json")"
   build_date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$(json_get Info <<<"$k8s_json")" | head -n1)"
-  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-  ldflags="-s -w"
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    ldflags+=" -X $p.gitCommit=$git_commit -X $p.gitTreeState=clean -X $p.buildDate=$build_date"
-  done
+  ldflags="-s -w$(k8s_version_ldflags "$git_commit" "$build_date")"
   log "kubernetes $K8S_VERSION: compiling ${NODE_BINS[*]} (warm after the control plane: minutes)"
   (cd "$SRC/k8s-wrapper" && go build -p "$JOBS" -trimpath -ldflags "$ldflags" -o "$BIN/" \
     k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)

@@ -27,6 +27,7 @@ import pytest
 
 from kubetune import render
 from kubetune.distributed import MASTER_PORT
+from tests.support.pins import canonical, constraint_pins
 
 pytestmark = pytest.mark.slow  # builds and runs the node's images
 
@@ -78,17 +79,6 @@ def last(path: Path, instruction: str) -> str:
     return [rest for name, rest in instructions(path) if name == instruction][-1]
 
 
-def pins() -> dict[str, str]:
-    out = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==", 1)
-            out[canonical(name)] = version.strip()
-    return out
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def resolve_from(args: dict[str, str], base: str) -> str:
@@ -129,7 +119,7 @@ def test_base_images_and_tools_are_pinned(dockerfile: Path) -> None:
 
 def test_trainer_image_matches_torch_and_the_pods() -> None:
     args = args_of(TRAINER)
-    pinned = pins()
+    pinned = constraint_pins()
     assert args["TORCH_VERSION"] == pinned["torch"], "TORCH_VERSION must be constraints.txt's torch"
     cuda = ".".join(args["CUDA_VERSION"].split(".")[:2])
     assert cuda == ".".join(pinned["nvidia-cuda-runtime"].split(".")[:2]), \
@@ -218,7 +208,7 @@ def resolutions(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("extra", ["trainer", "operator"])
 def test_pinned_versions_resolve_together(resolutions: dict[str, dict], extra: str) -> None:
-    pinned = pins()
+    pinned = constraint_pins()
     tools = args_of(TRAINER)
     installed = _installed(resolutions[extra])
     assert installed.pop("kubetune") == "0.1.0"

@@ -25,23 +25,14 @@ import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+from tests.support.pins import canonical, constraint_pins
+
 REPO = Path(__file__).resolve().parents[1]
 LOCKS = REPO / "locks"
 LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s]+)((?: --hash=sha256:[0-9a-f]{64})+)$")
 TOOLS = {"pip": "PIP_VERSION", "setuptools": "SETUPTOOLS_VERSION", "wheel": "WHEEL_VERSION"}
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def constraints() -> dict[str, str]:
-    out = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==", 1)
-            out[canonical(name)] = version.strip()
-    return out
 
 
 def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
@@ -92,7 +83,7 @@ def closure(requirements: list[str]) -> set[str]:
 @pytest.mark.parametrize("image", ["operator", "trainer"])
 def test_lock_pins_are_the_constraints(image: str) -> None:
     lock = read_lock(LOCKS / f"{image}.txt")
-    pinned = constraints()
+    pinned = constraint_pins()
     dockerfile = REPO / ("operator" if image == "operator" else "trainer_image") / "Dockerfile"
     for name, (version, hashes) in lock.items():
         assert hashes and len(set(hashes)) == len(hashes), name
