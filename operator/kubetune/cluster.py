@@ -456,9 +456,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         job = load_job(args.manifest)
-    except ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    except ManifestError as error:  # printed by _handled, like every other refusal
+        raise ClusterError(str(error), code=EXIT_CONFIG_ERROR) from error
     body = job.model_dump(mode="json", by_alias=True, exclude_unset=True)
     manifest_ns = job.metadata.namespace
     if manifest_ns and args.namespace and manifest_ns != args.namespace:
