@@ -444,8 +444,10 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
         assert failed["reason"] == "ChildRefused", failed
         message = failed["message"]
         assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
-        assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
-                   for e in events(api, name))
+        # kopf posts events in the background: the status patch may be seen first
+        cp.wait_for(lambda: any(e["reason"] == "ChildRefused" and e["type"] == "Warning"
+                                and "refuses children" in e["message"] for e in events(api, name)),
+                    10, "the ChildRefused Warning event")
         time.sleep(3)  # a few more reconciles: still Failed, still no workers
         assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
     finally:
