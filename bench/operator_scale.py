@@ -110,6 +110,12 @@ class BenchOperator(OperatorProcess):
 
 def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
                    script: str | None = None) -> tuple[subprocess.Popen, Path]:
+    proc, log_path, _ = start_operator_process(cp, directory, pods, extra_args, script)
+    return proc, log_path
+
+
+def start_operator_process(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
+                           script: str | None = None) -> tuple[subprocess.Popen, Path, BenchOperator]:
     env = {"KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs",
            "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY)}
@@ -118,7 +124,12 @@ def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: lis
     operator = BenchOperator(cp, directory, env, extra_args, script)
     operator.start()
     assert operator.proc is not None
-    return operator.proc, operator.log_path
+    return operator.proc, operator.log_path, operator
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    """Reconciles the operator has run (its kubetune_reconcile_duration_seconds count)."""
+    return sum(v for (sample, _), v in operator.metrics().items() if sample == "kubetune_reconcile_duration_seconds_count")
 
 
 class Sampler:
@@ -349,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
     parser.add_argument("--operator-script", help="run this Python script (e.g. a profiler wrapper around "
                         "kubetune.operator_main.main) instead of `-m kubetune.operator_main`")
+    parser.add_argument("--restart", action="store_true", help="after the idle window, restart the operator and "
+                        "measure its catch-up: every existing job reconciled once (its reconcile count)")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the control plane directory (logs, audit)")
     args = parser.parse_args(argv)
@@ -381,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             components_before = {name: cpu_of(p) for name, p in components.items()}
             machine_before = psutil.cpu_times()
             t0 = time.time()
-        proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg, args.operator_script)
+        proc, log_path, operator = start_operator_process(cp, workdir, args.pods, args.operator_arg,
+                                                          args.operator_script)
         sampler = Sampler(proc.pid)
         try:
             if args.mode == "catch-up":
@@ -443,6 +457,25 @@ def main(argv: list[str] | None = None) -> int:
             t_settled = time.time()
             cpu_settle = sampler.cpu_seconds() - cpu_before - cpu_run
             rss_end = sampler.rss()
+            if args.restart:
+                sampler.stop()
+                operator.stop()
+                print("operator stopped; starting it again (catch-up of the existing jobs) ...", flush=True)
+                t_restart = time.time()
+                operator.start()
+                assert operator.proc is not None
+                proc = operator.proc
+                sampler = Sampler(proc.pid)
+                while reconciles(operator) < args.jobs:
+                    if time.time() - t_restart > args.timeout:
+                        raise RuntimeError(f"catch-up not done after {args.timeout}s")
+                    time.sleep(0.5)
+                t_caught_up = time.time()
+                result["restart_catch_up"] = {
+                    "seconds_to_every_job_reconciled": round(t_caught_up - t_restart, 1),
+                    "operator_peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+                    "operator_cpu_seconds": round(sampler.cpu_seconds(), 1),
+                }
         finally:
             sampler.stop()
             proc.terminate()
@@ -454,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         startup = summarize(events, 0, t0)
         run = summarize(events, t0, t_done)
         idle = summarize(events, t_done, t_settled)
+        if "restart_catch_up" in result:
+            catch_up = summarize(events, t_restart, t_caught_up)
+            result["restart_catch_up"].update({
+                "requests": catch_up["requests"], "requests_per_job": round(catch_up["requests"] / args.jobs, 2),
+                "breakdown": catch_up["by_verb_resource"]})
         log_text = log_path.read_text(errors="replace")
         result.update({
             "apply_seconds": round(applied_at or 0.0, 1),

@@ -20,10 +20,13 @@ operator reads), parsed on each read: memory stays small with 10,000 jobs and ev
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("kubetune.operator")
 
 FTJ, JOBS, PODS = "finetunejobs", "jobs", "pods"
 # (api group, plural) -> kind key of this cache
@@ -95,10 +98,17 @@ class ObjectCache:
         with self._lock:
             store = self._kinds[kind]
             seen = store.listing.pop(namespace, set())
-            for key in [k for k in store.objects if (namespace is None or k[0] == namespace) and k not in seen]:
+            gone = [k for k in store.objects if (namespace is None or k[0] == namespace) and k not in seen]
+            for key in gone:
                 self._remove(store, key)
+            dropped = len(gone)
+            relisted = namespace in store.synced
             store.synced.add(namespace)
             self.relists[kind] += 1
+            held = len(store.objects)
+        if relisted:  # a watch expired (410 Gone), the API server restarted, or this replica resumed
+            log.info("relisted %s%s: %d held, %d dropped", kind, f" in {namespace}" if namespace else "",
+                     held, dropped)
 
     def apply_event(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
         """One raw watch event (type None: an object of a listing)."""

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica; default)")
     parser.add_argument("--priority", type=_priority, default=0,
                         help="peering priority of this replica, or 'auto' (from the hostname: distinct per pod)")
+    parser.add_argument("--peering-lifetime", type=int, default=15,
+                        help="seconds a replica's peering record lives without a heartbeat: a standby takes over "
+                        "this long after the active replica died (kopf's default 60); default %(default)s")
     parser.add_argument("--namespaced-rbac", action="store_true",
                         help="RBAC is Roles in the --namespace(s) only: do not list/watch namespaces and CRDs")
     parser.add_argument("--liveness", default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8081/healthz"),
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         @kopf.on.startup(id="namespaced-rbac")
         def _no_cluster_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
             settings.scanning.disabled = True  # no namespace/CRD observation: the namespaces are given
+    if args.peering:
+        @kopf.on.startup(id="peering-lifetime")
+        def _peering_lifetime(settings: kopf.OperatorSettings, **_: object) -> None:
+            # heartbeats every lifetime - 5..10 s; a dead replica's record expires after `lifetime`
+            settings.peering.lifetime = args.peering_lifetime
     if args.metrics_port:
         from kubetune import metrics
 
