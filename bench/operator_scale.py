@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes per job (> 1 adds the headless Service)")
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
+    parser.add_argument("--settle-delay", type=float, default=0.0, help="seconds to wait after all are done before "
+                        "the idle window (the scheduler may still be posting first verdicts on a busy machine)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
     parser.add_argument("--operator-script", help="run this Python script (e.g. a profiler wrapper around "
@@ -453,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
             peak_run = sampler.peak_rss
             print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
+            time.sleep(args.settle_delay)
+            t_idle = time.time()
             time.sleep(args.settle)
             t_settled = time.time()
             cpu_settle = sampler.cpu_seconds() - cpu_before - cpu_run
             rss_end = sampler.rss()
+            peak_live = max(peak_run, sampler.peak_rss)  # the first operator's, before any restart
             if args.restart:
                 sampler.stop()
                 operator.stop()
@@ -486,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         events = read_audit(cp.audit_log)
         startup = summarize(events, 0, t0)
         run = summarize(events, t0, t_done)
-        idle = summarize(events, t_done, t_settled)
+        idle = summarize(events, t_idle, t_settled)
+        minutes = [summarize(events, t, min(t + 60, t_settled))["requests"]
+                   for t in [t_idle + 60 * i for i in range(int(-(-(t_settled - t_idle) // 60)))]]
         if "restart_catch_up" in result:
             catch_up = summarize(events, t_restart, t_caught_up)
             result["restart_catch_up"].update({
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "apply_seconds": round(applied_at or 0.0, 1),
             "seconds_to_all_done": round(t_done - t0, 1),
             "marks_seconds": {k: round(v, 1) for k, v in marks.items()},
-            "operator_peak_rss_mib": round(max(peak_run, sampler.peak_rss) / 2**20, 1),
+            "operator_peak_rss_mib": round(peak_live / 2**20, 1),
             "operator_rss_idle_before_mib": round(rss_idle / 2**20, 1),
             "operator_rss_end_mib": round(rss_end / 2**20, 1),
             "operator_cpu_seconds_run": round(cpu_run, 1),
@@ -513,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
             "machine_cpu_busy_cores_run": round(machine_busy, 2),
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_done, 1e-9), 1),
+            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_idle, 1e-9), 2),
+            "idle_requests_per_minute": minutes,
+            "settle_delay_seconds": args.settle_delay,
             "idle_breakdown": idle["by_verb_resource"],
             "operator_log_lines": log_text.count("\n"),
             "operator_log_errors": [line[:300] for line in log_text.splitlines()

@@ -34,9 +34,9 @@ def kinds(steps: list[Step]) -> list[tuple[str, str]]:
     return [(s.kind.value, s.name) for s in steps]
 
 
-def ensure(attempt: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], ensured: bool = False,
-           podgroup: bool = False) -> list[Step]:
-    return planner.plan(Action.ENSURE, NAME, attempt, jobs, pods, lambda: children(attempt, podgroup), ensured)
+def ensure(attempt: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], podgroup: bool = False
+           ) -> list[Step]:
+    return planner.plan(Action.ENSURE, NAME, attempt, jobs, pods, lambda: children(attempt, podgroup))
 
 
 def test_first_attempt_creates_every_child_in_render_order_job_last() -> None:
@@ -52,23 +52,19 @@ def test_podgroup_is_created_before_the_job() -> None:
     assert [s.child["kind"] for s in steps if s.child][-2:] == ["PodGroup", "Job"]
 
 
-def test_nothing_to_do_once_this_process_ensured_the_attempt_and_its_job_exists() -> None:
+def test_nothing_to_do_once_the_attempts_job_exists_even_after_an_operator_restart() -> None:
+    """The Job is created last: if it exists, so did every other child (no create/409/read round)."""
     rendered: list[int] = []
 
     def render() -> list[dict[str, Any]]:
         rendered.append(1)
         return children(1)
-    assert planner.plan(Action.ENSURE, NAME, 1, [job(1)], [pod(1)], render, True) == []
+    assert planner.plan(Action.ENSURE, NAME, 1, [job(1)], [pod(1)], render) == []
     assert rendered == []  # not even rendered
 
 
-def test_after_a_restart_of_the_operator_children_are_ensured_again_adopting_what_exists() -> None:
-    steps = ensure(1, [job(1)], [pod(1)], ensured=False)
-    assert len(steps) == 5 and all(s.kind == StepKind.ENSURE for s in steps)
-
-
-def test_job_being_deleted_is_not_the_current_one_even_if_ensured() -> None:
-    steps = ensure(1, [job(1, deleting=True)], [], ensured=True)
+def test_a_job_being_deleted_is_not_the_current_one() -> None:
+    steps = ensure(1, [job(1, deleting=True)], [])
     assert [s.kind for s in steps] == [StepKind.ENSURE] * 5
 
 
@@ -94,21 +90,21 @@ def test_finished_pods_of_earlier_attempts_do_not_block() -> None:
 
 def test_only_the_two_latest_finished_attempts_are_kept() -> None:
     jobs = [job(1, finished="Failed"), job(2, finished="Complete"), job(3, finished="FailureTarget"), job(4)]
-    steps = ensure(4, jobs, [pod(4)], ensured=True)
+    steps = ensure(4, jobs, [pod(4)])
     assert kinds(steps) == [("delete-job", f"{NAME}-1")]
     assert steps[0].propagation == "Background"
 
 
 def test_stop_deletes_every_job_not_already_being_deleted() -> None:
     steps = planner.plan(Action.STOP, NAME, 3, [job(2, finished="Failed"), job(3), job(1, deleting=True)], [],
-                         lambda: children(3), False)
+                         lambda: children(3))
     assert kinds(steps) == [("delete-job", f"{NAME}-2"), ("delete-job", f"{NAME}-3")]
 
 
 def test_delete_action_deletes_the_finetunejob_and_none_does_nothing() -> None:
-    assert kinds(planner.plan(Action.DELETE, NAME, 1, [job(1)], [], lambda: children(1), True)) == [
+    assert kinds(planner.plan(Action.DELETE, NAME, 1, [job(1)], [], lambda: children(1))) == [
         ("delete-self", NAME)]
-    assert planner.plan(Action.NONE, NAME, 1, [job(1)], [pod(1)], lambda: children(1), False) == []
+    assert planner.plan(Action.NONE, NAME, 1, [job(1)], [pod(1)], lambda: children(1)) == []
 
 
 def test_attempt_label_that_is_not_a_number_reads_as_zero() -> None:

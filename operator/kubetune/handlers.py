@@ -140,6 +140,8 @@ def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
 # forbidden fields): the FineTuneJob fails with the server's message. 404 (namespace going away), 408 and
 # 429 (load) are retried; 409 means the child exists.
 RETRIED_STATUSES = {404, 408, 409, 429}
+# children by server-side apply instead of create-or-adopt: an experiment measured by the benchmark
+SSA_CHILDREN = os.environ.get("KUBETUNE_CHILDREN_SSA") == "1"
 
 
 class ChildRefused(Exception):
@@ -170,7 +172,6 @@ class Reconciler:
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.networking = client.NetworkingV1Api(api)
-        self._ensured: dict[str, int] = {}  # uid -> attempt whose children this process has all seen
         # uid -> the operator-owned status fields as this process last wrote (or read, at its first look)
         # them: a change by anyone else (the trainer's token may patch the status subresource) is undone
         self._written: dict[str, dict[str, Any]] = {}
@@ -247,9 +248,38 @@ class Reconciler:
         group, version, plural = scheduling.POD_GROUP_RESOURCES[body["apiVersion"]]
         return self.custom.create_namespaced_custom_object(group, version, namespace, plural, body, **kwargs)
 
+    def apply_child(self, obj: dict[str, Any]) -> str:
+        """Server-side apply of `obj` (field manager kubetune-operator, no force): one request whether it
+        exists or not. Only with KUBETUNE_CHILDREN_SSA=1, for the benchmark (bench/README.md): unlike
+        create-or-adopt, it would also add this job's ownerReference to a same-named object that someone
+        else created with the same field values."""
+        meta = obj["metadata"]
+        group_version = obj["apiVersion"]
+        plural = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps", "Service": "services",
+                  "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs", "NetworkPolicy": "networkpolicies",
+                  "PodGroup": "podgroups"}[obj["kind"]]
+        prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        response = self.api.call_api(
+            f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}", "PATCH",
+            query_params=[("fieldManager", "kubetune-operator")],
+            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+            body=obj, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
+        applied, created = json.loads(response.data), response.status == 201
+        response.release_conn()
+        if obj["kind"] == "Job" and self.cache is not None:
+            self.cache.record(JOBS, applied)
+        return "created" if created else "exists"
+
     def ensure_child(self, obj: dict[str, Any], uid: str) -> str:
         """Create `obj`, or adopt the existing one of that name; returns created|exists|conflict|deleting."""
         namespace, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
+        if SSA_CHILDREN:
+            try:
+                return self.apply_child(obj)
+            except ApiException as error:
+                if error.status and 400 <= error.status < 500 and error.status not in RETRIED_STATUSES:
+                    raise ChildRefused(kind, name, error) from None
+                raise
         if kind == "PodGroup":
             group, version, plural = scheduling.POD_GROUP_RESOURCES[obj["apiVersion"]]
             create = self._create_pod_group
@@ -340,8 +370,7 @@ class Reconciler:
         namespace, name = meta["namespace"], meta["name"]
         attempt = int(job_cr["status"]["attempt"])
         steps = planner.plan_ensure(name, attempt, jobs, pods,
-                                    lambda: render.render_children(job_cr, self.defaults, attempt=attempt),
-                                    already_ensured=self._ensured.get(uid) == attempt)
+                                    lambda: render.render_children(job_cr, self.defaults, attempt=attempt))
         for step in steps:
             if step.kind == planner.StepKind.DELETE_JOB:
                 self.delete_job(namespace, step.name, step.propagation)
@@ -362,10 +391,6 @@ class Reconciler:
                 if result == "created" and child["kind"] == "Job":
                     events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
                                            f"with {child['spec']['completions']} worker pod(s)"))
-        if any(step.kind == planner.StepKind.ENSURE for step in steps):
-            # The Job is created last, so its children exist now; later reconciles skip them (creating
-            # each again only to read 409s cost 12 requests per reconcile)
-            self._ensured[uid] = attempt
         return None
 
     def _fail_refused(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], message: str,
@@ -402,7 +427,6 @@ class Reconciler:
 
     def forget(self, uid: str) -> None:
         """The job's loop ended (deleted, or another replica took over)."""
-        self._ensured.pop(uid, None)
         self._written.pop(uid, None)
 
 

@@ -8,9 +8,10 @@
   so their pods go before the Job), delete finished Jobs of earlier attempts beyond the
   `KEEP_FINISHED_ATTEMPTS` latest, then create-or-adopt every child of the attempt in render order
   (the PodGroup, if any, before the Job; the Job last), but wait instead of creating the Job while a
-  pod of an earlier attempt still runs or an earlier unfinished Job is being deleted. Once this
-  process has created or adopted all children of the attempt and its Job exists, nothing is
-  re-created (`already_ensured`).
+  pod of an earlier attempt still runs or an earlier unfinished Job is being deleted. Once the
+  attempt's Job exists (not being deleted), nothing is created: the Job is created last, so every
+  other child of the attempt existed then. This holds across operator restarts and failovers: a
+  restarted operator creates nothing for running jobs (no create/409/read round per child).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def plan_stop(jobs: Sequence[Mapping[str, Any]]) -> list[Step]:
 
 
 def plan_ensure(job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
-                children: Callable[[], Sequence[Mapping[str, Any]]], already_ensured: bool) -> list[Step]:
+                children: Callable[[], Sequence[Mapping[str, Any]]]) -> list[Step]:
     """The steps that make the children of `attempt` exist (see the module docstring).
 
     `jobs`: the FineTuneJob's worker Jobs (all attempts); `pods`: its worker pods (all attempts);
@@ -97,7 +98,7 @@ def plan_ensure(job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]], 
         steps.append(Step(StepKind.DELETE_JOB, f"only the {KEEP_FINISHED_ATTEMPTS} latest finished attempts are kept",
                           _name(job)))
     current = next((j for j in jobs if _name(j) == render.job_name(job_name, attempt) and not _deleting(j)), None)
-    if current is not None and already_ensured:
+    if current is not None:
         return steps
     waiting = [_name(p) for p in pods if attempt_of(p) != attempt and not _pod_done(p)]
     stopping = [_name(j) for j in stale if _deleting(j) and not finished_job(j)]
@@ -111,13 +112,12 @@ def plan_ensure(job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]], 
 
 
 def plan(action: Action, job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]],
-         pods: Sequence[Mapping[str, Any]], children: Callable[[], Sequence[Mapping[str, Any]]],
-         already_ensured: bool) -> list[Step]:
+         pods: Sequence[Mapping[str, Any]], children: Callable[[], Sequence[Mapping[str, Any]]]) -> list[Step]:
     """The steps for `action` (status.Action) given the observed worker Jobs and pods."""
     if action == Action.STOP:
         return plan_stop(jobs)
     if action == Action.DELETE:
         return [Step(StepKind.DELETE_SELF, "ttlSecondsAfterFinished is over", job_name)]
     if action == Action.ENSURE:
-        return plan_ensure(job_name, attempt, jobs, pods, children, already_ensured)
+        return plan_ensure(job_name, attempt, jobs, pods, children)
     return []
