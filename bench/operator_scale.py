@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                         marks[label] = elapsed
                 if len(timeline) % 20 == 1:
                     print(f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
-                          f"done {counts['done']:5d}", flush=True)
+                          f"done {counts['done']:5d}  operator peak RSS {sampler.peak_rss / 2**20:.0f} MiB, "
+                          f"CPU {sampler.cpu_seconds() - cpu_before:.0f} s", flush=True)
                 if counts["done"] == args.jobs and applied_at is not None:
                     break
                 if proc.poll() is not None:
