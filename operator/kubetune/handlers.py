@@ -66,6 +66,12 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # PodGroups of gang-scheduled jobs (spec.scheduling.gang; kubetune.scheduling)
     scheduling.RBAC_RULE,
 ]
+# Children by server-side apply instead of create-or-adopt: an experiment for the benchmark only
+# (bench/README.md). It needs `patch` on every child kind, which create-or-adopt does not.
+SSA_CHILDREN = os.environ.get("KUBETUNE_CHILDREN_SSA") == "1"
+if SSA_CHILDREN:
+    OPERATOR_RBAC_RULES = [{**rule, "verbs": [*rule["verbs"], "patch"]} if "create" in rule["verbs"]
+                           and "patch" not in rule["verbs"] else rule for rule in OPERATOR_RBAC_RULES]
 
 
 @dataclass
@@ -140,8 +146,6 @@ def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
 # forbidden fields): the FineTuneJob fails with the server's message. 404 (namespace going away), 408 and
 # 429 (load) are retried; 409 means the child exists.
 RETRIED_STATUSES = {404, 408, 409, 429}
-# children by server-side apply instead of create-or-adopt: an experiment measured by the benchmark
-SSA_CHILDREN = os.environ.get("KUBETUNE_CHILDREN_SSA") == "1"
 
 
 class ChildRefused(Exception):
@@ -520,6 +524,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
             if ((current or {}).get("status") or {}).get("phase") in st.TERMINAL:
                 idle *= CONFIG.finished_interval_factor
             delay = idle if requeue is None else min(requeue, idle)
+            current = events = None  # type: ignore[assignment]  # not held by 10,000 sleeping loops
             woken = asyncio.ensure_future(waker.wait())
             await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()

@@ -13,6 +13,7 @@ variables (see render.PlatformDefaults).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import socket
@@ -63,9 +64,20 @@ def _priority(value: str) -> int:
     return int(value)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena; with 16 reconcile threads parsing
+    JSON the freed memory stays scattered over them (RSS grows with the number of jobs reconciled).
+    Two arenas, as MALLOC_ARENA_MAX=2 would (must run before the threads start); no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Configure logging and the handlers, then run kopf until signalled."""
     args = parse_args(argv)
+    _limit_malloc_arenas()
     if args.defaults:
         os.environ["KUBETUNE_DEFAULTS_FILE"] = args.defaults
     kopf.configure(debug=args.verbose, verbose=args.verbose)
