@@ -496,6 +496,16 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _reconciler()
 
 
+async def _cache_synced(namespace: str, stopped: kopf.DaemonStopped, timeout: float = 30.0) -> None:
+    """At start-up the FineTuneJobs' listing may end before those of the Jobs and pods: wait (up to
+    `timeout`) until the cache holds them too, rather than list them for every job (an operator
+    restarting with 1,000 jobs sent ~240 such lists)."""
+    waited = 0.0
+    while waited < timeout and not stopped and not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace)):
+        await asyncio.sleep(0.2)
+        waited += 0.2
+
+
 async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
     await stopped.wait()
 
@@ -508,6 +518,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
     _JOB_UIDS[namespace, name] = uid
     stopping = asyncio.ensure_future(_until_stopped(stopped))
     try:
+        await _cache_synced(namespace, stopped)
         while not stopped:
             waker.clear()
             try:
