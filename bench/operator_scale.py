@@ -128,8 +128,13 @@ def start_operator_process(cp: ControlPlane, directory: Path, pods: str, extra_a
 
 
 def reconciles(operator: OperatorProcess) -> float:
-    """Reconciles the operator has run (its kubetune_reconcile_duration_seconds count)."""
-    return sum(v for (sample, _), v in operator.metrics().items() if sample == "kubetune_reconcile_duration_seconds_count")
+    """Reconciles the operator has run (its kubetune_reconcile_duration_seconds count); 0 while its
+    metrics endpoint does not answer (an operator starting 10,000 loops may not, within 5 s)."""
+    try:
+        metrics = operator.metrics()
+    except OSError:
+        return 0.0
+    return sum(v for (sample, _), v in metrics.items() if sample == "kubetune_reconcile_duration_seconds_count")
 
 
 class Sampler:
