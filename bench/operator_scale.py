@@ -110,6 +110,12 @@ class BenchOperator(OperatorProcess):
 
 def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
                    script: str | None = None) -> tuple[subprocess.Popen, Path]:
+    proc, log_path, _ = start_operator_process(cp, directory, pods, extra_args, script)
+    return proc, log_path
+
+
+def start_operator_process(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
+                           script: str | None = None) -> tuple[subprocess.Popen, Path, BenchOperator]:
     env = {"KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
            "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs",
            "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY)}
@@ -118,7 +124,17 @@ def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: lis
     operator = BenchOperator(cp, directory, env, extra_args, script)
     operator.start()
     assert operator.proc is not None
-    return operator.proc, operator.log_path
+    return operator.proc, operator.log_path, operator
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    """Reconciles the operator has run (its kubetune_reconcile_duration_seconds count); 0 while its
+    metrics endpoint does not answer (an operator starting 10,000 loops may not, within 5 s)."""
+    try:
+        metrics = operator.metrics()
+    except OSError:
+        return 0.0
+    return sum(v for (sample, _), v in metrics.items() if sample == "kubetune_reconcile_duration_seconds_count")
 
 
 class Sampler:
@@ -345,10 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes per job (> 1 adds the headless Service)")
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
+    parser.add_argument("--settle-delay", type=float, default=0.0, help="seconds to wait after all are done before "
+                        "the idle window (the scheduler may still be posting first verdicts on a busy machine)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
     parser.add_argument("--operator-script", help="run this Python script (e.g. a profiler wrapper around "
                         "kubetune.operator_main.main) instead of `-m kubetune.operator_main`")
+    parser.add_argument("--restart", action="store_true", help="after the idle window, restart the operator and "
+                        "measure its catch-up: every existing job reconciled once (its reconcile count)")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the control plane directory (logs, audit)")
     args = parser.parse_args(argv)
@@ -381,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             components_before = {name: cpu_of(p) for name, p in components.items()}
             machine_before = psutil.cpu_times()
             t0 = time.time()
-        proc, log_path = start_operator(cp, workdir, args.pods, args.operator_arg, args.operator_script)
+        proc, log_path, operator = start_operator_process(cp, workdir, args.pods, args.operator_arg,
+                                                          args.operator_script)
         sampler = Sampler(proc.pid)
         try:
             if args.mode == "catch-up":
@@ -421,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                         marks[label] = elapsed
                 if len(timeline) % 20 == 1:
                     print(f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
-                          f"done {counts['done']:5d}", flush=True)
+                          f"done {counts['done']:5d}  operator peak RSS {sampler.peak_rss / 2**20:.0f} MiB, "
+                          f"CPU {sampler.cpu_seconds() - cpu_before:.0f} s", flush=True)
                 if counts["done"] == args.jobs and applied_at is not None:
                     break
                 if proc.poll() is not None:
@@ -439,10 +461,32 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
             peak_run = sampler.peak_rss
             print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
+            time.sleep(args.settle_delay)
+            t_idle = time.time()
             time.sleep(args.settle)
             t_settled = time.time()
             cpu_settle = sampler.cpu_seconds() - cpu_before - cpu_run
             rss_end = sampler.rss()
+            peak_live = max(peak_run, sampler.peak_rss)  # the first operator's, before any restart
+            if args.restart:
+                sampler.stop()
+                operator.stop()
+                print("operator stopped; starting it again (catch-up of the existing jobs) ...", flush=True)
+                t_restart = time.time()
+                operator.start()
+                assert operator.proc is not None
+                proc = operator.proc
+                sampler = Sampler(proc.pid)
+                while reconciles(operator) < args.jobs:
+                    if time.time() - t_restart > args.timeout:
+                        raise RuntimeError(f"catch-up not done after {args.timeout}s")
+                    time.sleep(0.5)
+                t_caught_up = time.time()
+                result["restart_catch_up"] = {
+                    "seconds_to_every_job_reconciled": round(t_caught_up - t_restart, 1),
+                    "operator_peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
+                    "operator_cpu_seconds": round(sampler.cpu_seconds(), 1),
+                }
         finally:
             sampler.stop()
             proc.terminate()
@@ -453,13 +497,20 @@ def main(argv: list[str] | None = None) -> int:
         events = read_audit(cp.audit_log)
         startup = summarize(events, 0, t0)
         run = summarize(events, t0, t_done)
-        idle = summarize(events, t_done, t_settled)
+        idle = summarize(events, t_idle, t_settled)
+        minutes = [summarize(events, t, min(t + 60, t_settled))["requests"]
+                   for t in [t_idle + 60 * i for i in range(int(-(-(t_settled - t_idle) // 60)))]]
+        if "restart_catch_up" in result:
+            catch_up = summarize(events, t_restart, t_caught_up)
+            result["restart_catch_up"].update({
+                "requests": catch_up["requests"], "requests_per_job": round(catch_up["requests"] / args.jobs, 2),
+                "breakdown": catch_up["by_verb_resource"]})
         log_text = log_path.read_text(errors="replace")
         result.update({
             "apply_seconds": round(applied_at or 0.0, 1),
             "seconds_to_all_done": round(t_done - t0, 1),
             "marks_seconds": {k: round(v, 1) for k, v in marks.items()},
-            "operator_peak_rss_mib": round(max(peak_run, sampler.peak_rss) / 2**20, 1),
+            "operator_peak_rss_mib": round(peak_live / 2**20, 1),
             "operator_rss_idle_before_mib": round(rss_idle / 2**20, 1),
             "operator_rss_end_mib": round(rss_end / 2**20, 1),
             "operator_cpu_seconds_run": round(cpu_run, 1),
@@ -475,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
             "machine_cpu_busy_cores_run": round(machine_busy, 2),
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_done, 1e-9), 1),
+            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_idle, 1e-9), 2),
+            "idle_requests_per_minute": minutes,
+            "settle_delay_seconds": args.settle_delay,
             "idle_breakdown": idle["by_verb_resource"],
             "operator_log_lines": log_text.count("\n"),
             "operator_log_errors": [line[:300] for line in log_text.splitlines()

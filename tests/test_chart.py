@@ -267,7 +267,8 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
         "queueName": "default", "priorityClassName": "training", "cacheSizeLimit": "200Gi",
         "terminationGracePeriodSeconds": 600, "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"},
         "trainerServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
-        "dataVolumes": [{"name": "datasets", "mountPath": "/data", "nfs": {"server": "nfs", "path": "/x"}}]},
+        "dataVolumes": [{"name": "datasets", "mountPath": "/data", "nfs": {"server": "nfs", "path": "/x"}}],
+        "gangSchedulers": {"coscheduling": "scheduler-plugins-scheduler"}},
         "policy": {"allowedImagePrefixes": ["registry.example/"], "requireQueue": True, "dataPaths": ["/data"],
                    "tenantSecretRefs": "Forbid", "networkPolicy": {"egress": []}}}
     full = render_chart(tmp_path, values)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +42,14 @@ SECRETS = {
     "hf-token": {"HF_TOKEN": "hf_" + secrets.token_hex(16)},
 }
 SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
+GANG_SCHEDULERS = {"coscheduling": "scheduler-plugins-scheduler", "volcano": "volcano"}
+# the upstream PodGroup CRDs (tests/data/crds/README.md): (file, CRD name, group, version)
+POD_GROUP_CRDS = {
+    "coscheduling": ("scheduling.x-k8s.io_podgroups.yaml", "podgroups.scheduling.x-k8s.io", "scheduling.x-k8s.io",
+                     "v1alpha1"),
+    "volcano": ("scheduling.volcano.sh_podgroups.yaml", "podgroups.scheduling.volcano.sh", "scheduling.volcano.sh",
+                "v1beta1"),
+}
 
 
 # ----- fixtures -----
@@ -51,6 +60,8 @@ OPERATOR_ENV = {
     "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
     "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
     "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),  # one trusted team: the older tests' fields
+    # gang scheduling enabled with both providers (no gang scheduler runs here: their pods stay Pending)
+    "KUBETUNE_DEFAULT_GANG_SCHEDULERS": json.dumps(GANG_SCHEDULERS),
 }
 
 
@@ -65,6 +76,8 @@ def cp(request):
                       namespaces=[NS], namespace_labels={"pod-security.kubernetes.io/enforce": "restricted",
                                                          "pod-security.kubernetes.io/enforce-version": "latest"},
                       crd=True, secrets={NS: SECRETS}) as plane:
+        for file_name, *_ in POD_GROUP_CRDS.values():
+            plane.kubectl("apply", "-f", str(REPO / "tests" / "data" / "crds" / file_name))
         yield plane
 
 
@@ -429,8 +442,10 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
         assert failed["reason"] == "ChildRefused", failed
         message = failed["message"]
         assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
-        assert any(e["reason"] == "ChildRefused" and e["type"] == "Warning" and "refuses children" in e["message"]
-                   for e in events(api, name))
+        # kopf posts events in the background: the status patch may be seen first
+        cp.wait_for(lambda: any(e["reason"] == "ChildRefused" and e["type"] == "Warning"
+                                and "refuses children" in e["message"] for e in events(api, name)),
+                    10, "the ChildRefused Warning event")
         wait_reconciles(cp, operator)  # a few more reconciles: still Failed, still no workers
         assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
     finally:
@@ -640,6 +655,50 @@ def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) 
     assert event_reasons(api, name).count("CreatedWorkers") == created + 1
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
+
+
+@pytest.mark.parametrize("provider", ["coscheduling", "volcano"])
+def test_gang_scheduling_pod_group_is_admitted_and_the_pods_join_it(cp, api, operator, provider: str) -> None:
+    """The operator creates the attempt's PodGroup (the upstream CRD's schema admits it) before the Job;
+    the pods name the platform's gang scheduler and the group. No gang scheduler runs here, so they
+    stay Pending, unscheduled: none of them holds a node."""
+    _, crd_name, group, version = POD_GROUP_CRDS[provider]
+    cp.wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in cp.get_json(
+        "crd", crd_name).get("status", {}).get("conditions", [])), 60, f"{crd_name} Established")
+    name = f"gang-{provider}"
+    gang: dict[str, Any] = {"provider": provider}
+    if provider == "coscheduling":
+        gang["scheduleTimeoutSeconds"] = 60
+    cp.apply(manifest(name, scheduling={"gang": gang}))
+    custom = client.CustomObjectsApi(api)
+    pod_group = cp.wait_for(lambda: _get_or_none(lambda: custom.get_namespaced_custom_object(
+        group, version, NS, "podgroups", f"{name}-1")), 60, f"PodGroup {name}-1")
+    assert pod_group["spec"]["minMember"] == 2
+    if provider == "coscheduling":
+        assert pod_group["spec"]["scheduleTimeoutSeconds"] == 60
+    owner = pod_group["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "FineTuneJob" and owner["uid"] == ftj(api, name)["metadata"]["uid"] and owner["controller"]
+    workers = cp.wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(pods(api, name, 1)), 60, "2 worker pods")
+    for pod in workers:
+        assert pod["spec"]["schedulerName"] == GANG_SCHEDULERS[provider]
+        if provider == "coscheduling":
+            assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == f"{name}-1"
+        else:
+            assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == f"{name}-1"
+    # deliberate: what is tested is that nothing happens (the default scheduler binds none of them)
+    time.sleep(3)
+    assert all(p["status"]["phase"] == "Pending" and not p["spec"].get("nodeName") for p in pods(api, name, 1))
+    assert status(api, name)["phase"] == "Pending"
+    delete(cp, name)
+
+
+def _get_or_none(read: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return read()
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
 
 
 def _peering_crd(kind: str, scope: str) -> dict[str, Any]:

@@ -28,8 +28,9 @@ from kubernetes import client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from kubetune import render
+from kubetune import planner, render, scheduling
 from kubetune import status as st
+from kubetune.cache import FTJ, JOBS, PODS, ObjectCache, install_watch_hook
 from kubetune.metrics import METRICS
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, TERMINAL_PHASES
 
@@ -37,7 +38,7 @@ log = logging.getLogger("kubetune.operator")
 
 FINALIZER = f"{API_GROUP}/finalizer"
 MERGE_PATCH = "application/merge-patch+json"
-KEEP_FINISHED_ATTEMPTS = 2  # finished Jobs of earlier attempts kept for `kubectl logs`
+KEEP_FINISHED_ATTEMPTS = planner.KEEP_FINISHED_ATTEMPTS
 
 
 # What the operator's ClusterRole must grant (docs/operator.md; the cluster test runs the operator with
@@ -62,7 +63,15 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings", "clusterkopfpeerings"],
      "verbs": ["get", "list", "watch", "patch"]},
+    # PodGroups of gang-scheduled jobs (spec.scheduling.gang; kubetune.scheduling)
+    scheduling.RBAC_RULE,
 ]
+# Children by server-side apply instead of create-or-adopt: an experiment for the benchmark only
+# (bench/README.md). It needs `patch` on every child kind, which create-or-adopt does not.
+SSA_CHILDREN = os.environ.get("KUBETUNE_CHILDREN_SSA") == "1"
+if SSA_CHILDREN:
+    OPERATOR_RBAC_RULES = [{**rule, "verbs": [*rule["verbs"], "patch"]} if "create" in rule["verbs"]
+                           and "patch" not in rule["verbs"] else rule for rule in OPERATOR_RBAC_RULES]
 
 
 @dataclass
@@ -91,6 +100,8 @@ class OperatorConfig:
 
 
 CONFIG = OperatorConfig(defaults=render.PlatformDefaults())
+# FineTuneJobs, worker Jobs and worker pods as kopf's watches last saw them (kubetune.cache)
+CACHE = ObjectCache(render.LABEL_JOB)
 _WAKERS: dict[str, asyncio.Event] = {}
 # uid -> metadata.generation of the FineTuneJob as the job's last reconcile read it. Watch events
 # that bring no new generation (the operator's own status patches, the trainer's progress) do not
@@ -114,11 +125,7 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
                for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
-def _attempt_of(obj: Mapping[str, Any]) -> int:
-    try:
-        return int(((obj.get("metadata") or {}).get("labels") or {}).get(render.LABEL_ATTEMPT, "0"))
-    except ValueError:
-        return 0
+_attempt_of = planner.attempt_of
 
 
 def _raw(call: Any, *args: Any, **kwargs: Any) -> bytes:
@@ -158,50 +165,72 @@ class ChildRefused(Exception):
 class Reconciler:
     """Applies observations through the Kubernetes API (synchronous client; run in a worker thread)."""
 
-    def __init__(self, api: client.ApiClient, defaults: render.PlatformDefaults):
+    def __init__(self, api: client.ApiClient, defaults: render.PlatformDefaults, cache: ObjectCache | None = None):
         self.api = api
         self.defaults = defaults
+        # the watch-fed store the loop reads from (kubetune.cache); None: every read goes to the API
+        self.cache = cache
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.networking = client.NetworkingV1Api(api)
-        self._ensured: dict[str, int] = {}  # uid -> attempt whose children this process has all seen
         # uid -> the operator-owned status fields as this process last wrote (or read, at its first look)
         # them: a change by anyone else (the trainer's token may patch the status subresource) is undone
         self._written: dict[str, dict[str, Any]] = {}
 
     # ----- reads -----
     def get_job_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.cache is not None:
+            cached = self.cache.get(FTJ, namespace, name)
+            if cached is not None or self.cache.synced(FTJ, namespace):
+                return cached
         try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            job_cr = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
+        if self.cache is not None:
+            self.cache.record(FTJ, job_cr)
+        return job_cr
+
+    def _list(self, kind: str, call: Any, namespace: str, name: str, selector: str) -> list[dict[str, Any]]:
+        """The FineTuneJob's children of `kind`: from the cache once it is synced, else listed (and recorded)."""
+        if self.cache is not None and self.cache.synced(kind, namespace):
+            return self.cache.owned(kind, namespace, name)
+        items = json.loads(_raw(call, namespace, label_selector=selector)).get("items") or []
+        if self.cache is not None:
+            for item in items:
+                self.cache.record(kind, item)
+        return items
 
     def worker_jobs(self, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
-        items = json.loads(_raw(self.batch.list_namespaced_job, namespace,
-                                label_selector=f"{render.LABEL_JOB}={name}")).get("items") or []
+        items = self._list(JOBS, self.batch.list_namespaced_job, namespace, name, f"{render.LABEL_JOB}={name}")
         return [j for j in items if _owned_by(j, uid)]
 
     def worker_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        return json.loads(_raw(self.core.list_namespaced_pod, namespace,
-                               label_selector=render.worker_selector(name))
-                          ).get("items") or []
+        return self._list(PODS, self.core.list_namespaced_pod, namespace, name,
+                          render.worker_selector(name))
 
     # ----- writes -----
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name,
-                                                          {"status": patch})
+        patched = self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name,
+                                                                    {"status": patch})
+        if self.cache is not None and isinstance(patched, dict):
+            self.cache.record(FTJ, patched)  # read-your-writes: the next reconcile sees this status
 
     def delete_job(self, namespace: str, job_name: str, propagation: str = "Background") -> None:
         try:
             self.batch.delete_namespaced_job(job_name, namespace, propagation_policy=propagation)
             log.info("deleted Job %s/%s (%s)", namespace, job_name, propagation)
+            if self.cache is not None:
+                self.cache.record_deleting(JOBS, namespace, job_name)
         except ApiException as error:
             if error.status != 404:
                 raise
+            if self.cache is not None:
+                self.cache.record_gone(JOBS, namespace, job_name)
 
     def _create_fn(self, kind: str):
         return {
@@ -215,12 +244,54 @@ class Reconciler:
                               self.networking.read_namespaced_network_policy),
         }[kind]
 
+    def _create_pod_group(self, namespace: str, body: dict[str, Any], **kwargs: Any) -> Any:
+        group, version, plural = scheduling.POD_GROUP_RESOURCES[body["apiVersion"]]
+        return self.custom.create_namespaced_custom_object(group, version, namespace, plural, body, **kwargs)
+
+    def apply_child(self, obj: dict[str, Any]) -> str:
+        """Server-side apply of `obj` (field manager kubetune-operator, no force): one request whether it
+        exists or not. Only with KUBETUNE_CHILDREN_SSA=1, for the benchmark (bench/README.md): unlike
+        create-or-adopt, it would also add this job's ownerReference to a same-named object that someone
+        else created with the same field values."""
+        meta = obj["metadata"]
+        group_version = obj["apiVersion"]
+        plural = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps", "Service": "services",
+                  "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs", "NetworkPolicy": "networkpolicies",
+                  "PodGroup": "podgroups"}[obj["kind"]]
+        prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        response = self.api.call_api(
+            f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}", "PATCH",
+            query_params=[("fieldManager", "kubetune-operator")],
+            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+            body=obj, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
+        applied, created = json.loads(response.data), response.status == 201
+        response.release_conn()
+        if obj["kind"] == "Job" and self.cache is not None:
+            self.cache.record(JOBS, applied)
+        return "created" if created else "exists"
+
     def ensure_child(self, obj: dict[str, Any], uid: str) -> str:
         """Create `obj`, or adopt the existing one of that name; returns created|exists|conflict|deleting."""
         namespace, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
-        create, read = self._create_fn(kind)
+        if SSA_CHILDREN:
+            try:
+                return self.apply_child(obj)
+            except ApiException as error:
+                if error.status and 400 <= error.status < 500 and error.status not in RETRIED_STATUSES:
+                    raise ChildRefused(kind, name, error) from None
+                raise
+        if kind == "PodGroup":
+            group, version, plural = scheduling.POD_GROUP_RESOURCES[obj["apiVersion"]]
+            create = self._create_pod_group
+
+            def read(n: str, ns: str, **kwargs: Any) -> Any:
+                return self.custom.get_namespaced_custom_object(group, version, ns, plural, n, **kwargs)
+        else:
+            create, read = self._create_fn(kind)
         try:
-            _raw(create, namespace, obj)
+            created = _raw(create, namespace, obj)
+            if kind == "Job" and self.cache is not None:
+                self.cache.record(JOBS, json.loads(created))  # read-your-writes
             # one INFO line per job (its worker Job); the other children at DEBUG
             (log.info if kind == "Job" else log.debug)("created %s %s/%s", kind, namespace, name)
             return "created"
@@ -278,9 +349,8 @@ class Reconciler:
         job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
         requeue = update.requeue_after
         if update.action == st.Action.STOP:
-            for job in jobs:
-                if not job["metadata"].get("deletionTimestamp"):
-                    self.delete_job(namespace, job["metadata"]["name"])
+            for step in planner.plan_stop(jobs):
+                self.delete_job(namespace, step.name, step.propagation)
         elif update.action == st.Action.ENSURE:
             try:
                 wait = self.ensure(job_cr, jobs, pods, uid, update.events)
@@ -300,40 +370,28 @@ class Reconciler:
         meta = job_cr["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         attempt = int(job_cr["status"]["attempt"])
-        stale = [j for j in jobs if _attempt_of(j) != attempt]
-        for job in stale:
-            if not job["metadata"].get("deletionTimestamp") and not st.job_finishing(job):
-                self.delete_job(namespace, job["metadata"]["name"], "Foreground")
-        finished = sorted((j for j in stale if st.job_finishing(j) and not j["metadata"].get("deletionTimestamp")),
-                          key=_attempt_of)
-        for job in finished[:-KEEP_FINISHED_ATTEMPTS] if len(finished) > KEEP_FINISHED_ATTEMPTS else []:
-            self.delete_job(namespace, job["metadata"]["name"])
-        current = next((j for j in jobs if j["metadata"]["name"] == render.job_name(name, attempt)
-                        and not j["metadata"].get("deletionTimestamp")), None)
-        if current is not None and self._ensured.get(uid) == attempt:
-            # The Job is created last, so its children exist; they were checked (or created) by this
-            # process already. Creating each again only to read 409s cost 12 requests per reconcile.
-            return None
-        children = render.render_children(job_cr, self.defaults, attempt=attempt)
-        waiting = [p["metadata"]["name"] for p in pods if _attempt_of(p) != attempt and not st.pod_done(p)]
-        for child in children:
-            if child["kind"] == "Job" and (waiting or any(
-                    j["metadata"].get("deletionTimestamp") and not st.job_finishing(j) for j in stale)):
-                log.info("%s/%s: waiting for pods of earlier attempts to stop: %s", namespace, name, waiting)
-                return 2.0
-            result = self.ensure_child(child, uid)
-            if result == "conflict":
-                message = (f"{child['kind']} {child['metadata']['name']} exists and is not owned by this "
-                           "FineTuneJob; delete or rename it")
-                if not any(e.reason == "ChildConflict" for e in events):
-                    events.append(st.Event("Warning", "ChildConflict", message))
-                return 30.0
-            if result == "deleting":
-                return 2.0
-            if result == "created" and child["kind"] == "Job":
-                events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
-                                       f"with {child['spec']['completions']} worker pod(s)"))
-        self._ensured[uid] = attempt
+        steps = planner.plan_ensure(name, attempt, jobs, pods,
+                                    lambda: render.render_children(job_cr, self.defaults, attempt=attempt))
+        for step in steps:
+            if step.kind == planner.StepKind.DELETE_JOB:
+                self.delete_job(namespace, step.name, step.propagation)
+            elif step.kind == planner.StepKind.WAIT:
+                log.info("%s/%s: %s", namespace, name, step.reason)
+                return step.seconds
+            elif step.kind == planner.StepKind.ENSURE and step.child is not None:
+                child = dict(step.child)
+                result = self.ensure_child(child, uid)
+                if result == "conflict":
+                    message = (f"{child['kind']} {child['metadata']['name']} exists and is not owned by this "
+                               "FineTuneJob; delete or rename it")
+                    if not any(e.reason == "ChildConflict" for e in events):
+                        events.append(st.Event("Warning", "ChildConflict", message))
+                    return 30.0
+                if result == "deleting":
+                    return 2.0
+                if result == "created" and child["kind"] == "Job":
+                    events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
+                                           f"with {child['spec']['completions']} worker pod(s)"))
         return None
 
     def _fail_refused(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], message: str,
@@ -370,7 +428,6 @@ class Reconciler:
 
     def forget(self, uid: str) -> None:
         """The job's loop ended (deleted, or another replica took over)."""
-        self._ensured.pop(uid, None)
         self._written.pop(uid, None)
 
 
@@ -389,7 +446,7 @@ def _reconciler() -> Reconciler:
         configuration = client.Configuration.get_default_copy()
         # one pooled connection per worker thread (urllib3 would otherwise open and drop extra ones)
         configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 1, CONFIG.workers)
-        _RECONCILER = Reconciler(client.ApiClient(configuration), CONFIG.defaults)
+        _RECONCILER = Reconciler(client.ApiClient(configuration), CONFIG.defaults, CACHE)
     return _RECONCILER
 
 
@@ -432,7 +489,18 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # without these the operator would stream every Job and pod of the cluster to pick out its own.
     settings.watching.label_selectors["batch", "jobs"] = render.LABEL_JOB
     settings.watching.label_selectors["v1", "pods"] = render.worker_selector()
+    install_watch_hook(CACHE)
     _reconciler()
+
+
+async def _cache_synced(namespace: str, stopped: kopf.DaemonStopped, timeout: float = 30.0) -> None:
+    """At start-up the FineTuneJobs' listing may end before those of the Jobs and pods: wait (up to
+    `timeout`) until the cache holds them too, rather than list them for every job (an operator
+    restarting with 1,000 jobs sent ~240 such lists)."""
+    waited = 0.0
+    while waited < timeout and not stopped and not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace)):
+        await asyncio.sleep(0.2)
+        waited += 0.2
 
 
 async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
@@ -448,6 +516,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
     _JOB_UIDS[namespace, name] = uid
     stopping = asyncio.ensure_future(_until_stopped(stopped))
     try:
+        await _cache_synced(namespace, stopped)
         while not stopped:
             waker.clear()
             try:
@@ -464,6 +533,7 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
             if ((current or {}).get("status") or {}).get("phase") in TERMINAL_PHASES:
                 idle *= CONFIG.finished_interval_factor
             delay = idle if requeue is None else min(requeue, idle)
+            current = events = None  # type: ignore[assignment]  # not held by 10,000 sleeping loops
             woken = asyncio.ensure_future(waker.wait())
             await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()

@@ -36,7 +36,7 @@ from typing import Any, get_origin, get_type_hints
 import yaml
 from pydantic import ValidationError
 
-from kubetune import __version__
+from kubetune import __version__, scheduling
 from kubetune.distributed import (
     CONFIG_DIR,
     MASTER_PORT,
@@ -114,8 +114,15 @@ class PlatformDefaults:
     # (a persistentVolumeClaim, nfs, csi, ...); local dataset and model paths must lie under policy.dataPaths
     data_volumes: list[dict[str, Any]] = field(default_factory=list)
     policy: TenantPolicy = field(default_factory=TenantPolicy)
+    # gang schedulers the platform runs: provider (coscheduling|volcano) -> the pods' schedulerName.
+    # A spec may ask only for these (spec.scheduling.gang.provider); empty: no gang scheduling
+    gang_schedulers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for provider, scheduler_name in self.gang_schedulers.items():
+            if provider not in scheduling.PROVIDERS or not scheduler_name:
+                raise ValueError(f"gangSchedulers.{provider}: providers are {', '.join(scheduling.PROVIDERS)}, "
+                                 "each with the scheduler name its pods get")
         if isinstance(self.policy, Mapping):
             try:
                 self.policy = TenantPolicy.model_validate(dict(self.policy))
@@ -562,6 +569,9 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
         pod_spec["priorityClassName"] = res.priority_class_name
     if res.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
+    pod_annotations = {**defaults.pod_annotations, "kubectl.kubernetes.io/default-container": CONTAINER_NAME}
+    scheduling.apply_to_pod(spec.scheduling.gang, job_name(name, attempt), defaults.gang_schedulers, pod_spec,
+                            pod_labels, pod_annotations)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -573,9 +583,7 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             "backoffLimit": 0,
             "suspend": bool(queue),
             "template": {
-                "metadata": {"labels": pod_labels,
-                             "annotations": {**defaults.pod_annotations,
-                                             "kubectl.kubernetes.io/default-container": CONTAINER_NAME}},
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
                 "spec": pod_spec,
             },
         },
@@ -632,9 +640,17 @@ def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTu
     problems = check_policy(spec, defaults.policy, namespace=meta["namespace"],
                             output_uri_prefix=defaults.output_uri_prefix, platform_image=defaults.image,
                             platform_queue=defaults.queue_name)
+    problems += scheduling.check_gang(spec.scheduling.gang, spec.resources.nodes, defaults.gang_schedulers)
     if problems:
         raise PolicyViolation("; ".join(problems))
     return apply_defaults(spec, defaults, name=meta["name"], namespace=meta["namespace"])
+
+
+def render_pod_group(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> dict[str, Any]:
+    """The attempt's PodGroup for gang scheduling (kubetune.scheduling), named like its Job."""
+    name = job_name(job["metadata"]["name"], attempt)
+    return scheduling.render_pod_group(job, spec.scheduling.gang, spec.resources.nodes, name,
+                                       _meta(job, name, "scheduling", **{LABEL_ATTEMPT: str(attempt)}))
 
 
 def render_children(job: Mapping[str, Any], defaults: PlatformDefaults, *, attempt: int | None = None
@@ -651,5 +667,6 @@ def render_children(job: Mapping[str, Any], defaults: PlatformDefaults, *, attem
         *([network_policy] if network_policy else []),
         render_config_map(job, spec),
         *([render_service(job)] if spec.resources.nodes > 1 else []),
+        *([render_pod_group(job, spec, attempt)] if spec.scheduling.gang else []),
         render_job(job, spec, attempt, defaults),
     ]

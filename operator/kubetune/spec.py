@@ -706,12 +706,26 @@ class ResourcesSpec(JobModel):
     priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods.")
 
 
+class GangSpec(JobModel):
+    """Gang scheduling: the worker pods are placed all together or not at all."""
+
+    provider: Literal["coscheduling", "volcano"] = Field(
+        description="Gang scheduler: coscheduling (scheduler-plugins PodGroup) or volcano (Volcano PodGroup); "
+        "the platform must enable it (it also names the scheduler).")
+    min_member: int | None = Field(None, ge=1, le=MAX_INT, description="Pods that must be placeable together "
+                                   "(default: all of them, resources.nodes).")
+    schedule_timeout_seconds: int | None = Field(None, ge=1, le=MAX_INT, description="coscheduling only: how long "
+                                                 "the group may wait to be placed before its pods are retried.")
+
+
 class SchedulingSpec(JobModel):
     """Queueing."""
 
     queue_name: LabelValue | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
                                    "by Kueue.")
     priority_class_name: K8sName | None = Field(None, description="Kueue WorkloadPriorityClass.")
+    gang: GangSpec | None = Field(None, description="Gang scheduling of the worker pods without Kueue (a PodGroup "
+                                  "per attempt).")
 
 
 class RunPolicySpec(JobModel):

@@ -477,6 +477,18 @@ class ControlPlane:
                    lambda: self._api_get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
                    60, "kube-controller-manager")
 
+    def restart_apiserver(self, down_seconds: float = 0.0) -> None:
+        """Stop kube-apiserver (SIGTERM: its connections and watches are cut), wait, and start it again
+        with the same arguments against the same etcd; returns when it is ready. Clients see connection
+        resets, and watches resumed from a resourceVersion older than the new watch cache get 410 Gone."""
+        self._require_started()
+        old = self.components["kube-apiserver"]
+        old.stop()
+        time.sleep(down_seconds)
+        self._spawn("kube-apiserver", old.args)
+        self._wait("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
+                   60, "kube-apiserver")
+
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> Component:
         c = Component(name, args, self.log_dir / f"{name}.log", env)
         self.components[name] = c

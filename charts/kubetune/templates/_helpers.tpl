@@ -203,6 +203,9 @@ clusterkopfpeerings, which only the cluster-wide mode needs.
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings, clusterkopfpeerings]
   verbs: [get, list, watch, patch]
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [get, create]
 {{- end }}
 
 {{- define "kubetune.rules.namespaced" -}}
@@ -239,6 +242,9 @@ clusterkopfpeerings, which only the cluster-wide mode needs.
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
+- apiGroups: [scheduling.x-k8s.io, scheduling.volcano.sh]
+  resources: [podgroups]
+  verbs: [get, create]
 {{- end }}
 
 {{/*
