@@ -696,7 +696,9 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packin
                 continue
             sequences.append(example)
         if packing if packing is not None else spec.training.packing:
-            sequences = pack(sequences, max_length)
+            from kubetune_trainer.packing import pack as pack_exact  # position ids restart per example
+
+            sequences = pack_exact(sequences, max_length)
     stats["sequences"] = len(sequences)
     stats["tokens"] = sum(len(s.input_ids) for s in sequences)
     stats["trainableTokens"] = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in sequences)
