@@ -19,29 +19,10 @@ import torch
 from kubetune.manifest import load_job
 from kubetune_trainer import models as model_lib
 from kubetune_trainer.__main__ import run_trainer
-from kubetune_trainer.train import build_datasets, make_context, make_trainer, training_arguments
 from tests.support.trainer_fixtures import REPO, write_jsonl
+from tests.support.trainer_setup import build_trainer
 
 DATA = REPO / "examples" / "data"
-
-
-def build(job_path: Path, callbacks: list[Any] | None = None) -> Any:
-    """The Trainer that `run()` would build for this manifest (same setup functions, same order)."""
-    from kubetune_trainer import packing
-
-    ctx = make_context(load_job(job_path), show_progress=False)
-    spec = ctx.spec
-    precision = model_lib.pick_precision(spec.training.precision)
-    model_dir = model_lib.resolve_model_dir(spec.model)
-    tokenizer = model_lib.load_tokenizer(model_dir)
-    train_set, eval_set, _, _ = build_datasets(ctx, tokenizer)
-    torch.manual_seed(spec.training.seed)
-    model = model_lib.load_model(spec, model_dir, precision)
-    args = training_arguments(ctx, precision, ctx.work_dir / "checkpoints", spec.evaluation.every_steps)
-    return make_trainer(seed=spec.training.seed, group_by_length=not spec.training.packing, model=model, args=args,
-                        train_dataset=train_set, eval_dataset=eval_set,
-                        data_collator=packing.data_collator(spec, tokenizer), processing_class=tokenizer,
-                        callbacks=callbacks or [])
 
 
 # ---------------------------------------------------------------- LoRA
@@ -57,7 +38,7 @@ def test_lora_fields_reach_the_wrapped_modules(make_job) -> None:
     path = make_job("lora-knobs", method={"type": "lora", "lora": {
         "r": 3, "alpha": 12, "dropout": 0.25, "targetModules": ["q_proj", "v_proj"], "bias": "all",
         "modulesToSave": ["lm_head"]}})
-    model = build(path).model
+    model = build_trainer(path).model
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (3, 12, 0.25, "all")
     assert set(config.target_modules) == {"q_proj", "v_proj"}
@@ -79,7 +60,7 @@ def test_lora_fields_reach_the_wrapped_modules(make_job) -> None:
 def test_lora_all_linear_and_defaults(make_job) -> None:
     path = make_job("lora-all", method={"type": "lora", "lora": {"r": 5, "alpha": 5, "dropout": 0.0,
                                                                   "targetModules": ["all-linear"]}})
-    model = build(path).model
+    model = build_trainer(path).model
     config = model.peft_config["default"]
     assert config.bias == "none" and not config.modules_to_save
     wrapped = lora_layers(model)
@@ -102,7 +83,7 @@ def test_qlora_fields_reach_the_4bit_layers(make_job, quant_type: str, double: b
 
     path = make_job(f"qlora-{quant_type}", method={"type": "qlora", "quantization": {
         "bits": 4, "type": quant_type, "doubleQuant": double, "computeDtype": compute}})
-    model = build(path).model
+    model = build_trainer(path).model
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 7 * 2  # every linear layer of the two blocks, not the head
     for layer in layers:
@@ -138,14 +119,14 @@ def test_scheduler_and_warmup_give_the_learning_rate_at_each_step(make_job, sche
                                                                    expected: Any) -> None:
     path = make_job(f"sched-{scheduler.replace('_', '-')}",
                     training={"maxSteps": 8, "learningRate": 3e-3, "scheduler": scheduler, **warmup})
-    rates = schedule(build(path), 8)
+    rates = schedule(build_trainer(path), 8)
     assert rates == pytest.approx([3e-3 * expected(k) for k in range(8)], rel=1e-6, abs=1e-12)
 
 
 def test_weight_decay_applies_to_weights_not_norms_or_biases(make_job) -> None:
     path = make_job("decay", method={"type": "full"}, training={"weightDecay": 0.125},
                     output={"exports": ["merged"]})
-    trainer = build(path)
+    trainer = build_trainer(path)
     trainer.create_optimizer()
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     decayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.125 for p in g["params"]}
@@ -192,7 +173,7 @@ def test_gradient_accumulation_steps_and_loss_normalisation(make_job) -> None:
         path = make_job(f"accum-{accumulation}", method=lora,
                         training={"maxSteps": 2, "batchSizePerDevice": batch, "gradientAccumulationSteps": accumulation,
                                   "maxGradNorm": 0.0, "loggingSteps": 1})
-        trainer = build(path, callbacks=[probe.callback()])
+        trainer = build_trainer(path, callbacks=[probe.callback()])
         probe.hook(trainer.model)
         trainer.train()
         assert trainer.state.global_step == 2
@@ -209,7 +190,7 @@ def test_max_grad_norm_clips_the_gradient(make_job) -> None:
     probe = GradientProbe()
     path = make_job("clip", method={"type": "full"}, training={"maxSteps": 2, "maxGradNorm": 0.001},
                     output={"exports": ["merged"]})
-    trainer = build(path, callbacks=[probe.callback()])
+    trainer = build_trainer(path, callbacks=[probe.callback()])
     trainer.train()
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert logged and all(g > 0.01 for g in logged)  # the norm before clipping
@@ -240,7 +221,7 @@ def test_seed_decides_the_run(make_job) -> None:
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_precision_is_the_dtype_the_forward_runs_in(make_job, precision: str, dtype: torch.dtype) -> None:
     path = make_job(f"precision-{precision}", training={"maxSteps": 1, "precision": precision})
-    trainer = build(path)
+    trainer = build_trainer(path)
     seen: list[torch.dtype] = []
     base = trainer.model.get_base_model()
     base.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
