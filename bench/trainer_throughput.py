@@ -73,7 +73,7 @@ def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict
     summary = json.loads((workdir / "kubetune" / "summary.json").read_text())
     seconds = summary["trainSeconds"]
     return {"tokens": summary["trainedTokens"], "seconds": seconds,
-            "tokens_per_second": summary["trainedTokens"] / seconds, "final_loss": summary["lastLoss"]}
+            "tokens_per_second": summary["trainedTokens"] / seconds, "final_loss": summary["lastLoss"] or summary["trainLoss"]}
 
 
 TRL_SCRIPT = r'''
@@ -108,7 +108,7 @@ seconds = time.time() - start
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds,
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
-                              "final_loss": losses[-1]}))
+                              "final_loss": losses[-1] if losses else result.training_loss}))
 '''
 
 
