@@ -643,21 +643,6 @@ def tokenize_row(row: Row, tokenizer: Any, template: str, train_on_prompt: bool,
     return TokenizedExample(input_ids[:max_length], labels[:max_length]), truncated
 
 
-def pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:
-    """Greedily concatenate whole examples into sequences of at most max_length tokens."""
-    packed: list[TokenizedExample] = []
-    current = TokenizedExample([], [])
-    for example in examples:
-        if current.input_ids and len(current.input_ids) + len(example.input_ids) > max_length:
-            packed.append(current)
-            current = TokenizedExample([], [])
-        current.input_ids.extend(example.input_ids)
-        current.labels.extend(example.labels)
-    if current.input_ids:
-        packed.append(current)
-    return packed
-
-
 def blocks(texts: list[str], tokenizer: Any, block_size: int) -> list[TokenizedExample]:
     """Continued pretraining: concatenate texts (EOS between) and cut into full blocks."""
     stream: list[int] = []
@@ -689,7 +674,9 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packin
                 continue
             sequences.append(example)
         if packing if packing is not None else spec.training.packing:
-            sequences = pack(sequences, max_length)
+            from kubetune_trainer.packing import pack as pack_exact  # position ids restart per example
+
+            sequences = [*pack_exact(sequences, max_length)]
     stats["sequences"] = len(sequences)
     stats["tokens"] = sum(len(s.input_ids) for s in sequences)
     stats["trainableTokens"] = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in sequences)

@@ -131,8 +131,9 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
     eval_sequences, eval_stats = data_lib.tokenize_rows(prepared.validation, tokenizer, ctx.spec, packing=False)
 
     def to_dataset(sequences: list[data_lib.TokenizedExample]) -> Any:
-        return Dataset.from_dict({"input_ids": [s.input_ids for s in sequences],
-                                  "labels": [s.labels for s in sequences]})
+        from kubetune_trainer.packing import dataset_columns
+
+        return Dataset.from_dict(dataset_columns(sequences))
 
     report = {
         "datasets": [r.as_dict() for r in prepared.reports],
@@ -335,6 +336,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from kubetune_trainer import exports as export_lib
     from kubetune_trainer.evaluation import SampleGenerator, perplexity
     from kubetune_trainer.metrics import MetricsCallback
+    from kubetune_trainer.packing import data_collator
 
     spec = ctx.spec
     started = time.time()
@@ -385,7 +387,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=data_lib.PaddingCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=data_collator(spec, tokenizer),  # exact packing or padding (packing.py)
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=None,
