@@ -81,6 +81,28 @@ def _opt(path: str, expr: str) -> str:
 
 # CEL rules by schema path (relative to the CR root), mirroring the pydantic validators.
 _NOT_TEXT = "has(d.format) && d.format != 'text'"
+_PREFERENCE_ROWS = "has(d.format) && (d.format == 'preference' || d.format == 'unpaired')"
+_OTHER_ROWS = "has(d.format) && d.format != 'preference' && d.format != 'unpaired'"
+_UNPAIRED = "has(d.format) && d.format == 'unpaired'"
+_KTO = "has(self.task.preference) && has(self.task.preference.objective) && self.task.preference.objective == 'kto'"
+
+
+def _preference_rules(field: str) -> list[dict[str, Any]]:
+    """CEL twins of spec._check_preference_format for spec.<field> (a dataset list)."""
+    where = f"self.{field}"
+    present = "true" if field == "datasets" else "has(self.validation) && has(self.validation.datasets)"
+    return [
+        _rule(f"self.task.type == 'preference' || !({present}) || !{where}.exists(d, {_PREFERENCE_ROWS})",
+              "preference and unpaired rows need task.type preference", f".{field}", "FieldValueInvalid"),
+        _rule(f"self.task.type != 'preference' || !({present}) || !{where}.exists(d, {_OTHER_ROWS})",
+              "a preference task takes preference (prompt, chosen, rejected) or unpaired (prompt, completion, "
+              "label) rows", f".{field}", "FieldValueInvalid"),
+        _rule(f"!({present}) || !{where}.exists(d, {_UNPAIRED}) || ({_KTO})",
+              "unpaired rows (prompt, completion, label) need task.preference.objective kto", f".{field}",
+              "FieldValueInvalid"),
+    ]
+
+
 VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
     "spec.model": [
         _rule("!self.source.startsWith('bundled://') || self.source == 'bundled://smollm2-135m-instruct'",
@@ -100,6 +122,18 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
               "only valid with type qlora", ".quantization", "FieldValueForbidden"),
         _rule("!has(self.lora) || !has(self.type) || self.type != 'full'",
               "only valid with type lora or qlora, not full", ".lora", "FieldValueForbidden"),
+    ],
+    "spec.task": [
+        _rule("!has(self.preference) || self.type == 'preference'",
+              "only valid with type preference", ".preference", "FieldValueForbidden"),
+    ],
+    "spec.task.preference": [
+        _rule("!has(self.lossType) || !has(self.objective) || self.objective == 'dpo'",
+              "only valid with objective dpo", ".lossType", "FieldValueForbidden"),
+        _rule("!has(self.desirableWeight) || (has(self.objective) && self.objective == 'kto')",
+              "only valid with objective kto", ".desirableWeight", "FieldValueForbidden"),
+        _rule("!has(self.undesirableWeight) || (has(self.objective) && self.objective == 'kto')",
+              "only valid with objective kto", ".undesirableWeight", "FieldValueForbidden"),
     ],
     "spec.training": [
         _rule("!(has(self.warmupSteps) && has(self.warmupRatio))",
@@ -129,6 +163,8 @@ VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("self.task.type != 'completion' || !has(self.validation) || !has(self.validation.datasets) || "
               f"!self.validation.datasets.exists(d, {_NOT_TEXT})",
               "a completion task takes text datasets only", ".validation.datasets", "FieldValueInvalid"),
+        *_preference_rules("datasets"),
+        *_preference_rules("validation.datasets"),
         _rule("!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
               "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
               "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the "
@@ -172,6 +208,8 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
      "description": "Estimated seconds to finish training."},
+    {"name": "Reward-Acc", "type": "number", "jsonPath": ".status.metrics.finalRewardAccuracy",
+     "description": "Preference tasks: held-out reward accuracy after training."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
      "description": "Counted restarts of the worker group."},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1,

@@ -341,6 +341,46 @@ class TaskType(str, Enum):
     instruction = "instruction"
     chat = "chat"
     completion = "completion"
+    preference = "preference"
+
+
+class PreferenceObjective(str, Enum):
+    dpo = "dpo"
+    kto = "kto"
+    orpo = "orpo"
+
+
+class PreferenceSpec(JobModel):
+    """Preference tuning (task.type preference), trained with TRL's DPO, KTO or ORPO trainer."""
+
+    objective: _lax(PreferenceObjective) = Field(
+        PreferenceObjective.dpo, description="dpo: Direct Preference Optimization on chosen/rejected pairs; kto: "
+        "Kahneman-Tversky Optimization on desirable/undesirable completions (paired rows are unpaired); orpo: "
+        "odds-ratio preference optimization, reference-free (no reference model in memory).")
+    beta: float = Field(0.1, gt=0, le=100, description="Strength of the preference term: for dpo and kto the "
+                        "deviation allowed from the reference model (higher stays closer; for lossType ipo it is "
+                        "the regularization tau), for orpo the weight of the odds-ratio loss (lambda).")
+    loss_type: Literal["sigmoid", "ipo"] | None = Field(None, description="dpo only: sigmoid (the DPO paper's "
+                                                         "loss, the default) or ipo (identity preference "
+                                                         "optimization).")
+    desirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of desirable "
+                                           "examples' losses (default 1.0).")
+    undesirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of undesirable "
+                                             "examples' losses (default 1.0); balance it with desirableWeight "
+                                             "when the two counts differ.")
+    max_prompt_length: int | None = Field(None, ge=1, le=MAX_INT, description="Keep at most this many prompt "
+                                          "tokens (the end of the prompt is kept); completions are then cut to "
+                                          "training.maxSeqLength. Truncations are counted in the run summary. "
+                                          "Default: half of training.maxSeqLength.")
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> PreferenceSpec:
+        if self.loss_type is not None and self.objective != PreferenceObjective.dpo.value:
+            raise ValueError(f"lossType: only valid with objective dpo, not {self.objective}")
+        for name, value in (("desirableWeight", self.desirable_weight), ("undesirableWeight", self.undesirable_weight)):
+            if value is not None and self.objective != PreferenceObjective.kto.value:
+                raise ValueError(f"{name}: only valid with objective kto, not {self.objective}")
+        return self
 
 
 class TaskSpec(JobModel):
@@ -358,6 +398,16 @@ class TaskSpec(JobModel):
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on prompt tokens. By default only response tokens are learned."
     )
+    preference: PreferenceSpec | None = Field(None, description="Objective and its settings; only with type "
+                                              "preference (defaults to dpo there).")
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> TaskSpec:
+        if self.type == TaskType.preference.value and self.preference is None:
+            self.preference = PreferenceSpec()
+        if self.type != TaskType.preference.value and self.preference is not None:
+            raise ValueError(f"preference: only valid with type preference, not {self.type}")
+        return self
 
 
 class FileType(str, Enum):
@@ -373,6 +423,8 @@ class DatasetFormat(str, Enum):
     alpaca = "alpaca"
     messages = "messages"
     text = "text"
+    preference = "preference"
+    unpaired = "unpaired"
 
 
 class DatasetSpec(JobModel):
@@ -384,8 +436,10 @@ class DatasetSpec(JobModel):
     file_type: _lax(FileType) = Field(FileType.auto, description="File format; auto picks it from the extension.")
     format: _lax(DatasetFormat) | None = Field(
         None,
-        description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}) or "
-        "text (a text column, or whole lines of a .txt file). Defaults from task.type.",
+        description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}), "
+        "text (a text column, or whole lines of a .txt file), preference (prompt, chosen, rejected: text or "
+        "{role, content} lists) or unpaired (prompt, completion, label: true when desirable; kto only). "
+        "Defaults from task.type.",
     )
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this dataset in the training mixture, "
                           "counted in examples (not tokens).")
@@ -685,6 +739,7 @@ class FineTuneJobSpec(JobModel):
                 if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
                     raise ValueError(f"{field}[{index}].format: a completion task takes text datasets only, "
                                      f"not {fmt}")
+                _check_preference_format(f"{field}[{index}].format", fmt, self.task)
         early, evaluate = self.training.early_stopping, self.evaluation.every_steps
         if early is not None and evaluate is None:
             raise ValueError("training.earlyStopping: needs evaluation.everySteps (the plateau is measured at "
@@ -713,7 +768,26 @@ def default_format(task: str) -> str:
         TaskType.instruction.value: DatasetFormat.alpaca.value,
         TaskType.chat.value: DatasetFormat.messages.value,
         TaskType.completion.value: DatasetFormat.text.value,
+        TaskType.preference.value: DatasetFormat.preference.value,
     }[task]
+
+
+PREFERENCE_FORMATS = (DatasetFormat.preference.value, DatasetFormat.unpaired.value)
+
+
+def _check_preference_format(field: str, fmt: str, task: TaskSpec) -> None:
+    """Preference tasks read preference rows (unpaired ones for kto only); other tasks never do."""
+    if task.type != TaskType.preference.value:
+        if fmt in PREFERENCE_FORMATS:
+            raise ValueError(f"{field}: {fmt} rows need task.type preference, not {task.type}")
+        return
+    if fmt not in PREFERENCE_FORMATS:
+        raise ValueError(f"{field}: a preference task takes preference (prompt, chosen, rejected) or unpaired "
+                         f"(prompt, completion, label) rows, not {fmt}")
+    objective = task.preference.objective if task.preference else PreferenceObjective.dpo.value
+    if fmt == DatasetFormat.unpaired.value and objective != PreferenceObjective.kto.value:
+        raise ValueError(f"{field}: unpaired rows (prompt, completion, label) need task.preference.objective kto; "
+                         f"{objective} learns from chosen/rejected pairs")
 
 
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
@@ -831,6 +905,15 @@ class MetricsStatus(SpecModel):
     final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
     baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
     final_eval_loss: float | None = Field(None, description="Held-out loss after training.")
+    baseline_preference_accuracy: float | None = Field(None, description="Preference tasks: share of held-out "
+                                                       "pairs whose chosen completion the model finds likelier "
+                                                       "(per token) than the rejected one, before training.")
+    final_preference_accuracy: float | None = Field(None, description="Preference tasks: the same after training.")
+    final_reward_accuracy: float | None = Field(None, description="Preference tasks: share of held-out pairs whose "
+                                                "implicit reward (beta * log-ratio to the model before training) "
+                                                "is higher for the chosen completion, after training.")
+    final_reward_margin: float | None = Field(None, description="Preference tasks: mean held-out reward of chosen "
+                                              "minus rejected after training.")
 
 
 class FineTuneJobStatus(SpecModel):

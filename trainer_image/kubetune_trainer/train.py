@@ -144,8 +144,9 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
     return to_dataset(train_sequences), to_dataset(eval_sequences), report, prepared.validation
 
 
-def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None) -> Any:
-    """Map the spec onto transformers' TrainingArguments."""
+def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None,
+                       args_class: type | None = None, **extra: Any) -> Any:
+    """Map the spec onto transformers' TrainingArguments (or a subclass such as TRL's DPOConfig, with `extra`)."""
     import torch
     import transformers.trainer
     from transformers import TrainingArguments
@@ -177,7 +178,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         from kubetune.distributed import fsdp_options
 
         fsdp_kwargs = fsdp_options(ctx.spec)
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=training.batch_size_per_device,
         per_device_eval_batch_size=training.batch_size_per_device,
@@ -217,6 +218,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         optim="adamw_torch",
         save_only_model=False,
         **fsdp_kwargs,
+        **extra,
     )
 
 
@@ -314,6 +316,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from kubetune_trainer.metrics import MetricsCallback
 
     spec = ctx.spec
+    if spec.task.type == "preference":  # DPO, KTO, ORPO with TRL's trainers: the same steps in preference.py
+        from kubetune_trainer import preference
+
+        return preference.run(ctx)
     started = time.time()
     # ---- 1. where things go
     expected_hash = training_config_hash(spec)
