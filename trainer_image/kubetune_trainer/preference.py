@@ -81,10 +81,14 @@ def _config(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: i
     if objective == PreferenceObjective.kto.value:
         from trl import KTOConfig
 
-        return training_arguments(ctx, precision, checkpoint_dir, eval_steps, KTOConfig, **common,
+        args = training_arguments(ctx, precision, checkpoint_dir, eval_steps, KTOConfig, **common,
                                   desirable_weight=preference.desirable_weight or 1.0,
                                   undesirable_weight=preference.undesirable_weight or 1.0,
                                   precompute_ref_log_probs=full, pad_to_multiple_of=None)
+        # KTO's KL term pairs each example with its batch neighbours' completions (KL_completion_ids, made
+        # in batch-sized chunks of the mixture, already shuffled by seed): batches must keep that order.
+        args.train_sampling_strategy = "sequential"
+        return args
     from trl.experimental.orpo import ORPOConfig
 
     return training_arguments(ctx, precision, checkpoint_dir, eval_steps, ORPOConfig, **common)
@@ -132,8 +136,16 @@ def make_trainer(ctx: RunContext, seed: int, **kwargs: Any) -> Any:
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == "sequential":
+                return torch.utils.data.SequentialSampler(dataset)
             return SeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                  example_lengths(dataset))
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if "input_ids" not in inputs and "chosen_attention_mask" in inputs:  # ORPO's batches: count tokens
+                mask = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(mask.reshape(1)).sum())
+            return super().training_step(model, inputs, *args, **kwargs)
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             return None  # exports.py writes the model cards
@@ -178,9 +190,13 @@ def orpo_columns(feature: dict[str, Any]) -> dict[str, Any]:
 def _dataset(examples: list[dict[str, Any]], objective: str, batch_size: int) -> Any:
     from datasets import Dataset
 
-    if objective == PreferenceObjective.kto.value:
+    if objective == PreferenceObjective.kto.value:  # as TRL: each completion's neighbour in its batch
         completions = [e["completion_ids"] for e in examples]
-        examples = [{**e, "KL_completion_ids": completions[i - 1]} for i, e in enumerate(examples)]
+        shifted = []
+        for start in range(0, len(completions), batch_size):
+            chunk = completions[start:start + batch_size]
+            shifted += [chunk[-1], *chunk[:-1]]
+        examples = [{**e, "KL_completion_ids": kl} for e, kl in zip(examples, shifted, strict=True)]
     return Dataset.from_list(examples)
 
 
