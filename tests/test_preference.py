@@ -258,3 +258,24 @@ def test_two_ranks_under_torchrun(make_job) -> None:
     summary = json.loads((job.parent / "out-ranks" / "summary.json").read_text())
     assert summary["worldSize"] == 2 and summary["steps"] == 3 and summary["objective"] == "dpo"
     assert {"adapter", "merged"} <= {a["kind"] for a in summary["artifacts"]}
+
+
+# ---------------------------------------------------------------- estimate
+
+
+def test_estimate_counts_pairs_and_the_reference_model(make_job) -> None:
+    from kubetune_trainer.estimate import estimate
+
+    results = {}
+    for objective, method in (("dpo", "lora"), ("dpo", "full"), ("orpo", "full")):
+        job = preference_job(make_job, f"est-{objective}-{method}", objective, method, datasets=[PAIRS])
+        results[(objective, method)] = estimate(job, gpu="H100-SXM", gpus=1)
+    lora, full, orpo = results[("dpo", "lora")], results[("dpo", "full")], results[("orpo", "full")]
+    assert lora["data"]["sequences"] == 36 and lora["data"]["sequencesPerExample"] == 2  # 40 pairs, 4 held out
+    assert lora["memory"]["batchSizePerDevice"] == 8  # 4 pairs = 8 sequences per micro-batch
+    assert lora["flops"]["reference"] == pytest.approx(2 * lora["model"]["flopParameters"] * lora["tokensTrained"], rel=1e-3)
+    data_tokens = full["data"]["tokens"] + full["data"]["validation"]["tokens"]
+    assert full["flops"]["reference"] == 2 * full["model"]["flopParameters"] * data_tokens  # precomputed once
+    assert orpo["flops"]["reference"] == 0
+    assert any("precomputed" in a for a in full["assumptions"]) and any("no reference" in a for a in orpo["assumptions"])
+    assert full["memory"]["totalBytes"] == orpo["memory"]["totalBytes"]  # no frozen copy in memory

@@ -37,6 +37,7 @@ from typing import Any
 
 from kubetune.manifest import ManifestError, load_job
 from kubetune.spec import EXIT_CONFIG_ERROR, FineTuneJob
+from kubetune_trainer import preference_estimate
 from kubetune_trainer.errors import ConfigError
 
 GIB = 1024 ** 3
@@ -230,6 +231,8 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROW
     from kubetune_trainer import models as model_lib
 
     spec = job.spec
+    if preference_estimate.is_preference(job):
+        return preference_estimate.count_tokens(job, tokenizer, sample_rows)
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
     def measure(rows: list[Any], packing: bool | None) -> dict[str, Any]:
@@ -490,7 +493,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     validation = data["validation"]
     eval_tokens = validation["tokens"] * evaluations
     head_tokens, eval_head_tokens = tokens, eval_tokens
-    if facts.get("selectiveLogits"):  # logits only where a label is learned
+    if facts.get("selectiveLogits") and not preference_estimate.is_preference(job):  # logits only where learned
         head_tokens = tokens * data["trainableTokens"] / data["tokens"]
         eval_head_tokens = evaluations * validation.get("trainableTokens", validation["tokens"])
     flops = training_flops(method, facts["flopParameters"], facts["adapterParameters"], tokens, checkpointing,
@@ -500,10 +503,15 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     seq = min(training.max_seq_length, data["longestSequence"])  # the longest batch sets the peak
     lora = spec.method.lora
     memory = memory_per_gpu(facts, method=method, precision=precision, strategy=str(spec.resources.strategy),
-                            world_size=world, batch=training.batch_size_per_device, seq=seq,
+                            world_size=world, seq=seq,
+                            batch=training.batch_size_per_device * data.get("sequencesPerExample", 1),
                             gradient_checkpointing=checkpointing, quant=spec.method.quantization,
                             adapter_dropout=bool(lora and lora.dropout > 0))
 
+    preference_assumptions: list[str] = []
+    if preference_estimate.is_preference(job):
+        flops, preference_assumptions = preference_estimate.reference_costs(
+            job, facts, data, tokens, flops, facts["parameters"] * memory["bytesPerParameter"]["weight"])
     names = [_find_gpu(table, gpu)] if gpu else list(table)
     rows = []
     for name in names:
@@ -547,6 +555,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
         + (f", x{QLORA_MFU_FACTOR} for QLoRA (4-bit dequantization)" if method == "qlora" else "")
         + "; model loading, checkpoint uploads and sample generation are not included",
         f"activations for the longest batch: {training.batch_size_per_device} x {seq} tokens",
+        *preference_assumptions,
     ]
     return {
         "job": job.metadata.name,
