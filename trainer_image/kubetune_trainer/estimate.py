@@ -545,7 +545,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
         "padding are not counted)"
         + (f"; the output head ({facts.get('headParameters', 0):,} of N) only multiplies the learned tokens "
            f"({round(head_tokens):,}): the trainer computes logits only where a label is learned"
-           if facts.get("selectiveLogits") else ""),
+           if facts.get("selectiveLogits") and not preference_estimate.is_preference(job) else ""),
         "LoRA/QLoRA: forward 2N + backward through activations 2N, no weight gradients for frozen weights",
         f"gradient checkpointing {'on' if checkpointing else 'off'}"
         + (" (default on GPUs): +2N per token to recompute the forward" if training.gradient_checkpointing is None
