@@ -134,7 +134,7 @@ def test_kto_reads_unpaired_rows(make_job, tmp_path: Path) -> None:
                                    "learningRate": 1e-2, "precision": "fp32"})
     code, summary = run_trainer(str(job), show_progress=False)
     assert code == 0
-    assert summary["data"]["train"]["rows"] == 21  # 24 rows, 3 held out; no pairs to score, the KTO loss is
+    assert summary["data"]["train"]["rows"] == 22  # 24 rows, 2 held out: no pairs to score, the KTO loss is
     assert "heldOutPairs" not in summary["metrics"] and summary["metrics"]["finalObjectiveLoss"] is not None
 
 
@@ -279,3 +279,11 @@ def test_estimate_counts_pairs_and_the_reference_model(make_job) -> None:
     assert orpo["flops"]["reference"] == 0
     assert any("precomputed" in a for a in full["assumptions"]) and any("no reference" in a for a in orpo["assumptions"])
     assert full["memory"]["totalBytes"] == orpo["memory"]["totalBytes"]  # no frozen copy in memory
+
+
+def test_kto_training_data_needs_both_labels(make_job, tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": True} for i in range(12)]
+    source = write_jsonl(tmp_path / "desirable.jsonl", rows)
+    job = preference_job(make_job, "kto-one-label", "kto", datasets=[{"source": str(source), "format": "unpaired"}])
+    code, _ = run_trainer(str(job), show_progress=False)
+    assert code == EXIT_CONFIG_ERROR

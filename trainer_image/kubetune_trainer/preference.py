@@ -350,9 +350,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     tokenizer = model_lib.load_tokenizer(model_dir)
     unpaired = objective == PreferenceObjective.kto.value
     train_examples, train_stats = preference_data.tokenize_rows(prepared.train, tokenizer, spec, unpaired)
-    eval_examples, eval_stats = preference_data.tokenize_rows(prepared.validation, tokenizer, spec, unpaired)
+    eval_examples, eval_stats = preference_data.tokenize_rows(prepared.validation, tokenizer, spec, unpaired,
+                                                              training=False)
     paired_rows = [r for r in prepared.validation if "chosen" in r.content]
-    pairs = preference_data.tokenize_rows(paired_rows, tokenizer, spec, False)[0] if paired_rows else []
+    pairs = preference_data.tokenize_rows(paired_rows, tokenizer, spec, False, training=False)[0] if paired_rows else []
     from datasets import Dataset
 
     chosen_set = Dataset.from_list(preference_data.sft_view(pairs or eval_examples))

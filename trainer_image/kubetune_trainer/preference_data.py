@@ -218,9 +218,10 @@ def max_prompt_length(spec: FineTuneJobSpec) -> int:
     return min(configured or spec.training.max_seq_length // 2, spec.training.max_seq_length - 1)
 
 
-def tokenize_rows(rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpaired: bool) -> tuple[
-        list[dict[str, Any]], dict[str, int]]:
-    """Tokenize checked rows into TRL's preference columns; paired rows become two unpaired ones for kto."""
+def tokenize_rows(rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpaired: bool,
+                  training: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenize checked rows into TRL's preference columns; paired rows become two unpaired ones for kto.
+    Training data for kto must hold both desirable and undesirable examples (held-out data need not)."""
     max_length = spec.training.max_seq_length
     prompt_limit = max_prompt_length(spec)
     stats = TokenizeStats()
@@ -268,7 +269,7 @@ def tokenize_rows(rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpair
     if not out:
         raise DataError("no preference examples after tokenization (every completion was truncated away?); raise "
                         "training.maxSeqLength or lower task.preference.maxPromptLength")
-    if unpaired and len({e["label"] for e in out}) < 2 and len(out) > 1:
+    if training and unpaired and len({e["label"] for e in out}) < 2 and len(out) > 1:
         raise DataError("kto needs both desirable (label true) and undesirable (label false) examples; the data "
                         f"has only {'desirable' if out[0]['label'] else 'undesirable'} ones")
     return out, stats.as_dict()

@@ -37,10 +37,10 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int) -> dict[str
     unpaired = spec.task.preference is not None and spec.task.preference.objective == PreferenceObjective.kto.value
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
-    def measure(rows: list[Any]) -> dict[str, Any]:
+    def measure(rows: list[Any], training: bool = True) -> dict[str, Any]:
         exact = len(rows) <= sample_rows
         chosen = rows if exact else random.Random(spec.training.seed).sample(rows, sample_rows)
-        examples, stats = preference_data.tokenize_rows(chosen, tokenizer, spec, unpaired)
+        examples, stats = preference_data.tokenize_rows(chosen, tokenizer, spec, unpaired, training=training)
         scale = len(rows) / len(chosen)
         completions = [[e[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in e] for e in examples]
         lengths = [len(e["prompt_ids"]) + len(c) for e, cs in zip(examples, completions, strict=True) for c in cs]
@@ -60,7 +60,7 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int) -> dict[str
         }
 
     train = measure(prepared.train)
-    validation = measure(prepared.validation)
+    validation = measure(prepared.validation, training=False)
     return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens",
                                                                "trainableTokens")}}
 
