@@ -233,6 +233,30 @@ INVALID: list[Case] = [
     _bad("output-https", "spec.output.uri", spec__output__uri="https://example.com/out"),
     _bad("output-hub", "spec.output.uri", spec__output__uri="hf://org/name"),
     _bad("endpoint-without-scheme", "spec.storage.s3.endpointUrl", spec__storage={"s3": {"endpointUrl": "minio:9000"}}),
+    # preference tuning: settings of one objective on another, rows of one task in another
+    _bad("preference-losstype-on-kto", "spec.task.preference.lossType",
+         spec__task={"type": "preference", "preference": {"objective": "kto", "lossType": "ipo"}}),
+    _bad("preference-desirable-weight-on-dpo", "spec.task.preference.desirableWeight",
+         spec__task={"type": "preference", "preference": {"objective": "dpo", "desirableWeight": 2}}),
+    _bad("preference-undesirable-weight-on-orpo", "spec.task.preference.undesirableWeight",
+         spec__task={"type": "preference", "preference": {"objective": "orpo", "undesirableWeight": 2}}),
+    _bad("preference-settings-on-chat", "spec.task.preference",
+         spec__task={"type": "chat", "preference": {"objective": "dpo"}}),
+    _bad("preference-unknown-objective", "spec.task.preference.objective",
+         spec__task={"type": "preference", "preference": {"objective": "ppo"}}),
+    _bad("preference-unknown-loss", "spec.task.preference.lossType",
+         spec__task={"type": "preference", "preference": {"lossType": "hinge"}}),
+    _bad("preference-beta-zero", "spec.task.preference.beta",
+         spec__task={"type": "preference", "preference": {"beta": 0}}),
+    _bad("preference-rows-on-chat-task", "spec.datasets",
+         spec__datasets=[{"source": "d.jsonl", "format": "preference"}]),
+    _bad("unpaired-rows-on-dpo", "spec.datasets", spec__task={"type": "preference"},
+         spec__datasets=[{"source": "d.jsonl", "format": "unpaired"}]),
+    _bad("alpaca-rows-on-preference-task", "spec.datasets", spec__task={"type": "preference"},
+         spec__datasets=[{"source": "d.jsonl", "format": "alpaca"}]),
+    _bad("unpaired-validation-rows-on-orpo", "spec.validation.datasets",
+         spec__task={"type": "preference", "preference": {"objective": "orpo"}},
+         spec__validation={"datasets": [{"source": "v.jsonl", "format": "unpaired"}]}),
 ]
 
 VALID: list[Case] = [
@@ -284,6 +308,15 @@ VALID: list[Case] = [
     _ok("cpu-training", spec__resources__gpusPerNode=0, spec__resources__nodes=1),
     _ok("bf16-on-cpu", spec__resources__gpusPerNode=0, spec__training={"precision": "bf16"}),
     _ok("fp16-on-gpu", spec__training={"precision": "fp16"}),
+    _ok("preference-dpo-default", spec__task={"type": "preference"}),
+    _ok("preference-dpo-ipo", spec__task={"type": "preference", "template": "chat-template",
+                                          "preference": {"objective": "dpo", "lossType": "ipo", "beta": 0.5,
+                                                         "maxPromptLength": 256}}),
+    _ok("preference-kto-unpaired", spec__task={"type": "preference", "preference": {
+        "objective": "kto", "desirableWeight": 1.0, "undesirableWeight": 1.33}},
+        spec__datasets=[{"source": "u.jsonl", "format": "unpaired"}, {"source": "p.jsonl", "format": "preference"}]),
+    _ok("preference-orpo-full", spec__method={"type": "full"}, spec__task={"type": "preference",
+                                                                           "preference": {"objective": "orpo"}}),
 ]
 
 

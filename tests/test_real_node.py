@@ -371,6 +371,39 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     assert secret not in logs(node, SYSTEM_NS, operator_pod(node)["metadata"]["name"])
 
 
+def test_preference_finetunejob_succeeds_on_the_node(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
+    """A DPO FineTuneJob (TRL's DPOTrainer in the trainer image), two workers, pairs from S3: Succeeded, with
+    the held-out reward accuracy in the status (the Reward-Acc column) and the adapter in S3."""
+    name = "tiny-dpo"
+    prefix = f"s3://{s3.bucket}/node-dpo-{int(time.time())}"
+    options = s3.options()
+    storage.upload_tree(tiny_model, f"{prefix}/models/tiny/", last=(), options=options)
+    storage.upload_file(REPO / "examples" / "data" / "pydoc_preferences.jsonl", f"{prefix}/data/pairs.jsonl",
+                        options=options)
+    node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
+                   "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+    manifest = job_manifest(name, prefix, s3.endpoint_url)
+    manifest["spec"].update({
+        "task": {"type": "preference", "template": "plain", "preference": {"objective": "dpo", "beta": 0.1}},
+        "datasets": [{"source": f"{prefix}/data/pairs.jsonl", "maxExamples": 64}],
+        "validation": {"fraction": 0.1, "maxExamples": 4},
+        "training": {"maxSteps": 6, "batchSizePerDevice": 4, "maxSeqLength": 64, "loggingSteps": 1,
+                     "learningRate": 1e-2, "precision": "fp32"},
+        "checkpoint": {"everySteps": 3, "keepLast": 1},
+    })
+    node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    final = node.wait_for(lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed")
+                          and o, 900, f"{name} finished", interval=1.0)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert 0 <= status["metrics"]["finalRewardAccuracy"] <= 1 and "baselinePreferenceAccuracy" in status["metrics"]
+    assert {"adapter"} <= {a["kind"] for a in status["artifacts"]}
+    listed = node.cp.kubectl("-n", NS, "get", "ftj", name).stdout
+    assert "REWARD-ACC" in listed, listed
+    summary = json.loads(storage.read_bytes(f"{prefix}/run/summary.json", options=options))
+    assert summary["objective"] == "dpo" and summary["worldSize"] == 2 and summary["steps"] == 6
+
+
 def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
     name = "tiny-resume"
     prefix = f"s3://{s3.bucket}/node-resume-{int(time.time())}"

@@ -60,6 +60,10 @@ def _format_summary(summary: dict) -> str:
         f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  "
         f"(loss {format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})",
     ]
+    if "finalRewardAccuracy" in metrics:  # a preference task
+        lines.append(f"  held-out pairs ({metrics['heldOutPairs']}): preference accuracy "
+                     f"{metrics['baselinePreferenceAccuracy']:.3f} -> {metrics['finalPreferenceAccuracy']:.3f}, "
+                     f"reward accuracy {metrics['finalRewardAccuracy']:.3f}, margin {metrics['finalRewardMargin']:.4f}")
     for report in summary.get("data", {}).get("datasets", []):
         dropped = {k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]}
         detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()) or "none dropped"

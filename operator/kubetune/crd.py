@@ -100,6 +100,8 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
      "description": "Estimated seconds to finish training."},
+    {"name": "Reward-Acc", "type": "number", "jsonPath": ".status.metrics.finalRewardAccuracy",
+     "description": "Preference tasks: held-out reward accuracy after training."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
      "description": "Counted restarts of the worker group."},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1,

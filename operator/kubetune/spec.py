@@ -392,6 +392,57 @@ class TaskType(str, Enum):
     instruction = "instruction"
     chat = "chat"
     completion = "completion"
+    preference = "preference"
+
+
+class PreferenceObjective(str, Enum):
+    dpo = "dpo"
+    kto = "kto"
+    orpo = "orpo"
+
+
+class PreferenceSpec(JobModel):
+    """Preference tuning (task.type preference), trained with TRL's DPO, KTO or ORPO trainer."""
+
+    objective: Annotated[PreferenceObjective, _LAX] = Field(
+        PreferenceObjective.dpo, description="dpo: Direct Preference Optimization on chosen/rejected pairs; kto: "
+        "Kahneman-Tversky Optimization on desirable/undesirable completions (paired rows are unpaired); orpo: "
+        "odds-ratio preference optimization, reference-free (no reference model in memory).")
+    beta: float = Field(0.1, gt=0, le=100, description="Strength of the preference term: for dpo and kto the "
+                        "deviation allowed from the reference model (higher stays closer; for lossType ipo it is "
+                        "the regularization tau), for orpo the weight of the odds-ratio loss (lambda).")
+    loss_type: Literal["sigmoid", "ipo"] | None = Field(None, description="dpo only: sigmoid (the DPO paper's "
+                                                         "loss, the default) or ipo (identity preference "
+                                                         "optimization).")
+    desirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of desirable "
+                                           "examples' losses (default 1.0).")
+    undesirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of undesirable "
+                                             "examples' losses (default 1.0); balance it with desirableWeight "
+                                             "when the two counts differ.")
+    max_prompt_length: int | None = Field(None, ge=1, le=MAX_INT, description="Keep at most this many prompt "
+                                          "tokens (the end of the prompt is kept); completions are then cut to "
+                                          "training.maxSeqLength. Truncations are counted in the run summary. "
+                                          "Default: half of training.maxSeqLength.")
+
+    LOSS_TYPE_ONLY_DPO: ClassVar[ModelRule] = ModelRule(
+        "lossType", "!has(self.lossType) || !has(self.objective) || self.objective == 'dpo'",
+        "only valid with objective dpo", "FieldValueForbidden")
+    DESIRABLE_WEIGHT_ONLY_KTO: ClassVar[ModelRule] = ModelRule(
+        "desirableWeight", "!has(self.desirableWeight) || (has(self.objective) && self.objective == 'kto')",
+        "only valid with objective kto", "FieldValueForbidden")
+    UNDESIRABLE_WEIGHT_ONLY_KTO: ClassVar[ModelRule] = ModelRule(
+        "undesirableWeight", "!has(self.undesirableWeight) || (has(self.objective) && self.objective == 'kto')",
+        "only valid with objective kto", "FieldValueForbidden")
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> PreferenceSpec:
+        if self.loss_type is not None and self.objective != PreferenceObjective.dpo.value:
+            raise self.LOSS_TYPE_ONLY_DPO.error(f", not {self.objective}")
+        for rule, value in ((self.DESIRABLE_WEIGHT_ONLY_KTO, self.desirable_weight),
+                            (self.UNDESIRABLE_WEIGHT_ONLY_KTO, self.undesirable_weight)):
+            if value is not None and self.objective != PreferenceObjective.kto.value:
+                raise rule.error(f", not {self.objective}")
+        return self
 
 
 class TaskSpec(JobModel):
@@ -409,6 +460,20 @@ class TaskSpec(JobModel):
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on prompt tokens. By default only response tokens are learned."
     )
+    preference: PreferenceSpec | None = Field(None, description="Objective and its settings; only with type "
+                                              "preference (defaults to dpo there).")
+
+    PREFERENCE_ONLY_WITH_TYPE: ClassVar[ModelRule] = ModelRule(
+        "preference", "!has(self.preference) || self.type == 'preference'",
+        "only valid with type preference", "FieldValueForbidden")
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> TaskSpec:
+        if self.type == TaskType.preference.value and self.preference is None:
+            self.preference = PreferenceSpec()
+        if self.type != TaskType.preference.value and self.preference is not None:
+            raise self.PREFERENCE_ONLY_WITH_TYPE.error(f", not {self.type}")
+        return self
 
 
 class FileType(str, Enum):
@@ -424,6 +489,8 @@ class DatasetFormat(str, Enum):
     alpaca = "alpaca"
     messages = "messages"
     text = "text"
+    preference = "preference"
+    unpaired = "unpaired"
 
 
 class DatasetSpec(JobModel):
@@ -435,8 +502,10 @@ class DatasetSpec(JobModel):
     file_type: Annotated[FileType, _LAX] = Field(FileType.auto, description="File format; auto picks it from the extension.")
     format: Annotated[DatasetFormat, _LAX] | None = Field(
         None,
-        description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}) or "
-        "text (a text column, or whole lines of a .txt file). Defaults from task.type.",
+        description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}), "
+        "text (a text column, or whole lines of a .txt file), preference (prompt, chosen, rejected: text or "
+        "{role, content} lists) or unpaired (prompt, completion, label: true when desirable; kto only). "
+        "Defaults from task.type.",
     )
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this dataset in the training mixture, "
                           "counted in examples (not tokens).")
@@ -739,6 +808,35 @@ class RunPolicySpec(JobModel):
                                                    "it finished.")
 
 
+PREFERENCE_FORMATS = (DatasetFormat.preference.value, DatasetFormat.unpaired.value)
+_PREFERENCE_ROWS = "has(d.format) && (d.format == 'preference' || d.format == 'unpaired')"
+_OTHER_ROWS = "has(d.format) && d.format != 'preference' && d.format != 'unpaired'"
+_KTO = "has(self.task.preference) && has(self.task.preference.objective) && self.task.preference.objective == 'kto'"
+
+
+def _present(field: str) -> str:
+    return "true" if field == "datasets" else "has(self.validation) && has(self.validation.datasets)"
+
+
+def _preference_rows_need_task(field: str) -> ModelRule:
+    return ModelRule(field, f"self.task.type == 'preference' || !({_present(field)}) || "
+                     f"!self.{field}.exists(d, {_PREFERENCE_ROWS})",
+                     "preference and unpaired rows need task.type preference")
+
+
+def _preference_task_rows(field: str) -> ModelRule:
+    return ModelRule(field, f"self.task.type != 'preference' || !({_present(field)}) || "
+                     f"!self.{field}.exists(d, {_OTHER_ROWS})",
+                     "a preference task takes preference (prompt, chosen, rejected) or unpaired (prompt, "
+                     "completion, label) rows")
+
+
+def _unpaired_needs_kto(field: str) -> ModelRule:
+    return ModelRule(field, f"!({_present(field)}) || "
+                     f"!self.{field}.exists(d, has(d.format) && d.format == 'unpaired') || ({_KTO})",
+                     "unpaired rows (prompt, completion, label) need task.preference.objective kto")
+
+
 class FineTuneJobSpec(JobModel):
     """What to fine-tune, on what, how, and where the results go."""
 
@@ -767,6 +865,12 @@ class FineTuneJobSpec(JobModel):
         "validation.datasets", "self.task.type != 'completion' || !has(self.validation) || "
         "!has(self.validation.datasets) || !self.validation.datasets.exists(d, has(d.format) && d.format != 'text')",
         "a completion task takes text datasets only")
+    PREFERENCE_ROWS_NEED_TASK: ClassVar[ModelRule] = _preference_rows_need_task("datasets")
+    PREFERENCE_ROWS_NEED_TASK_VALIDATION: ClassVar[ModelRule] = _preference_rows_need_task("validation.datasets")
+    PREFERENCE_TASK_ROWS: ClassVar[ModelRule] = _preference_task_rows("datasets")
+    PREFERENCE_TASK_ROWS_VALIDATION: ClassVar[ModelRule] = _preference_task_rows("validation.datasets")
+    UNPAIRED_NEEDS_KTO: ClassVar[ModelRule] = _unpaired_needs_kto("datasets")
+    UNPAIRED_NEEDS_KTO_VALIDATION: ClassVar[ModelRule] = _unpaired_needs_kto("validation.datasets")
     NO_ADAPTER_WITH_FULL: ClassVar[ModelRule] = ModelRule(
         "output.exports", "!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
         "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
@@ -797,6 +901,7 @@ class FineTuneJobSpec(JobModel):
                 fmt = dataset.format or default_format(task)
                 if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
                     raise rule.error(f", not {fmt}", at=f"{rule.field}[{index}].format")
+                _check_preference_format(self, rule.field, index, fmt)
         early, evaluate = self.training.early_stopping, self.evaluation.every_steps
         if early is not None and evaluate is None:
             raise self.EARLY_STOPPING_NEEDS_EVALUATION.error()
@@ -821,7 +926,26 @@ def default_format(task: str) -> str:
         TaskType.instruction.value: DatasetFormat.alpaca.value,
         TaskType.chat.value: DatasetFormat.messages.value,
         TaskType.completion.value: DatasetFormat.text.value,
+        TaskType.preference.value: DatasetFormat.preference.value,
     }[task]
+
+
+def _check_preference_format(spec: FineTuneJobSpec, field: str, index: int, fmt: str) -> None:
+    """Preference tasks read preference rows (unpaired ones for kto only); other tasks never do."""
+    task, at = spec.task, f"{field}[{index}].format"
+    validation = field != "datasets"
+    if task.type != TaskType.preference.value:
+        if fmt in PREFERENCE_FORMATS:
+            rule = spec.PREFERENCE_ROWS_NEED_TASK_VALIDATION if validation else spec.PREFERENCE_ROWS_NEED_TASK
+            raise rule.error(f", not {task.type}", at=at)
+        return
+    if fmt not in PREFERENCE_FORMATS:
+        rule = spec.PREFERENCE_TASK_ROWS_VALIDATION if validation else spec.PREFERENCE_TASK_ROWS
+        raise rule.error(f", not {fmt}", at=at)
+    objective = task.preference.objective if task.preference else PreferenceObjective.dpo.value
+    if fmt == DatasetFormat.unpaired.value and objective != PreferenceObjective.kto.value:
+        rule = spec.UNPAIRED_NEEDS_KTO_VALIDATION if validation else spec.UNPAIRED_NEEDS_KTO
+        raise rule.error(f"; {objective} learns from chosen/rejected pairs", at=at)
 
 
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
@@ -945,6 +1069,15 @@ class MetricsStatus(SpecModel):
     final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
     baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
     final_eval_loss: float | None = Field(None, description="Held-out loss after training.")
+    baseline_preference_accuracy: float | None = Field(None, description="Preference tasks: share of held-out "
+                                                       "pairs whose chosen completion the model finds likelier "
+                                                       "(per token) than the rejected one, before training.")
+    final_preference_accuracy: float | None = Field(None, description="Preference tasks: the same after training.")
+    final_reward_accuracy: float | None = Field(None, description="Preference tasks: share of held-out pairs whose "
+                                                "implicit reward (beta * log-ratio to the model before training) "
+                                                "is higher for the chosen completion, after training.")
+    final_reward_margin: float | None = Field(None, description="Preference tasks: mean held-out reward of chosen "
+                                              "minus rejected after training.")
 
 
 class FineTuneJobStatus(SpecModel):

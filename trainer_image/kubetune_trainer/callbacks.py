@@ -22,6 +22,10 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+PREFERENCE_STATUS_METRICS = ("baselinePreferenceAccuracy", "finalPreferenceAccuracy", "finalRewardAccuracy",
+                             "finalRewardMargin")
+
+
 class ProgressReporter(TrainerCallback):
     """Shows progress (step/total, loss, tokens/s, ETA) and publishes it.
 
@@ -164,7 +168,8 @@ class ProgressReporter(TrainerCallback):
             metrics={"baselinePerplexity": metrics["baselinePerplexity"],
                      "finalPerplexity": metrics["finalPerplexity"],
                      "baselineEvalLoss": metrics["baselineEvalLoss"],
-                     "finalEvalLoss": metrics["finalEvalLoss"]},
+                     "finalEvalLoss": metrics["finalEvalLoss"],
+                     **{k: metrics[k] for k in PREFERENCE_STATUS_METRICS if k in metrics}},
             artifacts=[{k: a[k] for k in ("kind", "uri", "sha256", "sizeBytes")} for a in summary["artifacts"]],
             force=True,
         )

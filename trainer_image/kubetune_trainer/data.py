@@ -29,6 +29,7 @@ from kubetune import storage
 from kubetune.checkpoints import sha256_file
 from kubetune.spec import CleaningSpec, DatasetFormat, DatasetSpec, FineTuneJobSpec, TaskType, default_format
 from kubetune.storage import S3Options
+from kubetune_trainer import preference_data
 from kubetune_trainer.errors import DataError
 
 IGNORE_INDEX = -100  # label of a token the loss skips (torch's cross_entropy default ignore_index)
@@ -365,6 +366,8 @@ def _encodable(value: str, where: str) -> str:
 
 def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
     """Validate one raw row for its format; raises ValueError naming the field."""
+    if fmt in preference_data.FORMATS:
+        return preference_data.check_row(raw, fmt, spec)
     if not isinstance(raw, dict):
         raise ValueError(f"expected an object with fields, got {type(raw).__name__}")
     if fmt == DatasetFormat.alpaca.value:
@@ -403,12 +406,16 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
 
 
 def _strip(content: dict[str, Any]) -> dict[str, Any]:
+    if preference_data.is_preference(content):
+        return preference_data.strip(content)
     if "messages" in content:
         return {"messages": [{"role": m["role"], "content": m["content"].strip()} for m in content["messages"]]}
     return {k: v.strip() for k, v in content.items()}
 
 
 def _is_empty(content: dict[str, Any]) -> bool:
+    if preference_data.is_preference(content):
+        return preference_data.is_empty(content)
     if "messages" in content:
         return any(m["role"] == "assistant" and not m["content"] for m in content["messages"])
     if "output" in content:
@@ -417,6 +424,8 @@ def _is_empty(content: dict[str, Any]) -> bool:
 
 
 def _char_count(content: dict[str, Any]) -> int:
+    if preference_data.is_preference(content):
+        return preference_data.char_count(content)
     if "messages" in content:
         return sum(len(m["content"]) for m in content["messages"])
     return sum(len(v) for v in content.values())

@@ -146,8 +146,9 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
     return to_dataset(train_sequences), to_dataset(eval_sequences), report, prepared.validation
 
 
-def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None) -> Any:
-    """Map the spec onto transformers' TrainingArguments."""
+def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None,
+                       args_class: type | None = None, **extra: Any) -> Any:
+    """Map the spec onto transformers' TrainingArguments (or a subclass such as TRL's DPOConfig, with `extra`)."""
     import torch
     from transformers import TrainingArguments
 
@@ -176,7 +177,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         from kubetune.distributed import fsdp_options
 
         fsdp_kwargs = fsdp_options(ctx.spec)
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=training.batch_size_per_device,
         per_device_eval_batch_size=training.batch_size_per_device,
@@ -216,6 +217,7 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
         optim="adamw_torch",
         save_only_model=False,
         **fsdp_kwargs,
+        **extra,
     )
 
 
@@ -253,20 +255,18 @@ def checkpoint_prefix(prefix: str = CHECKPOINT_PREFIX) -> Iterator[None]:
         transformers.trainer.PREFIX_CHECKPOINT_DIR = saved
 
 
-def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
-    """A transformers Trainer whose data order depends only on (seed, epoch).
+def seeded_sampler(seed: int, batch_size: int, lengths: list[int], *, group_by_length: bool = True) -> Any:
+    """A sampler whose order depends only on (seed, epoch): length-grouped batches (transformers'
+    LengthGroupedSampler with our generator) or, without grouping, a seeded permutation.
 
-    transformers' LengthGroupedSampler draws from the global RNG, whose state at the start of an
-    epoch differs between a fresh run and a resumed one; with our sampler a run resumed after a
-    crash sees exactly the batches an uninterrupted run would (and every rank agrees on them).
-    Batches are grouped by length (less padding, more useful tokens per second) unless packing.
-    """
+    transformers' own draws from the global RNG, whose state at the start of an epoch differs between a
+    fresh run and a resumed one; with this one a run resumed after a crash sees exactly the batches an
+    uninterrupted run would (and every rank agrees on them)."""
     import torch
-    from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     class SeededSampler(LengthGroupedSampler):
-        def __init__(self, batch_size: int, lengths: list[int]):
+        def __init__(self) -> None:
             super().__init__(batch_size, lengths=lengths)
             self.epoch = 0
 
@@ -280,6 +280,20 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
             self.generator = generator
             return super().__iter__()
 
+    return SeededSampler()
+
+
+def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
+    """A transformers Trainer whose data order depends only on (seed, epoch).
+
+    transformers' LengthGroupedSampler draws from the global RNG, whose state at the start of an
+    epoch differs between a fresh run and a resumed one; with our sampler a run resumed after a
+    crash sees exactly the batches an uninterrupted run would (and every rank agrees on them).
+    Batches are grouped by length (less padding, more useful tokens per second) unless packing.
+    """
+    import torch
+    from transformers import Trainer
+
     class KubetuneTrainer(Trainer):
         save_seconds = 0.0  # time spent writing checkpoint files (training waits for it)
 
@@ -292,7 +306,8 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in dataset["input_ids"]]
-            return SeededSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths)
+            return seeded_sampler(seed, self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths,
+                                  group_by_length=group_by_length)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -339,6 +354,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from kubetune_trainer.packing import data_collator
 
     spec = ctx.spec
+    if spec.task.type == "preference":  # DPO, KTO, ORPO with TRL's trainers: the same steps in preference.py
+        from kubetune_trainer import preference
+
+        return preference.run(ctx)
     started = time.time()
     # ---- 1. where things go
     expected_hash = training_config_hash(spec)

@@ -7,6 +7,7 @@ from typing import Any
 
 from kubetune.manifest import load_job
 from kubetune.spec import FineTuneJob
+from kubetune_trainer import preference_estimate
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.estimate.arithmetic import (
     fit_label,
@@ -65,7 +66,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     validation = data["validation"]
     eval_tokens = validation["tokens"] * evaluations
     head_tokens, eval_head_tokens = tokens, eval_tokens
-    if facts.get("selectiveLogits"):  # logits only where a label is learned
+    if facts.get("selectiveLogits") and not preference_estimate.is_preference(job):  # logits only where learned
         head_tokens = tokens * data["trainableTokens"] / data["tokens"]
         eval_head_tokens = evaluations * validation.get("trainableTokens", validation["tokens"])
     flops = training_flops(method, facts["flopParameters"], facts["adapterParameters"], tokens, checkpointing,
@@ -75,10 +76,15 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     seq = min(training.max_seq_length, data["longestSequence"])  # the longest batch sets the peak
     lora = spec.method.lora
     memory = memory_per_gpu(facts, method=method, precision=precision, strategy=str(spec.resources.strategy),
-                            world_size=world, batch=training.batch_size_per_device, seq=seq,
+                            world_size=world, seq=seq,
+                            batch=training.batch_size_per_device * data.get("sequencesPerExample", 1),
                             gradient_checkpointing=checkpointing, quant=spec.method.quantization,
                             adapter_dropout=bool(lora and lora.dropout > 0))
 
+    preference_assumptions: list[str] = []
+    if preference_estimate.is_preference(job):
+        flops, preference_assumptions = preference_estimate.reference_costs(
+            job, facts, data, tokens, flops, facts["parameters"] * memory["bytesPerParameter"]["weight"])
     names = [find_gpu(table, gpu)] if gpu else list(table)
     rows: list[dict[str, Any]] = []
     for name in names:
@@ -112,7 +118,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
         "padding are not counted)"
         + (f"; the output head ({facts.get('headParameters', 0):,} of N) only multiplies the learned tokens "
            f"({round(head_tokens):,}): the trainer computes logits only where a label is learned"
-           if facts.get("selectiveLogits") else ""),
+           if facts.get("selectiveLogits") and not preference_estimate.is_preference(job) else ""),
         "LoRA/QLoRA: forward 2N + backward through activations 2N, no weight gradients for frozen weights",
         f"gradient checkpointing {'on' if checkpointing else 'off'}"
         + (" (default on GPUs): +2N per token to recompute the forward" if training.gradient_checkpointing is None
@@ -122,6 +128,7 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
         + (f", x{QLORA_MFU_FACTOR} for QLoRA (4-bit dequantization)" if method == "qlora" else "")
         + "; model loading, checkpoint uploads and sample generation are not included",
         f"activations for the longest batch: {training.batch_size_per_device} x {seq} tokens",
+        *preference_assumptions,
     ]
     return {
         "job": job.metadata.name,

@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 from kubetune.spec import FineTuneJob
+from kubetune_trainer import preference_estimate
 
 SAMPLE_ROWS = int(os.environ.get("KUBETUNE_ESTIMATE_SAMPLE_ROWS", "10000"))
 
@@ -18,6 +19,8 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROW
     from kubetune_trainer import models as model_lib
 
     spec = job.spec
+    if preference_estimate.is_preference(job):
+        return preference_estimate.count_tokens(job, tokenizer, sample_rows)
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
     def measure(rows: list[Any], packing: bool | None) -> dict[str, Any]:
