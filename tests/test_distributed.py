@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kubetune.distributed import deepspeed_config
 from kubetune.manifest import load_job
+from tests.support.trainer_fixtures import ENV, free_port, torchrun
 
 pytestmark = pytest.mark.slow  # launches several training processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_two_nodes_ddp_over_gloo(make_job) -> None:

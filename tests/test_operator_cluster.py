@@ -11,7 +11,6 @@ Security Standard, so every worker pod the Job controller creates passes it.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,22 +26,31 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.manifest import ManifestError, parse_job
 from tests import manifest_cases
 from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
-from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
-from tests.support.operator_process import OperatorProcess
-from tests.support.policies import TRUSTED_POLICY
+from tests.support.controlplane import ControlPlane
+from tests.support.operator_cluster import (
+    GANG_SCHEDULERS,
+    NS,
+    OPERATOR_ENV,
+    SECRETS,
+    _peering_crd,
+    children,
+    event_reasons,
+    events,
+    ftj,
+    jobs,
+    manifest,
+    operator_process,
+    pods,
+    running_pods,
+    status,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.slow  # a control plane and the operator
 
 REPO = Path(__file__).resolve().parents[1]
-NS = "ml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-SECRETS = {
-    "s3-creds": {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-                 "AWS_SECRET_ACCESS_KEY": "sk-" + secrets.token_hex(20)},
-    "hf-token": {"HF_TOKEN": "hf_" + secrets.token_hex(16)},
-}
 SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
-GANG_SCHEDULERS = {"coscheduling": "scheduler-plugins-scheduler", "volcano": "volcano"}
 # the upstream PodGroup CRDs (tests/data/crds/README.md): (file, CRD name, group, version)
 POD_GROUP_CRDS = {
     "coscheduling": ("scheduling.x-k8s.io_podgroups.yaml", "podgroups.scheduling.x-k8s.io", "scheduling.x-k8s.io",
@@ -53,21 +61,6 @@ POD_GROUP_CRDS = {
 
 
 # ----- fixtures -----
-
-# the platform defaults the operator runs with here (kwok holds the worker pods Running)
-OPERATOR_ENV = {
-    "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:test",
-    "KUBETUNE_DEFAULT_POD_ANNOTATIONS": json.dumps({HOLD_ANNOTATION: "true"}),
-    "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
-    "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),  # one trusted team: the older tests' fields
-    # gang scheduling enabled with both providers (no gang scheduler runs here: their pods stay Pending)
-    "KUBETUNE_DEFAULT_GANG_SCHEDULERS": json.dumps(GANG_SCHEDULERS),
-}
-
-
-def operator_process(cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()
-                     ) -> OperatorProcess:
-    return OperatorProcess(cp, log_path, kubeconfig, args, env=OPERATOR_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -87,93 +80,6 @@ def operator_env() -> dict[str, str]:
 
 
 # ----- helpers -----
-
-def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "model": {"source": "bundled://smollm2-135m-instruct", "credentialsSecretRef": {"name": "hf-token"}},
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/chat.jsonl"}],
-            "output": {"uri": f"s3://runs/{name}/", "credentialsSecretRef": {"name": "s3-creds"}},
-            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
-        },
-    }
-    for key, value in spec.items():
-        body["spec"][key] = value
-    return body
-
-
-def ftj(api: client.ApiClient, name: str) -> dict[str, Any] | None:
-    try:
-        return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-
-
-def status(api: client.ApiClient, name: str) -> dict[str, Any]:
-    return (ftj(api, name) or {}).get("status") or {}
-
-
-def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, timeout: float = 60,
-               check: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
-    def ready() -> dict[str, Any] | None:
-        st = status(api, name)
-        return st if st.get("phase") == phase and (check is None or check(st)) else None
-    try:
-        return cp.wait_for(ready, timeout, f"{name} phase {phase}")
-    except Exception:
-        print(f"status of {name}: {json.dumps(status(api, name), indent=1)}")
-        raise
-
-
-def jobs(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
-    items = client.BatchV1Api(api).list_namespaced_job(NS, label_selector=f"kubetune.io/job-name={name}").items
-    return sorted((api.sanitize_for_serialization(j) for j in items), key=lambda j: j["metadata"]["name"])
-
-
-def pods(api: client.ApiClient, name: str, attempt: int | None = None, phase: str | None = None) -> list[dict]:
-    selector = f"kubetune.io/job-name={name}"
-    if attempt is not None:
-        selector += f",kubetune.io/attempt={attempt}"
-    items = client.CoreV1Api(api).list_namespaced_pod(NS, label_selector=selector).items
-    out = [api.sanitize_for_serialization(p) for p in items]
-    return [p for p in out if phase is None or p["status"].get("phase") == phase]
-
-
-def running_pods(cp: ControlPlane, api: client.ApiClient, name: str, attempt: int, count: int) -> list[dict]:
-    return cp.wait_for(lambda: (lambda ps: ps if len(ps) == count else None)(
-        pods(api, name, attempt, "Running")), 60, f"{count} running pods of {name} attempt {attempt}")
-
-
-def events(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
-    items = client.CoreV1Api(api).list_namespaced_event(
-        NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
-    return sorted((api.sanitize_for_serialization(e) for e in items),
-                  key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]))
-
-
-def event_reasons(api: client.ApiClient, name: str) -> list[str]:
-    return [e["reason"] for e in events(api, name)]
-
-
-def children(api: client.ApiClient, name: str) -> dict[str, list[str]]:
-    """Names of every kind of child carrying the job's label."""
-    selector = f"kubetune.io/job-name={name}"
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    return {
-        "ServiceAccount": [o.metadata.name for o in core.list_namespaced_service_account(
-            NS, label_selector=selector).items],
-        "Role": [o.metadata.name for o in rbac.list_namespaced_role(NS, label_selector=selector).items],
-        "RoleBinding": [o.metadata.name for o in rbac.list_namespaced_role_binding(NS, label_selector=selector).items],
-        "ConfigMap": [o.metadata.name for o in core.list_namespaced_config_map(NS, label_selector=selector).items],
-        "Service": [o.metadata.name for o in core.list_namespaced_service(NS, label_selector=selector).items],
-        "Job": [j["metadata"]["name"] for j in jobs(api, name)],
-    }
 
 
 def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -699,18 +605,6 @@ def _get_or_none(read: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         if error.status == 404:
             return None
         raise
-
-
-def _peering_crd(kind: str, scope: str) -> dict[str, Any]:
-    """kopf's peering CRDs (as in kopf's documentation)."""
-    plural = kind.lower() + "s"
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.kopf.dev"},
-            "spec": {"scope": scope, "group": "kopf.dev",
-                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                         "type": "object", "properties": {"status": {
-                             "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}]}}
 
 
 def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:

@@ -20,8 +20,7 @@ import pytest
 from kubernetes import client
 
 from tests.support.controlplane import ControlPlane
-from tests.support.operator_process import install_crd, service_account_kubeconfig
-from tests.test_operator_cluster import (
+from tests.support.operator_cluster import (
     NS,
     SECRETS,
     _peering_crd,
@@ -34,6 +33,7 @@ from tests.test_operator_cluster import (
     status,
     wait_phase,
 )
+from tests.support.operator_process import install_crd, service_account_kubeconfig
 
 
 @pytest.fixture(scope="module")

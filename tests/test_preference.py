@@ -17,9 +17,8 @@ from kubetune_trainer import preference_data
 from kubetune_trainer.__main__ import run_trainer
 from kubetune_trainer.data import Row, load_dataset_rows
 from kubetune_trainer.errors import DataError
-from tests.support.trainer_fixtures import REPO, write_jsonl
-from tests.test_distributed import ENV, free_port, torchrun
-from tests.test_resume import progress_step, start, wait_for
+from tests.support.trainer_fixtures import ENV, REPO, free_port, progress_step, start, torchrun, write_jsonl
+from tests.support.waiting import wait_for, while_running
 
 DATA = REPO / "examples" / "data"
 PAIRS = {"source": str(DATA / "pydoc_preferences.jsonl"), "maxExamples": 40}
@@ -232,8 +231,8 @@ def test_sigkill_then_resume_continues_the_same_trajectory(make_job) -> None:
     job = preference_job(make_job, "killed", **settings)
     output = job.parent / "out-killed"
     process = start(job)
-    wait_for(lambda: (output / "checkpoints" / "step-3" / "manifest.json").exists() and progress_step(output) >= 4,
-             process=process)
+    wait_for(while_running(process, lambda: (output / "checkpoints" / "step-3" / "manifest.json").exists()
+                           and progress_step(output) >= 4), 300, "checkpoint step-3 and step 4")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (output / "summary.json").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,24 +13,12 @@ import pytest
 from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer
+from tests.support.trainer_fixtures import progress_step, start
 from tests.support.waiting import wait_for, while_running
 
 pytestmark = pytest.mark.slow  # trains, is preempted and resumes
 
 LOSS_TOLERANCE = 1e-4  # same seed, same data order, restored RNG: CPU runs agree to float rounding
-
-
-def start(path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def progress_step(output: Path) -> int:
-    try:
-        return json.loads((output / "progress.json").read_text())["step"]
-    except (OSError, ValueError):
-        return 0
 
 
 def job_kwargs() -> dict:

@@ -14,7 +14,7 @@ import yaml
 from kubetune import scheduling
 from kubetune.render import PlatformDefaults, PolicyViolation, render_children
 from kubetune.spec import FineTuneJobSpec
-from tests.test_render import by_kind, cr, trusted
+from tests.support.render_objects import by_kind, cr, trusted
 
 SCHEDULERS = {"coscheduling": "scheduler-plugins-scheduler", "volcano": "volcano"}
 CRDS = Path(__file__).parent / "data" / "crds"

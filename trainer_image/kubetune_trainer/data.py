@@ -385,24 +385,31 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
                 messages = _loads(messages)
             except ValueError:
                 raise ValueError(f"field '{spec.messages_field}' must be a list of {{role, content}}") from None
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"field '{spec.messages_field}' must be a non-empty list of {{role, content}}")
-        checked = []
-        for index, message in enumerate(messages):
-            where = f"{spec.messages_field}[{index}]"
-            if not isinstance(message, dict):
-                raise ValueError(f"{where} must be an object with role and content")
-            role = message.get("role")
-            if not isinstance(role, str) or role not in CHAT_ROLES:
-                raise ValueError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r:.40}")
-            content = message.get("content")
-            if not isinstance(content, str):
-                raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
-            checked.append({"role": role, "content": _encodable(content, f"{where}.content")})
+        checked = check_messages(messages, spec.messages_field)
         if not any(m["role"] == "assistant" for m in checked):
             raise ValueError(f"field '{spec.messages_field}' has no assistant message to learn from")
         return {"messages": checked}
     return {"text": _require_string(raw, spec.text_field)}
+
+
+def check_messages(messages: Any, key: str) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} (roles from CHAT_ROLES, string contents), or a ValueError
+    naming `key[index].field` and what would be valid."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"field '{key}' must be a non-empty list of {{role, content}}")
+    checked = []
+    for index, message in enumerate(messages):
+        where = f"{key}[{index}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with role and content")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise ValueError(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r:.40}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": _encodable(content, f"{where}.content")})
+    return checked
 
 
 def _strip(content: dict[str, Any]) -> dict[str, Any]:

@@ -30,25 +30,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetune import storage
-from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import MethodType, PreferenceObjective
 from kubetune_trainer import data as data_lib
 from kubetune_trainer import models as model_lib
-from kubetune_trainer import preference_data, safe_loading
+from kubetune_trainer import preference_data
 from kubetune_trainer.evaluation import SampleGenerator, perplexity
 from kubetune_trainer.train import (
-    SUMMARY_NAME,
     RunContext,
-    _best_step,
+    attach_trainer,
     checkpoint_prefix,
-    find_resume_checkpoint,
-    model_info,
+    finish_run,
+    output_and_resume_point,
+    recipe_callbacks,
+    run_summary,
     seeded_sampler,
-    tracking_callbacks,
+    train_until_done,
     training_arguments,
-    training_config_hash,
-    write_summary,
 )
 
 HELD_OUT_BATCH = 4
@@ -321,22 +318,15 @@ def _baseline_callback(ctx: RunContext, evaluator: HeldOutEvaluator, resumed: Pa
 def run(ctx: RunContext) -> dict[str, Any]:
     """Preference-tune, evaluate and export as the spec says; returns the run summary (also written last)."""
     import torch
-    from transformers.trainer_callback import PrinterCallback
 
     from kubetune_trainer import callbacks as cb
     from kubetune_trainer import exports as export_lib
-    from kubetune_trainer.metrics import MetricsCallback
 
     spec = ctx.spec
     objective = objective_of(ctx)
     started = time.time()
     # ---- 1. where things go
-    expected_hash = training_config_hash(spec)
-    store = CheckpointStore(ctx.output_uri, ctx.s3)
-    resume_from = find_resume_checkpoint(ctx, store, expected_hash)
-    if ctx.is_main and not resume_from:
-        storage.delete(ctx.output_path(SUMMARY_NAME), options=ctx.s3)
-        (ctx.work_dir / "metrics.jsonl").unlink(missing_ok=True)
+    expected_hash, store, resume_from = output_and_resume_point(ctx)
 
     # ---- 2. data and 3. model
     precision = model_lib.pick_precision(spec.training.precision)
@@ -375,29 +365,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     evaluator = HeldOutEvaluator(ctx, pairs, chosen_set, tokenizer.pad_token_id, samples)
     baseline_cb = _baseline_callback(ctx, evaluator,
                                      Path(resume_from) / "kubetune_baseline.json" if resume_from else None)
-    callbacks = [baseline_cb, reporter, publisher, cb.PreemptionHandler(ctx), MetricsCallback(ctx)]
-    if spec.training.early_stopping is not None:
-        from transformers import EarlyStoppingCallback
-
-        early = spec.training.early_stopping
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
-                                               early_stopping_threshold=early.min_delta))
+    callbacks = recipe_callbacks(ctx, baseline_cb, reporter, publisher)
     trainer = make_trainer(ctx, spec.training.seed, model=model, args=args, train_dataset=train_set,
                            eval_dataset=eval_set, processing_class=tokenizer, callbacks=callbacks)
-    reporter.trainer = baseline_cb.trainer = trainer
-    trainer.remove_callback(PrinterCallback)
-    for callback in tracking_callbacks(ctx):
-        trainer.add_callback(callback)
+    attach_trainer(ctx, trainer, reporter, baseline_cb)
 
     # ---- 5. held-out pairs before (at train begin), train, after
-    with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
-        train_result = trainer.train(resume_from_checkpoint=resume_from)
-    baseline = baseline_cb.result
-    preempted = cb.PreemptionHandler.requested
-    publisher.wait()
-    if preempted:
-        store.wait()
+    train_result = train_until_done(ctx, trainer, publisher, store, resume_from)
+    if train_result is None:
         return {"preempted": True, "step": trainer.state.global_step}
+    baseline = baseline_cb.result
     final = evaluator.measure(trainer.model, trainer, baseline["logps"])
     before = pair_metrics(baseline["logps"], baseline["logps"], evaluator.beta) if baseline["logps"] else None
 
@@ -407,10 +384,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         reporter.write_loss_plot()
     artifacts = export_lib.export_all(ctx, trainer, tokenizer, model_dir, data_report=data_report,
                                       baseline=baseline, final=final, eval_set=chosen_set)
-    store.wait()
-    if ctx.is_main:
-        store.prune(spec.checkpoint.keep_last, protect=_best_step(trainer))
-    latest = store.latest()
     after = final["pairs"]
     metrics: dict[str, Any] = {
         "baselineEvalLoss": baseline["eval_loss"],  # held-out loss of the chosen completions
@@ -434,47 +407,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "finalChosenLogps": after["chosenLogps"],
             "finalRejectedLogps": after["rejectedLogps"],
         })
-    train_logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
-    summary = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "RunSummary",
-        "job": ctx.job.metadata.name,
-        "status": "Succeeded",
-        "configHash": expected_hash,
-        "method": spec.method.type,
-        "task": spec.task.type,
+    summary = run_summary(ctx, model, trainer, train_result, started=started, expected_hash=expected_hash,
+                          precision=precision, baseline_seconds=baseline_cb.seconds, publisher=publisher,
+                          reporter=reporter, store=store, resume_from=resume_from, artifacts=artifacts,
+                          data_report=data_report, metrics=metrics)
+    summary.update({
         "objective": objective,
         "reference": ("none (orpo)" if objective == PreferenceObjective.orpo.value else
                       "precomputed log-probabilities" if spec.method.type == MethodType.full.value else
                       "base with the adapter disabled"),
-        "model": spec.model.source,
-        "precision": precision,
-        "modelInfo": model_info(model),
-        "worldSize": ctx.world_size,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "trainLoss": train_result.training_loss,
-        "firstLoss": train_logs[0]["loss"] if train_logs else None,
-        "lastLoss": train_logs[-1]["loss"] if train_logs else None,
-        "trainSeconds": round(train_result.metrics.get("train_runtime", 0.0) - baseline_cb.seconds, 3),
-        "checkpointBlockedSeconds": round(trainer.save_seconds + publisher.blocked_seconds, 3),
-        "trainedTokens": int(trainer.state.num_input_tokens_seen or 0),
-        "tokensPerSecond": reporter.mean_tokens_per_second(),
-        "durationSeconds": round(time.time() - started, 2),
-        "resumedFrom": resume_from and Path(resume_from).name,
-        "earlyStopped": bool(spec.training.early_stopping) and trainer.state.global_step < trainer.state.max_steps,
-        "bestStep": getattr(trainer.state, "best_global_step", None),
-        "metrics": metrics,
         "preference": {"before": before, "after": after},
-        "data": data_report,
-        "checkpoint": {"step": latest.step, "uri": latest.uri} if latest else None,
-        "artifacts": artifacts,
-        "output": ctx.output_uri,
-    }
-    if ctx.is_main:
-        reporter.finish(summary)
-        write_summary(ctx, summary)
-        from kubetune_trainer import tracking
-
-        tracking.finish_runs(summary)
+    })
+    finish_run(ctx, reporter, summary)
     return summary

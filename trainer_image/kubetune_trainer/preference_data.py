@@ -28,7 +28,6 @@ from kubetune_trainer.errors import DataError
 PAIRED = DatasetFormat.preference.value
 UNPAIRED = DatasetFormat.unpaired.value
 FORMATS = (PAIRED, UNPAIRED)
-ROLES = {"system", "user", "assistant", "tool"}
 TRUE_LABELS = {"true", "1", "yes", "desirable", "good"}
 FALSE_LABELS = {"false", "0", "no", "undesirable", "bad"}
 
@@ -48,22 +47,9 @@ def _text(value: Any, key: str) -> str:
 
 
 def _messages(value: list[Any], key: str) -> list[dict[str, str]]:
-    from kubetune_trainer.data import _encodable
+    from kubetune_trainer.data import check_messages
 
-    if not value:
-        raise ValueError(f"field '{key}' must be a non-empty list of {{role, content}}")
-    checked = []
-    for index, message in enumerate(value):
-        where = f"{key}[{index}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"{where} must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ValueError(f"{where}.role must be one of {sorted(ROLES)}, got {role!r:.40}")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}.content must be a string, got {type(content).__name__}")
-        checked.append({"role": role, "content": _encodable(content, f"{where}.content")})
-    return checked
+    return check_messages(value, key)
 
 
 def _completion(value: Any, key: str) -> str | list[dict[str, str]]:

@@ -14,7 +14,6 @@ with b mismatched KL completions, also 2·b sequences. The reference model:
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from kubetune.spec import FineTuneJob, MethodType, PreferenceObjective
@@ -32,37 +31,25 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int) -> dict[str
     from kubetune_trainer import data as data_lib
     from kubetune_trainer import models as model_lib
     from kubetune_trainer import preference_data
+    from kubetune_trainer.estimate.tokens import sampled_counts, with_validation
 
     spec = job.spec
     unpaired = spec.task.preference is not None and spec.task.preference.objective == PreferenceObjective.kto.value
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
     def measure(rows: list[Any], training: bool = True) -> dict[str, Any]:
-        exact = len(rows) <= sample_rows
-        chosen = rows if exact else random.Random(spec.training.seed).sample(rows, sample_rows)
-        examples, stats = preference_data.tokenize_rows(chosen, tokenizer, spec, unpaired, training=training)
-        scale = len(rows) / len(chosen)
-        completions = [[e[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in e] for e in examples]
-        lengths = [len(e["prompt_ids"]) + len(c) for e, cs in zip(examples, completions, strict=True) for c in cs]
-        learned = sum(len(c) for cs in completions for c in cs)
-        return {
-            "method": "exact" if exact else f"sampled: {len(chosen)} of {len(rows)} rows tokenized, counts scaled "
-                                            f"x{scale:.2f}",
-            "exact": exact,
-            "rows": len(rows),
-            "sequences": round(len(examples) * scale),
-            "tokens": round(stats["tokens"] * scale),
-            "trainableTokens": round(learned * scale),
-            "truncatedRows": round((stats["promptTruncated"] + stats["completionTruncated"]) * scale),
-            "meanSequenceLength": round(sum(lengths) / len(lengths), 1),
-            "longestSequence": max(lengths),
-            "sequencesPerExample": 2,
-        }
+        def tokenize(chosen: list[Any]) -> tuple[dict[str, int], list[int]]:
+            examples, stats = preference_data.tokenize_rows(chosen, tokenizer, spec, unpaired, training=training)
+            completions = [[e[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in e]
+                           for e in examples]
+            lengths = [len(e["prompt_ids"]) + len(c) for e, cs in zip(examples, completions, strict=True) for c in cs]
+            return ({"sequences": len(examples), "tokens": stats["tokens"],
+                     "trainableTokens": sum(len(c) for cs in completions for c in cs),
+                     "truncatedRows": stats["promptTruncated"] + stats["completionTruncated"]}, lengths)
 
-    train = measure(prepared.train)
-    validation = measure(prepared.validation, training=False)
-    return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens",
-                                                               "trainableTokens")}}
+        return {**sampled_counts(rows, sample_rows, spec.training.seed, tokenize), "sequencesPerExample": 2}
+
+    return with_validation(measure(prepared.train), measure(prepared.validation, training=False))
 
 
 def reference_costs(job: FineTuneJob, facts: dict[str, Any], data: dict[str, Any], tokens: float,

@@ -345,12 +345,10 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
 def run(ctx: RunContext) -> dict[str, Any]:
     """Train, evaluate and export as the spec says; returns the run summary (also written last)."""
     import torch
-    from transformers.trainer_callback import PrinterCallback
 
     from kubetune_trainer import callbacks as cb
     from kubetune_trainer import exports as export_lib
     from kubetune_trainer.evaluation import SampleGenerator, perplexity
-    from kubetune_trainer.metrics import MetricsCallback
     from kubetune_trainer.packing import data_collator
 
     spec = ctx.spec
@@ -360,12 +358,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         return preference.run(ctx)
     started = time.time()
     # ---- 1. where things go
-    expected_hash = training_config_hash(spec)
-    store = CheckpointStore(ctx.output_uri, ctx.s3)
-    resume_from = find_resume_checkpoint(ctx, store, expected_hash)
-    if ctx.is_main and not resume_from:
-        storage.delete(ctx.output_path(SUMMARY_NAME), options=ctx.s3)  # a stale summary must not mark this run finished
-        (ctx.work_dir / "metrics.jsonl").unlink(missing_ok=True)
+    expected_hash, store, resume_from = output_and_resume_point(ctx)
 
     # ---- 2. data and 3. model
     precision = model_lib.pick_precision(spec.training.precision)
@@ -386,19 +379,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     samples = SampleGenerator(ctx, tokenizer, validation_rows)
     baseline_file = Path(resume_from) / "kubetune_baseline.json" if resume_from else None
     baseline_eval = cb.BaselineEvaluator(ctx, samples, baseline_file)
-    callbacks = [
-        baseline_eval,
-        reporter,
-        publisher,
-        cb.PreemptionHandler(ctx),
-        MetricsCallback(ctx),  # Prometheus /metrics on rank 0 when KUBETUNE_METRICS_PORT is set
-    ]
-    if spec.training.early_stopping is not None:
-        from transformers import EarlyStoppingCallback
-
-        early = spec.training.early_stopping
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
-                                               early_stopping_threshold=early.min_delta))
+    callbacks = recipe_callbacks(ctx, baseline_eval, reporter, publisher)
     trainer = make_trainer(
         seed=spec.training.seed,
         group_by_length=not spec.training.packing,
@@ -411,21 +392,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
         callbacks=callbacks,
         compute_metrics=None,
     )
-    reporter.trainer = baseline_eval.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
-    for callback in tracking_callbacks(ctx):
-        trainer.add_callback(callback)
+    attach_trainer(ctx, trainer, reporter, baseline_eval)
 
     # ---- 5. evaluate (BaselineEvaluator, once training has set up), train, evaluate
-    # Every checkpoint load in there (resume, the best model at the end) is weights-only.
-    with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
-        train_result = trainer.train(resume_from_checkpoint=resume_from)
-    baseline_seconds, baseline = baseline_eval.seconds, baseline_eval.result
-    preempted = cb.PreemptionHandler.requested
-    publisher.wait()
-    if preempted:
-        store.wait()
+    train_result = train_until_done(ctx, trainer, publisher, store, resume_from)
+    if train_result is None:
         return {"preempted": True, "step": trainer.state.global_step}
+    baseline_seconds, baseline = baseline_eval.seconds, baseline_eval.result
     assert baseline is not None  # the BaselineEvaluator callback set it as training began
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
     if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
@@ -442,11 +415,88 @@ def run(ctx: RunContext) -> dict[str, Any]:
         reporter.write_loss_plot()
     artifacts = export_lib.export_all(ctx, trainer, tokenizer, model_dir, data_report=data_report,
                                       baseline=baseline, final=final, eval_set=eval_set)
+    summary = run_summary(ctx, model, trainer, train_result, started=started, expected_hash=expected_hash,
+                          precision=precision, baseline_seconds=baseline_seconds, publisher=publisher,
+                          reporter=reporter, store=store, resume_from=resume_from, artifacts=artifacts,
+                          data_report=data_report, metrics={
+                              "baselineEvalLoss": baseline["eval_loss"],
+                              "baselinePerplexity": baseline["perplexity"],
+                              "finalEvalLoss": final["eval_loss"],
+                              "finalPerplexity": final["perplexity"],
+                          })
+    finish_run(ctx, reporter, summary)
+    return summary
+
+
+# ---------------------------------------------------------------- steps every recipe takes (SFT, preference)
+
+
+def output_and_resume_point(ctx: RunContext) -> tuple[str, CheckpointStore, str | None]:
+    """The training config hash, the checkpoint store and the checkpoint to resume from (None: a fresh
+    run, whose stale summary and metrics are removed first: a stale summary would mark it finished)."""
+    expected_hash = training_config_hash(ctx.spec)
+    store = CheckpointStore(ctx.output_uri, ctx.s3)
+    resume_from = find_resume_checkpoint(ctx, store, expected_hash)
+    if ctx.is_main and not resume_from:
+        storage.delete(ctx.output_path(SUMMARY_NAME), options=ctx.s3)
+        (ctx.work_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return expected_hash, store, resume_from
+
+
+def recipe_callbacks(ctx: RunContext, baseline: Any, reporter: Any, publisher: Any) -> list[Any]:
+    """The callbacks of a run, in order: the baseline evaluation, progress, checkpoint publishing,
+    preemption, Prometheus /metrics (rank 0, when KUBETUNE_METRICS_PORT is set), early stopping."""
+    from kubetune_trainer import callbacks as cb
+    from kubetune_trainer.metrics import MetricsCallback
+
+    callbacks = [baseline, reporter, publisher, cb.PreemptionHandler(ctx), MetricsCallback(ctx)]
+    early = ctx.spec.training.early_stopping
+    if early is not None:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
+                                               early_stopping_threshold=early.min_delta))
+    return callbacks
+
+
+def attach_trainer(ctx: RunContext, trainer: Any, reporter: Any, baseline: Any) -> None:
+    """Give the callbacks that need it the trainer; our reporter prints instead of transformers'
+    PrinterCallback; add the trackers."""
+    from transformers.trainer_callback import PrinterCallback
+
+    reporter.trainer = baseline.trainer = trainer
+    trainer.remove_callback(PrinterCallback)
+    for callback in tracking_callbacks(ctx):
+        trainer.add_callback(callback)
+
+
+def train_until_done(ctx: RunContext, trainer: Any, publisher: Any, store: CheckpointStore,
+                     resume_from: str | None) -> Any:
+    """trainer.train() (every checkpoint load in there, the resume and the best model at the end, is
+    weights-only), then wait for the checkpoint uploads; None when preempted (SIGTERM)."""
+    from kubetune_trainer import callbacks as cb
+
+    with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    publisher.wait()
+    if cb.PreemptionHandler.requested:
+        store.wait()
+        return None
+    return train_result
+
+
+def run_summary(ctx: RunContext, model: Any, trainer: Any, train_result: Any, *, started: float, expected_hash: str,
+                precision: str, baseline_seconds: float, publisher: Any, reporter: Any, store: CheckpointStore,
+                resume_from: str | None, artifacts: list[dict[str, Any]], data_report: dict[str, Any],
+                metrics: dict[str, Any]) -> dict[str, Any]:
+    """Wait for the checkpoint uploads, prune old checkpoints (rank 0) and build the RunSummary."""
+    spec = ctx.spec
     store.wait()
     if ctx.is_main:
         store.prune(spec.checkpoint.keep_last, protect=_best_step(trainer))
     latest = store.latest()
-    summary = {
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+    return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "RunSummary",
         "job": ctx.job.metadata.name,
@@ -461,7 +511,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "trainLoss": train_result.training_loss,
-        "lastLoss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "firstLoss": losses[0] if losses else None,
+        "lastLoss": losses[-1] if losses else None,
         "trainSeconds": round(train_result.metrics.get("train_runtime", 0.0) - baseline_seconds, 3),
         "checkpointBlockedSeconds": round(trainer.save_seconds + publisher.blocked_seconds, 3),
         "trainedTokens": int(trainer.state.num_input_tokens_seen or 0),
@@ -470,24 +521,23 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "resumedFrom": resume_from and Path(resume_from).name,
         "earlyStopped": bool(spec.training.early_stopping) and trainer.state.global_step < trainer.state.max_steps,
         "bestStep": getattr(trainer.state, "best_global_step", None),
-        "metrics": {
-            "baselineEvalLoss": baseline["eval_loss"],
-            "baselinePerplexity": baseline["perplexity"],
-            "finalEvalLoss": final["eval_loss"],
-            "finalPerplexity": final["perplexity"],
-        },
+        "metrics": metrics,
         "data": data_report,
         "checkpoint": {"step": latest.step, "uri": latest.uri} if latest else None,
         "artifacts": artifacts,
         "output": ctx.output_uri,
     }
+
+
+def finish_run(ctx: RunContext, reporter: Any, summary: dict[str, Any]) -> None:
+    """Rank 0: the last progress report, summary.json (written last: it marks the run finished), the
+    trackers' final figures."""
     if ctx.is_main:
         reporter.finish(summary)
         write_summary(ctx, summary)
         from kubetune_trainer import tracking
 
         tracking.finish_runs(summary)
-    return summary
 
 
 def model_info(model: Any) -> dict[str, int]:

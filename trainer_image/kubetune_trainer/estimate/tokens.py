@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from kubetune.spec import FineTuneJob
@@ -24,25 +25,37 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROW
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
     def measure(rows: list[Any], packing: bool | None) -> dict[str, Any]:
-        exact = len(rows) <= sample_rows
-        chosen = rows if exact else random.Random(spec.training.seed).sample(rows, sample_rows)
-        sequences, stats = data_lib.tokenize_rows(chosen, tokenizer, spec, packing=packing)
-        scale = len(rows) / len(chosen)
-        lengths = [len(s.input_ids) for s in sequences]
-        return {
-            "method": "exact" if exact else f"sampled: {len(chosen)} of {len(rows)} rows tokenized, counts scaled "
-                                            f"x{scale:.2f}",
-            "exact": exact,
-            "rows": len(rows),
-            "sequences": round(stats["sequences"] * scale),
-            "tokens": round(stats["tokens"] * scale),
-            "trainableTokens": round(stats["trainableTokens"] * scale),
-            "truncatedRows": round(stats["truncated"] * scale),
-            "meanSequenceLength": round(sum(lengths) / len(lengths), 1),
-            "longestSequence": max(lengths),  # of the sample when sampled
-        }
+        def tokenize(chosen: list[Any]) -> tuple[dict[str, int], list[int]]:
+            sequences, stats = data_lib.tokenize_rows(chosen, tokenizer, spec, packing=packing)
+            return ({"sequences": stats["sequences"], "tokens": stats["tokens"],
+                     "trainableTokens": stats["trainableTokens"], "truncatedRows": stats["truncated"]},
+                    [len(s.input_ids) for s in sequences])
 
-    train = measure(prepared.train, None)
-    validation = measure(prepared.validation, False)
+        return sampled_counts(rows, sample_rows, spec.training.seed, tokenize)
+
+    return with_validation(measure(prepared.train, None), measure(prepared.validation, False))
+
+
+def sampled_counts(rows: list[Any], limit: int, seed: int,
+                   tokenize: Callable[[list[Any]], tuple[dict[str, int], list[int]]]) -> dict[str, Any]:
+    """Counts of `rows` through `tokenize` (-> counts, sequence lengths): exact up to `limit` rows, else
+    of a seeded sample of `limit` rows, scaled to all of them."""
+    exact = len(rows) <= limit
+    chosen = rows if exact else random.Random(seed).sample(rows, limit)
+    counts, lengths = tokenize(chosen)
+    scale = len(rows) / len(chosen)
+    return {
+        "method": "exact" if exact else f"sampled: {len(chosen)} of {len(rows)} rows tokenized, counts scaled "
+                                        f"x{scale:.2f}",
+        "exact": exact,
+        "rows": len(rows),
+        **{name: round(value * scale) for name, value in counts.items()},
+        "meanSequenceLength": round(sum(lengths) / len(lengths), 1),
+        "longestSequence": max(lengths),  # of the sample when sampled
+    }
+
+
+def with_validation(train: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+    """The training counts with the validation set's under "validation"."""
     return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens",
                                                                "trainableTokens")}}
