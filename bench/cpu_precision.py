@@ -44,9 +44,16 @@ def make_model(model_dir: str, weights: torch.dtype, checkpointing: bool) -> Any
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     model.train()
     return model
 
@@ -61,7 +68,9 @@ def step(model: Any, optimizer: Any, batch: dict[str, torch.Tensor], autocast: b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -74,14 +83,19 @@ def main() -> None:
 
     model_dir = resolve_model_dir(ModelSpec(source=args.model))
     print(f"native bf16 (oneDNN): {cpu_has_native_bf16()}, threads {torch.get_num_threads()}")
-    peaks = {name: max(matmul_peak(dtype) for _ in range(2)) for name, dtype in
-             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks = {
+        name: max(matmul_peak(dtype) for _ in range(2))
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (args.batch, args.seq), generator=generator)
     batch = {"input_ids": ids, "labels": ids}
-    configs = {"fp32": (torch.float32, False, False), "bf16 autocast": (torch.float32, True, False),
-               "bf16 weights": (torch.bfloat16, False, False)}
+    configs = {
+        "fp32": (torch.float32, False, False),
+        "bf16 autocast": (torch.float32, True, False),
+        "bf16 weights": (torch.bfloat16, False, False),
+    }
     if args.checkpointing:
         configs.update({f"{k} +ckpt": (w, a, True) for k, (w, a, _) in list(configs.items())})
     setups = {}
@@ -97,12 +111,16 @@ def main() -> None:
             times.append(time.perf_counter() - started)
     reference = setups["fp32"][3]
     tokens = args.batch * args.seq
-    print(f"{'precision':20} {'best s/step':>11} {'tokens/s':>9} {'vs fp32':>8} {'first loss':>10} {'diff':>8}")
+    print(
+        f"{'precision':20} {'best s/step':>11} {'tokens/s':>9} {'vs fp32':>8} {'first loss':>10} {'diff':>8}"
+    )
     base = min(setups["fp32"][4])
     for name, (_, _, _, first, times) in setups.items():
         best = min(times)
-        print(f"{name:20} {best:>11.2f} {tokens / best:>9.1f} {base / best:>7.2f}x {first:>10.4f} "
-              f"{first - reference:>+8.4f}")
+        print(
+            f"{name:20} {best:>11.2f} {tokens / best:>9.1f} {base / best:>7.2f}x {first:>10.4f} "
+            f"{first - reference:>+8.4f}"
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -87,38 +87,65 @@ class AuditedControlPlane(ControlPlane):
             policy = self.dir / "cfg" / "audit-policy.yaml"
             policy.write_text(AUDIT_POLICY)
             self.audit_log = self.dir / "logs" / "audit.log"
-            args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
-                    "--audit-log-format=json", "--audit-log-maxsize=0", "--audit-log-mode=blocking"]
+            args = [
+                *args,
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-maxsize=0",
+                "--audit-log-mode=blocking",
+            ]
         return super()._spawn(name, args, env)
 
 
 # ----- the operator -----
 
+
 class BenchOperator(OperatorProcess):
     """The operator with production settings (no --verbose, default interval and workers)."""
 
-    def __init__(self, cp: ControlPlane, directory: Path, env: dict[str, str], args: list[str],
-                 script: str | None = None):
-        super().__init__(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), args, env=env)
+    def __init__(
+        self,
+        cp: ControlPlane,
+        directory: Path,
+        env: dict[str, str],
+        args: list[str],
+        script: str | None = None,
+    ):
+        super().__init__(
+            cp, directory / "operator.log", service_account_kubeconfig(cp, directory), args, env=env
+        )
         self.script = script
 
     def command(self) -> list[str]:
-        return [sys.executable, *([self.script] if self.script else ["-m", "kubetune.operator_main"]),
-                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
-                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1", *self.args]
+        return [
+            sys.executable,
+            *([self.script] if self.script else ["-m", "kubetune.operator_main"]),
+            "--liveness",
+            f"http://127.0.0.1:{self.health_port}/healthz",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
+            *self.args,
+        ]
 
 
-def start_operator(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
-                   script: str | None = None) -> tuple[subprocess.Popen, Path]:
+def start_operator(
+    cp: ControlPlane, directory: Path, pods: str, extra_args: list[str], script: str | None = None
+) -> tuple[subprocess.Popen, Path]:
     proc, log_path, _ = start_operator_process(cp, directory, pods, extra_args, script)
     return proc, log_path
 
 
-def start_operator_process(cp: ControlPlane, directory: Path, pods: str, extra_args: list[str],
-                           script: str | None = None) -> tuple[subprocess.Popen, Path, BenchOperator]:
-    env = {"KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
-           "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs",
-           "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY)}
+def start_operator_process(
+    cp: ControlPlane, directory: Path, pods: str, extra_args: list[str], script: str | None = None
+) -> tuple[subprocess.Popen, Path, BenchOperator]:
+    env = {
+        "KUBETUNE_DEFAULT_IMAGE": "registry.invalid/kubetune/trainer:bench",
+        "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://bench-runs",
+        "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),
+    }
     if pods == "held":
         env["KUBETUNE_DEFAULT_POD_ANNOTATIONS"] = json.dumps({HOLD_ANNOTATION: "true"})
     operator = BenchOperator(cp, directory, env, extra_args, script)
@@ -134,7 +161,9 @@ def reconciles(operator: OperatorProcess) -> float:
         metrics = operator.metrics()
     except OSError:
         return 0.0
-    return sum(v for (sample, _), v in metrics.items() if sample == "kubetune_reconcile_duration_seconds_count")
+    return sum(
+        v for (sample, _), v in metrics.items() if sample == "kubetune_reconcile_duration_seconds_count"
+    )
 
 
 class Sampler:
@@ -181,9 +210,11 @@ class Sampler:
 
 # ----- the jobs -----
 
+
 def job_body(name: str, namespace: str, nodes: int = 1) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"source": "s3://models/smollm2-135m/"},
@@ -206,8 +237,16 @@ def apply_jobs(cp: ControlPlane, namespace: str, names: list[str], threads: int,
         for attempt in range(5):
             try:
                 custom.patch_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, job_body(name, namespace, nodes),
-                    field_manager="bench", force=True, _content_type="application/apply-patch+yaml")
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    job_body(name, namespace, nodes),
+                    field_manager="bench",
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                )
                 return
             except client.ApiException as error:
                 if error.status not in (429, 500, 503, 504) or attempt == 4:
@@ -234,22 +273,37 @@ class Progress:
         self.children: dict[str, set[str]] = {kind: set() for kind in kinds.values()}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", None), daemon=True)]
+        self._threads = [
+            threading.Thread(
+                target=self._watch,
+                args=(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", None),
+                daemon=True,
+            )
+        ]
         for path, kind in kinds.items():
-            self._threads.append(threading.Thread(target=self._watch, args=(path.format(ns=namespace), kind),
-                                                  daemon=True))
+            self._threads.append(
+                threading.Thread(target=self._watch, args=(path.format(ns=namespace), kind), daemon=True)
+            )
         for thread in self._threads:
             thread.start()
 
     def _request(self, path: str, kind: str | None, query: list[tuple[str, str]]) -> Any:
-        accept = ("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
-                  if kind else "application/json")
+        accept = (
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+            if kind
+            else "application/json"
+        )
         if kind and ("watch", "1") in query:
             accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
-        response = self.api.call_api(path, "GET", query_params=query, header_params={"Accept": accept},
-                                     auth_settings=["BearerToken"], _preload_content=False,
-                                     _request_timeout=None)
+        response = self.api.call_api(
+            path,
+            "GET",
+            query_params=query,
+            header_params={"Accept": accept},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=None,
+        )
         return response[0] if isinstance(response, tuple) else response
 
     def _record(self, kind: str | None, event_type: str, obj: dict[str, Any]) -> None:
@@ -274,9 +328,16 @@ class Progress:
                     self._record(kind, "ADDED", obj)
                 version = listed["metadata"]["resourceVersion"]
                 while not self._stop.is_set():
-                    response = self._request(path, kind, [("watch", "1"), ("resourceVersion", version),
-                                                          ("allowWatchBookmarks", "true"),
-                                                          ("timeoutSeconds", "120")])
+                    response = self._request(
+                        path,
+                        kind,
+                        [
+                            ("watch", "1"),
+                            ("resourceVersion", version),
+                            ("allowWatchBookmarks", "true"),
+                            ("timeoutSeconds", "120"),
+                        ],
+                    )
                     for line in iter_resp_lines(response):
                         event = json.loads(line)
                         if event["type"] == "ERROR":
@@ -299,6 +360,7 @@ class Progress:
 
 
 # ----- the audit log -----
+
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
     """One record per request of the operator (ResponseComplete, or ResponseStarted for open watches)."""
@@ -336,14 +398,23 @@ def summarize(events: list[dict[str, Any]], start: float, end: float) -> dict[st
             latency = _ts(e["stageTimestamp"]) - _ts(e["requestReceivedTimestamp"])
             latencies[key].append(latency)
             busy += latency
+
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
         return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
     all_latencies = [v for values in latencies.values() for v in values]
     return {
-        "requests": len(chosen), "by_verb_resource": dict(kinds.most_common()), "codes": dict(codes),
-        "latency_ms": {"p50": pct(all_latencies, 0.5), "p90": pct(all_latencies, 0.9),
-                       "p99": pct(all_latencies, 0.99)} if all_latencies else {},
+        "requests": len(chosen),
+        "by_verb_resource": dict(kinds.most_common()),
+        "codes": dict(codes),
+        "latency_ms": {
+            "p50": pct(all_latencies, 0.5),
+            "p90": pct(all_latencies, 0.9),
+            "p99": pct(all_latencies, 0.99),
+        }
+        if all_latencies
+        else {},
         "latency_ms_p50_by_kind": {k: pct(v, 0.5) for k, v in sorted(latencies.items())},
         "mean_requests_in_flight": round(busy / max(end - start, 1e-9), 2),
     }
@@ -351,34 +422,62 @@ def summarize(events: list[dict[str, Any]], start: float, end: float) -> dict[st
 
 # ----- main -----
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--namespace", default="scale")
     parser.add_argument("--pods", choices=["pending", "held"], default="pending")
-    parser.add_argument("--mode", choices=["live", "catch-up"], default="live",
-                        help="live: apply while the operator runs; catch-up: apply first, then start the operator")
+    parser.add_argument(
+        "--mode",
+        choices=["live", "catch-up"],
+        default="live",
+        help="live: apply while the operator runs; catch-up: apply first, then start the operator",
+    )
     parser.add_argument("--threads", type=int, default=8, help="client threads applying the jobs")
-    parser.add_argument("--nodes", type=int, default=1, help="worker nodes per job (> 1 adds the headless Service)")
+    parser.add_argument(
+        "--nodes", type=int, default=1, help="worker nodes per job (> 1 adds the headless Service)"
+    )
     parser.add_argument("--settle", type=float, default=30.0, help="idle seconds measured after all are done")
-    parser.add_argument("--settle-delay", type=float, default=0.0, help="seconds to wait after all are done before "
-                        "the idle window (the scheduler may still be posting first verdicts on a busy machine)")
+    parser.add_argument(
+        "--settle-delay",
+        type=float,
+        default=0.0,
+        help="seconds to wait after all are done before "
+        "the idle window (the scheduler may still be posting first verdicts on a busy machine)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--operator-arg", action="append", default=[], help="extra operator argument (repeatable)")
-    parser.add_argument("--operator-script", help="run this Python script (e.g. a profiler wrapper around "
-                        "kubetune.operator_main.main) instead of `-m kubetune.operator_main`")
-    parser.add_argument("--restart", action="store_true", help="after the idle window, restart the operator and "
-                        "measure its catch-up: every existing job reconciled once (its reconcile count)")
+    parser.add_argument(
+        "--operator-arg", action="append", default=[], help="extra operator argument (repeatable)"
+    )
+    parser.add_argument(
+        "--operator-script",
+        help="run this Python script (e.g. a profiler wrapper around "
+        "kubetune.operator_main.main) instead of `-m kubetune.operator_main`",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="after the idle window, restart the operator and "
+        "measure its catch-up: every existing job reconciled once (its reconcile count)",
+    )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the control plane directory (logs, audit)")
     args = parser.parse_args(argv)
 
     names = [f"job-{i:04d}" for i in range(args.jobs)]
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
-    result: dict[str, Any] = {"jobs": args.jobs, "nodes": args.nodes, "pods": args.pods, "mode": args.mode,
-                              "load_average_before": [round(x, 2) for x in os.getloadavg()],
-                              "operator_args": args.operator_arg,
-                              "cpus": os.cpu_count()}
+    result: dict[str, Any] = {
+        "jobs": args.jobs,
+        "nodes": args.nodes,
+        "pods": args.pods,
+        "mode": args.mode,
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "operator_args": args.operator_arg,
+        "cpus": os.cpu_count(),
+    }
     with AuditedControlPlane(keep=args.keep) as cp:
         if args.pods == "held":
             for index in range(max(1, -(-args.jobs * args.nodes // 100))):
@@ -391,18 +490,23 @@ def main(argv: list[str] | None = None) -> int:
         def cpu_of(p: psutil.Process) -> float:
             t = p.cpu_times()
             return t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
+
         progress = Progress(cp, args.namespace, names, args.nodes)
         if args.mode == "catch-up":  # every job exists before the operator starts
             started = time.time()
             apply_jobs(cp, args.namespace, names, args.threads, args.nodes)
             result["apply_seconds_without_operator"] = round(time.time() - started, 1)
-            print(f"applied {args.jobs} FineTuneJobs in {result['apply_seconds_without_operator']} s with no "
-                  "operator running; starting the operator ...", flush=True)
+            print(
+                f"applied {args.jobs} FineTuneJobs in {result['apply_seconds_without_operator']} s with no "
+                "operator running; starting the operator ...",
+                flush=True,
+            )
             components_before = {name: cpu_of(p) for name, p in components.items()}
             machine_before = psutil.cpu_times()
             t0 = time.time()
-        proc, log_path, operator = start_operator_process(cp, workdir, args.pods, args.operator_arg,
-                                                          args.operator_script)
+        proc, log_path, operator = start_operator_process(
+            cp, workdir, args.pods, args.operator_arg, args.operator_script
+        )
         sampler = Sampler(proc.pid)
         try:
             if args.mode == "catch-up":
@@ -417,11 +521,14 @@ def main(argv: list[str] | None = None) -> int:
                 components_before = {name: cpu_of(p) for name, p in components.items()}
                 time.sleep(1.0)  # the watches are established
                 machine_before = psutil.cpu_times()
-                print(f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...",
-                      flush=True)
+                print(
+                    f"operator up (RSS {rss_idle / 2**20:.0f} MiB); applying {args.jobs} FineTuneJobs ...",
+                    flush=True,
+                )
                 t0 = time.time()
-                applier = threading.Thread(target=apply_jobs,
-                                           args=(cp, args.namespace, names, args.threads, args.nodes))
+                applier = threading.Thread(
+                    target=apply_jobs, args=(cp, args.namespace, names, args.threads, args.nodes)
+                )
                 applier.start()
                 applied_at = None
             counts: dict[str, int] = {}
@@ -441,9 +548,12 @@ def main(argv: list[str] | None = None) -> int:
                     if counts["done"] >= fraction * args.jobs and label not in marks:
                         marks[label] = elapsed
                 if len(timeline) % 20 == 1:
-                    print(f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
-                          f"done {counts['done']:5d}  operator peak RSS {sampler.peak_rss / 2**20:.0f} MiB, "
-                          f"CPU {sampler.cpu_seconds() - cpu_before:.0f} s", flush=True)
+                    print(
+                        f"  t={elapsed:6.1f}s  phase {counts['phase']:5d}  children {counts['children']:5d}  "
+                        f"done {counts['done']:5d}  operator peak RSS {sampler.peak_rss / 2**20:.0f} MiB, "
+                        f"CPU {sampler.cpu_seconds() - cpu_before:.0f} s",
+                        flush=True,
+                    )
                 if counts["done"] == args.jobs and applied_at is not None:
                     break
                 if proc.poll() is not None:
@@ -453,14 +563,22 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
             t_done = time.time()
             cpu_run = sampler.cpu_seconds() - cpu_before
-            components_run = {name: round(cpu_of(p) - components_before[name], 1) for name, p in components.items()}
+            components_run = {
+                name: round(cpu_of(p) - components_before[name], 1) for name, p in components.items()
+            }
             machine_after = psutil.cpu_times()
-            busy = sum(getattr(machine_after, f) - getattr(machine_before, f) for f in ("user", "system", "nice")
-                       if hasattr(machine_after, f))
+            busy = sum(
+                getattr(machine_after, f) - getattr(machine_before, f)
+                for f in ("user", "system", "nice")
+                if hasattr(machine_after, f)
+            )
             machine_busy = busy / max(t_done - t0, 1e-9)
             progress.stop()
             peak_run = sampler.peak_rss
-            print(f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...", flush=True)
+            print(
+                f"  t={t_done - t0:6.1f}s  all {args.jobs} done; measuring {args.settle:.0f} s idle ...",
+                flush=True,
+            )
             time.sleep(args.settle_delay)
             t_idle = time.time()
             time.sleep(args.settle)
@@ -498,49 +616,62 @@ def main(argv: list[str] | None = None) -> int:
         startup = summarize(events, 0, t0)
         run = summarize(events, t0, t_done)
         idle = summarize(events, t_idle, t_settled)
-        minutes = [summarize(events, t, min(t + 60, t_settled))["requests"]
-                   for t in [t_idle + 60 * i for i in range(int(-(-(t_settled - t_idle) // 60)))]]
+        minutes = [
+            summarize(events, t, min(t + 60, t_settled))["requests"]
+            for t in [t_idle + 60 * i for i in range(int(-(-(t_settled - t_idle) // 60)))]
+        ]
         if "restart_catch_up" in result:
             catch_up = summarize(events, t_restart, t_caught_up)
-            result["restart_catch_up"].update({
-                "requests": catch_up["requests"], "requests_per_job": round(catch_up["requests"] / args.jobs, 2),
-                "breakdown": catch_up["by_verb_resource"]})
+            result["restart_catch_up"].update(
+                {
+                    "requests": catch_up["requests"],
+                    "requests_per_job": round(catch_up["requests"] / args.jobs, 2),
+                    "breakdown": catch_up["by_verb_resource"],
+                }
+            )
         log_text = log_path.read_text(errors="replace")
-        result.update({
-            "apply_seconds": round(applied_at or 0.0, 1),
-            "seconds_to_all_done": round(t_done - t0, 1),
-            "marks_seconds": {k: round(v, 1) for k, v in marks.items()},
-            "operator_peak_rss_mib": round(peak_live / 2**20, 1),
-            "operator_rss_idle_before_mib": round(rss_idle / 2**20, 1),
-            "operator_rss_end_mib": round(rss_end / 2**20, 1),
-            "operator_cpu_seconds_run": round(cpu_run, 1),
-            "operator_cpu_percent_idle": round(100 * cpu_settle / max(t_settled - t_done, 1e-9), 1),
-            "requests_startup": startup["requests"],
-            "requests_run": run["requests"],
-            "requests_per_job": round(run["requests"] / args.jobs, 2),
-            "requests_run_breakdown": run["by_verb_resource"],
-            "response_codes_run": run["codes"],
-            "api_latency_ms_run": run["latency_ms"],
-            "api_latency_ms_p50_by_kind_run": run["latency_ms_p50_by_kind"],
-            "operator_requests_in_flight_mean_run": run["mean_requests_in_flight"],
-            "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
-            "machine_cpu_busy_cores_run": round(machine_busy, 2),
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_idle, 1e-9), 2),
-            "idle_requests_per_minute": minutes,
-            "settle_delay_seconds": args.settle_delay,
-            "idle_breakdown": idle["by_verb_resource"],
-            "operator_log_lines": log_text.count("\n"),
-            "operator_log_errors": [line[:300] for line in log_text.splitlines()
-                                    if " ERROR " in line or "Traceback" in line or "[ERROR" in line][:5],
-        })
+        result.update(
+            {
+                "apply_seconds": round(applied_at or 0.0, 1),
+                "seconds_to_all_done": round(t_done - t0, 1),
+                "marks_seconds": {k: round(v, 1) for k, v in marks.items()},
+                "operator_peak_rss_mib": round(peak_live / 2**20, 1),
+                "operator_rss_idle_before_mib": round(rss_idle / 2**20, 1),
+                "operator_rss_end_mib": round(rss_end / 2**20, 1),
+                "operator_cpu_seconds_run": round(cpu_run, 1),
+                "operator_cpu_percent_idle": round(100 * cpu_settle / max(t_settled - t_done, 1e-9), 1),
+                "requests_startup": startup["requests"],
+                "requests_run": run["requests"],
+                "requests_per_job": round(run["requests"] / args.jobs, 2),
+                "requests_run_breakdown": run["by_verb_resource"],
+                "response_codes_run": run["codes"],
+                "api_latency_ms_run": run["latency_ms"],
+                "api_latency_ms_p50_by_kind_run": run["latency_ms_p50_by_kind"],
+                "operator_requests_in_flight_mean_run": run["mean_requests_in_flight"],
+                "cpu_seconds_run_by_process": {"operator": round(cpu_run, 1), **components_run},
+                "machine_cpu_busy_cores_run": round(machine_busy, 2),
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                "idle_requests_per_second": round(idle["requests"] / max(t_settled - t_idle, 1e-9), 2),
+                "idle_requests_per_minute": minutes,
+                "settle_delay_seconds": args.settle_delay,
+                "idle_breakdown": idle["by_verb_resource"],
+                "operator_log_lines": log_text.count("\n"),
+                "operator_log_errors": [
+                    line[:300]
+                    for line in log_text.splitlines()
+                    if " ERROR " in line or "Traceback" in line or "[ERROR" in line
+                ][:5],
+            }
+        )
         if args.keep:
             result["control_plane_dir"] = str(cp.dir)
     print(json.dumps(result, indent=1))
-    print(f"\n{args.jobs} FineTuneJobs ({args.pods} pods): all children + phase in {result['seconds_to_all_done']} s "
-          f"(apply took {result['apply_seconds']} s); operator peak RSS {result['operator_peak_rss_mib']} MiB, "
-          f"CPU {result['operator_cpu_seconds_run']} s; {result['requests_per_job']} API requests per job; "
-          f"idle {result['idle_requests_per_second']} requests/s at {result['operator_cpu_percent_idle']}% CPU")
+    print(
+        f"\n{args.jobs} FineTuneJobs ({args.pods} pods): all children + phase in {result['seconds_to_all_done']} s "
+        f"(apply took {result['apply_seconds']} s); operator peak RSS {result['operator_peak_rss_mib']} MiB, "
+        f"CPU {result['operator_cpu_seconds_run']} s; {result['requests_per_job']} API requests per job; "
+        f"idle {result['idle_requests_per_second']} requests/s at {result['operator_cpu_percent_idle']}% CPU"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if not args.keep:

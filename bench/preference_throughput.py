@@ -27,23 +27,39 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "pydoc_preferences.jsonl"
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]}
+LORA = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def kubetune_run(args: argparse.Namespace, workdir: Path) -> dict:
     manifest = {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "bench"},
         "spec": {
             "model": {"source": args.model},
             "method": {"type": "lora", "lora": LORA},
-            "task": {"type": "preference", "template": "chat-template",
-                     "preference": {"objective": "dpo", "beta": 0.1, "maxPromptLength": args.seq}},
+            "task": {
+                "type": "preference",
+                "template": "chat-template",
+                "preference": {"objective": "dpo", "beta": 0.1, "maxPromptLength": args.seq},
+            },
             "datasets": [{"source": str(DATA), "maxExamples": args.examples}],
             "validation": {"fraction": 0.02, "maxExamples": 2},
             "cleaning": {"dropDuplicates": False},
-            "training": {"maxSteps": args.steps, "batchSizePerDevice": args.batch, "maxSeqLength": args.seq,
-                         "learningRate": 2e-4, "loggingSteps": 5, "precision": "fp32", "seed": 0},
+            "training": {
+                "maxSteps": args.steps,
+                "batchSizePerDevice": args.batch,
+                "maxSeqLength": args.seq,
+                "learningRate": 2e-4,
+                "loggingSteps": 5,
+                "precision": "fp32",
+                "seed": 0,
+            },
             "evaluation": {"numSamplePrompts": 0},
             "output": {"uri": str(workdir / "kubetune"), "exports": ["adapter"]},
             "tracking": {"tensorboard": False},
@@ -57,11 +73,15 @@ def kubetune_run(args: argparse.Namespace, workdir: Path) -> dict:
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0, code
     seconds = summary["trainSeconds"]
-    return {"tokens": summary["trainedTokens"], "seconds": seconds,
-            "tokens_per_second": summary["trainedTokens"] / seconds, "final_loss": summary["lastLoss"]}
+    return {
+        "tokens": summary["trainedTokens"],
+        "seconds": seconds,
+        "tokens_per_second": summary["trainedTokens"] / seconds,
+        "final_loss": summary["lastLoss"],
+    }
 
 
-TRL_SCRIPT = r'''
+TRL_SCRIPT = r"""
 import json, sys, time
 from datasets import Dataset
 from peft import LoraConfig
@@ -90,22 +110,36 @@ losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds,
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
                               "final_loss": losses[-1]}))
-'''
+"""
 
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str) -> dict:
-    config = {"model_dir": model_dir, "data": str(DATA), "examples": args.examples, "lora": LORA,
-              "steps": args.steps, "batch": args.batch, "seq": args.seq, "out": str(workdir / "trl")}
-    result = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(config)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    config = {
+        "model_dir": model_dir,
+        "data": str(DATA),
+        "examples": args.examples,
+        "lora": LORA,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "out": str(workdir / "trl"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TRL_SCRIPT, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
@@ -127,15 +161,21 @@ def main() -> None:
         trl = max(runs["TRL"], key=lambda r: r["tokens_per_second"])
         ours = max(runs["kubetune"], key=lambda r: r["tokens_per_second"])
         total = time.time() - started
-    print(f"model {args.model}, DPO beta 0.1, LoRA r={LORA['r']}, {args.steps} steps x batch {args.batch} pairs, "
-          f"max {args.seq} tokens, fp32, no gradient checkpointing ({total:.0f}s in all)")
+    print(
+        f"model {args.model}, DPO beta 0.1, LoRA r={LORA['r']}, {args.steps} steps x batch {args.batch} pairs, "
+        f"max {args.seq} tokens, fp32, no gradient checkpointing ({total:.0f}s in all)"
+    )
     print(f"{'':10} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'final loss':>10}")
     for name, row in (("TRL", trl), ("kubetune", ours)):
-        print(f"{name:10} {row['tokens']:>8} {row['seconds']:>8.1f} {row['tokens_per_second']:>9.1f} "
-              f"{row['final_loss']:>10.4f}")
+        print(
+            f"{name:10} {row['tokens']:>8} {row['seconds']:>8.1f} {row['tokens_per_second']:>9.1f} "
+            f"{row['final_loss']:>10.4f}"
+        )
     for name, rows in runs.items():
         print(f"  {name} runs: " + ", ".join(f"{r['tokens_per_second']:.1f}" for r in rows) + " tokens/s")
-    print(f"ratio kubetune / TRL effective tokens per second: {ours['tokens_per_second'] / trl['tokens_per_second']:.2f}")
+    print(
+        f"ratio kubetune / TRL effective tokens per second: {ours['tokens_per_second'] / trl['tokens_per_second']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,12 @@ def main() -> None:
         sizes = make_checkpoint(src, args.model_mb, args.optimizer_mb)
         total = sum(sizes.values())
         server.start()
-        opts = server.options(max_concurrency=args.concurrency, multipart_chunksize=args.chunk_mb * 2**20,
-                              max_attempts=5, read_timeout=120)
+        opts = server.options(
+            max_concurrency=args.concurrency,
+            multipart_chunksize=args.chunk_mb * 2**20,
+            max_attempts=5,
+            read_timeout=120,
+        )
         bucket = server.bucket
         plain = server.client(max_attempts=5, read_timeout=120)
 
@@ -147,10 +151,12 @@ def main() -> None:
         storage.download_tree(f"s3://{bucket}/kubetune", work / "verify", options=opts)
         assert all(sha256(work / "verify" / n) == sha256(src / n) for n in sizes)
 
-        print(f"file set: {len(sizes)} files, {total / MB:.0f} MB "
-              f"(model.safetensors {args.model_mb} MB, optimizer.pt {args.optimizer_mb} MB); "
-              f"SeaweedFS {server.endpoint_url} on loopback; {os.cpu_count()} CPUs; "
-              f"kubetune concurrency {args.concurrency}, parts {args.chunk_mb} MiB")
+        print(
+            f"file set: {len(sizes)} files, {total / MB:.0f} MB "
+            f"(model.safetensors {args.model_mb} MB, optimizer.pt {args.optimizer_mb} MB); "
+            f"SeaweedFS {server.endpoint_url} on loopback; {os.cpu_count()} CPUs; "
+            f"kubetune concurrency {args.concurrency}, parts {args.chunk_mb} MiB"
+        )
         print(f"{'method':42s} {'upload s':>9s} {'MB/s':>7s} {'download s':>11s} {'MB/s':>7s}")
         for label, (up, down) in results.items():
             print(f"{label:42s} {up:9.2f} {total / MB / up:7.1f} {down:11.2f} {total / MB / down:7.1f}")

@@ -47,7 +47,9 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict:
     """One `kubetune run` in its own process; figures from its summary."""
     manifest = {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "bench"},
         "spec": {
             "model": {"source": args.model},
             "method": {"type": "lora", "lora": LORA},
@@ -55,9 +57,16 @@ def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict
             "datasets": [{"source": str(DATA), "maxExamples": args.examples}],
             "validation": {"fraction": 0.02},
             "cleaning": {"dropDuplicates": False},
-            "training": {"maxSteps": args.steps, "batchSizePerDevice": args.batch, "maxSeqLength": args.seq,
-                         "learningRate": 2e-4, "loggingSteps": 5, "precision": args.precision, "seed": 0,
-                         "packing": packing},
+            "training": {
+                "maxSteps": args.steps,
+                "batchSizePerDevice": args.batch,
+                "maxSeqLength": args.seq,
+                "learningRate": 2e-4,
+                "loggingSteps": 5,
+                "precision": args.precision,
+                "seed": 0,
+                "packing": packing,
+            },
             "evaluation": {"numSamplePrompts": 0},
             "output": {"uri": str(workdir / "kubetune"), "exports": ["adapter"]},
             "tracking": {"tensorboard": False},
@@ -66,17 +75,25 @@ def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict
     shutil.rmtree(workdir / "kubetune", ignore_errors=True)  # a fresh run, not a resume
     path = workdir / "bench.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(path), "--quiet"],
-                            capture_output=True, text=True, env=ENV)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(path), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     summary = json.loads((workdir / "kubetune" / "summary.json").read_text())
     seconds = summary["trainSeconds"]
-    return {"tokens": summary["trainedTokens"], "seconds": seconds,
-            "tokens_per_second": summary["trainedTokens"] / seconds, "final_loss": summary["lastLoss"] or summary["trainLoss"]}
+    return {
+        "tokens": summary["trainedTokens"],
+        "seconds": seconds,
+        "tokens_per_second": summary["trainedTokens"] / seconds,
+        "final_loss": summary["lastLoss"] or summary["trainLoss"],
+    }
 
 
-TRL_SCRIPT = r'''
+TRL_SCRIPT = r"""
 import json, sys, time
 from datasets import Dataset
 from peft import LoraConfig
@@ -109,20 +126,30 @@ losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds,
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
                               "final_loss": losses[-1] if losses else result.training_loss}))
-'''
+"""
 
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str, batching: str) -> dict:
     """One TRL SFTTrainer script in its own process."""
-    config = {"model_dir": model_dir, "data": str(DATA), "examples": args.examples, "lora": LORA,
-              "steps": args.steps, "batch": args.batch, "seq": args.seq, "out": str(workdir / "trl"),
-              "precision": args.precision, "batching": batching}
-    result = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(config)], capture_output=True, text=True,
-                            env=ENV)
+    config = {
+        "model_dir": model_dir,
+        "data": str(DATA),
+        "examples": args.examples,
+        "lora": LORA,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "out": str(workdir / "trl"),
+        "precision": args.precision,
+        "batching": batching,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TRL_SCRIPT, json.dumps(config)], capture_output=True, text=True, env=ENV
+    )
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def lora_flops_per_token(model_dir: str) -> tuple[float, int, int]:
@@ -151,7 +178,9 @@ CONFIGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
@@ -159,7 +188,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is kept")
-    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument(
+        "--only", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
+    )
     args = parser.parse_args()
     import torch
 
@@ -188,12 +219,16 @@ def main() -> None:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    print(f"model {args.model}, LoRA r={LORA['r']} on {len(TARGETS)} projections, {args.steps} steps x batch "
-          f"{args.batch}, max {args.seq} tokens, {args.precision}, no gradient checkpointing; {total:.0f}s in all, "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"matmul peak {args.precision}: {max(peaks):.0f} GFLOP/s (runs: {', '.join(f'{p:.0f}' for p in peaks)}); "
-          f"model FLOPs/token 4N+6N_lora = {flops_per_token / 1e6:.0f} M (N {n_base / 1e6:.1f} M, "
-          f"N_lora {n_lora / 1e6:.2f} M)")
+    print(
+        f"model {args.model}, LoRA r={LORA['r']} on {len(TARGETS)} projections, {args.steps} steps x batch "
+        f"{args.batch}, max {args.seq} tokens, {args.precision}, no gradient checkpointing; {total:.0f}s in all, "
+        f"load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"matmul peak {args.precision}: {max(peaks):.0f} GFLOP/s (runs: {', '.join(f'{p:.0f}' for p in peaks)}); "
+        f"model FLOPs/token 4N+6N_lora = {flops_per_token / 1e6:.0f} M (N {n_base / 1e6:.1f} M, "
+        f"N_lora {n_lora / 1e6:.2f} M)"
+    )
     print("| configuration | runs (tokens/s) | best tokens/s | tokens | final loss | vs best TRL | MFU |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
@@ -201,9 +236,11 @@ def main() -> None:
         ratio = f"{row['tokens_per_second'] / best_trl:.2f}" if best_trl else "-"
         mfu = row["tokens_per_second"] * flops_per_token / peak
         each = ", ".join(f"{r['tokens_per_second']:.1f}" for r in runs[name])
-        print(f"| {CONFIGS[name][0]} | {each} | "
-              f"{row['tokens_per_second']:.1f} | {row['tokens']:,} | {row['final_loss']:.3f} | {ratio} | "
-              f"{100 * mfu:.0f}% |")
+        print(
+            f"| {CONFIGS[name][0]} | {each} | "
+            f"{row['tokens_per_second']:.1f} | {row['tokens']:,} | {row['final_loss']:.3f} | {ratio} | "
+            f"{100 * mfu:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

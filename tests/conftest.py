@@ -8,7 +8,9 @@ pytest_plugins.append("tests.support.cluster")
 # run (tests/test_safe_loading.py): it is
 # `slow` (left out by `make test-fast`) wherever it is. Modules that are slow as a whole say so with
 # `pytestmark = pytest.mark.slow`.
-SLOW_FIXTURES = frozenset({"cp", "s3_server", "node", "single_run", "deepspeed_run"})  # the last two: training runs
+SLOW_FIXTURES = frozenset(
+    {"cp", "s3_server", "node", "single_run", "deepspeed_run"}
+)  # the last two: training runs
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -10,10 +10,18 @@ LABEL = "kubetune.io/job-name"
 
 
 def obj(name: str, rv: int, owner: str = "a", namespace: str = "ns", **extra: Any) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": str(rv), "labels": {LABEL: owner},
-                         "managedFields": [{"manager": "x"}]},
-            "spec": {"suspend": False, "template": {"spec": {"containers": [{"name": "big"}]}}},
-            "status": {"active": 1}, **extra}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "resourceVersion": str(rv),
+            "labels": {LABEL: owner},
+            "managedFields": [{"manager": "x"}],
+        },
+        "spec": {"suspend": False, "template": {"spec": {"containers": [{"name": "big"}]}}},
+        "status": {"active": 1},
+        **extra,
+    }
 
 
 def listed(cache: ObjectCache, kind: str, *objects: dict[str, Any], namespace: str | None = None) -> None:

@@ -55,8 +55,10 @@ GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SYSTEM_NS = "kubetune-system"
 OPERATOR = "kubetune-operator"  # <fullname>-operator with release "kubetune"
 CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
-              "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 
 
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,40 +68,73 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """RBAC rules as (apiGroup, resource, verb) triples (what they grant, however grouped)."""
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     # admission policies are cluster-scoped objects: not in the namespaced mode
-    "namespaced": {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"],
-                   "admission": {"enabled": False}},
-    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                               "trainerPodMonitor": {"enabled": True}}},
+    "namespaced": {
+        "rbac": {"scope": "namespaced"},
+        "watchNamespaces": ["team-a", "team-b"],
+        "admission": {"enabled": False},
+    },
+    "monitoring": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "trainerPodMonitor": {"enabled": True},
+        }
+    },
     "namespaced-monitoring-peering": {
-        "rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"], "replicas": 2, "admission": {"enabled": False},
+        "rbac": {"scope": "namespaced"},
+        "watchNamespaces": ["team-a"],
+        "replicas": 2,
+        "admission": {"enabled": False},
         "podDisruptionBudget": {"enabled": True},
-        "metrics": {"serviceMonitor": {"enabled": True}, "trainerPodMonitor": {"enabled": True}}},
+        "metrics": {"serviceMonitor": {"enabled": True}, "trainerPodMonitor": {"enabled": True}},
+    },
     "peering": {"replicas": 3, "podDisruptionBudget": {"enabled": True}},
     "platform": {
         "image": {"digest": "sha256:" + "a" * 64, "requireDigest": True},
-        "defaults": {"image": "registry.example/trainer@sha256:" + "b" * 64, "s3EndpointUrl": "http://minio.storage:9000",
-                     "storageCredentialsSecret": "s3", "nodeSelector": {"pool": "h100"},
-                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                     "queueName": "team", "cacheSizeLimit": "200Gi",
-                     "dataVolumes": [{"name": "datasets", "mountPath": "/data",
-                                      "persistentVolumeClaim": {"claimName": "datasets"}}]},
-        "policy": {"requireImageDigest": True, "requireQueue": True, "dataPaths": ["/data"],
-                   "allowedImagePrefixes": ["registry.example/"]},
+        "defaults": {
+            "image": "registry.example/trainer@sha256:" + "b" * 64,
+            "s3EndpointUrl": "http://minio.storage:9000",
+            "storageCredentialsSecret": "s3",
+            "nodeSelector": {"pool": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "queueName": "team",
+            "cacheSizeLimit": "200Gi",
+            "dataVolumes": [
+                {"name": "datasets", "mountPath": "/data", "persistentVolumeClaim": {"claimName": "datasets"}}
+            ],
+        },
+        "policy": {
+            "requireImageDigest": True,
+            "requireQueue": True,
+            "dataPaths": ["/data"],
+            "allowedImagePrefixes": ["registry.example/"],
+        },
         "tenantDefaults": {"forbiddenPriorityClasses": ["platform-critical"]},
-        "tenants": {"team-a": {"resourceQuota": {"requests.nvidia.com/gpu": "16", "pods": None},
-                               "limitRange": {"default": {"cpu": "8", "memory": "64Gi"}},
-                               "localQueue": {"clusterQueue": "gpu"}}}},
+        "tenants": {
+            "team-a": {
+                "resourceQuota": {"requests.nvidia.com/gpu": "16", "pods": None},
+                "limitRange": {"default": {"cpu": "8", "memory": "64Gi"}},
+                "localQueue": {"clusterQueue": "gpu"},
+            }
+        },
+    },
     "no-metrics": {"metrics": {"enabled": False}},
 }
 
 
 # ----- without a cluster -----
+
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_is_clean(variant: str, tmp_path: Path) -> None:
@@ -121,12 +156,16 @@ def test_chart_versions_follow_the_package() -> None:
 
 def test_chart_crd_is_the_generated_one() -> None:
     chart_crd = (CHART / "crds" / "finetunejobs.kubetune.io.yaml").read_text()
-    assert chart_crd == (REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text(), \
+    assert chart_crd == (REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text(), (
         "charts/kubetune/crds/ is stale: make crd (or copy crds/finetunejobs.kubetune.io.yaml)"
+    )
     assert chart_crd == crd.render_yaml(), "the CRD is stale: make crd"
     policy_crd = (CHART / "crds" / "finetunejobpolicies.kubetune.io.yaml").read_text()
-    assert policy_crd == (REPO / "crds" / "finetunejobpolicies.kubetune.io.yaml").read_text() == \
-        crd.render_policy_yaml(), "the FineTuneJobPolicy CRD is stale: make crd"
+    assert (
+        policy_crd
+        == (REPO / "crds" / "finetunejobpolicies.kubetune.io.yaml").read_text()
+        == crd.render_policy_yaml()
+    ), "the FineTuneJobPolicy CRD is stale: make crd"
 
 
 def test_cluster_rbac_is_exactly_the_operator_rules(tmp_path: Path) -> None:
@@ -134,7 +173,11 @@ def test_cluster_rbac_is_exactly_the_operator_rules(tmp_path: Path) -> None:
     role = one(docs, "ClusterRole", OPERATOR)
     assert role["rules"] == OPERATOR_RBAC_RULES
     binding = one(docs, "ClusterRoleBinding", OPERATOR)
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": OPERATOR,
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": SYSTEM_NS}]
     assert one(docs, "ServiceAccount", OPERATOR)["metadata"]["namespace"] == SYSTEM_NS
     assert not find(docs, "Role") and not find(docs, "RoleBinding")
@@ -156,14 +199,35 @@ def test_namespaced_rbac_is_roles_per_namespace(tmp_path: Path) -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--namespaced-rbac" in args
     parsed = operator_main.parse_args(args)
     assert parsed.namespace == ["team-a", "team-b"] and parsed.namespaced_rbac
-    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", "--set", "admission.enabled=false",
-                  check=False)
+    result = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "rbac.scope=namespaced",
+        "--set",
+        "admission.enabled=false",
+        check=False,
+    )
     assert result.returncode != 0 and "watchNamespaces" in result.stderr
     # the admission policies are cluster-scoped: refused with the namespaced mode, with a clear message
-    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", "--set", "watchNamespaces={a}",
-                  check=False)
-    assert result.returncode != 0 and "admission.enabled needs rbac.scope=cluster" in result.stderr, result.stderr
-    assert one(docs, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"].count("tenantSecretRefs: Forbid") == 1
+    result = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "rbac.scope=namespaced",
+        "--set",
+        "watchNamespaces={a}",
+        check=False,
+    )
+    assert result.returncode != 0 and "admission.enabled needs rbac.scope=cluster" in result.stderr, (
+        result.stderr
+    )
+    assert (
+        one(docs, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"].count("tenantSecretRefs: Forbid")
+        == 1
+    )
 
 
 def test_deployment_arguments_probes_and_pod_security(tmp_path: Path) -> None:
@@ -194,7 +258,9 @@ def test_deployment_arguments_probes_and_pod_security(tmp_path: Path) -> None:
     assert volumes[mounts["/etc/kubetune"]]["configMap"]["name"] == "kubetune-defaults"
     assert pod["serviceAccountName"] == OPERATOR
     service = one(docs, "Service", f"{OPERATOR}-metrics")
-    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert not find(docs, "ServiceMonitor") and not find(docs, "ClusterKopfPeering")
 
@@ -218,10 +284,17 @@ def test_replicas_run_kopf_peering(tmp_path: Path) -> None:
             os.environ["HOSTNAME"] = saved
     assert one(docs, "ClusterKopfPeering", "kubetune")
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
-    crds = {d["metadata"]["name"] for d in render_chart(tmp_path, VARIANTS["peering"], crds=True)
-            if d["kind"] == "CustomResourceDefinition"}
-    assert crds == {"finetunejobs.kubetune.io", "finetunejobpolicies.kubetune.io", "kopfpeerings.kopf.dev",
-                    "clusterkopfpeerings.kopf.dev"}
+    crds = {
+        d["metadata"]["name"]
+        for d in render_chart(tmp_path, VARIANTS["peering"], crds=True)
+        if d["kind"] == "CustomResourceDefinition"
+    }
+    assert crds == {
+        "finetunejobs.kubetune.io",
+        "finetunejobpolicies.kubetune.io",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }
     namespaced = render_chart(tmp_path, VARIANTS["namespaced-monitoring-peering"])
     assert [d["metadata"]["namespace"] for d in find(namespaced, "KopfPeering")] == ["team-a"]
     assert not find(namespaced, "ClusterKopfPeering")
@@ -232,17 +305,32 @@ def test_monitoring_objects(tmp_path: Path) -> None:
     monitor = one(docs, "ServiceMonitor")
     service = one(docs, "Service", f"{OPERATOR}-metrics")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"][0]["port"] == "metrics" and monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert (
+        monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        and monitor["metadata"]["labels"]["release"] == "prometheus"
+    )
     pods = one(docs, "PodMonitor")
-    trainer_pod = render.render_job({"metadata": {"name": "j", "namespace": "team-a", "uid": "u"}},
-                                    render.parse_spec({"model": {"source": "org/m"}, "task": {"type": "chat"},
-                                                       "datasets": [{"source": "d"}], "output": {"uri": "s3://o/"}}),
-                                    1, render.PlatformDefaults())["spec"]["template"]
+    trainer_pod = render.render_job(
+        {"metadata": {"name": "j", "namespace": "team-a", "uid": "u"}},
+        render.parse_spec(
+            {
+                "model": {"source": "org/m"},
+                "task": {"type": "chat"},
+                "datasets": [{"source": "d"}],
+                "output": {"uri": "s3://o/"},
+            }
+        ),
+        1,
+        render.PlatformDefaults(),
+    )["spec"]["template"]
     wanted = dict(pods["spec"]["selector"]["matchLabels"])
     assert wanted.pop("batch.kubernetes.io/job-completion-index") == "0"  # only rank 0's pod serves
     assert wanted.items() <= trainer_pod["metadata"]["labels"].items()
     ports = {p["name"]: p["containerPort"] for p in trainer_pod["spec"]["containers"][0]["ports"]}
-    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics" and ports["metrics"] == render.TRAINER_METRICS_PORT
+    assert (
+        pods["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        and ports["metrics"] == render.TRAINER_METRICS_PORT
+    )
     assert pods["spec"]["namespaceSelector"] == {"any": True}
     without = render_chart(tmp_path, VARIANTS["no-metrics"])
     assert "--metrics-port=0" in operator_container(without)["args"]
@@ -257,22 +345,46 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
 
     plain = render_chart(tmp_path)
     # image: render.DEFAULT_IMAGE; the strict policy, with Secrets named in specs checked at admission
-    assert defaults_of(plain) == render.PlatformDefaults(policy=TenantPolicy(tenant_secret_refs="VerifiedByAdmission"))
+    assert defaults_of(plain) == render.PlatformDefaults(
+        policy=TenantPolicy(tenant_secret_refs="VerifiedByAdmission")
+    )
     assert defaults_of(render_chart(tmp_path, {"admission": {"enabled": False}})) == render.PlatformDefaults()
-    values = {"defaults": {
-        "image": "registry.example/trainer:2", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
-        "s3EndpointUrl": "http://minio.storage:9000", "s3Region": "eu-1", "s3AddressingStyle": "path",
-        "storageCredentialsSecret": "s3-creds", "outputUriPrefix": "s3://runs", "nodeSelector": {"pool": "h100"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "queueName": "default", "priorityClassName": "training", "cacheSizeLimit": "200Gi",
-        "terminationGracePeriodSeconds": 600, "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"},
-        "trainerServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
-        "dataVolumes": [{"name": "datasets", "mountPath": "/data", "nfs": {"server": "nfs", "path": "/x"}}],
-        "gangSchedulers": {"coscheduling": "scheduler-plugins-scheduler"}},
-        "policy": {"allowedImagePrefixes": ["registry.example/"], "requireQueue": True, "dataPaths": ["/data"],
-                   "tenantSecretRefs": "Forbid", "networkPolicy": {"egress": []}}}
+    values = {
+        "defaults": {
+            "image": "registry.example/trainer:2",
+            "imagePullPolicy": "Always",
+            "imagePullSecrets": ["regcred"],
+            "s3EndpointUrl": "http://minio.storage:9000",
+            "s3Region": "eu-1",
+            "s3AddressingStyle": "path",
+            "storageCredentialsSecret": "s3-creds",
+            "outputUriPrefix": "s3://runs",
+            "nodeSelector": {"pool": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "queueName": "default",
+            "priorityClassName": "training",
+            "cacheSizeLimit": "200Gi",
+            "terminationGracePeriodSeconds": 600,
+            "podAnnotations": {"a": "b"},
+            "podLabels": {"team": "ml"},
+            "trainerServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"},
+            "dataVolumes": [
+                {"name": "datasets", "mountPath": "/data", "nfs": {"server": "nfs", "path": "/x"}}
+            ],
+            "gangSchedulers": {"coscheduling": "scheduler-plugins-scheduler"},
+        },
+        "policy": {
+            "allowedImagePrefixes": ["registry.example/"],
+            "requireQueue": True,
+            "dataPaths": ["/data"],
+            "tenantSecretRefs": "Forbid",
+            "networkPolicy": {"egress": []},
+        },
+    }
     full = render_chart(tmp_path, values)
-    assert defaults_of(full) == render.PlatformDefaults.from_mapping({**values["defaults"], "policy": values["policy"]})
+    assert defaults_of(full) == render.PlatformDefaults.from_mapping(
+        {**values["defaults"], "policy": values["policy"]}
+    )
     # every PlatformDefaults field can be set from the chart (the policy from `policy:`), and nothing else
     schema = json.loads((CHART / "values.schema.json").read_text())
     fields = {render._camel(f) for f in render.PlatformDefaults.__dataclass_fields__} - {"policy"}
@@ -285,39 +397,50 @@ def test_defaults_configmap_is_platform_defaults(tmp_path: Path) -> None:
     model_defaults = TenantPolicy().model_dump(mode="json", by_alias=True, exclude_none=True)
     assert {**chart_values["policy"], "tenantSecretRefs": "Forbid"} == model_defaults
     annotation = "checksum/defaults"
-    checksums = {one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation] for d in (plain, full)}
+    checksums = {
+        one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"][annotation] for d in (plain, full)
+    }
     assert len(checksums) == 2, "changing the defaults must roll the operator"
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"replicas": 0}, "/replicas"),
-    ({"rbac": {"scope": "everything"}}, "/rbac/scope"),
-    ({"defaults": {"imageName": "x"}}, "imageName"),
-    ({"defaults": {"imagePullPolicy": "Sometimes"}}, "/defaults/imagePullPolicy"),
-    ({"defaults": {"s3EndpointUrl": "minio:9000"}}, "/defaults/s3EndpointUrl"),
-    ({"securityContext": {"allowPrivilegeEscalation": True}}, "/securityContext/allowPrivilegeEscalation"),
-    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
-    ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
-    ({"tenants": {"team-a": {"localQueue": {"name": "q"}}}}, "clusterQueue"),
-    ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
-    ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
-    ({"image": {"digest": "md5:" + "a" * 64}}, "/image/digest"),
-    ({"defaults": {"image": "Registry Example/trainer"}}, "/defaults/image"),
-    ({"defaults": {"image": "registry.example/trainer:1@sha256:xyz"}}, "/defaults/image"),
-    ({"policy": {"allowedImages": ["x"]}}, "allowedImages"),
-    ({"policy": {"tenantSecretRefs": "Allow"}}, "/policy/tenantSecretRefs"),
-    ({"policy": {"dataPaths": ["data"]}}, "/policy/dataPaths/0"),
-    ({"admission": {"enabled": "yes"}}, "/admission/enabled"),
-    ({"tenantDefaults": {"resourceQuota": {"pods": "many"}}}, "/tenantDefaults/resourceQuota/pods"),
-    # template checks (fail with the value and what to do)
-    ({"image": {"requireDigest": True}}, "image.requireDigest: set image.digest"),
-    ({"admission": {"enabled": False}, "policy": {"tenantSecretRefs": "VerifiedByAdmission"}},
-     "policy.tenantSecretRefs=VerifiedByAdmission needs admission.enabled=true"),
-    ({"policy": {"requireImageDigest": True}}, "policy.requireImageDigest: the platform's trainer image"),
-    ({"policy": {"dataPaths": ["/proc/data"]}}, "under /proc, never data"),
-    ({"policy": {"dataPaths": ["/"]}}, "/policy/dataPaths/0"),
-    ({"policy": {"dataPaths": ["//"]}}, "policy.dataPaths[0] \"//\": must be an absolute directory"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicas": 0}, "/replicas"),
+        ({"rbac": {"scope": "everything"}}, "/rbac/scope"),
+        ({"defaults": {"imageName": "x"}}, "imageName"),
+        ({"defaults": {"imagePullPolicy": "Sometimes"}}, "/defaults/imagePullPolicy"),
+        ({"defaults": {"s3EndpointUrl": "minio:9000"}}, "/defaults/s3EndpointUrl"),
+        (
+            {"securityContext": {"allowPrivilegeEscalation": True}},
+            "/securityContext/allowPrivilegeEscalation",
+        ),
+        ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+        ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+        ({"tenants": {"team-a": {"localQueue": {"name": "q"}}}}, "clusterQueue"),
+        ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor/interval"),
+        ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+        ({"image": {"digest": "md5:" + "a" * 64}}, "/image/digest"),
+        ({"defaults": {"image": "Registry Example/trainer"}}, "/defaults/image"),
+        ({"defaults": {"image": "registry.example/trainer:1@sha256:xyz"}}, "/defaults/image"),
+        ({"policy": {"allowedImages": ["x"]}}, "allowedImages"),
+        ({"policy": {"tenantSecretRefs": "Allow"}}, "/policy/tenantSecretRefs"),
+        ({"policy": {"dataPaths": ["data"]}}, "/policy/dataPaths/0"),
+        ({"admission": {"enabled": "yes"}}, "/admission/enabled"),
+        ({"tenantDefaults": {"resourceQuota": {"pods": "many"}}}, "/tenantDefaults/resourceQuota/pods"),
+        # template checks (fail with the value and what to do)
+        ({"image": {"requireDigest": True}}, "image.requireDigest: set image.digest"),
+        (
+            {"admission": {"enabled": False}, "policy": {"tenantSecretRefs": "VerifiedByAdmission"}},
+            "policy.tenantSecretRefs=VerifiedByAdmission needs admission.enabled=true",
+        ),
+        ({"policy": {"requireImageDigest": True}}, "policy.requireImageDigest: the platform's trainer image"),
+        ({"policy": {"dataPaths": ["/proc/data"]}}, "under /proc, never data"),
+        ({"policy": {"dataPaths": ["/"]}}, "/policy/dataPaths/0"),
+        ({"policy": {"dataPaths": ["//"]}}, 'policy.dataPaths[0] "//": must be an absolute directory'),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_values_schema_rejects(values: dict[str, Any], message: str, tmp_path: Path) -> None:
     result = helm("template", RELEASE, str(CHART), *values_args(values, tmp_path), check=False)
     assert result.returncode != 0, f"accepted {values}"
@@ -339,15 +462,30 @@ def test_tenant_quotas_limits_and_queues(tmp_path: Path) -> None:
     quota = one(docs, "ResourceQuota", "kubetune")
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["tenantDefaults"]
     # the tenant's keys over tenantDefaults; null drops one
-    expected = {k: v for k, v in {**defaults["resourceQuota"], "requests.nvidia.com/gpu": "16"}.items() if k != "pods"}
+    expected = {
+        k: v for k, v in {**defaults["resourceQuota"], "requests.nvidia.com/gpu": "16"}.items() if k != "pods"
+    }
     assert quota["metadata"]["namespace"] == "team-a" and quota["spec"]["hard"] == expected
     affinity = one(docs, "ResourceQuota", "kubetune-cross-namespace-affinity")
-    assert affinity["spec"] == {"hard": {"pods": "0"}, "scopeSelector": {"matchExpressions": [
-        {"scopeName": "CrossNamespacePodAffinity", "operator": "Exists"}]}}
+    assert affinity["spec"] == {
+        "hard": {"pods": "0"},
+        "scopeSelector": {
+            "matchExpressions": [{"scopeName": "CrossNamespacePodAffinity", "operator": "Exists"}]
+        },
+    }
     priority = one(docs, "ResourceQuota", "kubetune-priority-classes")
-    assert priority["spec"] == {"hard": {"pods": "0"}, "scopeSelector": {"matchExpressions": [
-        {"scopeName": "PriorityClass", "operator": "In",
-         "values": ["system-node-critical", "system-cluster-critical", "platform-critical"]}]}}
+    assert priority["spec"] == {
+        "hard": {"pods": "0"},
+        "scopeSelector": {
+            "matchExpressions": [
+                {
+                    "scopeName": "PriorityClass",
+                    "operator": "In",
+                    "values": ["system-node-critical", "system-cluster-critical", "platform-critical"],
+                }
+            ]
+        },
+    }
     limits = one(docs, "LimitRange")
     assert limits["spec"]["limits"] == [{"type": "Container", "default": {"cpu": "8", "memory": "64Gi"}}]
     # a tenant without settings gets the defaults (quota and limits); scoped quotas can be turned off
@@ -363,8 +501,10 @@ def test_tenant_quotas_limits_and_queues(tmp_path: Path) -> None:
 
 # ----- the Argo CD health check (Lua) -----
 
+
 def lua_health(obj: dict[str, Any]) -> dict[str, str]:
     import lupa  # a dev dependency: the health check must run, not be skipped
+
     runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
 
     def to_lua(value: Any) -> Any:  # Argo CD hands the script the object as nested Lua tables
@@ -381,26 +521,45 @@ def lua_health(obj: dict[str, Any]) -> dict[str, str]:
 
 
 def _ftj(status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
-    obj: dict[str, Any] = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
-                           "metadata": {"name": "j", "namespace": "ns", "generation": generation},
-                           "spec": {"model": {"source": "org/m"}}}
+    obj: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "j", "namespace": "ns", "generation": generation},
+        "spec": {"model": {"source": "org/m"}},
+    }
     if status is not None:
         obj["status"] = status
     return obj
 
 
-@pytest.mark.parametrize(("status", "health"), [
-    (None, "Progressing"),
-    ({}, "Progressing"),
-    ({"phase": "Pending", "message": "waiting for admission in queue q", "observedGeneration": 1}, "Progressing"),
-    ({"phase": "Initializing", "observedGeneration": 1}, "Progressing"),
-    ({"phase": "Running", "observedGeneration": 1}, "Progressing"),
-    ({"phase": "Succeeded", "message": "done", "observedGeneration": 1}, "Healthy"),
-    ({"phase": "Failed", "message": "exit code 3", "observedGeneration": 1}, "Degraded"),
-    ({"phase": "Suspended", "observedGeneration": 1}, "Suspended"),
-    ({"phase": "Sleeping"}, "Unknown"),
-], ids=["no-status", "empty-status", "pending", "initializing", "running", "succeeded", "failed", "suspended",
-        "unknown-phase"])
+@pytest.mark.parametrize(
+    ("status", "health"),
+    [
+        (None, "Progressing"),
+        ({}, "Progressing"),
+        (
+            {"phase": "Pending", "message": "waiting for admission in queue q", "observedGeneration": 1},
+            "Progressing",
+        ),
+        ({"phase": "Initializing", "observedGeneration": 1}, "Progressing"),
+        ({"phase": "Running", "observedGeneration": 1}, "Progressing"),
+        ({"phase": "Succeeded", "message": "done", "observedGeneration": 1}, "Healthy"),
+        ({"phase": "Failed", "message": "exit code 3", "observedGeneration": 1}, "Degraded"),
+        ({"phase": "Suspended", "observedGeneration": 1}, "Suspended"),
+        ({"phase": "Sleeping"}, "Unknown"),
+    ],
+    ids=[
+        "no-status",
+        "empty-status",
+        "pending",
+        "initializing",
+        "running",
+        "succeeded",
+        "failed",
+        "suspended",
+        "unknown-phase",
+    ],
+)
 def test_argocd_health_check(status: dict[str, Any] | None, health: str) -> None:
     assert lua_health(_ftj(status))["status"] == health
 
@@ -415,17 +574,31 @@ def test_every_phase_has_a_health_and_a_dashboard_series() -> None:
 
 
 def test_argocd_health_messages() -> None:
-    running = lua_health(_ftj({"phase": "Running", "message": "attempt 1: 2 worker pod(s) running",
-                               "observedGeneration": 1,
-                               "progress": {"step": 120, "totalSteps": 300, "loss": 0.91, "etaSeconds": 540},
-                               "conditions": [{"type": "Running", "status": "True"}]}))
-    assert running == {"status": "Progressing",
-                       "message": "attempt 1: 2 worker pod(s) running (step 120/300, loss 0.91, ETA 540s)"}
-    assert lua_health(_ftj({"phase": "Failed", "message": "exit code 3: bad row"}))["message"] == "exit code 3: bad row"
+    running = lua_health(
+        _ftj(
+            {
+                "phase": "Running",
+                "message": "attempt 1: 2 worker pod(s) running",
+                "observedGeneration": 1,
+                "progress": {"step": 120, "totalSteps": 300, "loss": 0.91, "etaSeconds": 540},
+                "conditions": [{"type": "Running", "status": "True"}],
+            }
+        )
+    )
+    assert running == {
+        "status": "Progressing",
+        "message": "attempt 1: 2 worker pod(s) running (step 120/300, loss 0.91, ETA 540s)",
+    }
+    assert (
+        lua_health(_ftj({"phase": "Failed", "message": "exit code 3: bad row"}))["message"]
+        == "exit code 3: bad row"
+    )
     stale = lua_health(_ftj({"phase": "Running", "observedGeneration": 1}, generation=2))
     assert stale["status"] == "Progressing" and "generation 2" in stale["message"]
     # a finished job stays Healthy after an allowed edit (the operator no longer bumps observedGeneration)
-    assert lua_health(_ftj({"phase": "Succeeded", "observedGeneration": 1}, generation=3))["status"] == "Healthy"
+    assert (
+        lua_health(_ftj({"phase": "Succeeded", "observedGeneration": 1}, generation=3))["status"] == "Healthy"
+    )
     assert lua_health(_ftj(None))["message"]
 
 
@@ -444,12 +617,21 @@ CLUSTER_VALUES: dict[str, Any] = {
     "policy": {"allowedSourcePrefixes": ["s3://data/"]},
     # the operator of the namespaced-mode test (another release) writes the status of its jobs too
     "admission": {"trustedStatusWriters": ["system:serviceaccount:kt-ns-system:kt-ns-kubetune-operator"]},
-    "tenants": {TEAM_A: {
-        "resourceQuota": {"requests.nvidia.com/gpu": "8", "requests.cpu": "64", "requests.memory": "256Gi",
-                          "count/jobs.batch": "20"},
-        # pods that set no cpu/memory (a spec without resources.cpu/memory) get these
-        "limitRange": {"default": {"cpu": "2", "memory": "8Gi"}, "defaultRequest": {"cpu": "2", "memory": "8Gi"}},
-    }},
+    "tenants": {
+        TEAM_A: {
+            "resourceQuota": {
+                "requests.nvidia.com/gpu": "8",
+                "requests.cpu": "64",
+                "requests.memory": "256Gi",
+                "count/jobs.batch": "20",
+            },
+            # pods that set no cpu/memory (a spec without resources.cpu/memory) get these
+            "limitRange": {
+                "default": {"cpu": "2", "memory": "8Gi"},
+                "defaultRequest": {"cpu": "2", "memory": "8Gi"},
+            },
+        }
+    },
 }
 
 
@@ -461,18 +643,28 @@ class ChartOperator(OperatorProcess):
     file) and a shorter reconcile interval; it authenticates with a token of the chart's ServiceAccount.
     """
 
-    def __init__(self, cp: ControlPlane, directory: Path, docs: list[dict[str, Any]], namespace: str,
-                 account: str, name: str = "operator"):
+    def __init__(
+        self,
+        cp: ControlPlane,
+        directory: Path,
+        docs: list[dict[str, Any]],
+        namespace: str,
+        account: str,
+        name: str = "operator",
+    ):
         deployment = one(docs, "Deployment")
         (self.container,) = deployment["spec"]["template"]["spec"]["containers"]
         config_map = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
         defaults = cp.get_json("-n", namespace, "configmap", config_map)["data"]["defaults.yaml"]
         self.defaults_file = directory / f"{name}-defaults.yaml"
         self.defaults_file.write_text(defaults)
-        kubeconfig = token_kubeconfig(cp, namespace, account, directory / f"{name}.kubeconfig", context="chart")
+        kubeconfig = token_kubeconfig(
+            cp, namespace, account, directory / f"{name}.kubeconfig", context="chart"
+        )
         env = {e["name"]: e["value"] for e in self.container.get("env", []) if "value" in e}
-        super().__init__(cp, directory / f"{name}.log", kubeconfig, env={**env, "TMPDIR": str(directory)},
-                         name=name)
+        super().__init__(
+            cp, directory / f"{name}.log", kubeconfig, env={**env, "TMPDIR": str(directory)}, name=name
+        )
 
     def command(self) -> list[str]:
         out = []
@@ -487,15 +679,26 @@ class ChartOperator(OperatorProcess):
             elif key == "--interval":
                 arg = "--interval=2"
             out.append(arg)
-        return [sys.executable, "-m", "kubetune.operator_main", *out, "--metrics-address=127.0.0.1", "--verbose"]
+        return [
+            sys.executable,
+            "-m",
+            "kubetune.operator_main",
+            *out,
+            "--metrics-address=127.0.0.1",
+            "--verbose",
+        ]
 
 
 @pytest.fixture(scope="module")
 def cp(request):
     s3_creds = {"s3-creds": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret-value"}}
-    with make_cluster(request, nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
-                 namespaces=[SYSTEM_NS, TEAM_A, TEAM_B], namespace_labels=RESTRICTED,
-                 secrets={TEAM_A: s3_creds, TEAM_B: s3_creds}) as plane:
+    with make_cluster(
+        request,
+        nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
+        namespaces=[SYSTEM_NS, TEAM_A, TEAM_B],
+        namespace_labels=RESTRICTED,
+        secrets={TEAM_A: s3_creds, TEAM_B: s3_creds},
+    ) as plane:
         yield plane
 
 
@@ -517,16 +720,22 @@ def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
     op.stop()
     log = op.log()
     assert "Forbidden" not in log, "the chart's RBAC is missing something the operator needs"
-    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000 :][:6000]
 
 
 def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
     """A job that leaves output, image and placement to the platform defaults."""
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"source": "bundled://smollm2-135m-instruct"}, "task": {"type": "chat"},
-                     "datasets": [{"source": "s3://data/chat.jsonl"}],
-                     "resources": {"nodes": 2, "gpusPerNode": 1}}}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": "bundled://smollm2-135m-instruct"},
+            "task": {"type": "chat"},
+            "datasets": [{"source": "s3://data/chat.jsonl"}],
+            "resources": {"nodes": 2, "gpusPerNode": 1},
+        },
+    }
     body["spec"].update(spec)
     return body
 
@@ -535,11 +744,19 @@ def ftj(api: client.ApiClient, name: str, namespace: str = TEAM_A) -> dict[str, 
     return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
 
-def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, namespace: str = TEAM_A,
-               timeout: float = 60, attempt: int | None = None) -> dict[str, Any]:
+def wait_phase(
+    cp: ControlPlane,
+    api: client.ApiClient,
+    name: str,
+    phase: str,
+    namespace: str = TEAM_A,
+    timeout: float = 60,
+    attempt: int | None = None,
+) -> dict[str, Any]:
     def ready() -> dict[str, Any] | None:
         st = ftj(api, name, namespace).get("status") or {}
         return st if st.get("phase") == phase and (attempt is None or st.get("attempt") == attempt) else None
+
     try:
         return cp.wait_for(ready, timeout, f"{namespace}/{name} phase {phase}")
     except Exception:
@@ -547,8 +764,13 @@ def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, n
         raise
 
 
-def worker_pods(api: client.ApiClient, name: str, namespace: str = TEAM_A, attempt: int | None = None,
-                phase: str | None = None) -> list[dict[str, Any]]:
+def worker_pods(
+    api: client.ApiClient,
+    name: str,
+    namespace: str = TEAM_A,
+    attempt: int | None = None,
+    phase: str | None = None,
+) -> list[dict[str, Any]]:
     selector = f"kubetune.io/job-name={name}" + (f",kubetune.io/attempt={attempt}" if attempt else "")
     items = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
     pods = [api.sanitize_for_serialization(p) for p in items]
@@ -580,20 +802,31 @@ def test_chart_objects_are_applied_server_side(cp, chart_docs) -> None:
 
 def test_operator_pod_is_admitted_under_restricted_pod_security(cp, api, chart_docs) -> None:
     """The Deployment's pod passes the enforced restricted standard; a pod that does not is refused."""
-    selector = ",".join(f"{k}={v}" for k, v in
-                        one(chart_docs, "Deployment")["spec"]["selector"]["matchLabels"].items())
+    selector = ",".join(
+        f"{k}={v}" for k, v in one(chart_docs, "Deployment")["spec"]["selector"]["matchLabels"].items()
+    )
 
     def running() -> list[dict[str, Any]]:
         items = client.CoreV1Api(api).list_namespaced_pod(SYSTEM_NS, label_selector=selector).items
         return [p for p in items if p.status.phase == "Running"]
 
     (pod,) = cp.wait_for(running, 60, "the operator Deployment's pod (run by kwok)")
-    assert pod.spec.service_account_name == OPERATOR and pod.spec.containers[0].security_context.read_only_root_filesystem
+    assert (
+        pod.spec.service_account_name == OPERATOR
+        and pod.spec.containers[0].security_context.read_only_root_filesystem
+    )
     events = cp.kubectl("-n", SYSTEM_NS, "get", "events", "-o", "json").stdout
     assert "violates PodSecurity" not in events
-    unsafe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unsafe", "namespace": SYSTEM_NS},
-              "spec": {"containers": [{"name": "c", "image": "busybox",
-                                       "securityContext": {"allowPrivilegeEscalation": True}}]}}
+    unsafe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "unsafe", "namespace": SYSTEM_NS},
+        "spec": {
+            "containers": [
+                {"name": "c", "image": "busybox", "securityContext": {"allowPrivilegeEscalation": True}}
+            ]
+        },
+    }
     result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(unsafe), check=False)
     assert result.returncode != 0 and "violates PodSecurity" in result.stderr
 
@@ -610,7 +843,11 @@ def test_job_lifecycle_under_the_charts_rbac_with_metrics(cp, api, operator) -> 
     container = pod["containers"][0]
     assert container["image"] == "registry.invalid/kubetune/trainer:test"  # platform defaults, from the chart
     assert pod["nodeSelector"] == {"pool": "gpu"}
-    assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}  # LimitRange
+    assert container["resources"]["limits"] == {
+        "cpu": "2",
+        "memory": "8Gi",
+        "nvidia.com/gpu": "1",
+    }  # LimitRange
     env = {e["name"]: e for e in container["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     assert env["KUBETUNE_METRICS_PORT"]["value"] == str(render.TRAINER_METRICS_PORT)
@@ -619,9 +856,15 @@ def test_job_lifecycle_under_the_charts_rbac_with_metrics(cp, api, operator) -> 
     quota = cp.get_json("-n", TEAM_A, "resourcequota", "kubetune")["status"]["used"]
     assert quota["count/jobs.batch"] != "0" and quota["requests.nvidia.com/gpu"] == "2"
 
-    samples = cp.wait_for(lambda: (lambda s: s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A,
-                                                         phase="Running") == 1 else None)(operator.metrics()),
-                          30, "jobs-by-phase gauge")
+    samples = cp.wait_for(
+        lambda: (
+            lambda s: (
+                s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A, phase="Running") == 1 else None
+            )
+        )(operator.metrics()),
+        30,
+        "jobs-by-phase gauge",
+    )
     assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_A, phase="Failed") == 0
     assert metric(samples, "kubetune_reconcile_duration_seconds_count") > 0
     assert metric(samples, "kubetune_job_time_to_running_seconds_count") >= 1
@@ -630,9 +873,15 @@ def test_job_lifecycle_under_the_charts_rbac_with_metrics(cp, api, operator) -> 
     release(cp, api, name)
     st = wait_phase(cp, api, name, "Succeeded")
     assert st["restarts"] == 0 and st["completionTime"]
-    samples = cp.wait_for(lambda: (lambda s: s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A,
-                                                         phase="Succeeded") >= 1 else None)(operator.metrics()),
-                          30, "Succeeded in the gauge")
+    samples = cp.wait_for(
+        lambda: (
+            lambda s: (
+                s if metric(s, "kubetune_finetunejobs", namespace=TEAM_A, phase="Succeeded") >= 1 else None
+            )
+        )(operator.metrics()),
+        30,
+        "Succeeded in the gauge",
+    )
     assert metric(samples, "kubetune_finetunejobs", namespace=TEAM_A, phase="Running") == 0
     log = operator.log()
     assert "Forbidden" not in log and f"{TEAM_A}/{name}: phase Succeeded" in log
@@ -640,7 +889,9 @@ def test_job_lifecycle_under_the_charts_rbac_with_metrics(cp, api, operator) -> 
 
 def test_restart_is_counted_in_metrics(cp, api, operator) -> None:
     name = "chart-restart"
-    before = metric(operator.metrics(), "kubetune_job_restarts_total", namespace=TEAM_A, reason="failure") or 0
+    before = (
+        metric(operator.metrics(), "kubetune_job_restarts_total", namespace=TEAM_A, reason="failure") or 0
+    )
     cp.apply(manifest(name, resources={"nodes": 1, "gpusPerNode": 1}))
     wait_phase(cp, api, name, "Running")
     (pod,) = worker_pods(api, name, attempt=1, phase="Running")
@@ -659,8 +910,10 @@ def _snapshot(cp: ControlPlane, name: str, namespace: str = TEAM_A) -> dict[str,
     out["FineTuneJob"] = (cr["metadata"]["resourceVersion"], cr["metadata"]["generation"])
     kinds = "serviceaccounts,roles,rolebindings,configmaps,services,jobs"
     for item in cp.get_json("-n", namespace, kinds, "-l", f"kubetune.io/job-name={name}")["items"]:
-        out[f"{item['kind']}/{item['metadata']['name']}"] = (item["metadata"]["resourceVersion"],
-                                                              item["metadata"].get("generation"))
+        out[f"{item['kind']}/{item['metadata']['name']}"] = (
+            item["metadata"]["resourceVersion"],
+            item["metadata"].get("generation"),
+        )
     return out
 
 
@@ -673,15 +926,24 @@ def test_reapplying_the_same_manifest_changes_nothing(cp, api, operator) -> None
     wait_phase(cp, api, name, "Running")
     cp.wait_for(lambda: _stable(cp, operator, name), 120, "a steady state", interval=0.5)
     before = _snapshot(cp, name)
-    assert {"FineTuneJob", f"Job/{name}-1", f"ConfigMap/{name}-config", f"Service/{name}",
-            f"ServiceAccount/{name}-trainer", f"Role/{name}-trainer", f"RoleBinding/{name}-trainer"} <= set(before)
+    assert {
+        "FineTuneJob",
+        f"Job/{name}-1",
+        f"ConfigMap/{name}-config",
+        f"Service/{name}",
+        f"ServiceAccount/{name}-trainer",
+        f"Role/{name}-trainer",
+        f"RoleBinding/{name}-trainer",
+    } <= set(before)
     result = cp.kubectl("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-", input=text)
     assert "serverside-applied" in result.stdout or "unchanged" in result.stdout, result.stdout
     wait_reconciles(cp, operator, rounds=3)
     assert _snapshot(cp, name) == before
     assert cp.get_json("-n", TEAM_A, "ftj", name)["metadata"]["generation"] == 1
     fields = managed_fields(cp, "-n", TEAM_A, "ftj", name)
-    spec_owners = {m["manager"] for m in fields if "f:spec" in m.get("fieldsV1", {}) and m.get("subresource") != "status"}
+    spec_owners = {
+        m["manager"] for m in fields if "f:spec" in m.get("fieldsV1", {}) and m.get("subresource") != "status"
+    }
     assert spec_owners == {"argocd-controller"}, fields
     status_owners = {m["manager"] for m in fields if m.get("subresource") == "status"}
     assert status_owners, "the operator writes the status through the status subresource"
@@ -696,8 +958,16 @@ def _stable(cp: ControlPlane, operator: OperatorProcess, name: str) -> bool:
     return _snapshot(cp, name) == first
 
 
-def _sar(api: client.ApiClient, user: str, verb: str, resource: str, group: str = "",
-         namespace: str | None = None, subresource: str | None = None, name: str | None = None) -> bool:
+def _sar(
+    api: client.ApiClient,
+    user: str,
+    verb: str,
+    resource: str,
+    group: str = "",
+    namespace: str | None = None,
+    subresource: str | None = None,
+    name: str | None = None,
+) -> bool:
     namespace_of_user = user.split(":")[2]
     attributes = {"verb": verb, "resource": resource, "group": group}
     if namespace:
@@ -706,11 +976,21 @@ def _sar(api: client.ApiClient, user: str, verb: str, resource: str, group: str 
         attributes["subresource"] = subresource
     if name:
         attributes["name"] = name
-    review = client.AuthorizationV1Api(api).create_subject_access_review({
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-        "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace_of_user}",
-                                          "system:authenticated"],
-                 "resourceAttributes": attributes}})
+    review = client.AuthorizationV1Api(api).create_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{namespace_of_user}",
+                    "system:authenticated",
+                ],
+                "resourceAttributes": attributes,
+            },
+        }
+    )
     return bool(review.status.allowed)
 
 
@@ -726,36 +1006,73 @@ def test_subject_access_reviews_of_the_operator_account(api, chart_docs) -> None
         namespace = None if resource in CLUSTER_SCOPED else TEAM_B
         assert _sar(api, SA_USER, verb, resource, group, namespace, sub), (group, resource, sub, verb)
     rbac_group = "rbac.authorization.k8s.io"
-    denied: list[tuple[str, str, str, str | None, str | None]] = [  # verb, resource, group, namespace, subresource
-        ("get", "secrets", "", TEAM_A, None), ("list", "secrets", "", TEAM_A, None), ("list", "secrets", "", None, None),
-        ("watch", "secrets", "", None, None), ("get", "secrets", "", SYSTEM_NS, None),
-        ("create", "deployments", "apps", TEAM_A, None), ("patch", "deployments", "apps", SYSTEM_NS, None),
-        ("patch", "nodes", "", None, None), ("delete", "nodes", "", None, None),
-        ("get", "clusterroles", rbac_group, None, None), ("create", "clusterrolebindings", rbac_group, None, None),
-        ("escalate", "roles", rbac_group, TEAM_A, None), ("bind", "roles", rbac_group, TEAM_A, None),
+    denied: list[
+        tuple[str, str, str, str | None, str | None]
+    ] = [  # verb, resource, group, namespace, subresource
+        ("get", "secrets", "", TEAM_A, None),
+        ("list", "secrets", "", TEAM_A, None),
+        ("list", "secrets", "", None, None),
+        ("watch", "secrets", "", None, None),
+        ("get", "secrets", "", SYSTEM_NS, None),
+        ("create", "deployments", "apps", TEAM_A, None),
+        ("patch", "deployments", "apps", SYSTEM_NS, None),
+        ("patch", "nodes", "", None, None),
+        ("delete", "nodes", "", None, None),
+        ("get", "clusterroles", rbac_group, None, None),
+        ("create", "clusterrolebindings", rbac_group, None, None),
+        ("escalate", "roles", rbac_group, TEAM_A, None),
+        ("bind", "roles", rbac_group, TEAM_A, None),
         ("update", "roles", rbac_group, TEAM_A, None),
-        ("create", "pods", "", TEAM_A, None), ("delete", "pods", "", TEAM_A, None), ("create", "pods", "", TEAM_A, "exec"),
-        ("delete", "configmaps", "", TEAM_A, None), ("create", "finetunejobs", GROUP, TEAM_A, None),
-        ("update", "finetunejobs", GROUP, TEAM_A, None), ("patch", "jobs", "batch", TEAM_A, None),
-        ("create", "namespaces", "", None, None), ("create", "customresourcedefinitions", "apiextensions.k8s.io", None, None),
+        ("create", "pods", "", TEAM_A, None),
+        ("delete", "pods", "", TEAM_A, None),
+        ("create", "pods", "", TEAM_A, "exec"),
+        ("delete", "configmaps", "", TEAM_A, None),
+        ("create", "finetunejobs", GROUP, TEAM_A, None),
+        ("update", "finetunejobs", GROUP, TEAM_A, None),
+        ("patch", "jobs", "batch", TEAM_A, None),
+        ("create", "namespaces", "", None, None),
+        ("create", "customresourcedefinitions", "apiextensions.k8s.io", None, None),
         ("create", "serviceaccounts", "", TEAM_A, "token"),
     ]
     for verb, resource, group, namespace, sub in denied:
-        assert not _sar(api, SA_USER, verb, resource, group, namespace, sub), (verb, resource, group, namespace, sub)
+        assert not _sar(api, SA_USER, verb, resource, group, namespace, sub), (
+            verb,
+            resource,
+            group,
+            namespace,
+            sub,
+        )
 
 
 def test_namespace_editors_may_run_finetunejobs(cp, api, chart_docs) -> None:
     """The chart's user roles aggregate into `edit`/`view`: a namespace editor may create jobs there."""
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-              "metadata": {"name": "alice-edit", "namespace": TEAM_A},
-              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-              "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]})
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "alice-edit", "namespace": TEAM_A},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+        }
+    )
 
     def allowed(verb: str, namespace: str) -> bool:
-        review = client.AuthorizationV1Api(api).create_subject_access_review({
-            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-            "spec": {"user": "alice", "groups": ["system:authenticated"], "resourceAttributes": {
-                "verb": verb, "group": GROUP, "resource": PLURAL, "namespace": namespace}}})
+        review = client.AuthorizationV1Api(api).create_subject_access_review(
+            {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {
+                    "user": "alice",
+                    "groups": ["system:authenticated"],
+                    "resourceAttributes": {
+                        "verb": verb,
+                        "group": GROUP,
+                        "resource": PLURAL,
+                        "namespace": namespace,
+                    },
+                },
+            }
+        )
         return bool(review.status.allowed)
 
     cp.wait_for(lambda: allowed("create", TEAM_A), 30, "aggregation of kubetune-edit into edit")
@@ -768,10 +1085,19 @@ def test_namespaced_mode_runs_a_job_with_roles_only(cp, api, operator, tmp_path)
     runs a job there, and cannot even read FineTuneJobs elsewhere."""
     release_name, namespace = "kt-ns", "kt-ns-system"
     cp.create_namespace(namespace, labels=RESTRICTED)
-    values = {**CLUSTER_VALUES, "tenants": {}, "rbac": {"scope": "namespaced"}, "watchNamespaces": [TEAM_B],
-              "admission": {"enabled": False}}
-    docs = render_chart(tmp_path, {**values, "rbac": {"scope": "namespaced", "userRoles": False}},
-                        release=release_name, namespace=namespace)
+    values = {
+        **CLUSTER_VALUES,
+        "tenants": {},
+        "rbac": {"scope": "namespaced"},
+        "watchNamespaces": [TEAM_B],
+        "admission": {"enabled": False},
+    }
+    docs = render_chart(
+        tmp_path,
+        {**values, "rbac": {"scope": "namespaced", "userRoles": False}},
+        release=release_name,
+        namespace=namespace,
+    )
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")  # nothing cluster-wide
     apply_chart(cp, docs, manager="kubetune-chart-ns")
     account = f"{release_name}-kubetune-operator"
@@ -800,7 +1126,7 @@ def test_namespaced_mode_runs_a_job_with_roles_only(cp, api, operator, tmp_path)
         operator.start()
     log = scoped.log()
     assert "Forbidden" not in log and "Not enough permissions" not in log, log[-4000:]
-    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000 :][:6000]
     assert f"{TEAM_B}/{name}: phase Succeeded" in log and f"{TEAM_A}/" not in log
 
 
@@ -808,21 +1134,48 @@ def test_helm_install_upgrade_uninstall(cp, chart_docs, tmp_path) -> None:
     """What docs/platform.md tells a platform team to run, against the control plane."""
     env = cp.env
     release_name, namespace = "kt-docs", "kt-docs"
-    out = helm("install", release_name, str(CHART), "--namespace", namespace, "--create-namespace", "--wait",
-               "--timeout", "120s", "--set", "defaults.s3EndpointUrl=http://minio.storage:9000",
-               "--set", "defaults.storageCredentialsSecret=s3-creds", env=env).stdout
+    out = helm(
+        "install",
+        release_name,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+        "--set",
+        "defaults.s3EndpointUrl=http://minio.storage:9000",
+        "--set",
+        "defaults.storageCredentialsSecret=s3-creds",
+        env=env,
+    ).stdout
     assert "STATUS: deployed" in out and "kt-docs-kubetune-operator" in out
     deployment = cp.get_json("-n", namespace, "deployment", "kt-docs-kubetune-operator")
     assert deployment["status"].get("readyReplicas") == 1
     checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"]
     defaults = cp.get_json("-n", namespace, "configmap", "kt-docs-kubetune-defaults")["data"]["defaults.yaml"]
     assert "s3EndpointUrl: http://minio.storage:9000" in defaults
-    helm("upgrade", release_name, str(CHART), "--namespace", namespace, "--reuse-values", "--wait", "--timeout",
-         "120s", "--set", "defaults.queueName=team-queue", env=env)
+    helm(
+        "upgrade",
+        release_name,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "120s",
+        "--set",
+        "defaults.queueName=team-queue",
+        env=env,
+    )
     deployment = cp.get_json("-n", namespace, "deployment", "kt-docs-kubetune-operator")
     assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"] != checksum
-    assert "queueName: team-queue" in cp.get_json("-n", namespace, "configmap",
-                                                  "kt-docs-kubetune-defaults")["data"]["defaults.yaml"]
+    assert (
+        "queueName: team-queue"
+        in cp.get_json("-n", namespace, "configmap", "kt-docs-kubetune-defaults")["data"]["defaults.yaml"]
+    )
     assert re.search(r"kt-docs\s+kt-docs\s+2\s", helm("list", "-n", namespace, env=env).stdout)
     helm("uninstall", release_name, "--namespace", namespace, "--wait", env=env)
     assert cp.kubectl("get", "clusterrole", "kt-docs-kubetune-operator", check=False).returncode != 0

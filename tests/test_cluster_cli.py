@@ -46,12 +46,16 @@ OPERATOR_ENV = {
     "KUBETUNE_DEFAULT_OUTPUT_URI_PREFIX": "s3://platform-runs",
     "KUBETUNE_DEFAULT_POLICY": json.dumps(TRUSTED_POLICY),
 }
-USERS = {"viewer": (secrets.token_hex(16), []), "nobody": (secrets.token_hex(16), []),
-         "podlister": (secrets.token_hex(16), [])}
+USERS = {
+    "viewer": (secrets.token_hex(16), []),
+    "nobody": (secrets.token_hex(16), []),
+    "podlister": (secrets.token_hex(16), []),
+}
 SHA = "ab" * 32
 
 
 # ----- fixtures -----
+
 
 def cri_line(text: str) -> str:
     """One line of a container log file as the container runtime writes it (what the kubelet serves)."""
@@ -61,31 +65,65 @@ def cri_line(text: str) -> str:
 def kwok_config(directory: Path, log_file: Path, namespace: str = NS) -> Path:
     """The test stages plus a ClusterLogs: kwok serves `log_file` as the trainer container's log in `namespace`."""
     path = directory / "kwok.yaml"
-    path.write_text(STAGES_FILE.read_text() + "\n---\n" + yaml.safe_dump({
-        "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "ClusterLogs", "metadata": {"name": "trainer-logs"},
-        "spec": {"selector": {"matchNamespaces": [namespace]},
-                 "logs": [{"containers": ["trainer"], "logsFile": str(log_file), "follow": True}]}}))
+    path.write_text(
+        STAGES_FILE.read_text()
+        + "\n---\n"
+        + yaml.safe_dump(
+            {
+                "apiVersion": "kwok.x-k8s.io/v1alpha1",
+                "kind": "ClusterLogs",
+                "metadata": {"name": "trainer-logs"},
+                "spec": {
+                    "selector": {"matchNamespaces": [namespace]},
+                    "logs": [{"containers": ["trainer"], "logsFile": str(log_file), "follow": True}],
+                },
+            }
+        )
+    )
     return path
 
 
 def add_node(cp: ControlPlane, name: str, pool: str, serves_logs: bool) -> None:
     """A kwok node with 8 GPUs; with serves_logs its kubelet endpoint is kwok's server on 127.0.0.1 (the
     API server's `pods/log` goes there, and kwok answers from its ClusterLogs)."""
-    resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8", "ephemeral-storage": "1Ti"}
+    resources = {
+        "cpu": "64",
+        "memory": "512Gi",
+        "pods": "110",
+        "nvidia.com/gpu": "8",
+        "ephemeral-storage": "1Ti",
+    }
     status: dict[str, Any] = {"capacity": resources, "allocatable": dict(resources)}
     if serves_logs:
-        status["addresses"] = [{"type": "InternalIP", "address": "127.0.0.1"},
-                               {"type": "Hostname", "address": "127.0.0.1"}]
+        status["addresses"] = [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": "127.0.0.1"},
+        ]
         status["daemonEndpoints"] = {"kubeletEndpoint": {"Port": cp.ports["kwok"]}}
-    cp.apply({"apiVersion": "v1", "kind": "Node", "status": status, "metadata": {
-        "name": name, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-        "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok", "pool": pool}}})
+    cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "status": status,
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "type": "kwok",
+                    "pool": pool,
+                },
+            },
+        }
+    )
 
     def ready() -> bool:
         node = cp.get_json("node", name)
         conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
         taints = {t["key"] for t in node.get("spec", {}).get("taints") or []}
         return conditions.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
+
     cp.wait_for(ready, 60, f"node {name} Ready")
 
 
@@ -98,28 +136,51 @@ def log_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cp(request, log_file):
-    with make_cluster(request, extra_tokens=USERS, stages=kwok_config(log_file.parent, log_file),
-                      namespaces=[NS]) as plane:
+    with make_cluster(
+        request, extra_tokens=USERS, stages=kwok_config(log_file.parent, log_file), namespaces=[NS]
+    ) as plane:
         for index in range(2):
             add_node(plane, f"gpu-{index}", "gpu", serves_logs=True)
         add_node(plane, "mute-0", "mute", serves_logs=False)
         # viewer: read FineTuneJobs in ml, nothing else
-        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                     "metadata": {"name": "ftj-view", "namespace": NS},
-                     "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]}]})
-        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                     "metadata": {"name": "ftj-view", "namespace": NS},
-                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ftj-view"},
-                     "subjects": [{"kind": "User", "name": "viewer", "apiGroup": "rbac.authorization.k8s.io"}]})
+        plane.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "ftj-view", "namespace": NS},
+                "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]}],
+            }
+        )
+        plane.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "ftj-view", "namespace": NS},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ftj-view"},
+                "subjects": [{"kind": "User", "name": "viewer", "apiGroup": "rbac.authorization.k8s.io"}],
+            }
+        )
         # podlister: read FineTuneJobs and list pods, but not their logs
-        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                     "metadata": {"name": "pod-list", "namespace": NS},
-                     "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list"]},
-                               {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]})
-        plane.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                     "metadata": {"name": "pod-list", "namespace": NS},
-                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-list"},
-                     "subjects": [{"kind": "User", "name": "podlister", "apiGroup": "rbac.authorization.k8s.io"}]})
+        plane.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "pod-list", "namespace": NS},
+                "rules": [
+                    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list"]},
+                    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+                ],
+            }
+        )
+        plane.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "pod-list", "namespace": NS},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-list"},
+                "subjects": [{"kind": "User", "name": "podlister", "apiGroup": "rbac.authorization.k8s.io"}],
+            }
+        )
         yield plane
 
 
@@ -155,11 +216,16 @@ def kubetune(capsys, *args: str) -> tuple[int, str, str]:
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name},
-        "spec": {"model": {"source": "bundled://smollm2-135m-instruct"}, "task": {"type": "chat"},
-                 "datasets": [{"source": "s3://data/chat.jsonl"}],
-                 "output": {"uri": f"s3://runs/{name}/"},
-                 "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}}},
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "bundled://smollm2-135m-instruct"},
+            "task": {"type": "chat"},
+            "datasets": [{"source": "s3://data/chat.jsonl"}],
+            "output": {"uri": f"s3://runs/{name}/"},
+            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
+        },
     }
     body["spec"].update(spec)
     return body
@@ -181,40 +247,73 @@ def ftj(api: client.ApiClient, name: str) -> dict[str, Any] | None:
 
 
 def wait_status(cp: ControlPlane, api: client.ApiClient, name: str, check, what: str, timeout: float = 60):
-    return cp.wait_for(lambda: (lambda st: st if check(st) else None)((ftj(api, name) or {}).get("status") or {}),
-                       timeout, f"{name}: {what}")
+    return cp.wait_for(
+        lambda: (lambda st: st if check(st) else None)((ftj(api, name) or {}).get("status") or {}),
+        timeout,
+        f"{name}: {what}",
+    )
 
 
 def patch_status(api: client.ApiClient, name: str, status: dict[str, Any]) -> None:
     """Write what the trainer writes (merge patch of .status)."""
-    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, name,
-                                                                       {"status": status})
+    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+        GROUP, VERSION, NS, PLURAL, name, {"status": status}
+    )
 
 
 def worker_pods(api: client.ApiClient, name: str, attempt: int, phase: str = "Running") -> list[dict]:
-    items = client.CoreV1Api(api).list_namespaced_pod(
-        NS, label_selector=f"kubetune.io/job-name={name},kubetune.io/attempt={attempt}").items
+    items = (
+        client.CoreV1Api(api)
+        .list_namespaced_pod(NS, label_selector=f"kubetune.io/job-name={name},kubetune.io/attempt={attempt}")
+        .items
+    )
     return [api.sanitize_for_serialization(p) for p in items if p.status.phase == phase]
 
 
-def running(cp: ControlPlane, api: client.ApiClient, name: str, attempt: int = 1, count: int = 2) -> list[dict]:
-    return cp.wait_for(lambda: (lambda ps: ps if len(ps) == count else None)(worker_pods(api, name, attempt)),
-                       60, f"{count} running pods of {name}")
+def running(
+    cp: ControlPlane, api: client.ApiClient, name: str, attempt: int = 1, count: int = 2
+) -> list[dict]:
+    return cp.wait_for(
+        lambda: (lambda ps: ps if len(ps) == count else None)(worker_pods(api, name, attempt)),
+        60,
+        f"{count} running pods of {name}",
+    )
 
 
 def progress(step: int, total: int = 100) -> dict[str, Any]:
-    return {"step": step, "totalSteps": total, "percent": step * 100 // total, "loss": 2.0 - step / 100,
-            "tokensPerSecond": 1234.0, "trainedTokens": step * 4096, "etaSeconds": (total - step) * 2}
+    return {
+        "step": step,
+        "totalSteps": total,
+        "percent": step * 100 // total,
+        "loss": 2.0 - step / 100,
+        "tokensPerSecond": 1234.0,
+        "trainedTokens": step * 4096,
+        "etaSeconds": (total - step) * 2,
+    }
 
 
 FINISHED = {
     "progress": progress(100),
-    "checkpoint": {"step": 100, "uri": "s3://runs/{name}/checkpoints/step-100", "time": "2026-01-01T00:00:00Z"},
-    "artifacts": [{"kind": "adapter", "uri": "s3://runs/{name}/exports/adapter", "sha256": SHA, "sizeBytes": 1234567},
-                  {"kind": "merged", "uri": "s3://runs/{name}/exports/merged", "sha256": "cd" * 32,
-                   "sizeBytes": 270000000}],
-    "metrics": {"baselinePerplexity": 12.5, "finalPerplexity": 6.25, "baselineEvalLoss": 2.5257,
-                "finalEvalLoss": 1.8326},
+    "checkpoint": {
+        "step": 100,
+        "uri": "s3://runs/{name}/checkpoints/step-100",
+        "time": "2026-01-01T00:00:00Z",
+    },
+    "artifacts": [
+        {"kind": "adapter", "uri": "s3://runs/{name}/exports/adapter", "sha256": SHA, "sizeBytes": 1234567},
+        {
+            "kind": "merged",
+            "uri": "s3://runs/{name}/exports/merged",
+            "sha256": "cd" * 32,
+            "sizeBytes": 270000000,
+        },
+    ],
+    "metrics": {
+        "baselinePerplexity": 12.5,
+        "finalPerplexity": 6.25,
+        "baselineEvalLoss": 2.5257,
+        "finalEvalLoss": 1.8326,
+    },
 }
 
 
@@ -224,12 +323,16 @@ def finished(name: str) -> dict[str, Any]:
 
 # ----- errors before anything is installed -----
 
+
 def test_crd_not_installed_is_named(cp, kube, capsys) -> None:
     installed = cp.kubectl("get", "crd", f"{PLURAL}.{GROUP}", check=False).returncode == 0
     if installed:  # run out of order (-k, -p randomly): take it away for this test and put it back after
         cp.kubectl("delete", "crd", f"{PLURAL}.{GROUP}", "--wait=true", timeout=120)
-        cp.wait_for(lambda: cp.kubectl("api-resources", "--api-group", GROUP, "-o", "name").stdout.strip() == "",
-                    60, "FineTuneJob API gone")
+        cp.wait_for(
+            lambda: cp.kubectl("api-resources", "--api-group", GROUP, "-o", "name").stdout.strip() == "",
+            60,
+            "FineTuneJob API gone",
+        )
     try:
         code, out, err = kubetune(capsys, "get", "-n", NS)
         assert code == cluster.EXIT_CLUSTER
@@ -267,13 +370,18 @@ def test_unknown_context_and_unreachable_server(kube, tmp_path, capsys) -> None:
 
 # ----- with the CRD and the operator -----
 
+
 def test_submit_refuses_an_invalid_manifest_with_validates_messages(kube, operator, tmp_path, capsys) -> None:
     body = manifest("bad-one", method={"type": "qlora"})
     path = write(tmp_path, body)
     code, _, submitted = kubetune(capsys, "submit", path, "-n", NS)
     assert code == 3
     vcode, _, validated = kubetune(capsys, "validate", path)
-    assert vcode == 3 and submitted == validated and "spec.method.quantization: required when type is qlora" in submitted
+    assert (
+        vcode == 3
+        and submitted == validated
+        and "spec.method.quantization: required when type is qlora" in submitted
+    )
     assert kube.kubectl("-n", NS, "get", "ftj", "bad-one", check=False).returncode != 0  # nothing was sent
     clash = write(tmp_path, {**manifest("ns-clash"), "metadata": {"name": "ns-clash", "namespace": "other"}})
     code, _, err = kubetune(capsys, "submit", clash, "-n", NS)
@@ -296,7 +404,9 @@ def test_submit_get_describe_and_server_side_apply(kube, operator, api, tmp_path
     assert ftj(api, "alpha")["spec"]["runPolicy"]["maxRestarts"] == 5
     body = manifest("alpha", training={"learningRate": 0.0005})  # the API server's refusal, as it says it
     code, out, err = kubetune(capsys, "submit", write(tmp_path, body), "-n", NS)
-    assert code == cluster.EXIT_CLUSTER and "the API server rejected patch finetunejobs.kubetune.io alpha" in err
+    assert (
+        code == cluster.EXIT_CLUSTER and "the API server rejected patch finetunejobs.kubetune.io alpha" in err
+    )
     assert "spec.training is immutable" in err
 
     running(kube, api, "alpha")
@@ -304,7 +414,10 @@ def test_submit_get_describe_and_server_side_apply(kube, operator, api, tmp_path
     patch_status(api, "alpha", {"progress": progress(40)})
     code, out, _ = kubetune(capsys, "get", "-n", NS)
     assert code == 0
-    header, row = out.splitlines()[0].split(), next(line for line in out.splitlines() if line.startswith("alpha"))
+    header, row = (
+        out.splitlines()[0].split(),
+        next(line for line in out.splitlines() if line.startswith("alpha")),
+    )
     assert header == ["NAME", "PHASE", "PROGRESS", "LOSS", "TOKENS/S", "ETA", "RESTARTS", "AGE"]
     assert row.split()[:5] == ["alpha", "Running", "40/100", "(40%)", "1.6000"]
     assert "1234" in row and "2m00s" in row
@@ -318,12 +431,23 @@ def test_submit_get_describe_and_server_side_apply(kube, operator, api, tmp_path
 
     code, out, _ = kubetune(capsys, "describe", "alpha", "-n", NS)
     assert code == 0
-    for text in ("Name:         alpha", "Model:      bundled://smollm2-135m-instruct", "2 node(s) x 1 GPU(s), ddp",
-                 "Phase:      Running", "step 40/100 (40%), loss 1.6000", "Conditions:", "Running", "Events:",
-                 "Checkpoint:   <none>", "Artifacts:    <none>"):
+    for text in (
+        "Name:         alpha",
+        "Model:      bundled://smollm2-135m-instruct",
+        "2 node(s) x 1 GPU(s), ddp",
+        "Phase:      Running",
+        "step 40/100 (40%), loss 1.6000",
+        "Conditions:",
+        "Running",
+        "Events:",
+        "Checkpoint:   <none>",
+        "Artifacts:    <none>",
+    ):
         assert text in out, (text, out)
     code, _, err = kubetune(capsys, "describe", "nope", "-n", NS)
-    assert code == cluster.EXIT_CLUSTER and "finetunejobs.kubetune.io 'nope' not found in namespace 'ml'" in err
+    assert (
+        code == cluster.EXIT_CLUSTER and "finetunejobs.kubetune.io 'nope' not found in namespace 'ml'" in err
+    )
 
 
 def test_context_namespace_is_the_default(kube, operator, tmp_path, capsys, monkeypatch) -> None:
@@ -344,11 +468,19 @@ def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) 
     pods = running(kube, api, "beta")
     wait_status(kube, api, "beta", lambda st: st.get("phase") == "Running", "Running")
     patch_status(api, "beta", {"progress": progress(10)})
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "watch", "beta", "-n", NS, "--timeout", "90"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-                                 "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "watch", "beta", "-n", NS, "--timeout", "90"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
     output = ProcessOutput(proc)
     output.wait_for_stdout("step 10/100", 60)
     for step in (50, 90):
@@ -370,7 +502,10 @@ def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) 
     code, out, _ = kubetune(capsys, "artifacts", "beta", "-n", NS, "-o", "json")
     assert json.loads(out)[0]["sha256"] == SHA
     code, out, _ = kubetune(capsys, "checkpoints", "beta", "-n", NS)
-    assert code == 0 and "100    s3://runs/beta/checkpoints/step-100   2026-01-01T00:00:00Z   status (latest)" in out
+    assert (
+        code == 0
+        and "100    s3://runs/beta/checkpoints/step-100   2026-01-01T00:00:00Z   status (latest)" in out
+    )
     code, out, _ = kubetune(capsys, "describe", "beta", "-n", NS)
     assert "perplexity 12.500 -> 6.250, eval loss 2.5257 -> 1.8326" in out and SHA in out
     assert "Succeeded" in out and "step 100 s3://runs/beta/checkpoints/step-100" in out
@@ -382,12 +517,19 @@ def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) 
 
 def test_submit_wait_exits_with_the_failure(kube, operator, api, tmp_path) -> None:
     path = write(tmp_path, manifest("gamma", runPolicy={"maxRestarts": 0}))
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "submit", path, "-n", NS, "--wait",
-                             "--timeout", "90"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-                                 "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "submit", path, "-n", NS, "--wait", "--timeout", "90"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
     output = ProcessOutput(proc)
     pods = running(kube, api, "gamma")
     wait_status(kube, api, "gamma", lambda st: st.get("phase") == "Running", "Running")
@@ -420,8 +562,13 @@ def test_suspend_resume_cancel(kube, operator, api, capsys) -> None:
     kube.wait_for(lambda: not worker_pods(api, "eps", 1), 60, "eps's pods gone")
     code, out, _ = kubetune(capsys, "resume", "eps", "-n", NS)
     assert code == 0 and "eps resumed" in out and ftj(api, "eps")["spec"]["suspend"] is False
-    attempt = wait_status(kube, api, "eps", lambda st: st.get("phase") == "Running" and st.get("attempt", 0) > 1,
-                          "Running again")["attempt"]
+    attempt = wait_status(
+        kube,
+        api,
+        "eps",
+        lambda st: st.get("phase") == "Running" and st.get("attempt", 0) > 1,
+        "Running again",
+    )["attempt"]
     running(kube, api, "eps", attempt)
 
     code, out, _ = kubetune(capsys, "cancel", "eps", "-n", NS, "--wait", "--timeout", "60")
@@ -429,19 +576,34 @@ def test_suspend_resume_cancel(kube, operator, api, capsys) -> None:
     assert "finetunejob.kubetune.io/eps deleted (cancelled)" in out
     assert "outputs under s3://runs/eps/ are kept; latest complete checkpoint: step 20" in out
     assert ftj(api, "eps") is None
-    kube.wait_for(lambda: not client.BatchV1Api(api).list_namespaced_job(
-        NS, label_selector="kubetune.io/job-name=eps").items, 60, "eps's Jobs garbage-collected")
+    kube.wait_for(
+        lambda: (
+            not client.BatchV1Api(api)
+            .list_namespaced_job(NS, label_selector="kubetune.io/job-name=eps")
+            .items
+        ),
+        60,
+        "eps's Jobs garbage-collected",
+    )
     code, _, err = kubetune(capsys, "cancel", "eps", "-n", NS)
     assert code == cluster.EXIT_CLUSTER and "'eps' not found" in err
 
 
 def test_watch_reports_a_deletion(kube, operator, api) -> None:
     kube.apply({**manifest("zeta"), "metadata": {"name": "zeta", "namespace": NS}})
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "watch", "zeta", "-n", NS, "--timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-                                 "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "watch", "zeta", "-n", NS, "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
     output = ProcessOutput(proc)
     running(kube, api, "zeta")
     output.wait_for_stdout("zeta: Running", 60)  # the watch has seen the job
@@ -452,7 +614,9 @@ def test_watch_reports_a_deletion(kube, operator, api) -> None:
 
 def test_logs_selects_the_current_attempt_and_rank(kube, operator, api, capsys, monkeypatch) -> None:
     kube.apply({**manifest("eta"), "metadata": {"name": "eta", "namespace": NS}})
-    code, _, err = kubetune(capsys, "logs", "eta", "-n", NS)  # before the operator's first reconcile, or no pods
+    code, _, err = kubetune(
+        capsys, "logs", "eta", "-n", NS
+    )  # before the operator's first reconcile, or no pods
     assert code in (0, cluster.EXIT_CLUSTER)
     pods = running(kube, api, "eta")
     code, _, err = kubetune(capsys, "logs", "eta", "-n", NS, "--rank", "5")
@@ -481,11 +645,22 @@ def test_logs_of_the_pods(kube, operator, api, log_file, tmp_path, capsys) -> No
     assert out == "rank log: step 1 loss 2.0000\nrank log: step 2 loss 1.9000\n"
     code, out, err = kubetune(capsys, "logs", "theta", "-n", NS, "--tail", "1")
     assert code == 0, err
-    assert sorted(out.splitlines()) == ["[rank 0] rank log: step 2 loss 1.9000", "[rank 1] rank log: step 2 loss 1.9000"]
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "logs", "theta", "-n", NS, "--rank", "1", "-f"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "KUBECONFIG": kube.kubeconfig,
-                                 "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"})
+    assert sorted(out.splitlines()) == [
+        "[rank 0] rank log: step 2 loss 1.9000",
+        "[rank 1] rank log: step 2 loss 1.9000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "logs", "theta", "-n", NS, "--rank", "1", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+        },
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "rank log: step 1 loss 2.0000\n"
@@ -514,7 +689,7 @@ def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:
     code, _, err = kubetune(capsys, "get", "-n", NS, "--kubeconfig", nobody)
     assert code == cluster.EXIT_CLUSTER
     assert "RBAC denied: cannot list finetunejobs.kubetune.io in namespace 'ml'" in err
-    assert "User \"nobody\"" in err and "granting 'list' on 'finetunejobs.kubetune.io'" in err
+    assert 'User "nobody"' in err and "granting 'list' on 'finetunejobs.kubetune.io'" in err
     viewer = kube.kubeconfig_for("viewer")
     code, out, _ = kubetune(capsys, "get", "-n", NS, "--kubeconfig", viewer)
     assert code == 0 and "iota" in out
@@ -522,14 +697,16 @@ def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot patch finetunejobs.kubetune.io" in err
     code, _, err = kubetune(capsys, "cancel", "iota", "-n", NS, "--kubeconfig", viewer)
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot delete finetunejobs.kubetune.io" in err
-    code, _, err = kubetune(capsys, "submit", write(Path(kube.dir), manifest("iota2")), "-n", NS,
-                            "--kubeconfig", viewer)
+    code, _, err = kubetune(
+        capsys, "submit", write(Path(kube.dir), manifest("iota2")), "-n", NS, "--kubeconfig", viewer
+    )
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot patch finetunejobs.kubetune.io" in err
     code, _, err = kubetune(capsys, "logs", "iota", "-n", NS, "--kubeconfig", viewer)
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot list pods in namespace 'ml'" in err
     running(kube, kube.api_client(), "iota")
-    code, _, err = kubetune(capsys, "logs", "iota", "-n", NS, "--rank", "0", "--kubeconfig",
-                            kube.kubeconfig_for("podlister"))
+    code, _, err = kubetune(
+        capsys, "logs", "iota", "-n", NS, "--rank", "0", "--kubeconfig", kube.kubeconfig_for("podlister")
+    )
     assert code == cluster.EXIT_CLUSTER and "RBAC denied: cannot get pods/log in namespace 'ml'" in err
     assert "granting 'get' on 'pods/log'" in err
     code, out, _ = kubetune(capsys, "describe", "iota", "-n", NS, "--kubeconfig", viewer)
@@ -542,24 +719,45 @@ def test_kubectl_plugin(kube, operator, tmp_path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     plugin = bindir / "kubectl-kubetune"
-    plugin.write_text(f"#!{sys.executable}\nimport sys\nfrom kubetune.cluster import plugin_main\n"
-                      "sys.exit(plugin_main())\n")
+    plugin.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom kubetune.cluster import plugin_main\nsys.exit(plugin_main())\n"
+    )
     plugin.chmod(0o755)
-    env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "PATH": f"{bindir}:{os.environ['PATH']}",
-           "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"}
-    result = subprocess.run([str(kube.bin_dir / "kubectl"), "kubetune", "get", "kappa", "-n", NS],
-                            capture_output=True, text=True, env=env, timeout=60)
+    env = {
+        **os.environ,
+        "KUBECONFIG": kube.kubeconfig,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+    }
+    result = subprocess.run(
+        [str(kube.bin_dir / "kubectl"), "kubetune", "get", "kappa", "-n", NS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split()[:2] == ["NAME", "PHASE"] and "kappa" in result.stdout
-    result = subprocess.run([str(kube.bin_dir / "kubectl"), "kubetune", "--help"], capture_output=True, text=True,
-                            env=env, timeout=60)
+    result = subprocess.run(
+        [str(kube.bin_dir / "kubectl"), "kubetune", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: kubectl kubetune")
-    result = subprocess.run([str(kube.bin_dir / "kubectl"), "kubetune", "get", "nope", "-n", NS],
-                            capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(
+        [str(kube.bin_dir / "kubectl"), "kubetune", "get", "nope", "-n", NS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == cluster.EXIT_CLUSTER and "'nope' not found" in result.stderr
 
 
 # ----- without a cluster -----
+
 
 def test_readme_cluster_commands_parse() -> None:
     """Every `kubetune ...` line of the README's "Use it on a cluster" block is a valid command line."""
@@ -573,8 +771,18 @@ def test_readme_cluster_commands_parse() -> None:
         assert words[0] == "kubetune", words
         args = parser.parse_args(words[1:])
         commands.add(args.command)
-    assert commands == {"submit", "get", "describe", "watch", "logs", "checkpoints", "artifacts", "suspend",
-                        "resume", "cancel"}
+    assert commands == {
+        "submit",
+        "get",
+        "describe",
+        "watch",
+        "logs",
+        "checkpoints",
+        "artifacts",
+        "suspend",
+        "resume",
+        "cancel",
+    }
 
 
 def test_watch_draws_a_bar_on_a_terminal(monkeypatch) -> None:
@@ -619,8 +827,10 @@ def test_checkpoints_from_storage(kube, operator, api, tmp_path, capsys) -> None
     code, out, err = kubetune(capsys, "checkpoints", "lam", "-n", NS, "--storage")
     assert code == 0, err
     rows = [line.split() for line in out.splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [("100", f"{output}/checkpoints/step-100"),
-                                           ("200", f"{output}/checkpoints/step-200")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("100", f"{output}/checkpoints/step-100"),
+        ("200", f"{output}/checkpoints/step-200"),
+    ]
     assert rows[0][-1] == "storage" and rows[1][-2:] == ["status", "(latest)"]
     code, out, _ = kubetune(capsys, "checkpoints", "lam", "-n", NS, "--storage", "-o", "json")
     assert [c["step"] for c in json.loads(out)] == [100, 200]

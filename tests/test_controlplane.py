@@ -22,14 +22,23 @@ NS = "cp-test"
 
 @pytest.fixture(scope="module")
 def cp(request):
-    with make_cluster(request, extra_tokens={"alice": ("alice-token", ["kubetune-devs"])},
-                      nodes=[FakeNode(NODE, labels={"nvidia.com/gpu.product": "H100"})], namespaces=[NS],
-                      diagnostics_lines=60) as plane:
+    with make_cluster(
+        request,
+        extra_tokens={"alice": ("alice-token", ["kubetune-devs"])},
+        nodes=[FakeNode(NODE, labels={"nvidia.com/gpu.product": "H100"})],
+        namespaces=[NS],
+        diagnostics_lines=60,
+    ) as plane:
         yield plane
 
 
-def job(name: str, gpus: int = 1, annotations: dict | None = None, labels: dict | None = None,
-        backoff_limit: int = 0) -> dict:
+def job(
+    name: str,
+    gpus: int = 1,
+    annotations: dict | None = None,
+    labels: dict | None = None,
+    backoff_limit: int = 0,
+) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -40,13 +49,17 @@ def job(name: str, gpus: int = 1, annotations: dict | None = None, labels: dict 
                 "metadata": {"annotations": annotations or {}, "labels": labels or {}},
                 "spec": {
                     "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "trainer",
-                        "image": "registry.invalid/kubetune/trainer:test",
-                        "command": ["python", "-m", "kubetune_trainer"],
-                        "resources": {"limits": {"nvidia.com/gpu": str(gpus)},
-                                      "requests": {"cpu": "1", "memory": "1Gi"}},
-                    }],
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "registry.invalid/kubetune/trainer:test",
+                            "command": ["python", "-m", "kubetune_trainer"],
+                            "resources": {
+                                "limits": {"nvidia.com/gpu": str(gpus)},
+                                "requests": {"cpu": "1", "memory": "1Gi"},
+                            },
+                        }
+                    ],
                 },
             },
         },
@@ -107,6 +120,7 @@ def _running_pod(cp: ControlPlane, job_name: str) -> dict:
     def running():
         pods = job_pods(cp, job_name)
         return pods[0] if pods and pods[0]["status"].get("phase") == "Running" else None
+
     return cp.wait_for(running, 60, f"pod of {job_name} Running")
 
 
@@ -129,8 +143,13 @@ def test_held_pod_stays_running_until_released(cp):
 def test_held_pod_failed_later_with_exit_code(cp):
     cp.apply(job("held-fail-job", annotations={HOLD_ANNOTATION: "true"}))
     pod = _running_pod(cp, "held-fail-job")
-    cp.fail_pod(NS, pod["metadata"]["name"], exit_code=137, reason="OOMKilled",
-                message="CUDA error: out of memory; rank 0: killed")
+    cp.fail_pod(
+        NS,
+        pod["metadata"]["name"],
+        exit_code=137,
+        reason="OOMKilled",
+        message="CUDA error: out of memory; rank 0: killed",
+    )
     cp.wait_for(lambda: job_condition(cp, "held-fail-job", "Failed"), 60, "Job held-fail-job Failed")
     pod = cp.get_json("pod", "-n", NS, pod["metadata"]["name"])
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -159,6 +178,12 @@ def test_extra_token_user_is_subject_to_rbac(cp):
     assert r.returncode != 0 and "forbidden" in r.stderr.lower()
     cp.kubectl("-n", NS, "create", "role", "pod-reader", "--verb=get,list", "--resource=pods")
     cp.kubectl("-n", NS, "create", "rolebinding", "alice-pods", "--role=pod-reader", "--group=kubetune-devs")
-    cp.wait_for(lambda: cp.kubectl("-n", NS, "get", "pods", user="alice", check=False).returncode == 0,
-                30, "alice can list pods")
-    assert cp.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", user="alice").stdout == "alice"
+    cp.wait_for(
+        lambda: cp.kubectl("-n", NS, "get", "pods", user="alice", check=False).returncode == 0,
+        30,
+        "alice can list pods",
+    )
+    assert (
+        cp.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", user="alice").stdout
+        == "alice"
+    )

@@ -35,8 +35,12 @@ def _schema() -> dict:
 
 
 def test_committed_crd_is_current() -> None:
-    out = subprocess.run([sys.executable, "-m", "kubetune.crd"], capture_output=True, text=True, check=True).stdout
-    assert CRD_FILE.read_text() == out, "regenerate: python -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetune.crd"], capture_output=True, text=True, check=True
+    ).stdout
+    assert CRD_FILE.read_text() == out, (
+        "regenerate: python -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml"
+    )
 
 
 def test_identity() -> None:
@@ -57,11 +61,16 @@ def test_identity() -> None:
 
 def test_every_property_has_a_description() -> None:
     schema = _schema()
+
     def needs(path: str, node: dict) -> bool:  # properties, and list items that are objects
         return not path.endswith("{}") and (not path.endswith("[]") or "properties" in node)
 
-    missing = [p for part in ("spec", "status") for p, s in _walk(schema["properties"][part], part)
-               if needs(p, s) and not s.get("description")]
+    missing = [
+        p
+        for part in ("spec", "status")
+        for p, s in _walk(schema["properties"][part], part)
+        if needs(p, s) and not s.get("description")
+    ]
     for name in ("apiVersion", "kind"):
         assert schema["properties"][name]["description"]
     assert not missing, missing
@@ -73,8 +82,11 @@ def test_schema_is_structural() -> None:
         for bad in ("$ref", "anyOf", "allOf", "oneOf", "title", "const", "$defs"):
             assert bad not in node, f"{path}: {bad}"
         assert node.get("additionalProperties") is not False, path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or \
-            node.get("x-kubernetes-int-or-string"), path
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-preserve-unknown-fields")
+            or node.get("x-kubernetes-int-or-string")
+        ), path
         assert not ("properties" in node and "additionalProperties" in node), path
         if node.get("type") == "string" and "enum" not in node and path not in (".apiVersion", ".kind"):
             assert "maxLength" in node, path
@@ -97,8 +109,12 @@ def test_conversions() -> None:
     assert method["properties"]["type"]["default"] == "lora"
     lora = method["properties"]["lora"]
     assert "default" not in lora  # Optional[...] = None: plain optional, no default
-    assert lora["properties"]["dropout"] == {**lora["properties"]["dropout"], "minimum": 0, "maximum": 1,
-                                             "exclusiveMaximum": True}
+    assert lora["properties"]["dropout"] == {
+        **lora["properties"]["dropout"],
+        "minimum": 0,
+        "maximum": 1,
+        "exclusiveMaximum": True,
+    }
     assert method["properties"]["quantization"]["properties"]["bits"]["enum"] == [4]
     weight = spec["datasets"]["items"]["properties"]["weight"]
     assert weight["minimum"] == 0 and weight["exclusiveMinimum"] is True
@@ -110,11 +126,16 @@ def test_conversions() -> None:
     assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal"]  # typed as core/v1 has it
     assert len(toleration["x-kubernetes-validations"]) == 3
     cpu = spec["resources"]["properties"]["cpu"]  # a quantity: 16 or "500m", as core/v1 takes it
-    assert cpu["x-kubernetes-int-or-string"] is True and "self.matches(" in cpu["x-kubernetes-validations"][0]["rule"]
+    assert (
+        cpu["x-kubernetes-int-or-string"] is True
+        and "self.matches(" in cpu["x-kubernetes-validations"][0]["rule"]
+    )
     assert spec["model"]["properties"]["revision"]["type"] == "string"
     assert "nullable" not in spec["model"]["properties"]["revision"]
     conditions = _schema()["properties"]["status"]["properties"]["conditions"]
-    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == [
+        "type"
+    ]
 
 
 def test_bounds_come_from_the_models() -> None:
@@ -141,8 +162,12 @@ def test_cel_rules_present() -> None:
     assert spec["properties"]["validation"]["x-kubernetes-validations"]
     for _, node in _walk(_schema(), ""):
         for rule in node.get("x-kubernetes-validations", []):
-            assert rule["message"] and rule["reason"] in {"FieldValueInvalid", "FieldValueForbidden",
-                                                          "FieldValueRequired", "FieldValueDuplicate"}
+            assert rule["message"] and rule["reason"] in {
+                "FieldValueInvalid",
+                "FieldValueForbidden",
+                "FieldValueRequired",
+                "FieldValueDuplicate",
+            }
     name = _schema()["properties"]["metadata"]["properties"]["name"]
     assert name["maxLength"] == crd.MAX_NAME_LENGTH and name["pattern"].startswith("^[a-z]")
 

@@ -26,8 +26,25 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetune"
 DASHBOARD = CHART / "dashboards" / "kubetune.json"
 SCRAPE_LABELS = {"namespace", "pod", "instance", "job", "container", "endpoint", "le"}
-PROMQL_WORDS = {"by", "on", "without", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "sum", "avg", "min", "max", "count", "le"}
+PROMQL_WORDS = {
+    "by",
+    "on",
+    "without",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "le",
+}
 
 
 def exported() -> dict[str, set[str]]:
@@ -44,7 +61,9 @@ def exported() -> dict[str, set[str]]:
             labels = set(getattr(family, "_labelnames", ()) or ())
             for sample in family.samples:
                 labels |= set(sample.labels)
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+                family.type, [""]
+            )
             for suffix in suffixes:
                 names[family.name + suffix] = labels
     # labels of metrics without samples yet (labelled, no child): from the collectors' definitions
@@ -84,7 +103,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
         word = match.group(0)
-        rest = text[match.end():].lstrip()
+        rest = text[match.end() :].lstrip()
         if rest.startswith("(") or word in PROMQL_WORDS or word.startswith("__"):
             continue  # a function call, a keyword, or a Grafana variable like $__rate_interval
         if text[max(0, match.start() - 1)] == "$":
@@ -104,8 +123,10 @@ def labels_used(expr: str) -> dict[str, set[str]]:
 
 
 def test_metric_name_parsing() -> None:
-    expr = ('histogram_quantile(0.9, sum by (le) (rate(kubetune_job_time_to_running_seconds_bucket[$__rate_interval])))'
-            ' + a_metric * on (namespace, pod) group_left (finetunejob) other{x="y", z=~"$v"}')
+    expr = (
+        "histogram_quantile(0.9, sum by (le) (rate(kubetune_job_time_to_running_seconds_bucket[$__rate_interval])))"
+        ' + a_metric * on (namespace, pod) group_left (finetunejob) other{x="y", z=~"$v"}'
+    )
     assert metric_names(expr) == {"kubetune_job_time_to_running_seconds_bucket", "a_metric", "other"}
     assert labels_used(expr)["other"] == {"x", "z"}
     assert labels_used(expr)[""] == {"le", "namespace", "pod", "finetunejob"}
@@ -114,8 +135,12 @@ def test_metric_name_parsing() -> None:
 def test_every_query_names_an_exported_metric() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     metrics = exported()
-    assert {"kubetune_finetunejobs", "kubetune_job_restarts_total", "kubetune_trainer_loss",
-            "kubetune_job_time_to_running_seconds_bucket"} <= set(metrics)  # the names are really read
+    assert {
+        "kubetune_finetunejobs",
+        "kubetune_job_restarts_total",
+        "kubetune_trainer_loss",
+        "kubetune_job_time_to_running_seconds_bucket",
+    } <= set(metrics)  # the names are really read
     exprs = queries(dashboard)
     assert len(exprs) >= 15
     used: set[str] = set()
@@ -128,14 +153,21 @@ def test_every_query_names_an_exported_metric() -> None:
         used |= names
         for metric, labels in labels_used(expr).items():
             allowed = all_labels if metric == "" else metrics[metric] | SCRAPE_LABELS
-            assert labels <= allowed, f"{expr}: labels {sorted(labels - allowed)} not on {metric or 'any metric'}"
+            assert labels <= allowed, (
+                f"{expr}: labels {sorted(labels - allowed)} not on {metric or 'any metric'}"
+            )
     # what the issue asks the dashboard to show
-    for name in ("kubetune_finetunejobs", "kubetune_job_time_to_running_seconds_bucket", "kubetune_job_restarts_total",
-                 "kubetune_trainer_loss", "kubetune_trainer_tokens_per_second"):
+    for name in (
+        "kubetune_finetunejobs",
+        "kubetune_job_time_to_running_seconds_bucket",
+        "kubetune_job_restarts_total",
+        "kubetune_trainer_loss",
+        "kubetune_trainer_tokens_per_second",
+    ):
         assert name in used
 
 
-@pytest.mark.parametrize("unknown", ["kubetune_jobs_total", "kubetune_trainer_lost{namespace=\"a\"}"])
+@pytest.mark.parametrize("unknown", ["kubetune_jobs_total", 'kubetune_trainer_lost{namespace="a"}'])
 def test_a_misspelt_metric_is_caught(unknown: str) -> None:
     assert metric_names(f"sum(rate({unknown}[5m]))") - set(exported())
 
@@ -153,8 +185,13 @@ def test_dashboard_configmap_is_opt_in_with_the_sidecar_label() -> None:
         return [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
 
     assert dashboards(_render()) == []
-    [cm] = dashboards(_render("metrics.grafanaDashboard.enabled=true", "metrics.grafanaDashboard.namespace=monitoring",
-                              "metrics.grafanaDashboard.annotations.grafana_folder=ML"))
+    [cm] = dashboards(
+        _render(
+            "metrics.grafanaDashboard.enabled=true",
+            "metrics.grafanaDashboard.namespace=monitoring",
+            "metrics.grafanaDashboard.annotations.grafana_folder=ML",
+        )
+    )
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}

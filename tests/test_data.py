@@ -16,7 +16,9 @@ from tests.support.trainer_fixtures import write_jsonl
 ALPACA = [{"instruction": f"Say {i}", "input": "", "output": f"Number {i}."} for i in range(10)]
 
 
-def load(source: Path | str, fmt: str | None = None, task: str = "instruction", **cleaning) -> tuple[list, object]:
+def load(
+    source: Path | str, fmt: str | None = None, task: str = "instruction", **cleaning
+) -> tuple[list, object]:
     spec = DatasetSpec(source=str(source), format=fmt)
     return data.load_dataset_rows(spec, task, CleaningSpec(**cleaning), Path("/tmp/kt-cache"))
 
@@ -55,8 +57,10 @@ def test_row_not_an_object(tmp_path: Path) -> None:
 
 
 def test_bad_chat_role_and_missing_assistant(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                            {"role": "bot", "content": "yo"}]}])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}],
+    )
     with pytest.raises(DataError, match=rf"{path}:1: messages\[1\].role must be one of"):
         load(path, "messages", "chat")
     path = write_jsonl(tmp_path / "c2.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
@@ -146,8 +150,14 @@ def test_cleaning_counts(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", rows_in)
     rows, report = load(path, min_chars=2, max_chars=20)
     assert rows[0].content == {"instruction": "a", "input": "", "output": "b"}
-    assert (report.read, report.duplicates, report.empty, report.too_long, report.too_short, report.kept) == \
-        (6, 1, 1, 1, 0, 3)
+    assert (report.read, report.duplicates, report.empty, report.too_long, report.too_short, report.kept) == (
+        6,
+        1,
+        1,
+        1,
+        0,
+        3,
+    )
     rows, report = load(path, min_chars=3, max_chars=20)
     assert report.too_short == 3  # both copies of a/b and q/z: length is checked before duplicates
 
@@ -173,7 +183,9 @@ def test_mix_upsamples_and_downsamples() -> None:
 
 
 def test_validation_split_fraction_and_files(tmp_path: Path) -> None:
-    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(40)])
+    train = write_jsonl(
+        tmp_path / "t.jsonl", [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(40)]
+    )
     spec = job_spec(datasets=[{"source": str(train)}], validation={"fraction": 0.1})
     prepared = data.prepare_rows(spec, tmp_path)
     assert len(prepared.validation) == 4 and len(prepared.train) == 36
@@ -188,7 +200,9 @@ def test_validation_split_fraction_and_files(tmp_path: Path) -> None:
 
 
 def _labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != data.IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != data.IGNORE_INDEX]
+    )
 
 
 @pytest.mark.parametrize("template", ["alpaca", "plain", "chat-template"])
@@ -200,7 +214,7 @@ def test_prompt_masking_instruction(tokenizer, template: str) -> None:
     prompt_ids = sum((tokenizer(t, add_special_tokens=False)["input_ids"] for t, r in segments if not r), [])
     # labels are -100 exactly on the prompt tokens, and equal to the ids on the response tokens
     assert example.labels[: len(prompt_ids)] == [data.IGNORE_INDEX] * len(prompt_ids)
-    assert example.labels[len(prompt_ids):] == example.input_ids[len(prompt_ids):]
+    assert example.labels[len(prompt_ids) :] == example.input_ids[len(prompt_ids) :]
     assert "Four." in _labelled_text(tokenizer, example)
     assert "Add two" not in _labelled_text(tokenizer, example)
     full, _ = data.tokenize_row(row, tokenizer, template, train_on_prompt=True, max_length=512)
@@ -208,26 +222,39 @@ def test_prompt_masking_instruction(tokenizer, template: str) -> None:
 
 
 def test_prompt_masking_multi_turn_chat(tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name?"},
-                {"role": "assistant", "content": "Kube."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name?"},
+        {"role": "assistant", "content": "Kube."},
+    ]
     row = data.Row("c:1", "messages", {"messages": messages})
     example, _ = data.tokenize_row(row, tokenizer, "alpaca", train_on_prompt=False, max_length=512)
     learned = _labelled_text(tokenizer, example)
     assert "Hello!" in learned and "Kube." in learned
     assert "Be brief" not in learned and "Name?" not in learned and "Hi" not in learned.replace("Hello", "")
-    assert example.input_ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
-                                          add_special_tokens=False)["input_ids"]
+    assert (
+        example.input_ids
+        == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
 
 
 def test_truncation_and_packing(tokenizer) -> None:
     spec = job_spec(training={"maxSeqLength": 128, "packing": True})
-    rows = [data.Row(f"x:{i}", "alpaca", {"instruction": f"Q{i}", "input": "", "output": "A" * (i % 5 + 1)})
-            for i in range(20)]
+    rows = [
+        data.Row(f"x:{i}", "alpaca", {"instruction": f"Q{i}", "input": "", "output": "A" * (i % 5 + 1)})
+        for i in range(20)
+    ]
     unpacked, stats = data.tokenize_rows(rows, tokenizer, spec, packing=False)
     packed, packed_stats = data.tokenize_rows(rows, tokenizer, spec)
     assert len(packed) < len(unpacked) and all(len(s.input_ids) <= 128 for s in packed)
-    assert packed_stats["tokens"] == stats["tokens"] and packed_stats["trainableTokens"] == stats["trainableTokens"]
+    assert (
+        packed_stats["tokens"] == stats["tokens"]
+        and packed_stats["trainableTokens"] == stats["trainableTokens"]
+    )
     long_row = [data.Row("l:1", "alpaca", {"instruction": "word " * 200, "input": "", "output": "ok"})]
     with pytest.raises(DataError, match="no training sequences"):
         data.tokenize_rows(long_row, tokenizer, spec)
@@ -259,30 +286,48 @@ def _bad_file(tmp_path: Path, name: str, content: bytes) -> Path:
 
 ROW = json.dumps(ALPACA[0]).encode()
 HOSTILE = [
-    ("undecodable.jsonl", ROW + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n', r":2: not UTF-8 text \(byte 0xe9"),
+    (
+        "undecodable.jsonl",
+        ROW + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n',
+        r":2: not UTF-8 text \(byte 0xe9",
+    ),
     ("latin1.csv", b"instruction,input,output\nsay,,caf\xe9\n", r":2: not UTF-8 text"),
     ("gzipped.jsonl", b"\x1f\x8b\x08\x00" + bytes(range(40)), r": this is a gzip-compressed file"),
     ("zipped.csv", b"PK\x03\x04" + bytes(40), r": this is a zip archive"),
     ("binary.jsonl", b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(64), r": binary data \(NUL bytes\)"),
-    ("utf16.jsonl", "\ufeff".encode("utf-16-le") + (json.dumps(ALPACA[0]) + "\n").encode("utf-16-le"),
-     r": this is UTF-16 text"),
+    (
+        "utf16.jsonl",
+        "\ufeff".encode("utf-16-le") + (json.dumps(ALPACA[0]) + "\n").encode("utf-16-le"),
+        r": this is UTF-16 text",
+    ),
     ("utf16-nobom.jsonl", (json.dumps(ALPACA[0]) + "\n").encode("utf-16-le"), r": looks like UTF-16 text"),
     ("truncated.parquet", b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02", r": not a readable Parquet file"),
     ("not.parquet", b'{"a": 1}\n', r": not a Parquet file"),
     ("parquet-named.jsonl", b"PAR1" + bytes(30), r": this is a Parquet file"),
-    ("deep.jsonl", b'{"instruction": ' + b"[" * 100000 + b"]" * 100000 + b', "output": "x"}\n',
-     r":1: not valid JSON: nested more than"),
+    (
+        "deep.jsonl",
+        b'{"instruction": ' + b"[" * 100000 + b"]" * 100000 + b', "output": "x"}\n',
+        r":1: not valid JSON: nested more than",
+    ),
     ("deep.json", b"[" * 100000 + b"]" * 100000, r": not valid JSON: nested more than"),
-    ("surrogate.jsonl", b'{"instruction": "hi \\ud800 there", "output": "x"}\n',
-     r":1: field 'instruction' holds an unpaired surrogate"),
+    (
+        "surrogate.jsonl",
+        b'{"instruction": "hi \\ud800 there", "output": "x"}\n',
+        r":1: field 'instruction' holds an unpaired surrogate",
+    ),
     ("ragged.csv", b"instruction,input,output\na,b,c,d\n", r":2: 1 more value"),
-    ("role-object.jsonl", b'{"messages": [{"role": {"a": 1}, "content": "x"}]}\n', r":1: messages\[0\].role must be"),
+    (
+        "role-object.jsonl",
+        b'{"messages": [{"role": {"a": 1}, "content": "x"}]}\n',
+        r":1: messages\[0\].role must be",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,content,expected", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_file_is_refused_with_file_and_line(tmp_path: Path, name: str, content: bytes,
-                                                    expected: str) -> None:
+def test_hostile_file_is_refused_with_file_and_line(
+    tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
     path = _bad_file(tmp_path, name, content)
     fmt = "messages" if name.startswith("role") else None
     with pytest.raises(DataError, match=rf"{path}{expected}"):
@@ -302,7 +347,9 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
 
 
 def test_skip_invalid_rows_counts_undecodable_json_rows(tmp_path: Path) -> None:
-    path = _bad_file(tmp_path, "d.jsonl", ROW + b"\n" + b"[" * 5000 + b"\n" + ROW.replace(b"Say 0", b"Say 1") + b"\n")
+    path = _bad_file(
+        tmp_path, "d.jsonl", ROW + b"\n" + b"[" * 5000 + b"\n" + ROW.replace(b"Say 0", b"Say 1") + b"\n"
+    )
     rows, report = load(path, skip_invalid_rows=True)
     assert len(rows) == 2 and report.invalid == 1
 
@@ -322,20 +369,41 @@ def test_chat_template_refusing_a_conversation_names_the_row() -> None:
         def apply_chat_template(self, messages, **_):
             raise TemplateError("Conversation roles must alternate user/assistant")
 
-    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                {"role": "assistant", "content": "c"}]
-    with pytest.raises(DataError, match=r"f.jsonl:7: the model's chat template refuses this conversation: "
-                                        r"Conversation roles must alternate"):
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"f.jsonl:7: the model's chat template refuses this conversation: "
+        r"Conversation roles must alternate",
+    ):
         data._chat_segments(messages, Tokenizer(), "f.jsonl:7")
 
 
-@pytest.mark.parametrize("name,content,expected", [
-    ("bigint.json", b'[{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}]", r":1: not valid JSON: a number too long"),
-    ("bigint-top.json", b'{"n": ' + b"9" * 5000 + b"}", r": not valid JSON: a number too long"),
-    ("bigint.jsonl", b'{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}\n",
-     r":1: not valid JSON: a number too long"),
-    ("trailing.json", b'[{"instruction": "a", "output": "b"}]\nxyz', r":2: not valid JSON: text after the closing"),
-], ids=["bigint-json", "bigint-top", "bigint-jsonl", "trailing-text"])
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        (
+            "bigint.json",
+            b'[{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}]",
+            r":1: not valid JSON: a number too long",
+        ),
+        ("bigint-top.json", b'{"n": ' + b"9" * 5000 + b"}", r": not valid JSON: a number too long"),
+        (
+            "bigint.jsonl",
+            b'{"instruction": "a", "output": "b", "n": ' + b"9" * 5000 + b"}\n",
+            r":1: not valid JSON: a number too long",
+        ),
+        (
+            "trailing.json",
+            b'[{"instruction": "a", "output": "b"}]\nxyz',
+            r":2: not valid JSON: text after the closing",
+        ),
+    ],
+    ids=["bigint-json", "bigint-top", "bigint-jsonl", "trailing-text"],
+)
 def test_more_hostile_json(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
     path = _bad_file(tmp_path, name, content)
     with pytest.raises(DataError, match=rf"{path}{expected}"):
@@ -353,13 +421,18 @@ def test_padding_collator_pads_right_with_ignore_index() -> None:
     IGNORE_INDEX (prompt labels stay masked), attention 1 exactly on the real tokens."""
     import torch
 
-    features = [{"input_ids": [5, 6, 7], "labels": [data.IGNORE_INDEX, 6, 7]},
-                {"input_ids": [8], "labels": [8]},
-                {"input_ids": [1, 2, 3, 4, 9], "labels": [data.IGNORE_INDEX] * 2 + [3, 4, 9]}]
+    features = [
+        {"input_ids": [5, 6, 7], "labels": [data.IGNORE_INDEX, 6, 7]},
+        {"input_ids": [8], "labels": [8]},
+        {"input_ids": [1, 2, 3, 4, 9], "labels": [data.IGNORE_INDEX] * 2 + [3, 4, 9]},
+    ]
     batch = data.PaddingCollator(pad_token_id=0)(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [1, 2, 3, 4, 9]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100], [8, -100, -100, -100, -100],
-                                        [-100, -100, 3, 4, 9]]
+    assert batch["labels"].tolist() == [
+        [-100, 6, 7, -100, -100],
+        [8, -100, -100, -100, -100],
+        [-100, -100, 3, 4, 9],
+    ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert all(t.dtype == torch.long for t in batch.values())
     assert data.IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index

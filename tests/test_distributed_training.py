@@ -24,8 +24,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def kubetune_run(job: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(job), "--quiet", *args],
-                          env=ENV, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(job), "--quiet", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -40,17 +45,25 @@ def changed(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> 
     return {name for name in base if not torch.equal(trained[name], base[name])}
 
 
-@pytest.mark.parametrize(("strategy", "method"), [
-    ("fsdp", {"type": "full"}),
-    ("fsdp", {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}}),
-    ("deepspeed-zero1", {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}}),
-])
-def test_kubetune_run_nproc_2_trains_and_exports(make_job, tiny_model: Path, strategy: str,
-                                                 method: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "method"),
+    [
+        ("fsdp", {"type": "full"}),
+        ("fsdp", {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}}),
+        ("deepspeed-zero1", {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}}),
+    ],
+)
+def test_kubetune_run_nproc_2_trains_and_exports(
+    make_job, tiny_model: Path, strategy: str, method: dict[str, Any]
+) -> None:
     name = f"{strategy}-{method['type']}"
-    job = make_job(name, method=method, resources={"nodes": 1, "gpusPerNode": 0, "strategy": strategy},
-                   training={"maxSteps": 3, "batchSizePerDevice": 2, "learningRate": 1e-2},
-                   output={"exports": ["merged"] if method["type"] == "full" else ["adapter", "merged"]})
+    job = make_job(
+        name,
+        method=method,
+        resources={"nodes": 1, "gpusPerNode": 0, "strategy": strategy},
+        training={"maxSteps": 3, "batchSizePerDevice": 2, "learningRate": 1e-2},
+        output={"exports": ["merged"] if method["type"] == "full" else ["adapter", "merged"]},
+    )
     result = kubetune_run(job, "--nproc", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"Finished {name}: 3 steps" in result.stdout
@@ -82,12 +95,17 @@ class SavedForBackward:
 
 
 @pytest.mark.parametrize("method", [{"type": "full"}, {"type": "lora", "lora": {"r": 4, "dropout": 0.0}}])
-def test_gradient_checkpointing_saves_activations_and_gives_the_same_losses(make_job, method: dict[str, Any]) -> None:
+def test_gradient_checkpointing_saves_activations_and_gives_the_same_losses(
+    make_job, method: dict[str, Any]
+) -> None:
     runs = {}
     for checkpointing in (False, True):
-        job = make_job(f"ckpt-{method['type']}-{str(checkpointing).lower()}", method=method,
-                       training={"maxSteps": 3, "gradientCheckpointing": checkpointing, "loggingSteps": 1},
-                       output={"exports": ["merged"]})
+        job = make_job(
+            f"ckpt-{method['type']}-{str(checkpointing).lower()}",
+            method=method,
+            training={"maxSteps": 3, "gradientCheckpointing": checkpointing, "loggingSteps": 1},
+            output={"exports": ["merged"]},
+        )
         trainer = build_trainer(job)
         saved = SavedForBackward()
         with saved.hooks:

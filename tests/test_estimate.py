@@ -43,8 +43,9 @@ def test_flops_are_6nt_for_full_and_4nt_for_adapters() -> None:
     assert checkpointed["total"] == 8 * n * t + 2 * n * 300 and checkpointed["perToken"] == 8 * n
     # the output head multiplies only the positions whose logits are computed, and is not recomputed
     head = 200_000
-    selective = training_flops("full", n, 0, t, True, 300, head_parameters=head, head_tokens=500,
-                               eval_head_tokens=100)
+    selective = training_flops(
+        "full", n, 0, t, True, 300, head_parameters=head, head_tokens=500, eval_head_tokens=100
+    )
     assert selective["base"] == 6 * (n - head) * t + 6 * head * 500
     assert selective["recompute"] == 2 * (n - head) * t
     assert selective["evaluation"] == 2 * (n - head) * 300 + 2 * head * 100
@@ -75,35 +76,69 @@ def test_activation_formula_by_hand() -> None:
     assert dropout["perLayerPerToken"] == 1024 + 128
 
 
-BILLION = {"parameters": 1_000_000_000, "trainableParameters": 1_000_000_000, "adapterParameters": 0,
-           "quantizableParameters": 900_000_000, "layers": 10, "hidden": 1000, "intermediate": 4000,
-           "kvHeads": 10, "headDim": 100, "vocab": 1000, "adapterInputsPerLayer": 0}
+BILLION = {
+    "parameters": 1_000_000_000,
+    "trainableParameters": 1_000_000_000,
+    "adapterParameters": 0,
+    "quantizableParameters": 900_000_000,
+    "layers": 10,
+    "hidden": 1000,
+    "intermediate": 4000,
+    "kvHeads": 10,
+    "headDim": 100,
+    "vocab": 1000,
+    "adapterInputsPerLayer": 0,
+}
 
 
-@pytest.mark.parametrize(("strategy", "weights", "gradients", "optimizer", "gathered"), [
-    # full fine-tuning in bf16 on 8 GPUs; torch AdamW keeps m and v in bf16 (4 bytes/param), DeepSpeed
-    # keeps an fp32 master copy plus fp32 m and v (12 bytes/param)
-    ("ddp", 2e9, 2e9, 4e9, 0),
-    ("deepspeed-zero1", 2e9, 2e9, 12e9 / 8, 0),
-    ("deepspeed-zero2", 2e9, 2e9 / 8, 12e9 / 8, 0),
-    ("deepspeed-zero3", 2e9 / 8, 2e9 / 8, 12e9 / 8, 2 * 1e8 * 2),
-    ("fsdp", 2e9 / 8, 2e9 / 8, 4e9 / 8, 2 * 1e8 * 2),
-])
-def test_memory_is_sharded_by_the_strategy(strategy: str, weights: float, gradients: float, optimizer: float,
-                                           gathered: float) -> None:
-    memory = memory_per_gpu(BILLION, method="full", precision="bf16", strategy=strategy, world_size=8, batch=1,
-                            seq=10, gradient_checkpointing=True)
+@pytest.mark.parametrize(
+    ("strategy", "weights", "gradients", "optimizer", "gathered"),
+    [
+        # full fine-tuning in bf16 on 8 GPUs; torch AdamW keeps m and v in bf16 (4 bytes/param), DeepSpeed
+        # keeps an fp32 master copy plus fp32 m and v (12 bytes/param)
+        ("ddp", 2e9, 2e9, 4e9, 0),
+        ("deepspeed-zero1", 2e9, 2e9, 12e9 / 8, 0),
+        ("deepspeed-zero2", 2e9, 2e9 / 8, 12e9 / 8, 0),
+        ("deepspeed-zero3", 2e9 / 8, 2e9 / 8, 12e9 / 8, 2 * 1e8 * 2),
+        ("fsdp", 2e9 / 8, 2e9 / 8, 4e9 / 8, 2 * 1e8 * 2),
+    ],
+)
+def test_memory_is_sharded_by_the_strategy(
+    strategy: str, weights: float, gradients: float, optimizer: float, gathered: float
+) -> None:
+    memory = memory_per_gpu(
+        BILLION,
+        method="full",
+        precision="bf16",
+        strategy=strategy,
+        world_size=8,
+        batch=1,
+        seq=10,
+        gradient_checkpointing=True,
+    )
     parts = memory["bytes"]
-    assert (parts["weights"], parts["gradients"], parts["optimizer"], parts["gatheredLayers"]) == \
-        (int(weights), int(gradients), int(optimizer), int(gathered))
+    assert (parts["weights"], parts["gradients"], parts["optimizer"], parts["gatheredLayers"]) == (
+        int(weights),
+        int(gradients),
+        int(optimizer),
+        int(gathered),
+    )
     assert parts["runtime"] == GIB
     assert memory["totalBytes"] == sum(parts.values())
 
 
 def test_memory_of_adapters_and_4bit_bases() -> None:
     lora_facts = {**BILLION, "trainableParameters": 1_000_000, "adapterParameters": 1_000_000}
-    lora = memory_per_gpu(lora_facts, method="lora", precision="bf16", strategy="ddp", world_size=1, batch=1,
-                          seq=10, gradient_checkpointing=True)["bytes"]
+    lora = memory_per_gpu(
+        lora_facts,
+        method="lora",
+        precision="bf16",
+        strategy="ddp",
+        world_size=1,
+        batch=1,
+        seq=10,
+        gradient_checkpointing=True,
+    )["bytes"]
     # frozen base in bf16; adapters in fp32 with fp32 gradients and AdamW m, v
     assert lora["weights"] == 999_000_000 * 2 + 1_000_000 * 4
     assert (lora["gradients"], lora["optimizer"]) == (4_000_000, 8_000_000)
@@ -111,13 +146,30 @@ def test_memory_of_adapters_and_4bit_bases() -> None:
     class Quant:
         compute_dtype, double_quant = "bfloat16", True
 
-    qlora = memory_per_gpu(lora_facts, method="qlora", precision="bf16", strategy="ddp", world_size=1, batch=1,
-                           seq=10, gradient_checkpointing=True, quant=Quant())["bytes"]
+    qlora = memory_per_gpu(
+        lora_facts,
+        method="qlora",
+        precision="bf16",
+        strategy="ddp",
+        world_size=1,
+        batch=1,
+        seq=10,
+        gradient_checkpointing=True,
+        quant=Quant(),
+    )["bytes"]
     four_bit = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit weights + double-quantized absmax constants
     assert qlora["weights"] == int(900_000_000 * four_bit + 100_000_000 * 2 + 1_000_000 * 4)
     # zero3 on one GPU does not shard anything (the trainer uses DeepSpeed only when WORLD_SIZE > 1)
-    single = memory_per_gpu(BILLION, method="full", precision="bf16", strategy="deepspeed-zero3", world_size=1,
-                            batch=1, seq=10, gradient_checkpointing=True)
+    single = memory_per_gpu(
+        BILLION,
+        method="full",
+        precision="bf16",
+        strategy="deepspeed-zero3",
+        world_size=1,
+        batch=1,
+        seq=10,
+        gradient_checkpointing=True,
+    )
     assert single["shardedBy"] == {"weights": 1, "gradients": 1, "optimizer": 1}
 
 
@@ -125,8 +177,14 @@ def test_memory_of_adapters_and_4bit_bases() -> None:
 
 
 def _tiny_job(make_job, name: str = "est", **overrides: Any) -> Any:
-    training = {"epochs": 1, "maxSteps": None, "batchSizePerDevice": 4, "maxSeqLength": 96,
-                "gradientCheckpointing": False, **overrides.pop("training", {})}
+    training = {
+        "epochs": 1,
+        "maxSteps": None,
+        "batchSizePerDevice": 4,
+        "maxSeqLength": 96,
+        "gradientCheckpointing": False,
+        **overrides.pop("training", {}),
+    }
     return make_job(name, training=training, **overrides)
 
 
@@ -134,14 +192,19 @@ def test_parameters_of_the_tiny_llama_by_hand(make_job, tiny_model: Path) -> Non
     # vocab 49152, hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 kv heads, tied embeddings
     embeddings = 49152 * 64
     linear_per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
-    full = model_facts(load_job(make_job("full", method={"type": "full"}, output={"exports": ["merged"]})), str(tiny_model))
+    full = model_facts(
+        load_job(make_job("full", method={"type": "full"}, output={"exports": ["merged"]})), str(tiny_model)
+    )
     assert full["parameters"] == embeddings + 2 * (linear_per_layer + 2 * 64) + 64
     assert full["flopParameters"] == 2 * linear_per_layer + embeddings  # the tied head still multiplies
     assert full["trainableParameters"] == full["parameters"] and full["tiedEmbeddings"]
     assert full["headParameters"] == embeddings and full["selectiveLogits"]
-    qv = model_facts(load_job(make_job("qv", method={"type": "lora", "lora": {"r": 4, "targetModules":
-                                                                             ["q_proj", "v_proj"]}})),
-                     str(tiny_model))
+    qv = model_facts(
+        load_job(
+            make_job("qv", method={"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}})
+        ),
+        str(tiny_model),
+    )
     assert qv["trainableParameters"] == qv["adapterParameters"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))
     every = model_facts(load_job(make_job("all", method={"type": "lora", "lora": {"r": 4}})), str(tiny_model))
     per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
@@ -179,30 +242,63 @@ def test_sampled_token_counts_are_scaled(make_job, tokenizer: Any) -> None:
 
 
 def _facts_7b() -> dict[str, Any]:
-    return {"architecture": "LlamaForCausalLM", "parameters": 6_738_415_616, "flopParameters": 6_607_343_616,
-            "quantizableParameters": 6_476_005_376, "trainableParameters": 6_738_415_616, "adapterParameters": 0,
-            "adapterInputsPerLayer": 0, "layers": 32, "hidden": 4096, "intermediate": 11008, "heads": 32,
-            "kvHeads": 32, "headDim": 128, "vocab": 32000, "tiedEmbeddings": False, "countedFrom": "test"}
+    return {
+        "architecture": "LlamaForCausalLM",
+        "parameters": 6_738_415_616,
+        "flopParameters": 6_607_343_616,
+        "quantizableParameters": 6_476_005_376,
+        "trainableParameters": 6_738_415_616,
+        "adapterParameters": 0,
+        "adapterInputsPerLayer": 0,
+        "layers": 32,
+        "hidden": 4096,
+        "intermediate": 11008,
+        "heads": 32,
+        "kvHeads": 32,
+        "headDim": 128,
+        "vocab": 32000,
+        "tiedEmbeddings": False,
+        "countedFrom": "test",
+    }
 
 
 def _data(tokens: int = 10_000_000, sequences: int = 20_000) -> dict[str, Any]:
-    return {"method": "exact", "exact": True, "rows": sequences, "sequences": sequences, "tokens": tokens,
-            "trainableTokens": tokens // 2, "truncatedRows": 0, "meanSequenceLength": tokens / sequences,
-            "longestSequence": 1024, "validation": {"method": "exact", "rows": 100, "sequences": 100,
-                                                    "tokens": 50_000}}
+    return {
+        "method": "exact",
+        "exact": True,
+        "rows": sequences,
+        "sequences": sequences,
+        "tokens": tokens,
+        "trainableTokens": tokens // 2,
+        "truncatedRows": 0,
+        "meanSequenceLength": tokens / sequences,
+        "longestSequence": 1024,
+        "validation": {"method": "exact", "rows": 100, "sequences": 100, "tokens": 50_000},
+    }
 
 
 def test_a_warning_when_it_does_not_fit(make_job) -> None:
-    path = _tiny_job(make_job, "big", method={"type": "full"}, output={"exports": ["merged"]},
-                     training={"maxSeqLength": 1024})
+    path = _tiny_job(
+        make_job,
+        "big",
+        method={"type": "full"},
+        output={"exports": ["merged"]},
+        training={"maxSeqLength": 1024},
+    )
     result = estimate(path, gpu="A10G", facts=_facts_7b(), data=_data())
     (row,) = result["gpus"]
     assert row["gpu"] == "A10G" and row["fits"] == "no"
     assert any("does not fit in GPU memory" in w and "A10G" in w for w in result["warnings"])
     assert result["memory"]["totalGiB"] > 60  # 7B x (2 + 2 + 4) bytes alone is ~50 GiB
     # sharded over 8 H200s with ZeRO-3 it fits
-    path = _tiny_job(make_job, "big3", method={"type": "full"}, output={"exports": ["merged"]},
-                     resources={"gpusPerNode": 8, "strategy": "deepspeed-zero3"}, training={"maxSeqLength": 1024})
+    path = _tiny_job(
+        make_job,
+        "big3",
+        method={"type": "full"},
+        output={"exports": ["merged"]},
+        resources={"gpusPerNode": 8, "strategy": "deepspeed-zero3"},
+        training={"maxSeqLength": 1024},
+    )
     sharded = estimate(path, gpu="H200", facts=_facts_7b(), data=_data())
     assert sharded["gpus"][0]["fits"] == "yes" and sharded["gpus"][0]["count"] == 8
     assert not any("does not fit" in w for w in sharded["warnings"])
@@ -221,8 +317,9 @@ def test_time_and_cost_at_the_stated_mfu(make_job) -> None:
 
 def test_gpu_table_can_be_overridden(make_job, tmp_path: Path) -> None:
     table_file = tmp_path / "gpus.yaml"
-    table_file.write_text("MI300X: {tflops: 1307, memoryGiB: 192, pricePerHour: 4.0, mfu: 0.3}\n"
-                          "A10G: {pricePerHour: 0.5}\n")
+    table_file.write_text(
+        "MI300X: {tflops: 1307, memoryGiB: 192, pricePerHour: 4.0, mfu: 0.3}\nA10G: {pricePerHour: 0.5}\n"
+    )
     table = load_gpu_table(table_file)
     assert table["MI300X"]["tflops"] == 1307 and table["A10G"] == {**table["A10G"], "pricePerHour": 0.5}
     path = _tiny_job(make_job, "table", method={"type": "full"}, output={"exports": ["merged"]})
@@ -239,8 +336,9 @@ def test_gpu_table_can_be_overridden(make_job, tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kubetune.cli", "estimate", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "estimate", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow  # loads the model and runs the estimator CLI (calibration trains)
@@ -249,7 +347,14 @@ def test_cli_prints_a_table(make_job) -> None:
     result = _cli(str(path), "--gpu", "L4")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for text in ("Estimate for cli: lora", "training FLOPs", "memory per GPU", "L4", "[exact]", "steps             15"):
+    for text in (
+        "Estimate for cli: lora",
+        "training FLOPs",
+        "memory per GPU",
+        "L4",
+        "[exact]",
+        "steps             15",
+    ):
         assert text in out, out
 
 
@@ -264,7 +369,8 @@ def test_cli_json_with_calibration(make_job) -> None:
     assert calibration["stepsTimed"] == 3 and calibration["tokensPerStep"] > 0
     assert calibration["predictedStepSeconds"] > 0 and calibration["measuredStepSeconds"] > 0
     assert calibration["measuredOverPredicted"] == pytest.approx(
-        calibration["measuredStepSeconds"] / calibration["predictedStepSeconds"], rel=1e-2)
+        calibration["measuredStepSeconds"] / calibration["predictedStepSeconds"], rel=1e-2
+    )
     assert 0 < calibration["impliedMfu"]
     assert calibration["device"] == "cpu" or calibration["tableEntry"]
 

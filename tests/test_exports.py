@@ -30,15 +30,28 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str,
         "task": {"type": "instruction"},
         "datasets": [{"source": str(PYDOC), "maxExamples": 60}],
         "validation": {"fraction": 0.1},
-        "training": {"maxSteps": 3, "batchSizePerDevice": 4, "maxSeqLength": 96, "loggingSteps": 1,
-                     "learningRate": 1e-2},
+        "training": {
+            "maxSteps": 3,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 96,
+            "loggingSteps": 1,
+            "learningRate": 1e-2,
+        },
         "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
         "output": {"uri": str(root / "out"), "exports": KINDS},
         "tracking": {"tensorboard": False},
     }
     manifest = root / "job.yaml"
-    manifest.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                        "metadata": {"name": "exports"}, "spec": spec}))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "exports"},
+                "spec": spec,
+            }
+        )
+    )
     code, summary = run_trainer(str(manifest), show_progress=False)
     assert code == 0, "training with every export failed"
     return summary
@@ -62,7 +75,9 @@ def _inputs(vocab: int, batch: int = 2, length: int = 11) -> tuple[Any, Any]:
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(0, vocab, (batch, length), generator=generator)
     mask = torch.ones_like(ids)
-    mask[-1, max(1, length - 3):] = 0  # right padding in the last row (a row with no token at all is undefined)
+    mask[-1, max(1, length - 3) :] = (
+        0  # right padding in the last row (a row with no token at all is undefined)
+    )
     return ids, mask
 
 
@@ -98,8 +113,9 @@ def test_merged_reloads_exactly(run: dict[str, Any], merged_in_memory: Any) -> N
     import torch
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(Path(run["output"]) / "exports" / "merged",
-                                                    dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        Path(run["output"]) / "exports" / "merged", dtype=torch.float32
+    ).eval()
     ids, mask = _inputs(merged_in_memory.config.vocab_size)
     expected = _logits(merged_in_memory, ids, mask)
     assert torch.allclose(_logits(reloaded, ids, mask), expected, atol=1e-5, rtol=0)
@@ -132,8 +148,9 @@ def test_int8_reloads_and_reports_its_perplexity_change(run: dict[str, Any], mer
     assert details["fp32WeightsBytes"] > 0 and details["int8WeightsBytes"] > 0
     for key in ("fp32Perplexity", "int8Perplexity"):
         assert math.isfinite(details[key]) and details[key] > 1
-    assert details["int8PerplexityChange"] == pytest.approx(details["int8Perplexity"] - details["fp32Perplexity"],
-                                                            abs=1e-3)
+    assert details["int8PerplexityChange"] == pytest.approx(
+        details["int8Perplexity"] - details["fp32Perplexity"], abs=1e-3
+    )
     assert abs(details["int8PerplexityChangePercent"]) < 5
     # the fp32 perplexity is the run's final held-out perplexity, measured again on the merged model
     assert details["fp32Perplexity"] == pytest.approx(run["metrics"]["finalPerplexity"], rel=1e-2)
@@ -188,8 +205,9 @@ class _Trainer:
 def _spec() -> Any:
     from types import SimpleNamespace
 
-    return SimpleNamespace(model=SimpleNamespace(trust_remote_code=False),
-                           method=SimpleNamespace(quantization=None))
+    return SimpleNamespace(
+        model=SimpleNamespace(trust_remote_code=False), method=SimpleNamespace(quantization=None)
+    )
 
 
 def test_weight_only_backend_round_trips(tmp_path: Path, tiny_model: Path) -> None:
@@ -232,14 +250,22 @@ def test_other_ranks_export_nothing(tmp_path: Path) -> None:
 
     for kind in ("int8", "onnx"):
         target = tmp_path / kind
-        details = EXPORTERS[ExportKind(kind)](trainer=_Trainer(Peft()), target=target, base_model_dir="unused", spec=_spec(),
-                                  tokenizer=None, adapter_dir=tmp_path / "adapter", eval_set=None,
-                                  ctx=_Ctx(tmp_path, rank=1, world_size=2))
+        details = EXPORTERS[ExportKind(kind)](
+            trainer=_Trainer(Peft()),
+            target=target,
+            base_model_dir="unused",
+            spec=_spec(),
+            tokenizer=None,
+            adapter_dir=tmp_path / "adapter",
+            eval_set=None,
+            ctx=_Ctx(tmp_path, rank=1, world_size=2),
+        )
         assert details == {} and not target.exists()
 
 
-def test_onnx_parity_failure_is_a_clear_error(tmp_path: Path, tiny_model: Path, tokenizer: Any,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_parity_failure_is_a_clear_error(
+    tmp_path: Path, tiny_model: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full fine-tune (no adapter) is exported from a reloaded copy; a parity failure stops the export."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -248,11 +274,22 @@ def test_onnx_parity_failure_is_a_clear_error(tmp_path: Path, tiny_model: Path, 
     from kubetune_trainer.errors import ConfigError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    monkeypatch.setattr(export_formats, "_export_onnx_graph", lambda module, path, vocab: path.write_bytes(b""))
+    monkeypatch.setattr(
+        export_formats, "_export_onnx_graph", lambda module, path, vocab: path.write_bytes(b"")
+    )
     monkeypatch.setattr(export_formats, "onnx_parity", lambda path, module, vocab: 0.25)
-    with pytest.raises(export_formats.ExportError, match=r"differ from PyTorch by up to 0.25 \(tolerance 0.001\)"):
-        export_formats.export_onnx(trainer=_Trainer(model), target=tmp_path / "onnx", base_model_dir="unused",
-                                   spec=_spec(), tokenizer=tokenizer, adapter_dir=tmp_path, ctx=_Ctx(tmp_path))
+    with pytest.raises(
+        export_formats.ExportError, match=r"differ from PyTorch by up to 0.25 \(tolerance 0.001\)"
+    ):
+        export_formats.export_onnx(
+            trainer=_Trainer(model),
+            target=tmp_path / "onnx",
+            base_model_dir="unused",
+            spec=_spec(),
+            tokenizer=tokenizer,
+            adapter_dir=tmp_path,
+            ctx=_Ctx(tmp_path),
+        )
     assert issubclass(export_formats.ExportError, ConfigError)  # not retried: exit code 3
     assert all(p.requires_grad for p in model.parameters())  # the trainer's own model was not modified
     assert not (tmp_path / "exports" / ".onnx-source").exists()  # the reload copy is cleaned up

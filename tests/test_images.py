@@ -44,10 +44,16 @@ INSTALL_TOOLS = {"pip", "setuptools", "wheel"}  # pinned by the Dockerfiles' ARG
 
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
-                                           if not line.lstrip().startswith("#")))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in text.splitlines() if line.strip()]
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 def args_of(path: Path) -> dict[str, str]:
@@ -79,8 +85,6 @@ def last(path: Path, instruction: str) -> str:
     return [rest for name, rest in instructions(path) if name == instruction][-1]
 
 
-
-
 def resolve_from(args: dict[str, str], base: str) -> str:
     while "${" in base:  # ARG defaults may name other ARGs (BASE_IMAGE=python:${PYTHON_VERSION}-...)
         base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
@@ -89,11 +93,16 @@ def resolve_from(args: dict[str, str], base: str) -> str:
 
 # ----- static -----
 
+
 @pytest.mark.parametrize("dockerfile", [TRAINER, OPERATOR], ids=["trainer", "operator"])
 def test_hadolint_is_clean(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    result = subprocess.run([hadolint, "--failure-threshold", "style", "--format", "json", str(dockerfile)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "style", "--format", "json", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and json.loads(result.stdout or "[]") == [], result.stdout + result.stderr
 
 
@@ -113,8 +122,11 @@ def test_base_images_and_tools_are_pinned(dockerfile: Path) -> None:
     assert f"COPY {lock} locks/" in text
     installs = [rest for name, rest in instructions(dockerfile) if name == "RUN" and "pip install" in rest]
     assert all("--require-hashes" in r for r in installs if "-r " in r), installs
-    assert not [r for r in installs if "pip install" in r and "==" in r and "--require-hashes" not in r
-                and "flash-attn" not in r], "a pinned install that is not hash-checked"
+    assert not [
+        r
+        for r in installs
+        if "pip install" in r and "==" in r and "--require-hashes" not in r and "flash-attn" not in r
+    ], "a pinned install that is not hash-checked"
 
 
 def test_trainer_image_matches_torch_and_the_pods() -> None:
@@ -122,22 +134,44 @@ def test_trainer_image_matches_torch_and_the_pods() -> None:
     pinned = constraint_pins()
     assert args["TORCH_VERSION"] == pinned["torch"], "TORCH_VERSION must be constraints.txt's torch"
     cuda = ".".join(args["CUDA_VERSION"].split(".")[:2])
-    assert cuda == ".".join(pinned["nvidia-cuda-runtime"].split(".")[:2]), \
+    assert cuda == ".".join(pinned["nvidia-cuda-runtime"].split(".")[:2]), (
         "the CUDA base must match the CUDA libraries the torch wheel pulls (nvidia-cuda-runtime)"
+    )
     assert args["CUDA_VERSION"].split(".")[0] == "13" and any(p.endswith("-cu13") for p in pinned)
     froms = [resolve_from(args, rest.split()[0]) for name, rest in instructions(TRAINER) if name == "FROM"]
-    assert froms == [f"nvidia/cuda:{args['CUDA_VERSION']}-devel-ubuntu{args['UBUNTU_VERSION']}",
-                     f"nvidia/cuda:{args['CUDA_VERSION']}-runtime-ubuntu{args['UBUNTU_VERSION']}"]
+    assert froms == [
+        f"nvidia/cuda:{args['CUDA_VERSION']}-devel-ubuntu{args['UBUNTU_VERSION']}",
+        f"nvidia/cuda:{args['CUDA_VERSION']}-runtime-ubuntu{args['UBUNTU_VERSION']}",
+    ]
     assert args["DS_BUILD_OPS"] == "0" and args["FLASH_ATTN_VERSION"] == ""
     assert json.loads(last(TRAINER, "ENTRYPOINT")) == ["python", "-m", "kubetune_trainer"]
     # caches only under the volumes render.py mounts, with the same variables
     env = env_of(TRAINER)
-    pod_env = {e["name"]: e["value"] for e in render._env(
-        {"metadata": {"name": "j", "namespace": "n", "uid": "u"}},
-        render.parse_spec({"model": {"source": "org/m"}, "task": {"type": "chat"}, "datasets": [{"source": "d"}],
-                           "output": {"uri": "s3://o/"}}), 1) if "value" in e}
-    for name in ("HOME", "HF_HOME", "KUBETUNE_CACHE", "KUBETUNE_WORKDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
-                 "TMPDIR"):
+    pod_env = {
+        e["name"]: e["value"]
+        for e in render._env(
+            {"metadata": {"name": "j", "namespace": "n", "uid": "u"}},
+            render.parse_spec(
+                {
+                    "model": {"source": "org/m"},
+                    "task": {"type": "chat"},
+                    "datasets": [{"source": "d"}],
+                    "output": {"uri": "s3://o/"},
+                }
+            ),
+            1,
+        )
+        if "value" in e
+    }
+    for name in (
+        "HOME",
+        "HF_HOME",
+        "KUBETUNE_CACHE",
+        "KUBETUNE_WORKDIR",
+        "XDG_CACHE_HOME",
+        "TRITON_CACHE_DIR",
+        "TMPDIR",
+    ):
         assert env[name] == pod_env[name], name
     writable = (render.CACHE_DIR, "/tmp")
     for name in ("TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR", "HF_HOME", "HOME", "XDG_CACHE_HOME"):
@@ -152,7 +186,10 @@ def test_operator_image_matches_the_chart() -> None:
 
     values = yaml.safe_load(CHART_VALUES.read_text())
     assert json.loads(last(OPERATOR, "ENTRYPOINT")) == ["kubetune-operator"]
-    assert set(last(OPERATOR, "EXPOSE").split()) == {str(values["metrics"]["port"]), str(values["health"]["port"])}
+    assert set(last(OPERATOR, "EXPOSE").split()) == {
+        str(values["metrics"]["port"]),
+        str(values["health"]["port"]),
+    }
     assert values["podSecurityContext"]["runAsUser"] == 1000
     text = OPERATOR.read_text()
     assert "locks/operator.txt" in text and "locks/trainer.txt" not in text
@@ -160,6 +197,7 @@ def test_operator_image_matches_the_chart() -> None:
 
 
 # ----- the pins resolve together (PyPI, dry run) -----
+
 
 def _pypi_reachable() -> bool:
     try:
@@ -171,8 +209,19 @@ def _pypi_reachable() -> bool:
 
 def _pip(*args: str, cwd: Path) -> dict:
     report = cwd / f"report-{abs(hash(args))}.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-           "--disable-pip-version-check", "--report", str(report), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--report",
+        str(report),
+        *args,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
     return json.loads(report.read_text())
@@ -188,21 +237,34 @@ def resolutions(tmp_path_factory) -> dict[str, dict]:
         pytest.skip("PyPI is not reachable")
     tmp = tmp_path_factory.mktemp("resolve")
     tools = args_of(TRAINER)
-    (tmp / "tools.txt").write_text(f"setuptools=={tools['SETUPTOOLS_VERSION']}\nwheel=={tools['WHEEL_VERSION']}\n")
+    (tmp / "tools.txt").write_text(
+        f"setuptools=={tools['SETUPTOOLS_VERSION']}\nwheel=={tools['WHEEL_VERSION']}\n"
+    )
     common = ["-c", str(REPO / "constraints.txt"), "-c", str(tmp / "tools.txt"), "--no-build-isolation"]
     jobs = {extra: [*common, f"kubetune[{extra}] @ {REPO.as_uri()}"] for extra in ("trainer", "operator")}
     with ThreadPoolExecutor(2) as pool:
         futures = {extra: pool.submit(_pip, *args, cwd=tmp) for extra, args in jobs.items()}
         out = {extra: future.result() for extra, future in futures.items()}
     trainer = _installed(out["trainer"])
-    wheels = [f"{name}=={version}" for name, version in trainer.items() if name not in SDIST_ONLY | {"kubetune"}]
+    wheels = [
+        f"{name}=={version}" for name, version in trainer.items() if name not in SDIST_ONLY | {"kubetune"}
+    ]
     (tmp / "trainer-pins.txt").write_text("\n".join(wheels) + "\n")
     python = UBUNTU_PYTHON[args_of(TRAINER)["UBUNTU_VERSION"]]
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(39, 4, -1)]
     platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
-    out["image-python"] = _pip("--no-deps", "--only-binary=:all:", "--implementation", "cp",
-                               "--python-version", python, *[a for p in platforms for a in ("--platform", p)],
-                               "-r", str(tmp / "trainer-pins.txt"), cwd=tmp)
+    out["image-python"] = _pip(
+        "--no-deps",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        python,
+        *[a for p in platforms for a in ("--platform", p)],
+        "-r",
+        str(tmp / "trainer-pins.txt"),
+        cwd=tmp,
+    )
     return out
 
 
@@ -218,12 +280,25 @@ def test_pinned_versions_resolve_together(resolutions: dict[str, dict], extra: s
         expected = pinned.get(name) or tools[f"{name.upper()}_VERSION"]
         assert version == expected, (name, version, expected)
     if extra == "trainer":
-        for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes", "triton"):
+        for name in (
+            "torch",
+            "transformers",
+            "peft",
+            "trl",
+            "accelerate",
+            "deepspeed",
+            "bitsandbytes",
+            "triton",
+        ):
             assert installed[name] == pinned[name], name
         assert installed["torch"] == args_of(TRAINER)["TORCH_VERSION"]
         assert "prometheus-client" in installed  # kubetune_trainer.metrics
     else:
-        heavy = {n for n in installed if n in {"torch", "triton", "deepspeed", "transformers"} or n.startswith("nvidia-")}
+        heavy = {
+            n
+            for n in installed
+            if n in {"torch", "triton", "deepspeed", "transformers"} or n.startswith("nvidia-")
+        }
         assert not heavy, f"the operator image would get {sorted(heavy)}"
         assert {"kopf", "kubernetes", "prometheus-client"} <= set(installed)
 
@@ -236,6 +311,8 @@ def test_trainer_pins_have_wheels_for_the_image_python(resolutions: dict[str, di
     for item in report["install"]:
         url = item["download_info"]["url"]
         assert url.endswith(".whl"), url
-    torch_wheel = next(i["download_info"]["url"] for i in report["install"] if i["metadata"]["name"] == "torch")
+    torch_wheel = next(
+        i["download_info"]["url"] for i in report["install"] if i["metadata"]["name"] == "torch"
+    )
     python = UBUNTU_PYTHON[args_of(TRAINER)["UBUNTU_VERSION"]].replace(".", "")
     assert f"-cp{python}-" in torch_wheel and "x86_64" in torch_wheel

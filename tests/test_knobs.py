@@ -35,9 +35,20 @@ def lora_layers(model: Any) -> dict[str, Any]:
 
 
 def test_lora_fields_reach_the_wrapped_modules(make_job) -> None:
-    path = make_job("lora-knobs", method={"type": "lora", "lora": {
-        "r": 3, "alpha": 12, "dropout": 0.25, "targetModules": ["q_proj", "v_proj"], "bias": "all",
-        "modulesToSave": ["lm_head"]}})
+    path = make_job(
+        "lora-knobs",
+        method={
+            "type": "lora",
+            "lora": {
+                "r": 3,
+                "alpha": 12,
+                "dropout": 0.25,
+                "targetModules": ["q_proj", "v_proj"],
+                "bias": "all",
+                "modulesToSave": ["lm_head"],
+            },
+        },
+    )
     model = build_trainer(path).model
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (3, 12, 0.25, "all")
@@ -58,8 +69,13 @@ def test_lora_fields_reach_the_wrapped_modules(make_job) -> None:
 
 
 def test_lora_all_linear_and_defaults(make_job) -> None:
-    path = make_job("lora-all", method={"type": "lora", "lora": {"r": 5, "alpha": 5, "dropout": 0.0,
-                                                                  "targetModules": ["all-linear"]}})
+    path = make_job(
+        "lora-all",
+        method={
+            "type": "lora",
+            "lora": {"r": 5, "alpha": 5, "dropout": 0.0, "targetModules": ["all-linear"]},
+        },
+    )
     model = build_trainer(path).model
     config = model.peft_config["default"]
     assert config.bias == "none" and not config.modules_to_save
@@ -77,12 +93,19 @@ def test_lora_all_linear_and_defaults(make_job) -> None:
 # ---------------------------------------------------------------- QLoRA
 
 
-@pytest.mark.parametrize(("quant_type", "double", "compute"), [("nf4", True, "float32"), ("fp4", False, "bfloat16")])
+@pytest.mark.parametrize(
+    ("quant_type", "double", "compute"), [("nf4", True, "float32"), ("fp4", False, "bfloat16")]
+)
 def test_qlora_fields_reach_the_4bit_layers(make_job, quant_type: str, double: bool, compute: str) -> None:
     import bitsandbytes as bnb
 
-    path = make_job(f"qlora-{quant_type}", method={"type": "qlora", "quantization": {
-        "bits": 4, "type": quant_type, "doubleQuant": double, "computeDtype": compute}})
+    path = make_job(
+        f"qlora-{quant_type}",
+        method={
+            "type": "qlora",
+            "quantization": {"bits": 4, "type": quant_type, "doubleQuant": double, "computeDtype": compute},
+        },
+    )
     model = build_trainer(path).model
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 7 * 2  # every linear layer of the two blocks, not the head
@@ -107,30 +130,50 @@ def schedule(trainer: Any, steps: int) -> list[float]:
     return rates
 
 
-@pytest.mark.parametrize(("scheduler", "warmup", "expected"), [
-    ("cosine", {"warmupSteps": 2},
-     lambda k: k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))),
-    ("linear", {"warmupRatio": 0.25},  # 0.25 * 8 steps = 2 warmup steps
-     lambda k: k / 2 if k < 2 else (8 - k) / 6),
-    ("constant_with_warmup", {"warmupSteps": 3}, lambda k: min(1.0, k / 3)),
-    ("constant", {}, lambda k: 1.0),
-])
-def test_scheduler_and_warmup_give_the_learning_rate_at_each_step(make_job, scheduler: str, warmup: dict,
-                                                                   expected: Any) -> None:
-    path = make_job(f"sched-{scheduler.replace('_', '-')}",
-                    training={"maxSteps": 8, "learningRate": 3e-3, "scheduler": scheduler, **warmup})
+@pytest.mark.parametrize(
+    ("scheduler", "warmup", "expected"),
+    [
+        (
+            "cosine",
+            {"warmupSteps": 2},
+            lambda k: k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 6)),
+        ),
+        (
+            "linear",
+            {"warmupRatio": 0.25},  # 0.25 * 8 steps = 2 warmup steps
+            lambda k: k / 2 if k < 2 else (8 - k) / 6,
+        ),
+        ("constant_with_warmup", {"warmupSteps": 3}, lambda k: min(1.0, k / 3)),
+        ("constant", {}, lambda k: 1.0),
+    ],
+)
+def test_scheduler_and_warmup_give_the_learning_rate_at_each_step(
+    make_job, scheduler: str, warmup: dict, expected: Any
+) -> None:
+    path = make_job(
+        f"sched-{scheduler.replace('_', '-')}",
+        training={"maxSteps": 8, "learningRate": 3e-3, "scheduler": scheduler, **warmup},
+    )
     rates = schedule(build_trainer(path), 8)
     assert rates == pytest.approx([3e-3 * expected(k) for k in range(8)], rel=1e-6, abs=1e-12)
 
 
 def test_weight_decay_applies_to_weights_not_norms_or_biases(make_job) -> None:
-    path = make_job("decay", method={"type": "full"}, training={"weightDecay": 0.125},
-                    output={"exports": ["merged"]})
+    path = make_job(
+        "decay", method={"type": "full"}, training={"weightDecay": 0.125}, output={"exports": ["merged"]}
+    )
     trainer = build_trainer(path)
     trainer.create_optimizer()
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    decayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.125 for p in g["params"]}
-    free = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decayed = {
+        names[id(p)]
+        for g in trainer.optimizer.param_groups
+        if g["weight_decay"] == 0.125
+        for p in g["params"]
+    }
+    free = {
+        names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]
+    }
     assert decayed and free and decayed | free == set(names.values())
     assert all(n.endswith("proj.weight") or "embed_tokens" in n for n in decayed), decayed
     assert all("norm" in n for n in free), free
@@ -152,10 +195,12 @@ class GradientProbe:
         probe = self
 
         class Recorder(TrainerCallback):
-            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
-                                      **kwargs: Any) -> None:
-                probe.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
-                                    if p.grad is not None})
+            def on_pre_optimizer_step(
+                self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+            ) -> None:
+                probe.grads.append(
+                    {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+                )
 
         return Recorder()
 
@@ -170,9 +215,17 @@ def test_gradient_accumulation_steps_and_loss_normalisation(make_job) -> None:
     probes = {}
     for accumulation, batch in ((2, 2), (1, 4)):
         probe = GradientProbe()
-        path = make_job(f"accum-{accumulation}", method=lora,
-                        training={"maxSteps": 2, "batchSizePerDevice": batch, "gradientAccumulationSteps": accumulation,
-                                  "maxGradNorm": 0.0, "loggingSteps": 1})
+        path = make_job(
+            f"accum-{accumulation}",
+            method=lora,
+            training={
+                "maxSteps": 2,
+                "batchSizePerDevice": batch,
+                "gradientAccumulationSteps": accumulation,
+                "maxGradNorm": 0.0,
+                "loggingSteps": 1,
+            },
+        )
         trainer = build_trainer(path, callbacks=[probe.callback()])
         probe.hook(trainer.model)
         trainer.train()
@@ -188,19 +241,28 @@ def test_gradient_accumulation_steps_and_loss_normalisation(make_job) -> None:
 
 def test_max_grad_norm_clips_the_gradient(make_job) -> None:
     probe = GradientProbe()
-    path = make_job("clip", method={"type": "full"}, training={"maxSteps": 2, "maxGradNorm": 0.001},
-                    output={"exports": ["merged"]})
+    path = make_job(
+        "clip",
+        method={"type": "full"},
+        training={"maxSteps": 2, "maxGradNorm": 0.001},
+        output={"exports": ["merged"]},
+    )
     trainer = build_trainer(path, callbacks=[probe.callback()])
     trainer.train()
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert logged and all(g > 0.01 for g in logged)  # the norm before clipping
-    assert [norm(g) for g in probe.grads] == pytest.approx([0.001, 0.001], rel=1e-3)  # the norm the optimizer sees
+    assert [norm(g) for g in probe.grads] == pytest.approx(
+        [0.001, 0.001], rel=1e-3
+    )  # the norm the optimizer sees
 
 
 def losses(make_job, name: str, seed: int) -> list[float]:
     """The logged training losses of a whole run (`kubetune run`'s code path)."""
-    path = make_job(name, training={"maxSteps": 3, "seed": seed, "loggingSteps": 1},
-                    method={"type": "lora", "lora": {"r": 4, "dropout": 0.1}})
+    path = make_job(
+        name,
+        training={"maxSteps": 3, "seed": seed, "loggingSteps": 1},
+        method={"type": "lora", "lora": {"r": 4, "dropout": 0.1}},
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     lines = (Path(summary["output"]) / "metrics.jsonl").read_text().splitlines()
@@ -235,17 +297,27 @@ def test_precision_is_the_dtype_the_forward_runs_in(make_job, precision: str, dt
 
 def test_weighted_mixture_end_to_end(make_job, tmp_path: Path) -> None:
     """Two datasets weighted 3:1: the examples each contributes, counted in the summary and in the data."""
-    first = write_jsonl(tmp_path / "first.jsonl",
-                        [{"instruction": f"Say the number {i}.", "output": f"{i}"} for i in range(30)])
-    second = write_jsonl(tmp_path / "second.jsonl",
-                         [{"instruction": f"Spell the word w{i}.", "output": " ".join(f"w{i}")} for i in range(30)])
-    path = make_job("mixture", datasets=[{"source": str(first), "weight": 3}, {"source": str(second), "weight": 1}],
-                    validation={"fraction": 0.1}, training={"maxSteps": 2})
+    first = write_jsonl(
+        tmp_path / "first.jsonl",
+        [{"instruction": f"Say the number {i}.", "output": f"{i}"} for i in range(30)],
+    )
+    second = write_jsonl(
+        tmp_path / "second.jsonl",
+        [{"instruction": f"Spell the word w{i}.", "output": " ".join(f"w{i}")} for i in range(30)],
+    )
+    path = make_job(
+        "mixture",
+        datasets=[{"source": str(first), "weight": 3}, {"source": str(second), "weight": 1}],
+        validation={"fraction": 0.1},
+        training={"maxSteps": 2},
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     mixture = {Path(m["source"]).name: m for m in summary["data"]["mixture"]}
     assert mixture["first.jsonl"]["rows"] == mixture["second.jsonl"]["rows"] == 27  # 3 of 30 held out
-    assert mixture["first.jsonl"]["examples"] == 41 and mixture["second.jsonl"]["examples"] == 13  # 54 * 3/4, 1/4
+    assert (
+        mixture["first.jsonl"]["examples"] == 41 and mixture["second.jsonl"]["examples"] == 13
+    )  # 54 * 3/4, 1/4
     assert summary["data"]["train"]["rows"] == 54
     # the training rows themselves come from each file in those numbers
     from kubetune_trainer.data import prepare_rows
@@ -253,6 +325,7 @@ def test_weighted_mixture_end_to_end(make_job, tmp_path: Path) -> None:
     prepared = prepare_rows(load_job(path).spec, model_lib.cache_root() / "data")
     origins = [row.origin.rsplit(":", 1)[0] for row in prepared.train]
     assert (origins.count(str(first)), origins.count(str(second))) == (41, 13)
-    assert json.loads((Path(summary["output"]) / "summary.json").read_text())["data"]["mixture"] == \
-        summary["data"]["mixture"]
-
+    assert (
+        json.loads((Path(summary["output"]) / "summary.json").read_text())["data"]["mixture"]
+        == summary["data"]["mixture"]
+    )

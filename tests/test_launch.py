@@ -22,14 +22,26 @@ sys.exit(int(sys.argv[rank + 1]))
 def launch(tmp_path: Path, *codes: int) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    return subprocess.run([sys.executable, "-m", "kubetune_trainer.launch", "--standalone",
-                           f"--nproc-per-node={len(codes)}", str(script), *map(str, codes)],
-                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
-                                                                            "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_trainer.launch",
+            "--standalone",
+            f"--nproc-per-node={len(codes)}",
+            str(script),
+            *map(str, codes),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
 
 
-@pytest.mark.parametrize(("codes", "expected"), [((0, 0), 0), ((0, 3), 3), ((143, 0), 143), ((1, 3), 3),
-                                                 ((2, 0), 2)])
+@pytest.mark.parametrize(
+    ("codes", "expected"), [((0, 0), 0), ((0, 3), 3), ((143, 0), 143), ((1, 3), 3), ((2, 0), 2)]
+)
 def test_pod_exits_with_the_workers_code(tmp_path: Path, codes: tuple[int, ...], expected: int) -> None:
     result = launch(tmp_path, *codes)
     assert result.returncode == expected, result.stderr[-2000:]
@@ -56,7 +68,11 @@ spec:
   datasets: [{{source: {tmp_path}/nowhere.jsonl}}]
   output: {{uri: {tmp_path}/out}}
 """)
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(manifest), "--nproc", "2", "--quiet"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(manifest), "--nproc", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     assert "nowhere.jsonl" in result.stdout + result.stderr

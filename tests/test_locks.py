@@ -33,8 +33,6 @@ LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s]+)((?: --hash=sha256:[0
 TOOLS = {"pip": "PIP_VERSION", "setuptools": "SETUPTOOLS_VERSION", "wheel": "WHEEL_VERSION"}
 
 
-
-
 def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for line in path.read_text().splitlines():
@@ -42,7 +40,10 @@ def read_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
             continue
         match = LINE.match(line)
         assert match, f"{path.name}: not `name==version --hash=sha256:...`: {line[:120]}"
-        out[canonical(match.group(1))] = (match.group(2), re.findall(r"sha256:([0-9a-f]{64})", match.group(3)))
+        out[canonical(match.group(1))] = (
+            match.group(2),
+            re.findall(r"sha256:([0-9a-f]{64})", match.group(3)),
+        )
     return out
 
 
@@ -54,8 +55,12 @@ def dockerfile_arg(path: Path, name: str) -> str:
 
 def closure(requirements: list[str]) -> set[str]:
     """Names reachable from requirements through the installed distributions' Requires-Dist."""
-    env = {**default_environment(), "sys_platform": "linux", "platform_machine": "x86_64",
-           "platform_system": "Linux"}
+    env = {
+        **default_environment(),
+        "sys_platform": "linux",
+        "platform_machine": "x86_64",
+        "platform_system": "Linux",
+    }
     seen: set[str] = set()
     todo = [(Requirement(r), "") for r in requirements]
     while todo:
@@ -90,7 +95,9 @@ def test_lock_pins_are_the_constraints(image: str) -> None:
         if name in TOOLS:
             assert version == dockerfile_arg(dockerfile, TOOLS[name]), name
         else:
-            assert pinned.get(name) == version, f"{image}: {name}=={version}, constraints.txt has {pinned.get(name)}"
+            assert pinned.get(name) == version, (
+                f"{image}: {name}=={version}, constraints.txt has {pinned.get(name)}"
+            )
     assert set(TOOLS) <= set(lock)
 
 
@@ -107,12 +114,18 @@ def test_lock_is_the_closure_of_the_requirements(image: str) -> None:
 
 @pytest.mark.slow  # runs the lock script (pip resolution)
 def test_locks_are_what_the_script_generates(tmp_path: Path) -> None:
-    result = subprocess.run(["bash", str(REPO / "scripts" / "lock.sh")], capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "LOCK_DIR": str(tmp_path)})
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "lock.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "LOCK_DIR": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for image in ("operator", "trainer"):
-        assert (tmp_path / f"{image}.txt").read_text() == (LOCKS / f"{image}.txt").read_text(), \
+        assert (tmp_path / f"{image}.txt").read_text() == (LOCKS / f"{image}.txt").read_text(), (
             f"locks/{image}.txt is stale: run `make lock`"
+        )
 
 
 def test_hashes_match_the_files(tmp_path: Path) -> None:
@@ -121,9 +134,24 @@ def test_hashes_match_the_files(tmp_path: Path) -> None:
     names = ["pyyaml", "kopf", "prometheus-client"]
     req = tmp_path / "req.txt"
     req.write_text("".join(f"{n}=={lock[n][0]}\n" for n in names))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "-d", str(tmp_path / "d"), "-r", str(req)], check=True, timeout=300,
-                   env={**os.environ, "PIP_FIND_LINKS": ""})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(tmp_path / "d"),
+            "-r",
+            str(req),
+        ],
+        check=True,
+        timeout=300,
+        env={**os.environ, "PIP_FIND_LINKS": ""},
+    )
     files = list((tmp_path / "d").iterdir())
     assert len(files) == len(names)
     for path in files:

@@ -30,8 +30,11 @@ from tests.support.waiting import WaitTimeout, wait_for
 
 
 def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float | None:
@@ -49,9 +52,15 @@ CREATED = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 def cr(uid: str, namespace: str = "team-a", **status: Any) -> dict[str, Any]:
-    return {"metadata": {"uid": uid, "namespace": namespace, "name": uid,
-                         "creationTimestamp": CREATED.strftime("%Y-%m-%dT%H:%M:%SZ")},
-            "status": status}
+    return {
+        "metadata": {
+            "uid": uid,
+            "namespace": namespace,
+            "name": uid,
+            "creationTimestamp": CREATED.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        "status": status,
+    }
 
 
 def test_operator_metrics_bookkeeping() -> None:
@@ -63,21 +72,33 @@ def test_operator_metrics_bookkeeping() -> None:
     assert value(s, "kubetune_finetunejobs", namespace="team-a", phase="Pending") == 1
     assert all(value(s, "kubetune_finetunejobs", namespace="team-a", phase=p) is not None for p in PHASES)
     # first Running of attempt 1: time to running observed once, from creationTimestamp
-    m.record_update(cr("a", phase="Pending", attempt=1), {"phase": "Running", "attempt": 1},
-                    now=CREATED + timedelta(seconds=42))
-    m.record_update(cr("a", phase="Running", attempt=1), {"phase": "Running", "attempt": 1},
-                    now=CREATED + timedelta(seconds=50))
+    m.record_update(
+        cr("a", phase="Pending", attempt=1),
+        {"phase": "Running", "attempt": 1},
+        now=CREATED + timedelta(seconds=42),
+    )
+    m.record_update(
+        cr("a", phase="Running", attempt=1),
+        {"phase": "Running", "attempt": 1},
+        now=CREATED + timedelta(seconds=50),
+    )
     s = samples_of(generate_latest(registry).decode())
     assert value(s, "kubetune_job_time_to_running_seconds_count") == 1
     assert value(s, "kubetune_job_time_to_running_seconds_sum") == 42
     assert value(s, "kubetune_finetunejobs", namespace="team-a", phase="Running") == 1
     assert value(s, "kubetune_finetunejobs", namespace="team-a", phase="Pending") == 0
     # a failure restart and a preemption, counted by reason; a later Running of attempt 2 is not timed
-    m.record_update(cr("a", phase="Running", attempt=1, restarts=0), {"phase": "Pending", "attempt": 2, "restarts": 1})
-    m.record_update(cr("a", phase="Pending", attempt=2, restarts=1, preemptions=0),
-                    {"phase": "Running", "attempt": 2, "restarts": 1, "preemptions": 0})
-    m.record_update(cr("a", phase="Running", attempt=2, preemptions=0), {"phase": "Pending", "attempt": 3,
-                                                                          "preemptions": 1})
+    m.record_update(
+        cr("a", phase="Running", attempt=1, restarts=0), {"phase": "Pending", "attempt": 2, "restarts": 1}
+    )
+    m.record_update(
+        cr("a", phase="Pending", attempt=2, restarts=1, preemptions=0),
+        {"phase": "Running", "attempt": 2, "restarts": 1, "preemptions": 0},
+    )
+    m.record_update(
+        cr("a", phase="Running", attempt=2, preemptions=0),
+        {"phase": "Pending", "attempt": 3, "preemptions": 1},
+    )
     s = samples_of(generate_latest(registry).decode())
     assert value(s, "kubetune_job_restarts_total", namespace="team-a", reason="failure") == 1
     assert value(s, "kubetune_job_restarts_total", namespace="team-a", reason="preemption") == 1
@@ -120,6 +141,7 @@ def test_operator_serves_metrics_on_the_given_address() -> None:
 
 
 # ----- the trainer -----
+
 
 def test_trainer_metrics_callback_is_a_no_op_off_rank_0(monkeypatch) -> None:
     from kubetune_trainer.metrics import MetricsCallback
@@ -165,14 +187,19 @@ def test_trainer_metrics_are_served_during_a_training_run(make_job, monkeypatch,
 
     def scraper() -> None:
         try:
-            scraped["during"] = wait_for(at_step_two, 300, "kubetune_trainer_step >= 2 on /metrics", interval=0.1)
+            scraped["during"] = wait_for(
+                at_step_two, 300, "kubetune_trainer_step >= 2 on /metrics", interval=0.1
+            )
         except WaitTimeout:
             return  # the test's own assertion reports it
         done.set()
 
     original = train.tracking_callbacks
-    monkeypatch.setattr(train, "tracking_callbacks",
-                        lambda ctx: [*original(ctx), trainer_metrics.MetricsCallback(ctx), HoldAtStep2()])
+    monkeypatch.setattr(
+        train,
+        "tracking_callbacks",
+        lambda ctx: [*original(ctx), trainer_metrics.MetricsCallback(ctx), HoldAtStep2()],
+    )
     thread = threading.Thread(target=scraper, daemon=True)
     thread.start()
     try:
@@ -190,6 +217,9 @@ def test_trainer_metrics_are_served_during_a_training_run(make_job, monkeypatch,
     assert value(during, "kubetune_trainer_tokens_per_second") > 0
     assert value(during, "kubetune_trainer_trained_tokens") > 0
     assert value(during, "kubetune_trainer_learning_rate") > 0
-    assert value(during, "kubetune_trainer_info", finetunejob="metrics-run", namespace="team-a", attempt="1") == 1
+    assert (
+        value(during, "kubetune_trainer_info", finetunejob="metrics-run", namespace="team-a", attempt="1")
+        == 1
+    )
     assert value(after, "kubetune_trainer_step") == 4
     assert value(after, "kubetune_trainer_trained_tokens") > value(during, "kubetune_trainer_trained_tokens")

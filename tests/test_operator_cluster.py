@@ -53,10 +53,18 @@ GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SECRET_VALUES = [v for data in SECRETS.values() for v in data.values()]
 # the upstream PodGroup CRDs (tests/data/crds/README.md): (file, CRD name, group, version)
 POD_GROUP_CRDS = {
-    "coscheduling": ("scheduling.x-k8s.io_podgroups.yaml", "podgroups.scheduling.x-k8s.io", "scheduling.x-k8s.io",
-                     "v1alpha1"),
-    "volcano": ("scheduling.volcano.sh_podgroups.yaml", "podgroups.scheduling.volcano.sh", "scheduling.volcano.sh",
-                "v1beta1"),
+    "coscheduling": (
+        "scheduling.x-k8s.io_podgroups.yaml",
+        "podgroups.scheduling.x-k8s.io",
+        "scheduling.x-k8s.io",
+        "v1alpha1",
+    ),
+    "volcano": (
+        "scheduling.volcano.sh_podgroups.yaml",
+        "podgroups.scheduling.volcano.sh",
+        "scheduling.volcano.sh",
+        "v1beta1",
+    ),
 }
 
 
@@ -65,10 +73,17 @@ POD_GROUP_CRDS = {
 
 @pytest.fixture(scope="module")
 def cp(request):
-    with make_cluster(request, nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
-                      namespaces=[NS], namespace_labels={"pod-security.kubernetes.io/enforce": "restricted",
-                                                         "pod-security.kubernetes.io/enforce-version": "latest"},
-                      crd=True, secrets={NS: SECRETS}) as plane:
+    with make_cluster(
+        request,
+        nodes=[FakeNode(f"gpu-{index}", labels={"pool": "gpu"}) for index in range(2)],
+        namespaces=[NS],
+        namespace_labels={
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        },
+        crd=True,
+        secrets={NS: SECRETS},
+    ) as plane:
         for file_name, *_ in POD_GROUP_CRDS.values():
             plane.kubectl("apply", "-f", str(REPO / "tests" / "data" / "crds" / file_name))
         yield plane
@@ -97,6 +112,7 @@ def delete(cp: ControlPlane, name: str) -> None:
 
 # ----- the CRD, checked by the API server -----
 
+
 def test_crd_is_served(cp) -> None:
     def explain() -> str | None:  # the CRD's OpenAPI is published a moment after it is Established
         result = cp.kubectl("explain", "finetunejob.spec.method.type", check=False)
@@ -112,7 +128,9 @@ def test_crd_is_served(cp) -> None:
 def test_examples_are_accepted(cp, path: Path) -> None:
     body = yaml.safe_load(path.read_text())
     body["metadata"]["namespace"] = NS
-    result = cp.kubectl("-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False)
+    result = cp.kubectl(
+        "-n", NS, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(body), check=False
+    )
     assert result.returncode == 0, result.stderr
     assert _validate_verdict(body) == []
 
@@ -135,7 +153,9 @@ def test_invalid_manifest_is_rejected_naming_the_field(cp, case: manifest_cases.
     """Both validators (kubetune validate's models and the API server's CRD) refuse it, naming the same field."""
     body = case.manifest("invalid")
     problems = _validate_verdict(body)
-    assert any(p.startswith((f"{case.field}:", f"{case.field}[", f"{case.field}.")) for p in problems), problems
+    assert any(p.startswith((f"{case.field}:", f"{case.field}[", f"{case.field}.")) for p in problems), (
+        problems
+    )
     result = _server_verdict(cp, body)
     assert result.returncode != 0, f"accepted by the API server: {body}"
     if not case.client_side:
@@ -165,13 +185,16 @@ def test_generated_mutations_get_the_same_verdict_from_both(cp, api) -> None:
         body["metadata"]["name"] = f"mutation-{index}"
         problems = _validate_verdict(body)
         try:
-            custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body, dry_run="All",
-                                                   field_validation="Strict")
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, NS, PLURAL, body, dry_run="All", field_validation="Strict"
+            )
             server = ""
         except ApiException as error:
             server = json.loads(error.body or "{}").get("message") or str(error.status)
         if bool(problems) != bool(server):
-            disagreements.append(f"{what}: validate {problems[:1] or 'accepted'}, server {server[:200] or 'accepted'}")
+            disagreements.append(
+                f"{what}: validate {problems[:1] or 'accepted'}, server {server[:200] or 'accepted'}"
+            )
         elif problems and not any(p.split(": ")[0].split("[")[0] in server for p in problems):
             disagreements.append(f"{what}: validate names {problems}, server {server[:200]}")
     assert not disagreements, "\n".join(disagreements[:30])
@@ -183,16 +206,29 @@ def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
     cp.apply(body)
 
     def patch(spec: dict[str, Any]) -> subprocess.CompletedProcess:
-        return cp.kubectl("-n", NS, "patch", "ftj", "immutable", "--type=merge", "-p", json.dumps({"spec": spec}),
-                          check=False)
+        return cp.kubectl(
+            "-n",
+            NS,
+            "patch",
+            "ftj",
+            "immutable",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": spec}),
+            check=False,
+        )
 
-    for spec, field in [({"model": {"source": "hf://org/other"}}, "spec.model"),
-                        ({"training": {"learningRate": 0.1}}, "spec.training"),
-                        ({"datasets": [{"source": "s3://data/other.jsonl"}]}, "spec.datasets"),
-                        ({"output": {"uri": "s3://elsewhere/"}}, "spec.output"),
-                        ({"resources": {"strategy": "fsdp"}}, "spec.resources.strategy")]:
+    for spec, field in [
+        ({"model": {"source": "hf://org/other"}}, "spec.model"),
+        ({"training": {"learningRate": 0.1}}, "spec.training"),
+        ({"datasets": [{"source": "s3://data/other.jsonl"}]}, "spec.datasets"),
+        ({"output": {"uri": "s3://elsewhere/"}}, "spec.output"),
+        ({"resources": {"strategy": "fsdp"}}, "spec.resources.strategy"),
+    ]:
         result = patch(spec)
-        assert result.returncode != 0 and field in result.stderr and "immutable" in result.stderr, result.stderr
+        assert result.returncode != 0 and field in result.stderr and "immutable" in result.stderr, (
+            result.stderr
+        )
     assert patch({"resources": {"nodes": 1}}).returncode == 0  # suspended: allowed
     assert patch({"suspend": False}).returncode == 0
     result = patch({"resources": {"nodes": 2}})
@@ -204,19 +240,32 @@ def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
 
 # ----- the operator -----
 
+
 def test_job_runs_to_success_with_the_right_children(cp, api, operator) -> None:
     name = "happy"
     cp.apply(manifest(name))
     wait_phase(cp, api, name, "Running")
     found = children(api, name)
-    assert found == {"ServiceAccount": [f"{name}-trainer"], "Role": [f"{name}-trainer"],
-                     "RoleBinding": [f"{name}-trainer"], "ConfigMap": [f"{name}-config"], "Service": [name],
-                     "Job": [f"{name}-1"]}
+    assert found == {
+        "ServiceAccount": [f"{name}-trainer"],
+        "Role": [f"{name}-trainer"],
+        "RoleBinding": [f"{name}-trainer"],
+        "ConfigMap": [f"{name}-config"],
+        "Service": [name],
+        "Job": [f"{name}-1"],
+    }
     cr = ftj(api, name)
     (job,) = jobs(api, name)
-    assert job["metadata"]["ownerReferences"] == [{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                                   "name": name, "uid": cr["metadata"]["uid"], "controller": True,
-                                                   "blockOwnerDeletion": True}]
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": name,
+            "uid": cr["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
     assert job["spec"]["backoffLimit"] == 0
     workers = sorted(pods(api, name, 1, "Running"), key=lambda p: p["spec"]["hostname"])
@@ -255,8 +304,9 @@ def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
     config.ssl_ca_cert = cp.ca_cert
     config.api_key = {"authorization": f"Bearer {token}"}
     trainer = client.CustomObjectsApi(client.ApiClient(config))
-    progress = {"status": {"progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.25,
-                                        "etaSeconds": 90}}}
+    progress = {
+        "status": {"progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.25, "etaSeconds": 90}}
+    }
     trainer.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, name, progress)
     st = status(api, name)
     assert st["progress"]["step"] == 40 and st["phase"] == "Running"
@@ -322,19 +372,47 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
     name = "refused-child"
     policy = "kubetune-test-refuse-children"
     label = "kubetune.io/job-name"
-    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-              "metadata": {"name": policy},
-              "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [{
-                  "apiGroups": ["", "batch", "rbac.authorization.k8s.io", "networking.k8s.io"], "apiVersions": ["*"],
-                  "operations": ["CREATE"], "resources": ["*"]}]},
-                  "validations": [{"expression": f"!has(object.metadata.labels) || !('{label}' in "
-                                                 f"object.metadata.labels) || object.metadata.labels['{label}'] != "
-                                                 f"'{name}'",
-                                   "message": "the platform refuses children of refused-child"}]}})
-    cp.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-              "metadata": {"name": policy}, "spec": {"policyName": policy, "validationActions": ["Deny"]}})
-    probe = {"apiVersion": "v1", "kind": "ConfigMap",
-             "metadata": {"name": "probe", "namespace": NS, "labels": {label: name}}}
+    cp.apply(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["", "batch", "rbac.authorization.k8s.io", "networking.k8s.io"],
+                            "apiVersions": ["*"],
+                            "operations": ["CREATE"],
+                            "resources": ["*"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": f"!has(object.metadata.labels) || !('{label}' in "
+                        f"object.metadata.labels) || object.metadata.labels['{label}'] != "
+                        f"'{name}'",
+                        "message": "the platform refuses children of refused-child",
+                    }
+                ],
+            },
+        }
+    )
+    cp.apply(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {"policyName": policy, "validationActions": ["Deny"]},
+        }
+    )
+    probe = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "probe", "namespace": NS, "labels": {label: name}},
+    }
 
     def active() -> bool:
         result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
@@ -347,15 +425,26 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
         failed = condition(st, "Failed")
         assert failed["reason"] == "ChildRefused", failed
         message = failed["message"]
-        assert "the platform refuses children of refused-child" in message and ("(422)" in message or "(403)" in message)
+        assert "the platform refuses children of refused-child" in message and (
+            "(422)" in message or "(403)" in message
+        )
         # kopf posts events in the background: the status patch may be seen first
-        cp.wait_for(lambda: any(e["reason"] == "ChildRefused" and e["type"] == "Warning"
-                                and "refuses children" in e["message"] for e in events(api, name)),
-                    10, "the ChildRefused Warning event")
+        cp.wait_for(
+            lambda: any(
+                e["reason"] == "ChildRefused"
+                and e["type"] == "Warning"
+                and "refuses children" in e["message"]
+                for e in events(api, name)
+            ),
+            10,
+            "the ChildRefused Warning event",
+        )
         wait_reconciles(cp, operator)  # a few more reconciles: still Failed, still no workers
         assert status(api, name)["phase"] == "Failed" and jobs(api, name) == []
     finally:
-        cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
+        cp.kubectl(
+            "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False
+        )
 
 
 def test_preemption_restarts_without_counting(cp, api, operator) -> None:
@@ -366,7 +455,10 @@ def test_preemption_restarts_without_counting(cp, api, operator) -> None:
     cp.fail_pod(NS, victim["metadata"]["name"], exit_code=143, message="SIGTERM: checkpoint saved")
     st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
     assert st["preemptions"] == 1 and st["restarts"] == 0
-    assert running_pods(cp, api, name, 2, 2)[0]["spec"]["containers"][0]["command"][-2:] == ["--resume", "latest"]
+    assert running_pods(cp, api, name, 2, 2)[0]["spec"]["containers"][0]["command"][-2:] == [
+        "--resume",
+        "latest",
+    ]
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
 
@@ -378,17 +470,28 @@ def test_disruption_target_stops_the_group_before_the_next_attempt(cp, api, oper
     cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
     wait_phase(cp, api, name, "Running")
     victim = running_pods(cp, api, name, 1, 2)[0]
-    condition_patch = {"status": {"conditions": [{
-        "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
-        "message": "preempted by a higher-priority pod",
-        # recent: the disruption controller resets DisruptionTarget on pods not deleted within 2 min
-        "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]}}
+    condition_patch = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "preempted by a higher-priority pod",
+                    # recent: the disruption controller resets DisruptionTarget on pods not deleted within 2 min
+                    "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                }
+            ]
+        }
+    }
     client.CoreV1Api(api).patch_namespaced_pod_status(victim["metadata"]["name"], NS, condition_patch)
     st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
     assert st["preemptions"] == 1 and st["restarts"] == 0
     assert [j["metadata"]["name"] for j in jobs(api, name)] == [f"{name}-2"]
     assert pods(api, name, 1) == []
-    assert any(e["reason"] == "Preempted" and "PreemptionByScheduler" in e["message"] for e in events(api, name))
+    assert any(
+        e["reason"] == "Preempted" and "PreemptionByScheduler" in e["message"] for e in events(api, name)
+    )
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
 
@@ -422,7 +525,10 @@ def test_suspend_and_resume(cp, api, operator) -> None:
     (worker,) = running_pods(cp, api, name, 2, 1)
     command = worker["spec"]["containers"][0]["command"]
     assert command[-2:] == ["--resume", "latest"] and command[command.index("--nnodes") + 1] == "1"
-    assert sorted(r for r in event_reasons(api, name) if r in ("Suspended", "Resumed")) == ["Resumed", "Suspended"]
+    assert sorted(r for r in event_reasons(api, name) if r in ("Suspended", "Resumed")) == [
+        "Resumed",
+        "Suspended",
+    ]
     release_all(cp, api, name, 2)
     wait_phase(cp, api, name, "Succeeded")
 
@@ -443,7 +549,9 @@ def test_ttl_after_finished_deletes_everything(cp, api, operator) -> None:
     release_all(cp, api, name, 1)
     wait_phase(cp, api, name, "Succeeded")
     cp.wait_for(lambda: ftj(api, name) is None, 60, "FineTuneJob deleted after its TTL")
-    cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+    cp.wait_for(
+        lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected"
+    )
 
 
 def test_deletion_garbage_collects_children(cp, api, operator) -> None:
@@ -452,7 +560,9 @@ def test_deletion_garbage_collects_children(cp, api, operator) -> None:
     wait_phase(cp, api, name, "Running")
     assert all(children(api, name).values())
     cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=true", "--timeout=60s")
-    cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+    cp.wait_for(
+        lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected"
+    )
 
 
 def test_no_finalizer_so_deletion_never_waits_for_the_operator(cp, api, operator) -> None:
@@ -465,7 +575,9 @@ def test_no_finalizer_so_deletion_never_waits_for_the_operator(cp, api, operator
     operator.kill()
     try:
         cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=true", "--timeout=30s")
-        cp.wait_for(lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected")
+        cp.wait_for(
+            lambda: not any(children(api, name).values()) and not pods(api, name), 90, "children collected"
+        )
         body = manifest(legacy)
         body["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
         cp.apply(body)
@@ -496,12 +608,29 @@ def test_pod_changes_wake_the_job_without_polling(cp, api, operator, tmp_path) -
         cp.apply(manifest(name))
         wait_phase(cp, api, name, "Running")
         # past the Job controller's updates for the started pods: only the pod changes next
-        cp.wait_for(lambda: (cp.get_json("-n", NS, "job", f"{name}-1").get("status") or {}).get("ready") == 2, 60,
-                    "the Job controller counting both pods ready")
+        cp.wait_for(
+            lambda: (cp.get_json("-n", NS, "job", f"{name}-1").get("status") or {}).get("ready") == 2,
+            60,
+            "the Job controller counting both pods ready",
+        )
         victim = running_pods(cp, api, name, 1, 2)[0]
-        client.CoreV1Api(api).patch_namespaced_pod_status(victim["metadata"]["name"], NS, {"status": {"conditions": [{
-            "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "drained",
-            "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]}})
+        client.CoreV1Api(api).patch_namespaced_pod_status(
+            victim["metadata"]["name"],
+            NS,
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "DisruptionTarget",
+                            "status": "True",
+                            "reason": "EvictionByEvictionAPI",
+                            "message": "drained",
+                            "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        }
+                    ]
+                }
+            },
+        )
         st = wait_phase(cp, api, name, "Running", timeout=40, check=lambda s: s.get("attempt") == 2)
         assert st["preemptions"] == 1 and st["restarts"] == 0
         delete(cp, name)
@@ -569,22 +698,39 @@ def test_gang_scheduling_pod_group_is_admitted_and_the_pods_join_it(cp, api, ope
     the pods name the platform's gang scheduler and the group. No gang scheduler runs here, so they
     stay Pending, unscheduled: none of them holds a node."""
     _, crd_name, group, version = POD_GROUP_CRDS[provider]
-    cp.wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in cp.get_json(
-        "crd", crd_name).get("status", {}).get("conditions", [])), 60, f"{crd_name} Established")
+    cp.wait_for(
+        lambda: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in cp.get_json("crd", crd_name).get("status", {}).get("conditions", [])
+        ),
+        60,
+        f"{crd_name} Established",
+    )
     name = f"gang-{provider}"
     gang: dict[str, Any] = {"provider": provider}
     if provider == "coscheduling":
         gang["scheduleTimeoutSeconds"] = 60
     cp.apply(manifest(name, scheduling={"gang": gang}))
     custom = client.CustomObjectsApi(api)
-    pod_group = cp.wait_for(lambda: _get_or_none(lambda: custom.get_namespaced_custom_object(
-        group, version, NS, "podgroups", f"{name}-1")), 60, f"PodGroup {name}-1")
+    pod_group = cp.wait_for(
+        lambda: _get_or_none(
+            lambda: custom.get_namespaced_custom_object(group, version, NS, "podgroups", f"{name}-1")
+        ),
+        60,
+        f"PodGroup {name}-1",
+    )
     assert pod_group["spec"]["minMember"] == 2
     if provider == "coscheduling":
         assert pod_group["spec"]["scheduleTimeoutSeconds"] == 60
     owner = pod_group["metadata"]["ownerReferences"][0]
-    assert owner["kind"] == "FineTuneJob" and owner["uid"] == ftj(api, name)["metadata"]["uid"] and owner["controller"]
-    workers = cp.wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(pods(api, name, 1)), 60, "2 worker pods")
+    assert (
+        owner["kind"] == "FineTuneJob"
+        and owner["uid"] == ftj(api, name)["metadata"]["uid"]
+        and owner["controller"]
+    )
+    workers = cp.wait_for(
+        lambda: (lambda ps: ps if len(ps) == 2 else None)(pods(api, name, 1)), 60, "2 worker pods"
+    )
     for pod in workers:
         assert pod["spec"]["schedulerName"] == GANG_SCHEDULERS[provider]
         if provider == "coscheduling":
@@ -593,7 +739,9 @@ def test_gang_scheduling_pod_group_is_admitted_and_the_pods_join_it(cp, api, ope
             assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == f"{name}-1"
     # deliberate: what is tested is that nothing happens (the default scheduler binds none of them)
     time.sleep(3)
-    assert all(p["status"]["phase"] == "Pending" and not p["spec"].get("nodeName") for p in pods(api, name, 1))
+    assert all(
+        p["status"]["phase"] == "Pending" and not p["spec"].get("nodeName") for p in pods(api, name, 1)
+    )
     assert status(api, name)["phase"] == "Pending"
     delete(cp, name)
 
@@ -611,11 +759,17 @@ def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:
     """Two replicas with --peering: the higher priority acts, the other stands by and takes over."""
     cp.apply(_peering_crd("ClusterKopfPeering", "Cluster"))
     cp.apply(_peering_crd("KopfPeering", "Namespaced"))
-    cp.wait_for(lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD")
+    cp.wait_for(
+        lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD"
+    )
     cp.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubetune"}})
     operator.stop()
-    high = operator_process(cp, tmp_path / "high.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "100"))
-    low = operator_process(cp, tmp_path / "low.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "50"))
+    high = operator_process(
+        cp, tmp_path / "high.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "100")
+    )
+    low = operator_process(
+        cp, tmp_path / "low.log", operator.kubeconfig, ("--peering", "kubetune", "--priority", "50")
+    )
     try:
         high.start()
         low.start()
@@ -650,6 +804,6 @@ def test_secret_values_never_appear(cp, api, operator) -> None:
         assert value not in log, "secret value in the operator log"
     secret = cp.get_json("-n", NS, "secret", "s3-creds")
     assert secret["data"]["AWS_SECRET_ACCESS_KEY"]  # the values are really there to be leaked
-    assert "Traceback" not in log, log[log.find("Traceback") - 2000:][:6000]
+    assert "Traceback" not in log, log[log.find("Traceback") - 2000 :][:6000]
     assert "Forbidden" not in log, "the operator lacks RBAC (OPERATOR_RBAC_RULES)"
     assert "Daemon 'reconcile' is cancelled" not in log, "a daemon did not stop by itself"

@@ -42,12 +42,23 @@ def cp(request):
     with ControlPlane() as plane:
         for index in range(3):
             plane.add_fake_node(f"gpu-{index}", gpus=8, labels={"pool": "gpu"})
-        plane.create_namespace(NS, labels={"pod-security.kubernetes.io/enforce": "restricted",
-                                           "pod-security.kubernetes.io/enforce-version": "latest"})
+        plane.create_namespace(
+            NS,
+            labels={
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        )
         install_crd(plane)
         for name, data in SECRETS.items():
-            plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-                         "stringData": data})
+            plane.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": NS},
+                    "stringData": data,
+                }
+            )
         yield plane
         if request.session.testsfailed > failed_before:
             print(plane.diagnostics(20))
@@ -61,7 +72,9 @@ def api(cp):
 def _one_job_per_attempt(api: client.ApiClient, name: str, attempts: int) -> None:
     names = [j["metadata"]["name"] for j in jobs(api, name)]
     # the current attempt's Job; an earlier one may be gone (deleted unfinished when the next attempt began)
-    assert f"{name}-{attempts}" in names and set(names) <= {f"{name}-{a}" for a in range(1, attempts + 1)}, names
+    assert f"{name}-{attempts}" in names and set(names) <= {f"{name}-{a}" for a in range(1, attempts + 1)}, (
+        names
+    )
     assert event_reasons(api, name).count("CreatedWorkers") == attempts
     kids = children(api, name)
     for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
@@ -72,7 +85,9 @@ def _one_job_per_attempt(api: client.ApiClient, name: str, attempts: int) -> Non
 def test_standby_takes_over_after_the_active_replica_is_sigkilled(cp, api, tmp_path: Path) -> None:
     cp.apply(_peering_crd("ClusterKopfPeering", "Cluster"))
     cp.apply(_peering_crd("KopfPeering", "Namespaced"))
-    cp.wait_for(lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD")
+    cp.wait_for(
+        lambda: cp.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "peering CRD"
+    )
     cp.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "failover"}})
     kubeconfig = service_account_kubeconfig(cp, tmp_path)
     peering = ("--peering", "failover", "--peering-lifetime", "10")
@@ -91,16 +106,23 @@ def test_standby_takes_over_after_the_active_replica_is_sigkilled(cp, api, tmp_p
         # mid-work: new jobs arrive and the active replica dies while it creates their children
         fresh = [f"fresh-{i}" for i in range(3)]
         for name in fresh:
-            cp.apply(manifest(name, resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}}))
-        cp.wait_for(lambda: any(f"{NS}/fresh-" in line for line in active.log().splitlines()), 30,
-                    "the active replica to start on the new jobs")
+            cp.apply(
+                manifest(name, resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}})
+            )
+        cp.wait_for(
+            lambda: any(f"{NS}/fresh-" in line for line in active.log().splitlines()),
+            30,
+            "the active replica to start on the new jobs",
+        )
         assert "Resuming operations" not in standby.log()
         active.kill()
         killed = time.monotonic()
         cp.fail_pod(NS, doomed, exit_code=1)  # a transition only the standby can record
         cp.wait_for(lambda: "Resuming operations" in standby.log(), 60, "the standby to take over")
         takeover = time.monotonic() - killed
-        print(f"\nstandby resumed {takeover:.1f} s after the SIGKILL of the active replica (peering lifetime 10 s)")
+        print(
+            f"\nstandby resumed {takeover:.1f} s after the SIGKILL of the active replica (peering lifetime 10 s)"
+        )
         for name in fresh:
             wait_phase(cp, api, name, "Running")
         print(f"every new job Running {time.monotonic() - killed:.1f} s after the SIGKILL")
@@ -133,7 +155,9 @@ def test_operator_recovers_from_an_api_server_restart_without_duplicates(cp, api
         # the same process goes on: a failure is restarted exactly once, a new job gets its children
         cp.fail_pod(NS, doomed, exit_code=1)
         cp.apply(manifest("after-restart"))
-        st = wait_phase(cp, api, "through-restart", "Running", timeout=120, check=lambda s: s.get("attempt") == 2)
+        st = wait_phase(
+            cp, api, "through-restart", "Running", timeout=120, check=lambda s: s.get("attempt") == 2
+        )
         assert st["restarts"] == 1
         wait_phase(cp, api, "after-restart", "Running", timeout=120)
         time.sleep(5)
@@ -142,7 +166,9 @@ def test_operator_recovers_from_an_api_server_restart_without_duplicates(cp, api
         _one_job_per_attempt(api, "after-restart", 1)
         assert status(api, "through-restart")["restarts"] == 1
         log = op.log()
-        assert "relisted pods" in log or "relisted jobs" in log, log[-3000:]  # the watches were resumed by listing
+        assert "relisted pods" in log or "relisted jobs" in log, log[
+            -3000:
+        ]  # the watches were resumed by listing
         assert "Traceback" not in log, log[-3000:]
     finally:
         op.stop()

@@ -37,10 +37,12 @@ def test_pack_restarts_positions_and_masks_the_first_label() -> None:
 
 
 def test_collator_pads_with_a_block_of_its_own() -> None:
-    batch = PackedCollator(pad_token_id=0)([
-        {"input_ids": [7, 8, 9], "labels": [7, 8, 9], "position_ids": [0, 0, 1]},
-        {"input_ids": [5], "labels": [5]},
-    ])
+    batch = PackedCollator(pad_token_id=0)(
+        [
+            {"input_ids": [7, 8, 9], "labels": [7, 8, 9], "position_ids": [0, 0, 1]},
+            {"input_ids": [5], "labels": [5]},
+        ]
+    )
     assert "attention_mask" not in batch and batch["use_cache"] is False
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]
     assert batch["labels"].tolist() == [[7, 8, 9], [5, IGNORE_INDEX, IGNORE_INDEX]]
@@ -51,31 +53,38 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     batch = {**batch, "use_cache": False}
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
-                                             ignore_index=IGNORE_INDEX, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_equals_unpacked_loss_per_example(tiny_model: Path, attention: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.float32, attn_implementation=attention
+    )
     model.eval()
     items = examples([17, 9, 30, 4, 22, 13], seed=1)
     packed = pack(items, max_length=48)
     assert len(packed) > 1 and any(p.position_ids.count(0) > 1 for p in packed)
     collate = PackedCollator(pad_token_id=0)
-    batch = collate([{"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids} for p in packed])
+    batch = collate(
+        [{"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids} for p in packed]
+    )
     with torch.no_grad():
         packed_losses = token_losses(model, batch)
-        alone = [token_losses(model, collate([{"input_ids": e.input_ids, "labels": e.labels}]))[0] for e in items]
+        alone = [
+            token_losses(model, collate([{"input_ids": e.input_ids, "labels": e.labels}]))[0] for e in items
+        ]
     # cut each packed row back into its examples: their per-token losses are those of the example alone
     index = 0
     for row, sequence in enumerate(packed):
         starts = [i for i, p in enumerate(sequence.position_ids) if p == 0] + [len(sequence.input_ids)]
         for start, end in zip(starts, starts[1:], strict=False):
             expected = alone[index]
-            got = packed_losses[row, start:end - 1]  # the last token predicts nothing in its example
+            got = packed_losses[row, start : end - 1]  # the last token predicts nothing in its example
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE)
             assert got.sum() > 0
@@ -83,7 +92,9 @@ def test_packed_loss_equals_unpacked_loss_per_example(tiny_model: Path, attentio
     assert index == len(items)
     # the same packed batch with one causal window (what packing did before) lets examples see each other
     with torch.no_grad():
-        leaky = token_losses(model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False})
+        leaky = token_losses(
+            model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False}
+        )
     assert (leaky - packed_losses).abs().max() > 100 * TOLERANCE
 
 
@@ -95,15 +106,27 @@ def test_trainer_loss_on_a_packed_batch_is_the_loss_of_the_examples(tiny_model: 
     from kubetune_trainer.train import make_trainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                             task_type="CAUSAL_LM", init_lora_weights=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,
+        ),
+    )
     model.eval()
     items = examples([11, 25, 7, 19], seed=2)
     packed: list[PackedExample] = pack(items, max_length=40)
     collate = PackedCollator(pad_token_id=0)
     batch = collate([p.__dict__ for p in packed])
-    trainer = make_trainer(seed=0, group_by_length=False, model=model,
-                           args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    trainer = make_trainer(
+        seed=0,
+        group_by_length=False,
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )
     with torch.no_grad():
         ours = trainer.compute_loss(model, dict(batch))
         total = sum(float(token_losses(model, collate([e.__dict__]))[0].sum()) for e in items)
@@ -114,7 +137,9 @@ def test_trainer_loss_on_a_packed_batch_is_the_loss_of_the_examples(tiny_model: 
 def test_packing_trains_end_to_end(make_job) -> None:
     from kubetune_trainer.__main__ import run_trainer
 
-    path = make_job("packed", training={"packing": True, "maxSteps": 3, "maxSeqLength": 256, "batchSizePerDevice": 2})
+    path = make_job(
+        "packed", training={"packing": True, "maxSteps": 3, "maxSeqLength": 256, "batchSizePerDevice": 2}
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0 and summary["steps"] == 3
     train = summary["data"]["train"]

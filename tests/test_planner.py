@@ -20,8 +20,10 @@ def job(attempt: int, *, finished: str | None = None, deleting: bool = False) ->
 
 
 def pod(attempt: int, index: int = 0, phase: str = "Running") -> dict[str, Any]:
-    return {"metadata": {"name": f"{NAME}-{attempt}-{index}", "labels": {"kubetune.io/attempt": str(attempt)}},
-            "status": {"phase": phase}}
+    return {
+        "metadata": {"name": f"{NAME}-{attempt}-{index}", "labels": {"kubetune.io/attempt": str(attempt)}},
+        "status": {"phase": phase},
+    }
 
 
 def children(attempt: int, podgroup: bool = False) -> list[dict[str, Any]]:
@@ -34,16 +36,22 @@ def kinds(steps: list[Step]) -> list[tuple[str, str]]:
     return [(s.kind.value, s.name) for s in steps]
 
 
-def ensure(attempt: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], podgroup: bool = False
-           ) -> list[Step]:
+def ensure(
+    attempt: int, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], podgroup: bool = False
+) -> list[Step]:
     return planner.plan(Action.ENSURE, NAME, attempt, jobs, pods, lambda: children(attempt, podgroup))
 
 
 def test_first_attempt_creates_every_child_in_render_order_job_last() -> None:
     steps = ensure(1, [], [])
     assert [s.kind for s in steps] == [StepKind.ENSURE] * 5
-    assert [s.child["kind"] for s in steps if s.child] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap",
-                                                             "Job"]
+    assert [s.child["kind"] for s in steps if s.child] == [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Job",
+    ]
     assert steps[-1].name == f"{NAME}-1"
 
 
@@ -59,6 +67,7 @@ def test_nothing_to_do_once_the_attempts_job_exists_even_after_an_operator_resta
     def render() -> list[dict[str, Any]]:
         rendered.append(1)
         return children(1)
+
     assert planner.plan(Action.ENSURE, NAME, 1, [job(1)], [pod(1)], render) == []
     assert rendered == []  # not even rendered
 
@@ -96,14 +105,21 @@ def test_only_the_two_latest_finished_attempts_are_kept() -> None:
 
 
 def test_stop_deletes_every_job_not_already_being_deleted() -> None:
-    steps = planner.plan(Action.STOP, NAME, 3, [job(2, finished="Failed"), job(3), job(1, deleting=True)], [],
-                         lambda: children(3))
+    steps = planner.plan(
+        Action.STOP,
+        NAME,
+        3,
+        [job(2, finished="Failed"), job(3), job(1, deleting=True)],
+        [],
+        lambda: children(3),
+    )
     assert kinds(steps) == [("delete-job", f"{NAME}-2"), ("delete-job", f"{NAME}-3")]
 
 
 def test_delete_action_deletes_the_finetunejob_and_none_does_nothing() -> None:
     assert kinds(planner.plan(Action.DELETE, NAME, 1, [job(1)], [], lambda: children(1))) == [
-        ("delete-self", NAME)]
+        ("delete-self", NAME)
+    ]
     assert planner.plan(Action.NONE, NAME, 1, [job(1)], [pod(1)], lambda: children(1)) == []
 
 

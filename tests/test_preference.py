@@ -28,8 +28,11 @@ CHAT_PAIRS = {"source": str(DATA / "pydoc_preferences_chat.jsonl"), "maxExamples
 METHODS = {
     "full": {"type": "full"},
     "lora": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-    "qlora": {"type": "qlora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-              "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}},
+    "qlora": {
+        "type": "qlora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"},
+    },
 }
 OBJECTIVES = {
     "dpo": {"objective": "dpo", "beta": 0.1},
@@ -40,15 +43,22 @@ OBJECTIVES = {
 LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2}
 
 
-def preference_job(make_job: Any, name: str, objective: str = "dpo", method: str = "lora",
-                   **overrides: Any) -> Path:
+def preference_job(
+    make_job: Any, name: str, objective: str = "dpo", method: str = "lora", **overrides: Any
+) -> Path:
     spec: dict[str, Any] = {
         "method": METHODS[method],
         "task": {"type": "preference", "template": "plain", "preference": OBJECTIVES[objective]},
         "datasets": [PAIRS],
         "validation": {"fraction": 0.1, "maxExamples": 4},
-        "training": {"maxSteps": 5, "batchSizePerDevice": 4, "maxSeqLength": 64, "loggingSteps": 1,
-                     "learningRate": LEARNING_RATE[method], "precision": "fp32"},
+        "training": {
+            "maxSteps": 5,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 64,
+            "loggingSteps": 1,
+            "learningRate": LEARNING_RATE[method],
+            "precision": "fp32",
+        },
         "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
         "output": {"exports": ["merged"] if method == "full" else ["adapter"]},
     }
@@ -61,17 +71,39 @@ def train_logs(output: Path) -> list[dict[str, Any]]:
     return [r for r in records if "loss" in r and "eval_loss" not in r and "train_loss" not in r]
 
 
-@pytest.mark.parametrize(("objective", "method"), [
-    ("dpo", "lora"), ("dpo", "full"), ("dpo", "qlora"), ("ipo", "lora"),
-    ("kto", "lora"), ("kto", "full"), ("kto", "qlora"),
-    ("orpo", "lora"), ("orpo", "full"), ("orpo", "qlora"),
-])
+@pytest.mark.parametrize(
+    ("objective", "method"),
+    [
+        ("dpo", "lora"),
+        ("dpo", "full"),
+        ("dpo", "qlora"),
+        ("ipo", "lora"),
+        ("kto", "lora"),
+        ("kto", "full"),
+        ("kto", "qlora"),
+        ("orpo", "lora"),
+        ("orpo", "full"),
+        ("orpo", "qlora"),
+    ],
+)
 def test_objective_by_method_learns_the_preference(make_job, objective: str, method: str) -> None:
-    job = preference_job(make_job, f"{objective}-{method}", objective, method, datasets=[FIXED_PAIRS],
-                         validation={"datasets": [{**FIXED_PAIRS, "maxExamples": 4}]},  # training pairs
-                         evaluation={"numSamplePrompts": 0},
-                         training={"maxSteps": 4, "batchSizePerDevice": 8, "maxSeqLength": 64, "loggingSteps": 1,
-                                   "learningRate": LEARNING_RATE[method], "precision": "fp32"})
+    job = preference_job(
+        make_job,
+        f"{objective}-{method}",
+        objective,
+        method,
+        datasets=[FIXED_PAIRS],
+        validation={"datasets": [{**FIXED_PAIRS, "maxExamples": 4}]},  # training pairs
+        evaluation={"numSamplePrompts": 0},
+        training={
+            "maxSteps": 4,
+            "batchSizePerDevice": 8,
+            "maxSeqLength": 64,
+            "loggingSteps": 1,
+            "learningRate": LEARNING_RATE[method],
+            "precision": "fp32",
+        },
+    )
     code, summary = run_trainer(str(job), show_progress=False)
     assert code == 0
     assert summary["task"] == "preference" and summary["objective"] == OBJECTIVES[objective]["objective"]
@@ -84,25 +116,41 @@ def test_objective_by_method_learns_the_preference(make_job, objective: str, met
     # the reward of chosen over rejected training completions grows (TRL's own figures, per logged step)
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"], [r["rewards/margins"] for r in logs]
     if "rewards/accuracies" in logs[0]:
-        assert logs[-1]["rewards/accuracies"] > logs[0]["rewards/accuracies"] or logs[-1]["rewards/accuracies"] == 1
+        assert (
+            logs[-1]["rewards/accuracies"] > logs[0]["rewards/accuracies"]
+            or logs[-1]["rewards/accuracies"] == 1
+        )
     metrics = summary["metrics"]
     assert metrics["heldOutPairs"] == 4
     assert metrics["finalRewardMargin"] > 0 and metrics["finalRewardAccuracy"] >= 0.5
-    assert summary["preference"]["before"]["rewardAccuracy"] == 0  # the reference is the model before training
+    assert (
+        summary["preference"]["before"]["rewardAccuracy"] == 0
+    )  # the reference is the model before training
     kinds = {a["kind"] for a in summary["artifacts"]}
     assert ("merged" if method == "full" else "adapter") in kinds
-    expected_reference = {"orpo": "none (orpo)"}.get(objective, "precomputed log-probabilities"
-                                                     if method == "full" else "base with the adapter disabled")
+    expected_reference = {"orpo": "none (orpo)"}.get(
+        objective, "precomputed log-probabilities" if method == "full" else "base with the adapter disabled"
+    )
     assert summary["reference"] == expected_reference
 
 
 def test_chat_pairs_with_multi_turn_prompts_and_exports(make_job) -> None:
     """Chat rows (a system turn, an earlier exchange, a follow-up) through the chat template; every export."""
-    job = preference_job(make_job, "chat", datasets=[CHAT_PAIRS],
-                         task={"type": "preference", "preference": {"objective": "dpo", "maxPromptLength": 40}},
-                         training={"maxSteps": 3, "batchSizePerDevice": 4, "maxSeqLength": 72, "loggingSteps": 1,
-                                   "learningRate": 1e-2, "precision": "fp32"},
-                         output={"exports": ["adapter", "merged", "int8"]})
+    job = preference_job(
+        make_job,
+        "chat",
+        datasets=[CHAT_PAIRS],
+        task={"type": "preference", "preference": {"objective": "dpo", "maxPromptLength": 40}},
+        training={
+            "maxSteps": 3,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 72,
+            "loggingSteps": 1,
+            "learningRate": 1e-2,
+            "precision": "fp32",
+        },
+        output={"exports": ["adapter", "merged", "int8"]},
+    )
     code, summary = run_trainer(str(job), show_progress=False)
     assert code == 0
     train = summary["data"]["train"]
@@ -117,20 +165,37 @@ def test_chat_pairs_with_multi_turn_prompts_and_exports(make_job) -> None:
     assert "pydoc_preferences_chat.jsonl" in card
     samples = (Path(summary["output"]) / "samples" / "samples.jsonl").read_text().splitlines()
     assert samples and {"prompt", "before", "after"} <= set(json.loads(samples[0]))
-    assert json.loads(samples[0])["prompt"].rstrip().endswith("assistant")  # the chat template's generation prompt
+    assert (
+        json.loads(samples[0])["prompt"].rstrip().endswith("assistant")
+    )  # the chat template's generation prompt
 
 
 def test_kto_reads_unpaired_rows(make_job, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (DATA / "pydoc_preferences.jsonl").read_text().splitlines()[:24]]
-    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
-                for i, r in enumerate(rows)]
+    unpaired = [
+        {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+        for i, r in enumerate(rows)
+    ]
     source = write_jsonl(tmp_path / "unpaired.jsonl", unpaired)
-    job = preference_job(make_job, "kto-unpaired", "kto", datasets=[{"source": str(source), "format": "unpaired"}],
-                         task={"type": "preference", "template": "plain",
-                               "preference": {"objective": "kto", "desirableWeight": 1.0,
-                                              "undesirableWeight": 1.2}},
-                         training={"maxSteps": 3, "batchSizePerDevice": 4, "maxSeqLength": 64, "loggingSteps": 1,
-                                   "learningRate": 1e-2, "precision": "fp32"})
+    job = preference_job(
+        make_job,
+        "kto-unpaired",
+        "kto",
+        datasets=[{"source": str(source), "format": "unpaired"}],
+        task={
+            "type": "preference",
+            "template": "plain",
+            "preference": {"objective": "kto", "desirableWeight": 1.0, "undesirableWeight": 1.2},
+        },
+        training={
+            "maxSteps": 3,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 64,
+            "loggingSteps": 1,
+            "learningRate": 1e-2,
+            "precision": "fp32",
+        },
+    )
     code, summary = run_trainer(str(job), show_progress=False)
     assert code == 0
     assert summary["data"]["train"]["rows"] == 22  # 24 rows, 2 held out: no pairs to score, the KTO loss is
@@ -142,30 +207,71 @@ def test_kto_reads_unpaired_rows(make_job, tmp_path: Path) -> None:
 
 def load(tmp_path: Path, rows: list[Any], fmt: str = "preference", **cleaning: Any) -> tuple[list[Row], Any]:
     source = write_jsonl(tmp_path / "rows.jsonl", rows)
-    return load_dataset_rows(DatasetSpec(source=str(source), format=fmt), "preference",
-                             CleaningSpec(**cleaning), tmp_path / "cache")
+    return load_dataset_rows(
+        DatasetSpec(source=str(source), format=fmt),
+        "preference",
+        CleaningSpec(**cleaning),
+        tmp_path / "cache",
+    )
 
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
 
-@pytest.mark.parametrize(("row", "fmt", "message"), [
-    ({"prompt": "q", "chosen": "a"}, "preference", "missing required field 'rejected'"),
-    ({"chosen": "a", "rejected": "b"}, "preference", "missing required field 'prompt'"),
-    ({"prompt": "q", "chosen": 4, "rejected": "b"}, "preference", "field 'chosen' must be a string or a list"),
-    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "preference", "chosen and rejected are the same"),
-    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "x",
-      "rejected": "y"}, "preference", "prompt must end with a user"),
-    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "x"}], "rejected": "y"},
-     "preference", "chosen[0].role must be assistant"),
-    ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "x", "rejected": "y"}, "preference",
-     "prompt[0].role must be one of"),
-    ({"prompt": "q", "completion": "a", "label": "maybe"}, "unpaired", "field 'label' must be true"),
-    ({"prompt": "q", "completion": "a"}, "unpaired", "missing required field 'label'"),
-])
-def test_bad_rows_name_file_line_and_field(tmp_path: Path, row: dict[str, Any], fmt: str, message: str) -> None:
-    rows: list[Any] = [GOOD, {**GOOD, "prompt": "What is 3+3?"}, row] if fmt == "preference" else [
-        {"prompt": "q1", "completion": "a", "label": True}, {"prompt": "q2", "completion": "b", "label": 0}, row]
+@pytest.mark.parametrize(
+    ("row", "fmt", "message"),
+    [
+        ({"prompt": "q", "chosen": "a"}, "preference", "missing required field 'rejected'"),
+        ({"chosen": "a", "rejected": "b"}, "preference", "missing required field 'prompt'"),
+        (
+            {"prompt": "q", "chosen": 4, "rejected": "b"},
+            "preference",
+            "field 'chosen' must be a string or a list",
+        ),
+        (
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+            "preference",
+            "chosen and rejected are the same",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "chosen": "x",
+                "rejected": "y",
+            },
+            "preference",
+            "prompt must end with a user",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "user", "content": "x"}],
+                "rejected": "y",
+            },
+            "preference",
+            "chosen[0].role must be assistant",
+        ),
+        (
+            {"prompt": [{"role": "robot", "content": "q"}], "chosen": "x", "rejected": "y"},
+            "preference",
+            "prompt[0].role must be one of",
+        ),
+        ({"prompt": "q", "completion": "a", "label": "maybe"}, "unpaired", "field 'label' must be true"),
+        ({"prompt": "q", "completion": "a"}, "unpaired", "missing required field 'label'"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(
+    tmp_path: Path, row: dict[str, Any], fmt: str, message: str
+) -> None:
+    rows: list[Any] = (
+        [GOOD, {**GOOD, "prompt": "What is 3+3?"}, row]
+        if fmt == "preference"
+        else [
+            {"prompt": "q1", "completion": "a", "label": True},
+            {"prompt": "q2", "completion": "b", "label": 0},
+            row,
+        ]
+    )
     with pytest.raises(DataError) as caught:
         load(tmp_path, rows, fmt)
     assert f"rows.jsonl:3: {message}" in str(caught.value)
@@ -178,9 +284,12 @@ def test_conversations_without_prompt_are_split_and_cleaning_counts(tmp_path: Pa
     system = {"role": "system", "content": "Be brief."}
     user = {"role": "user", "content": "  Hi?  "}
     rows = [
-        {"chosen": [system, user, {"role": "assistant", "content": "Hello."}],
-         "rejected": [system, user, {"role": "assistant", "content": "Go away."}]},
-        GOOD, GOOD,  # a duplicate
+        {
+            "chosen": [system, user, {"role": "assistant", "content": "Hello."}],
+            "rejected": [system, user, {"role": "assistant", "content": "Go away."}],
+        },
+        GOOD,
+        GOOD,  # a duplicate
         {"prompt": "q", "chosen": "  ", "rejected": "b"},  # empty after stripping
     ]
     kept, report = load(tmp_path, rows)
@@ -192,13 +301,19 @@ def test_conversations_without_prompt_are_split_and_cleaning_counts(tmp_path: Pa
 def test_truncation_is_counted(tokenizer, tmp_path: Path) -> None:
     from kubetune.spec import FineTuneJobSpec
 
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"source": "/m"}, "datasets": [{"source": "d"}],
-        "task": {"type": "preference", "template": "plain", "preference": {"maxPromptLength": 8}},
-        "training": {"maxSeqLength": 24}})
-    rows = [Row("f:1", "preference", {"prompt": "word " * 30, "chosen": "yes", "rejected": "no"}),
-            Row("f:2", "preference", {"prompt": "short", "chosen": "long " * 40, "rejected": "no"}),
-            Row("f:3", "preference", {"prompt": "short", "chosen": "a", "rejected": "b"})]
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": "/m"},
+            "datasets": [{"source": "d"}],
+            "task": {"type": "preference", "template": "plain", "preference": {"maxPromptLength": 8}},
+            "training": {"maxSeqLength": 24},
+        }
+    )
+    rows = [
+        Row("f:1", "preference", {"prompt": "word " * 30, "chosen": "yes", "rejected": "no"}),
+        Row("f:2", "preference", {"prompt": "short", "chosen": "long " * 40, "rejected": "no"}),
+        Row("f:3", "preference", {"prompt": "short", "chosen": "a", "rejected": "b"}),
+    ]
     examples, stats = preference_data.tokenize_rows(rows, tokenizer, spec, unpaired=False)
     assert stats["promptTruncated"] == 1 and stats["completionTruncated"] == 1 and stats["sequences"] == 3
     assert all(len(e["prompt_ids"]) <= 8 for e in examples)
@@ -208,10 +323,17 @@ def test_truncation_is_counted(tokenizer, tmp_path: Path) -> None:
 
 
 def test_bad_row_fails_the_run_with_exit_3(make_job, tmp_path: Path) -> None:
-    source = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "prompt": "p2"}, {"prompt": "p3", "chosen": "c"}])
+    source = write_jsonl(
+        tmp_path / "bad.jsonl", [GOOD, {**GOOD, "prompt": "p2"}, {"prompt": "p3", "chosen": "c"}]
+    )
     job = preference_job(make_job, "bad", datasets=[{"source": str(source)}])
-    result = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(job)], capture_output=True,
-                            text=True, timeout=300, env=ENV)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert result.returncode == EXIT_CONFIG_ERROR
     assert "bad.jsonl:3: missing required field 'rejected'" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -221,9 +343,18 @@ def test_bad_row_fails_the_run_with_exit_3(make_job, tmp_path: Path) -> None:
 
 
 def test_sigkill_then_resume_continues_the_same_trajectory(make_job) -> None:
-    settings = {"training": {"maxSteps": 8, "batchSizePerDevice": 2, "maxSeqLength": 64, "loggingSteps": 1,
-                             "learningRate": 5e-3, "precision": "fp32"},
-                "checkpoint": {"everySteps": 3, "keepLast": 2}, "evaluation": {"numSamplePrompts": 0}}
+    settings = {
+        "training": {
+            "maxSteps": 8,
+            "batchSizePerDevice": 2,
+            "maxSeqLength": 64,
+            "loggingSteps": 1,
+            "learningRate": 5e-3,
+            "precision": "fp32",
+        },
+        "checkpoint": {"everySteps": 3, "keepLast": 2},
+        "evaluation": {"numSamplePrompts": 0},
+    }
     reference_job = preference_job(make_job, "reference", **settings)
     code, reference = run_trainer(str(reference_job), show_progress=False)
     assert code == 0
@@ -231,8 +362,16 @@ def test_sigkill_then_resume_continues_the_same_trajectory(make_job) -> None:
     job = preference_job(make_job, "killed", **settings)
     output = job.parent / "out-killed"
     process = start(job)
-    wait_for(while_running(process, lambda: (output / "checkpoints" / "step-3" / "manifest.json").exists()
-                           and progress_step(output) >= 4), 300, "checkpoint step-3 and step 4")
+    wait_for(
+        while_running(
+            process,
+            lambda: (
+                (output / "checkpoints" / "step-3" / "manifest.json").exists() and progress_step(output) >= 4
+            ),
+        ),
+        300,
+        "checkpoint step-3 and step 4",
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (output / "summary.json").exists()
@@ -242,17 +381,43 @@ def test_sigkill_then_resume_continues_the_same_trajectory(make_job) -> None:
     after = {r["step"]: r["loss"] for r in train_logs(output)}
     assert after[8] == pytest.approx(expected[8], abs=1e-4)
     assert resumed["metrics"]["finalRewardAccuracy"] == reference["metrics"]["finalRewardAccuracy"]
-    assert resumed["metrics"]["baselinePreferenceAccuracy"] == reference["metrics"]["baselinePreferenceAccuracy"]
+    assert (
+        resumed["metrics"]["baselinePreferenceAccuracy"] == reference["metrics"]["baselinePreferenceAccuracy"]
+    )
 
 
 def test_two_ranks_under_torchrun(make_job) -> None:
-    job = preference_job(make_job, "ranks", resources={"nodes": 1, "gpusPerNode": 0, "strategy": "ddp"},
-                         training={"maxSteps": 3, "batchSizePerDevice": 2, "maxSeqLength": 64, "loggingSteps": 1,
-                                   "learningRate": 1e-2, "precision": "fp32"},
-                         output={"exports": ["adapter", "merged"]})
-    result = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                                     "-m", "kubetune_trainer", "--config", str(job)),
-                            env=ENV, capture_output=True, text=True, timeout=900)
+    job = preference_job(
+        make_job,
+        "ranks",
+        resources={"nodes": 1, "gpusPerNode": 0, "strategy": "ddp"},
+        training={
+            "maxSteps": 3,
+            "batchSizePerDevice": 2,
+            "maxSeqLength": 64,
+            "loggingSteps": 1,
+            "learningRate": 1e-2,
+            "precision": "fp32",
+        },
+        output={"exports": ["adapter", "merged"]},
+    )
+    result = subprocess.run(
+        torchrun(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "kubetune_trainer",
+            "--config",
+            str(job),
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((job.parent / "out-ranks" / "summary.json").read_text())
     assert summary["worldSize"] == 2 and summary["steps"] == 3 and summary["objective"] == "dpo"
@@ -270,19 +435,27 @@ def test_estimate_counts_pairs_and_the_reference_model(make_job) -> None:
         job = preference_job(make_job, f"est-{objective}-{method}", objective, method, datasets=[PAIRS])
         results[(objective, method)] = estimate(job, gpu="H100-SXM", gpus=1)
     lora, full, orpo = results[("dpo", "lora")], results[("dpo", "full")], results[("orpo", "full")]
-    assert lora["data"]["sequences"] == 36 and lora["data"]["sequencesPerExample"] == 2  # 40 pairs, 4 held out
+    assert (
+        lora["data"]["sequences"] == 36 and lora["data"]["sequencesPerExample"] == 2
+    )  # 40 pairs, 4 held out
     assert lora["memory"]["batchSizePerDevice"] == 8  # 4 pairs = 8 sequences per micro-batch
-    assert lora["flops"]["reference"] == pytest.approx(2 * lora["model"]["flopParameters"] * lora["tokensTrained"], rel=1e-3)
+    assert lora["flops"]["reference"] == pytest.approx(
+        2 * lora["model"]["flopParameters"] * lora["tokensTrained"], rel=1e-3
+    )
     data_tokens = full["data"]["tokens"] + full["data"]["validation"]["tokens"]
     assert full["flops"]["reference"] == 2 * full["model"]["flopParameters"] * data_tokens  # precomputed once
     assert orpo["flops"]["reference"] == 0
-    assert any("precomputed" in a for a in full["assumptions"]) and any("no reference" in a for a in orpo["assumptions"])
+    assert any("precomputed" in a for a in full["assumptions"]) and any(
+        "no reference" in a for a in orpo["assumptions"]
+    )
     assert full["memory"]["totalBytes"] == orpo["memory"]["totalBytes"]  # no frozen copy in memory
 
 
 def test_kto_training_data_needs_both_labels(make_job, tmp_path: Path) -> None:
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": True} for i in range(12)]
     source = write_jsonl(tmp_path / "desirable.jsonl", rows)
-    job = preference_job(make_job, "kto-one-label", "kto", datasets=[{"source": str(source), "format": "unpaired"}])
+    job = preference_job(
+        make_job, "kto-one-label", "kto", datasets=[{"source": str(source), "format": "unpaired"}]
+    )
     code, _ = run_trainer(str(job), show_progress=False)
     assert code == EXIT_CONFIG_ERROR

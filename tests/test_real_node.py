@@ -62,8 +62,10 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "kubetune"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 SYSTEM_NS, NS = "kubetune-system", "ml-team"
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
-              "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 RELEASE = "kubetune"
 DEPLOYMENT = "kubetune-operator"
 STEPS = 40
@@ -95,7 +97,9 @@ def s3(node, tmp_path_factory):
 def helm(node: RealNodeCluster, *args: str, timeout: float = 600) -> str:
     cmd = [str(ensure_binaries(["helm"]) / "helm"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=node.cp.env)
-    assert r.returncode == 0, f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n{node.diagnostics(20)}"
+    assert r.returncode == 0, (
+        f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n{node.diagnostics(20)}"
+    )
     return r.stdout
 
 
@@ -108,10 +112,16 @@ def ftj(node: RealNodeCluster, name: str) -> dict[str, Any]:
 
 
 def operator_pod(node: RealNodeCluster) -> dict[str, Any] | None:
-    items = [p for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
-             if not p["metadata"].get("deletionTimestamp")]
-    ready = [p for p in items if any(c["type"] == "Ready" and c["status"] == "True"
-                                     for c in p["status"].get("conditions", []))]
+    items = [
+        p
+        for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+    ready = [
+        p
+        for p in items
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    ]
     return ready[0] if len(ready) == 1 else None
 
 
@@ -121,24 +131,38 @@ def logs(node: RealNodeCluster, namespace: str, pod: str, *extra: str) -> str:
 
 def job_manifest(name: str, prefix: str, endpoint: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
             "model": {"source": f"{prefix}/models/tiny/"},
             "method": {"type": "lora"},
             "task": {"type": "instruction"},
             "datasets": [{"source": f"{prefix}/data/pydoc.jsonl", "maxExamples": 200}],
-            "training": {"maxSteps": STEPS, "batchSizePerDevice": 4, "maxSeqLength": 128, "loggingSteps": 1,
-                         "learningRate": 1e-3},
+            "training": {
+                "maxSteps": STEPS,
+                "batchSizePerDevice": 4,
+                "maxSeqLength": 128,
+                "loggingSteps": 1,
+                "learningRate": 1e-3,
+            },
             "checkpoint": {"everySteps": CHECKPOINT_EVERY, "keepLast": 2},
             "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
             "output": {"uri": f"{prefix}/run/", "exports": ["adapter", "merged"]},
-            "storage": {"s3": {"endpointUrl": endpoint, "region": "us-east-1", "addressingStyle": "path"},
-                        "credentialsSecretRef": {"name": "s3-creds"}},
+            "storage": {
+                "s3": {"endpointUrl": endpoint, "region": "us-east-1", "addressingStyle": "path"},
+                "credentialsSecretRef": {"name": "s3-creds"},
+            },
             "tracking": {"tensorboard": False},
             # one node has 2 CPUs: the two workers and the operator share them
-            "resources": {"nodes": 2, "gpusPerNode": 0, "strategy": "ddp", "cpu": "900m", "memory": "4Gi",
-                          "sharedMemory": "256Mi"},
+            "resources": {
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "strategy": "ddp",
+                "cpu": "900m",
+                "memory": "4Gi",
+                "sharedMemory": "256Mi",
+            },
         },
     }
 
@@ -146,7 +170,9 @@ def job_manifest(name: str, prefix: str, endpoint: str) -> dict[str, Any]:
 def worker_pods(node: RealNodeCluster, name: str, attempt: int | None = None) -> list[dict[str, Any]]:
     selector = f"kubetune.io/job-name={name}" + (f",kubetune.io/attempt={attempt}" if attempt else "")
     items = pods(node, NS, selector)
-    return sorted(items, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
+    return sorted(
+        items, key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+    )
 
 
 def parse_stamp(stamp: str) -> float:
@@ -174,19 +200,38 @@ def upload_inputs(s3: SeaweedS3, prefix: str, tiny_model: Path) -> None:
 
 # ----- the operator -----
 
+
 def test_helm_install_runs_the_operator_image(node: RealNodeCluster, s3: SeaweedS3) -> None:
     started = time.monotonic()
     # the chart's tenant policy and admission policies stay on: the platform allows exactly this S3 endpoint
-    out = helm(node, "install", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--wait", "--timeout", "300s",
-               "--set-json", f"policy.allowedS3Endpoints={json.dumps([s3.endpoint_url])}",
-               # tenants may name images of the node's own repository (the missing-image test does)
-               "--set-json", f"policy.allowedImagePrefixes={json.dumps([node.image('trainer').rsplit(':', 1)[0]])}",
-               "--set", f"image.repository={node.image('operator').rsplit(':', 1)[0]}",
-               "--set", f"image.tag={node.image('operator').rsplit(':', 1)[1]}",
-               "--set", "image.pullPolicy=Never",
-               "--set", f"defaults.image={node.image('trainer')}",
-               "--set", "defaults.imagePullPolicy=Never",
-               "--set", "defaults.terminationGracePeriodSeconds=30")
+    out = helm(
+        node,
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        SYSTEM_NS,
+        "--wait",
+        "--timeout",
+        "300s",
+        "--set-json",
+        f"policy.allowedS3Endpoints={json.dumps([s3.endpoint_url])}",
+        # tenants may name images of the node's own repository (the missing-image test does)
+        "--set-json",
+        f"policy.allowedImagePrefixes={json.dumps([node.image('trainer').rsplit(':', 1)[0]])}",
+        "--set",
+        f"image.repository={node.image('operator').rsplit(':', 1)[0]}",
+        "--set",
+        f"image.tag={node.image('operator').rsplit(':', 1)[1]}",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        f"defaults.image={node.image('trainer')}",
+        "--set",
+        "defaults.imagePullPolicy=Never",
+        "--set",
+        "defaults.terminationGracePeriodSeconds=30",
+    )
     FIGURES["helm install -> operator Ready"] = time.monotonic() - started
     assert "STATUS: deployed" in out
     pod = node.wait_for(lambda: operator_pod(node), 60, "operator pod Ready")
@@ -213,7 +258,9 @@ def test_helm_install_runs_the_operator_image(node: RealNodeCluster, s3: Seaweed
     )
     out = node.cp.kubectl("-n", SYSTEM_NS, "exec", name, "--", "python", "-c", probe, timeout=60).stdout
     seen = json.loads(out.strip().splitlines()[-1])
-    assert seen == {"uid": 1000, "readOnly": True, "host": "10.250.1.1", "group": "kubetune.io/v1alpha1"}, seen
+    assert seen == {"uid": 1000, "readOnly": True, "host": "10.250.1.1", "group": "kubetune.io/v1alpha1"}, (
+        seen
+    )
     # the securityContext as the runtime applied it: no privilege escalation, seccomp filter, no capabilities
     applied = json.loads(out.strip().splitlines()[0])
     assert applied == {"NoNewPrivs": "1", "Seccomp": "2", "CapEff": "0000000000000000"}, applied
@@ -227,20 +274,30 @@ def test_cluster_dns_from_a_pod(node: RealNodeCluster) -> None:
         "try:\n    socket.gethostbyname('pypi.org')\n    print('resolved')\n"
         "except OSError:\n    print('unresolved')\n"
     )
-    out = node.cp.kubectl("-n", SYSTEM_NS, "exec", name, "--", "python", "-c", probe, timeout=60).stdout.split()
+    out = node.cp.kubectl(
+        "-n", SYSTEM_NS, "exec", name, "--", "python", "-c", probe, timeout=60
+    ).stdout.split()
     assert out == ["10.250.1.1", "unresolved"], out
 
 
 # ----- a 2-node LoRA job -----
 
-def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path,
-                                              tmp_path: Path) -> None:
+
+def test_apply_finetunejob_trains_on_the_node(
+    node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path, tmp_path: Path
+) -> None:
     name = "tiny-lora"
     prefix = f"s3://{s3.bucket}/node-{int(time.time())}"
     options = s3.options()
     upload_inputs(s3, prefix, tiny_model)
-    node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
-                   "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+    node.cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+        }
+    )
     output = f"{prefix}/run"
     statuses = StatusWatch(node.cp.api_client(), NS, name)
     applied = time.time()
@@ -269,14 +326,18 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     # what a user sees with the kubetune command: rank 0's real log through the kubelet, the summary
     cli = [sys.executable, "-m", "kubetune.cli"]
     env = {**os.environ, "KUBECONFIG": str(node.cp.kubeconfig)}
-    shown = subprocess.run([*cli, "logs", name, "-n", NS, "--rank", "0"], capture_output=True, text=True,
-                           timeout=120, env=env)
+    shown = subprocess.run(
+        [*cli, "logs", name, "-n", NS, "--rank", "0"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert shown.returncode == 0, shown.stderr
     assert re.search(rf"^step {STEPS}/{STEPS}", shown.stdout, re.M), shown.stdout[-2000:]
-    described = subprocess.run([*cli, "describe", name, "-n", NS], capture_output=True, text=True, timeout=120,
-                               env=env)
+    described = subprocess.run(
+        [*cli, "describe", name, "-n", NS], capture_output=True, text=True, timeout=120, env=env
+    )
     assert described.returncode == 0 and "Succeeded" in described.stdout and "adapter" in described.stdout
-    watched = subprocess.run([*cli, "watch", name, "-n", NS], capture_output=True, text=True, timeout=120, env=env)
+    watched = subprocess.run(
+        [*cli, "watch", name, "-n", NS], capture_output=True, text=True, timeout=120, env=env
+    )
     assert watched.returncode == 0, watched.stdout + watched.stderr  # the job's outcome as the exit code
 
     # the pods: the trainer image on the real node, ranks from the Job's index, DNS rendezvous
@@ -285,7 +346,11 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
         assert pod["spec"]["nodeName"] == NODE_NAME
         (container,) = pod["spec"]["containers"]
         assert container["image"] == node.image("trainer")
-        assert container["command"][:3] == ["python", "-m", "kubetune_trainer.launch"]  # torchrun, exit codes kept
+        assert container["command"][:3] == [
+            "python",
+            "-m",
+            "kubetune_trainer.launch",
+        ]  # torchrun, exit codes kept
         assert container["command"][container["command"].index("--master-addr") + 1] == f"{name}-1-0.{name}"
         (cs,) = pod["status"]["containerStatuses"]
         assert cs["state"]["terminated"]["exitCode"] == 0, cs
@@ -315,8 +380,11 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
         if match:
             printed.setdefault(int(match.group(1)), parse_stamp(stamp))
     assert set(range(1, STEPS + 1)) <= set(printed), sorted(printed)
-    running = [(seen_at, st["progress"]) for seen_at, st in statuses.seen
-               if st.get("phase") == "Running" and st.get("progress")]
+    running = [
+        (seen_at, st["progress"])
+        for seen_at, st in statuses.seen
+        if st.get("phase") == "Running" and st.get("progress")
+    ]
     steps = [p["step"] for _, p in running]
     assert len({s for s in steps if s > 0}) >= 2 and steps == sorted(steps), steps
     for seen_at, progress in running:
@@ -325,8 +393,10 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
             assert seen_at - printed[progress["step"]] <= 30, (progress, seen_at - printed[progress["step"]])
             assert abs(parse_stamp(progress["updatedAt"]) - printed[progress["step"]]) <= 30, progress
     lags = [seen_at - printed[p["step"]] for seen_at, p in running if p["step"] > 0]
-    print(f"progress seen at {len(set(steps))} distinct steps while Running; lag behind the trainer's log: "
-          f"max {max(lags):.2f} s, mean {sum(lags) / len(lags):.2f} s")
+    print(
+        f"progress seen at {len(set(steps))} distinct steps while Running; lag behind the trainer's log: "
+        f"max {max(lags):.2f} s, mean {sum(lags) / len(lags):.2f} s"
+    )
     assert status["progress"]["step"] == STEPS and status["progress"]["percent"] == 100
 
     # checkpoints and exports in S3, digests in the status
@@ -341,7 +411,9 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     artifacts = {a["kind"]: a for a in status["artifacts"]}
     assert {"adapter", "merged"} <= set(artifacts)
     for artifact in status["artifacts"]:
-        assert set(artifact) >= {"kind", "uri", "sha256", "sizeBytes"} and artifact["uri"].startswith(output + "/")
+        assert set(artifact) >= {"kind", "uri", "sha256", "sizeBytes"} and artifact["uri"].startswith(
+            output + "/"
+        )
         if artifact["kind"] in ("adapter", "merged"):
             assert artifact["uri"] == f"{output}/exports/{artifact['kind']}"
             manifest_bytes = storage.read_bytes(f"{artifact['uri']}/manifest.json", options=options)
@@ -352,8 +424,12 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
                 assert storage.exists(f"{artifact['uri']}/{entry['path']}", options=options), entry
         else:  # single files (loss plot, metrics): the digest of the object itself
             data = storage.read_bytes(artifact["uri"], options=options)
-            assert hashlib.sha256(data).hexdigest() == artifact["sha256"] and len(data) == artifact["sizeBytes"]
-    assert {k: a["sha256"] for k, a in artifacts.items()} == {a["kind"]: a["sha256"] for a in summary["artifacts"]}
+            assert (
+                hashlib.sha256(data).hexdigest() == artifact["sha256"] and len(data) == artifact["sizeBytes"]
+            )
+    assert {k: a["sha256"] for k, a in artifacts.items()} == {
+        a["kind"]: a["sha256"] for a in summary["artifacts"]
+    }
     metrics = status["metrics"]
     assert 0 < metrics["finalPerplexity"] < metrics["baselinePerplexity"], metrics
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -362,41 +438,72 @@ def test_apply_finetunejob_trains_on_the_node(node: RealNodeCluster, s3: Seaweed
     # the secret key is in no object, event or log
     secret = s3.secret_key
     events = node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout
-    reasons = [e["reason"] for e in json.loads(events)["items"] if e["involvedObject"].get("kind") == "FineTuneJob"]
+    reasons = [
+        e["reason"] for e in json.loads(events)["items"] if e["involvedObject"].get("kind") == "FineTuneJob"
+    ]
     assert "CreatedWorkers" in reasons, reasons
-    children = node.cp.kubectl("-n", NS, "get", "configmaps,services,jobs,pods,serviceaccounts,roles,rolebindings",
-                               "-o", "json").stdout
+    children = node.cp.kubectl(
+        "-n", NS, "get", "configmaps,services,jobs,pods,serviceaccounts,roles,rolebindings", "-o", "json"
+    ).stdout
     assert secret not in json.dumps(final) and secret not in events and secret not in children
     assert all(secret not in text for text in texts.values())
     assert secret not in logs(node, SYSTEM_NS, operator_pod(node)["metadata"]["name"])
 
 
-def test_preference_finetunejob_succeeds_on_the_node(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
+def test_preference_finetunejob_succeeds_on_the_node(
+    node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path
+) -> None:
     """A DPO FineTuneJob (TRL's DPOTrainer in the trainer image), two workers, pairs from S3: Succeeded, with
     the held-out reward accuracy in the status (the Reward-Acc column) and the adapter in S3."""
     name = "tiny-dpo"
     prefix = f"s3://{s3.bucket}/node-dpo-{int(time.time())}"
     options = s3.options()
     storage.upload_tree(tiny_model, f"{prefix}/models/tiny/", last=(), options=options)
-    storage.upload_file(REPO / "examples" / "data" / "pydoc_preferences.jsonl", f"{prefix}/data/pairs.jsonl",
-                        options=options)
-    node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
-                   "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+    storage.upload_file(
+        REPO / "examples" / "data" / "pydoc_preferences.jsonl", f"{prefix}/data/pairs.jsonl", options=options
+    )
+    node.cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+        }
+    )
     manifest = job_manifest(name, prefix, s3.endpoint_url)
-    manifest["spec"].update({
-        "task": {"type": "preference", "template": "plain", "preference": {"objective": "dpo", "beta": 0.1}},
-        "datasets": [{"source": f"{prefix}/data/pairs.jsonl", "maxExamples": 64}],
-        "validation": {"fraction": 0.1, "maxExamples": 4},
-        "training": {"maxSteps": 6, "batchSizePerDevice": 4, "maxSeqLength": 64, "loggingSteps": 1,
-                     "learningRate": 1e-2, "precision": "fp32"},
-        "checkpoint": {"everySteps": 3, "keepLast": 1},
-    })
+    manifest["spec"].update(
+        {
+            "task": {
+                "type": "preference",
+                "template": "plain",
+                "preference": {"objective": "dpo", "beta": 0.1},
+            },
+            "datasets": [{"source": f"{prefix}/data/pairs.jsonl", "maxExamples": 64}],
+            "validation": {"fraction": 0.1, "maxExamples": 4},
+            "training": {
+                "maxSteps": 6,
+                "batchSizePerDevice": 4,
+                "maxSeqLength": 64,
+                "loggingSteps": 1,
+                "learningRate": 1e-2,
+                "precision": "fp32",
+            },
+            "checkpoint": {"everySteps": 3, "keepLast": 1},
+        }
+    )
     node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-    final = node.wait_for(lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed")
-                          and o, 900, f"{name} finished", interval=1.0)
+    final = node.wait_for(
+        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
+        900,
+        f"{name} finished",
+        interval=1.0,
+    )
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
-    assert 0 <= status["metrics"]["finalRewardAccuracy"] <= 1 and "baselinePreferenceAccuracy" in status["metrics"]
+    assert (
+        0 <= status["metrics"]["finalRewardAccuracy"] <= 1
+        and "baselinePreferenceAccuracy" in status["metrics"]
+    )
     assert {"adapter"} <= {a["kind"] for a in status["artifacts"]}
     listed = node.cp.kubectl("-n", NS, "get", "ftj", name).stdout
     assert "REWARD-ACC" in listed, listed
@@ -404,7 +511,9 @@ def test_preference_finetunejob_succeeds_on_the_node(node: RealNodeCluster, s3: 
     assert summary["objective"] == "dpo" and summary["worldSize"] == 2 and summary["steps"] == 6
 
 
-def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path) -> None:
+def test_killed_worker_resumes_from_checkpoint(
+    node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path
+) -> None:
     name = "tiny-resume"
     prefix = f"s3://{s3.bucket}/node-resume-{int(time.time())}"
     upload_inputs(s3, prefix, tiny_model)
@@ -418,8 +527,11 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
 
     # the trainer container as the runtime runs it: uid 1000, read-only root, no privilege escalation,
     # seccomp, no capabilities; the short-lived projected token only, not the automounted one
-    (victim,) = [p for p in worker_pods(node, name, attempt=1)
-                 if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
+    (victim,) = [
+        p
+        for p in worker_pods(node, name, attempt=1)
+        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
+    ]
     probe = (
         "import json, os\n"
         "st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
@@ -429,11 +541,18 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
         "'/var/run/secrets/kubetune/token'), 'automounted': os.path.exists('/var/run/secrets/kubernetes.io'), "
         "**{k: st[k].strip() for k in ('NoNewPrivs', 'Seccomp', 'CapEff')}}))\n"
     )
-    out = node.cp.kubectl("-n", NS, "exec", victim["metadata"]["name"], "--", "python", "-c", probe,
-                          timeout=60).stdout
+    out = node.cp.kubectl(
+        "-n", NS, "exec", victim["metadata"]["name"], "--", "python", "-c", probe, timeout=60
+    ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {
-        "uid": 1000, "readOnly": True, "token": True, "automounted": False, "NoNewPrivs": "1", "Seccomp": "2",
-        "CapEff": "0000000000000000"}, out
+        "uid": 1000,
+        "readOnly": True,
+        "token": True,
+        "automounted": False,
+        "NoNewPrivs": "1",
+        "Seccomp": "2",
+        "CapEff": "0000000000000000",
+    }, out
 
     # SIGKILL rank 1's container through containerd, as an OOM kill or a crash would
     container_id = victim["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
@@ -443,11 +562,16 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
     def attempt2_running() -> bool:
         running = [p for p in worker_pods(node, name, attempt=2) if p["status"].get("phase") == "Running"]
         return len(running) == 2
+
     node.wait_for(attempt2_running, 300, "attempt 2's pods Running", interval=1.0)
     FIGURES["worker killed -> attempt 2 pods Running"] = time.time() - killed
 
-    final = node.wait_for(lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed")
-                          and o, 900, f"{name} finished", interval=1.0)
+    final = node.wait_for(
+        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
+        900,
+        f"{name} finished",
+        interval=1.0,
+    )
     attempt2 = worker_pods(node, name, attempt=2)
     rank0 = logs(node, NS, attempt2[0]["metadata"]["name"])
     print(f"===== attempt 2 rank 0 =====\n{rank0[-3000:]}")
@@ -464,8 +588,9 @@ def test_killed_worker_resumes_from_checkpoint(node: RealNodeCluster, s3: Seawee
     assert steps and min(steps) == resumed_from + 1 and max(steps) == STEPS, (resumed_from, steps[:5])
 
 
-def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path,
-                                        tmp_path: Path) -> None:
+def test_evicted_worker_is_a_preemption(
+    node: RealNodeCluster, s3: SeaweedS3, tiny_model: Path, tmp_path: Path
+) -> None:
     """A worker evicted through the Eviction API (as a drain does): SIGTERM, a checkpoint, exit 143 from the
     launcher; the operator counts a preemption, not a restart, and attempt 2 finishes the job. Submitted with
     `kubetune submit --wait`, which follows the progress and exits with the job's outcome."""
@@ -474,29 +599,54 @@ def test_evicted_worker_is_a_preemption(node: RealNodeCluster, s3: SeaweedS3, ti
     name = "tiny-evict"
     prefix = f"s3://{s3.bucket}/node-evict-{int(time.time())}"
     upload_inputs(s3, prefix, tiny_model)
-    node.cp.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
-                   "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+    node.cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+        }
+    )
     manifest_file = tmp_path / "job.yaml"
     manifest_file.write_text(yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
-    submitted = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "submit", str(manifest_file), "-n", NS,
-                                  "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, "KUBECONFIG": str(node.cp.kubeconfig)})
+    submitted = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "submit", str(manifest_file), "-n", NS, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "KUBECONFIG": str(node.cp.kubeconfig)},
+    )
 
     def rank0_training() -> dict[str, Any] | None:
         running = [p for p in worker_pods(node, name, attempt=1) if p["status"].get("phase") == "Running"]
-        rank0 = [p for p in running if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"]
+        rank0 = [
+            p
+            for p in running
+            if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"
+        ]
         return rank0[0] if rank0 and first_step_time(node, rank0[0]["metadata"]["name"]) else None
+
     victim = node.wait_for(rank0_training, 600, "rank 0 training", interval=1.0)
     core = client.CoreV1Api(node.cp.api_client())
-    core.create_namespaced_pod_eviction(victim["metadata"]["name"], NS, client.V1Eviction(
-        metadata=client.V1ObjectMeta(name=victim["metadata"]["name"], namespace=NS)))
-    final = node.wait_for(lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed")
-                          and o, 900, f"{name} finished", interval=1.0)
+    core.create_namespaced_pod_eviction(
+        victim["metadata"]["name"],
+        NS,
+        client.V1Eviction(metadata=client.V1ObjectMeta(name=victim["metadata"]["name"], namespace=NS)),
+    )
+    final = node.wait_for(
+        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
+        900,
+        f"{name} finished",
+        interval=1.0,
+    )
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["preemptions"] >= 1 and status["restarts"] == 0 and status["attempt"] >= 2, status
-    reasons = [e["reason"] for e in json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)[
-        "items"] if e["involvedObject"].get("name") == name]
+    reasons = [
+        e["reason"]
+        for e in json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)["items"]
+        if e["involvedObject"].get("name") == name
+    ]
     assert "Preempted" in reasons and "Restarting" not in reasons, reasons
     out, err = submitted.communicate(timeout=120)
     assert submitted.returncode == 0, out + err
@@ -507,7 +657,9 @@ def test_missing_image_and_unschedulable_jobs_say_so(node: RealNodeCluster, s3: 
     """Jobs that cannot start show why, in their status and as a Warning event, within a bounded time."""
     prefix = f"s3://{s3.bucket}/node-stuck-{int(time.time())}"
     missing = job_manifest("no-image", prefix, s3.endpoint_url)
-    missing["spec"]["resources"].update(nodes=1, image=node.image("trainer").rsplit(":", 1)[0] + ":does-not-exist")
+    missing["spec"]["resources"].update(
+        nodes=1, image=node.image("trainer").rsplit(":", 1)[0] + ":does-not-exist"
+    )
     too_big = job_manifest("too-big", prefix, s3.endpoint_url)
     too_big["spec"]["resources"]["cpu"] = "64"
     for manifest in (missing, too_big):
@@ -517,9 +669,16 @@ def test_missing_image_and_unschedulable_jobs_say_so(node: RealNodeCluster, s3: 
         status = ftj(node, name).get("status") or {}
         events = json.loads(node.cp.kubectl("-n", NS, "get", "events", "-o", "json").stdout)["items"]
         return text in (status.get("message") or "") and any(
-            e["involvedObject"].get("name") == name and e["type"] == "Warning" and e["reason"] == reason
-            and text in e["message"] for e in events)
-    node.wait_for(lambda: said("no-image", "WorkerProblem", "ErrImageNeverPull"), 180, "missing image reported")
+            e["involvedObject"].get("name") == name
+            and e["type"] == "Warning"
+            and e["reason"] == reason
+            and text in e["message"]
+            for e in events
+        )
+
+    node.wait_for(
+        lambda: said("no-image", "WorkerProblem", "ErrImageNeverPull"), 180, "missing image reported"
+    )
     node.wait_for(lambda: said("too-big", "Unschedulable", "Insufficient cpu"), 180, "unschedulable reported")
     running = {c["type"]: c for c in ftj(node, "too-big")["status"]["conditions"]}["Running"]
     assert running["status"] == "False" and running["reason"] == "Unschedulable"
@@ -531,26 +690,48 @@ def test_operator_pod_replaced(node: RealNodeCluster) -> None:
     old = operator_pod(node)["metadata"]["name"]
     deleted = time.time()
     node.cp.kubectl("-n", SYSTEM_NS, "delete", "pod", old, "--wait=false")
-    new = node.wait_for(lambda: (p := operator_pod(node)) and p["metadata"]["name"] != old and p, 300,
-                        "a new operator pod Ready", interval=0.5)
+    new = node.wait_for(
+        lambda: (p := operator_pod(node)) and p["metadata"]["name"] != old and p,
+        300,
+        "a new operator pod Ready",
+        interval=0.5,
+    )
     FIGURES["operator pod deleted -> new pod Ready"] = time.time() - deleted
     # the new operator acts: a change to a finished job's spec is seen (status observedGeneration)
-    node.wait_for(lambda: "kopf" in logs(node, SYSTEM_NS, new["metadata"]["name"]).lower() or None, 60,
-                  "new operator log")
+    node.wait_for(
+        lambda: "kopf" in logs(node, SYSTEM_NS, new["metadata"]["name"]).lower() or None,
+        60,
+        "new operator log",
+    )
 
 
 def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeCluster, s3: SeaweedS3) -> None:
     """Two replicas (kopf peering): SIGKILL the acting one's container; a job created right after is
     still reconciled (by the standby once the dead peer's record expires, or by the restarted
     container, whichever comes first)."""
-    helm(node, "upgrade", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--reuse-values", "--wait",
-         "--timeout", "300s", "--set", "replicas=2")
+    helm(
+        node,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        SYSTEM_NS,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "300s",
+        "--set",
+        "replicas=2",
+    )
 
     def replicas() -> list[dict[str, Any]] | None:
         """The two Ready replicas once both have registered in the ClusterKopfPeering."""
-        items = [p for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
-                 if not p["metadata"].get("deletionTimestamp")
-                 and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+        items = [
+            p
+            for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune")
+            if not p["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        ]
         if len(items) != 2:
             return None
         peers = node.cp.get_json("clusterkopfpeering", "kubetune").get("status") or {}
@@ -561,12 +742,16 @@ def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeClus
         items = node.wait_for(replicas, 300, "two replicas in the peering", interval=1.0)
     except Exception:
         for p in pods(node, SYSTEM_NS, "app.kubernetes.io/name=kubetune"):
-            print(f"--- {p['metadata']['name']} {p['status'].get('phase')}\n"
-                  f"{node.cp.kubectl('-n', SYSTEM_NS, 'logs', p['metadata']['name'], check=False).stdout[-3000:]}")
+            print(
+                f"--- {p['metadata']['name']} {p['status'].get('phase')}\n"
+                f"{node.cp.kubectl('-n', SYSTEM_NS, 'logs', p['metadata']['name'], check=False).stdout[-3000:]}"
+            )
         print(node.cp.kubectl("get", "clusterkopfpeering", "-o", "yaml", check=False).stdout)
         raise
     # the acting replica: the higher `--priority auto` (operator_main: crc32 of the pod's hostname)
-    priority = {p["metadata"]["name"]: zlib.crc32(p["metadata"]["name"].encode()) % 1_000_000 + 1 for p in items}
+    priority = {
+        p["metadata"]["name"]: zlib.crc32(p["metadata"]["name"].encode()) % 1_000_000 + 1 for p in items
+    }
     active = max(items, key=lambda p: priority[p["metadata"]["name"]])
     (standby,) = [p for p in items if p is not active]
     container_id = active["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
@@ -576,19 +761,42 @@ def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeClus
     manifest = job_manifest(name, f"s3://{s3.bucket}/failover", s3.endpoint_url)
     manifest["spec"]["suspend"] = True  # reconciled, but no pods: nothing to train
     node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-    node.wait_for(lambda: (ftj(node, name).get("status") or {}).get("phase") == "Suspended", 300,
-                  f"{name} reconciled after the kill", interval=0.5)
+    node.wait_for(
+        lambda: (ftj(node, name).get("status") or {}).get("phase") == "Suspended",
+        300,
+        f"{name} reconciled after the kill",
+        interval=0.5,
+    )
     FIGURES["active operator SIGKILLed -> next job reconciled"] = time.time() - killed
     standby_log = logs(node, SYSTEM_NS, standby["metadata"]["name"])
     print("reconciled by the " + ("standby" if "Resuming operations" in standby_log else "restarted replica"))
     node.cp.kubectl("-n", NS, "delete", f"{PLURAL}.{GROUP}", name, "--wait=true", timeout=120)
-    helm(node, "upgrade", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--reuse-values", "--wait",
-         "--timeout", "300s", "--set", "replicas=1")
+    helm(
+        node,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        SYSTEM_NS,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "300s",
+        "--set",
+        "replicas=1",
+    )
 
 
 def test_privileged_pod_is_refused_under_restricted(node: RealNodeCluster) -> None:
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged", "namespace": NS},
-           "spec": {"containers": [{"name": "c", "image": node.image("operator"),
-                                    "securityContext": {"privileged": True}}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "privileged", "namespace": NS},
+        "spec": {
+            "containers": [
+                {"name": "c", "image": node.image("operator"), "securityContext": {"privileged": True}}
+            ]
+        },
+    }
     r = node.cp.kubectl("apply", "-f", "-", input=json.dumps(pod), check=False)
     assert r.returncode != 0 and "violates PodSecurity" in r.stderr and "restricted" in r.stderr, r.stderr

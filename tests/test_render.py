@@ -21,14 +21,26 @@ SECRET_VALUES = ["AKIA-super-secret-id", "wJalr-secret-key", "hf_secret_token", 
 def test_children_names_and_kinds() -> None:
     children = render_children(cr(), trusted())
     assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
-        ("ServiceAccount", "legal-lora-trainer"), ("Role", "legal-lora-trainer"),
-        ("RoleBinding", "legal-lora-trainer"), ("NetworkPolicy", "legal-lora-workers"),
-        ("ConfigMap", "legal-lora-config"), ("Service", "legal-lora"), ("Job", "legal-lora-1")]
+        ("ServiceAccount", "legal-lora-trainer"),
+        ("Role", "legal-lora-trainer"),
+        ("RoleBinding", "legal-lora-trainer"),
+        ("NetworkPolicy", "legal-lora-workers"),
+        ("ConfigMap", "legal-lora-config"),
+        ("Service", "legal-lora"),
+        ("Job", "legal-lora-1"),
+    ]
     for child in children:
         assert child["metadata"]["namespace"] == "team-a"
-        assert child["metadata"]["ownerReferences"] == [{
-            "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "legal-lora", "uid": "uid-1234",
-            "controller": True, "blockOwnerDeletion": True}]
+        assert child["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "legal-lora",
+                "uid": "uid-1234",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert child["metadata"]["labels"]["kubetune.io/job-name"] == "legal-lora"
 
 
@@ -43,9 +55,26 @@ def test_indexed_job_and_torchrun_command() -> None:
     assert pod["subdomain"] == "legal-lora" and pod["restartPolicy"] == "Never"
     assert pod["serviceAccountName"] == "legal-lora-trainer"
     assert container(children)["command"] == [
-        "python", "-m", "kubetune_trainer.launch", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
-        "--master-addr", "legal-lora-1-0.legal-lora", "--master-port", "29500",
-        "-m", "kubetune_trainer", "--config", "/etc/kubetune/job.yaml", "--deepspeed", "/etc/kubetune/deepspeed.json"]
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--master-addr",
+        "legal-lora-1-0.legal-lora",
+        "--master-port",
+        "29500",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        "/etc/kubetune/job.yaml",
+        "--deepspeed",
+        "/etc/kubetune/deepspeed.json",
+    ]
     env = env_of(children)
     assert env["KUBETUNE_JOB_NAME"] == "legal-lora" and env["KUBETUNE_JOB_NAMESPACE"] == "team-a"
     assert env["KUBETUNE_ATTEMPT"] == "1"
@@ -53,16 +82,32 @@ def test_indexed_job_and_torchrun_command() -> None:
 
 
 # read by the libraries the trainer runs, not by kubetune's own code
-LIBRARY_VARIABLES = {"HOME", "TMPDIR", "PYTHONUNBUFFERED", "HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
-                     "OMP_NUM_THREADS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN",
-                     "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+LIBRARY_VARIABLES = {
+    "HOME",
+    "TMPDIR",
+    "PYTHONUNBUFFERED",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "TRITON_CACHE_DIR",
+    "OMP_NUM_THREADS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "WANDB_API_KEY",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+}
 
 
 def test_every_pod_variable_is_read() -> None:
     """Each variable the worker pods get is read by kubetune_trainer's code or by a library it runs."""
     children = render_children(cr({"resources": {"nodes": 2, "gpusPerNode": 0}}), trusted(), attempt=1)
     source = "\n".join(p.read_text() for p in (REPO / "trainer_image" / "kubetune_trainer").rglob("*.py"))
-    unread = [name for name in env_of(children) if name not in LIBRARY_VARIABLES and f'"{name}"' not in source]
+    unread = [
+        name for name in env_of(children) if name not in LIBRARY_VARIABLES and f'"{name}"' not in source
+    ]
     assert not unread, f"pod variables nothing reads: {unread}"
     assert "OMP_NUM_THREADS" in env_of(children)
 
@@ -90,7 +135,9 @@ def test_single_node_cpu() -> None:
     assert "deepspeed.json" not in by_kind(children)["ConfigMap"]["data"]
 
 
-@pytest.mark.parametrize(("cpu", "threads"), [("500m", "1"), ("2500m", "2"), ("1.5", "1"), (16, "16"), ("8e0", "8")])
+@pytest.mark.parametrize(
+    ("cpu", "threads"), [("500m", "1"), ("2500m", "2"), ("1.5", "1"), (16, "16"), ("8e0", "8")]
+)
 def test_cpu_threads_from_the_cpu_quantity(cpu: Any, threads: str) -> None:
     children = render_children(cr({"resources": {"nodes": 1, "gpusPerNode": 0, "cpu": cpu}}), trusted())
     assert env_of(children)["OMP_NUM_THREADS"] == threads
@@ -130,7 +177,9 @@ def test_kueue_labels_and_suspend() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
     assert job["spec"]["suspend"] is True
     plain = by_kind(render_children(cr({"scheduling": {}}), trusted()))["Job"]
-    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is False
+    assert (
+        "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is False
+    )
     queued = by_kind(render_children(cr({"scheduling": {}}), trusted(queue_name="shared")))["Job"]
     assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared" and queued["spec"]["suspend"]
 
@@ -152,11 +201,18 @@ def test_storage_and_platform_secret_fallbacks() -> None:
     spec = {"output": {"uri": "s3://runs/"}, "storage": {"credentialsSecretRef": {"name": "storage"}}}
     env = env_of(render_children(cr(spec), trusted()))
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "storage"
-    env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), trusted(
-        storage_credentials_secret="platform-s3")))
+    env = env_of(
+        render_children(
+            cr({"output": {"uri": "s3://runs/"}}), trusted(storage_credentials_secret="platform-s3")
+        )
+    )
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "platform-s3"
     env = env_of(render_children(cr({"output": {"uri": "s3://runs/"}}), trusted()))
-    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "hf", "key": "AWS_ACCESS_KEY_ID", "optional": True}
+    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {
+        "name": "hf",
+        "key": "AWS_ACCESS_KEY_ID",
+        "optional": True,
+    }
 
 
 def test_no_secret_values_anywhere() -> None:
@@ -168,13 +224,18 @@ def test_no_secret_values_anywhere() -> None:
 
 
 def test_config_map_holds_effective_manifest() -> None:
-    defaults = trusted(image="registry.local/trainer:1", s3_endpoint_url="http://minio:9000",
-                                node_selector={"pool": "gpu"})
-    children = render_children(cr({"resources": {"nodes": 2, "gpusPerNode": 8, "strategy": "deepspeed-zero2"}}),
-                               defaults)
+    defaults = trusted(
+        image="registry.local/trainer:1", s3_endpoint_url="http://minio:9000", node_selector={"pool": "gpu"}
+    )
+    children = render_children(
+        cr({"resources": {"nodes": 2, "gpusPerNode": 8, "strategy": "deepspeed-zero2"}}), defaults
+    )
     data = by_kind(children)["ConfigMap"]["data"]
     manifest = yaml.safe_load(data["job.yaml"])
-    assert manifest["kind"] == "FineTuneJob" and manifest["metadata"] == {"name": "legal-lora", "namespace": "team-a"}
+    assert manifest["kind"] == "FineTuneJob" and manifest["metadata"] == {
+        "name": "legal-lora",
+        "namespace": "team-a",
+    }
     assert manifest["spec"]["resources"]["image"] == "registry.local/trainer:1"
     assert manifest["spec"]["resources"]["nodeSelector"] == {"pool": "gpu"}
     assert manifest["spec"]["storage"]["s3"]["endpointUrl"] == "http://minio:9000"
@@ -189,8 +250,14 @@ def test_single_node_job_needs_no_service() -> None:
     """One node rendezvouses on loopback: no Service (and no Endpoints for the control plane to keep)."""
     one = cr({"resources": {"nodes": 1, "gpusPerNode": 4}})
     children = render_children(one, trusted())
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "ConfigMap",
-                                             "Job"]
+    assert [c["kind"] for c in children] == [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Job",
+    ]
     pod = by_kind(children)["Job"]["spec"]["template"]["spec"]
     assert "subdomain" not in pod
     command = container(children)["command"]
@@ -200,7 +267,9 @@ def test_single_node_job_needs_no_service() -> None:
 def test_headless_service() -> None:
     svc = by_kind(render_children(cr(), trusted()))["Service"]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["ports"] == [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}
+    ]
     assert svc["spec"]["selector"]["kubetune.io/job-name"] == "legal-lora"
     job = by_kind(render_children(cr(), trusted()))["Job"]
     labels = job["spec"]["template"]["metadata"]["labels"]
@@ -210,12 +279,21 @@ def test_headless_service() -> None:
 def test_trainer_rbac_is_scoped_to_the_job() -> None:
     children = by_kind(render_children(cr(), trusted()))
     rules = children["Role"]["rules"]
-    assert {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "resourceNames": ["legal-lora"],
-            "verbs": ["get"]} in rules
-    assert {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "resourceNames": ["legal-lora"],
-            "verbs": ["get", "patch"]} in rules
+    assert {
+        "apiGroups": ["kubetune.io"],
+        "resources": ["finetunejobs"],
+        "resourceNames": ["legal-lora"],
+        "verbs": ["get"],
+    } in rules
+    assert {
+        "apiGroups": ["kubetune.io"],
+        "resources": ["finetunejobs/status"],
+        "resourceNames": ["legal-lora"],
+        "verbs": ["get", "patch"],
+    } in rules
     assert children["RoleBinding"]["subjects"] == [
-        {"kind": "ServiceAccount", "name": "legal-lora-trainer", "namespace": "team-a"}]
+        {"kind": "ServiceAccount", "name": "legal-lora-trainer", "namespace": "team-a"}
+    ]
     assert children["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "legal-lora-trainer"
     with pytest.raises(RenderError, match=r"spec.resources.serviceAccountName"):  # tenants name no identity
         render_children(cr({"resources": {"serviceAccountName": "ci-deployer"}}), trusted())
@@ -238,10 +316,14 @@ def test_invalid_spec_names_the_field() -> None:
 def test_platform_defaults_from_env_and_file(tmp_path) -> None:
     path = tmp_path / "defaults.yaml"
     path.write_text("image: reg/trainer:2\nnodeSelector: {pool: gpu}\nqueueName: shared\n")
-    defaults = PlatformDefaults.from_env({"KUBETUNE_DEFAULTS_FILE": str(path),
-                                          "KUBETUNE_DEFAULT_STORAGE_CREDENTIALS_SECRET": "s3",
-                                          "KUBETUNE_DEFAULT_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
-                                          "KUBETUNE_DEFAULT_QUEUE_NAME": "override"})
+    defaults = PlatformDefaults.from_env(
+        {
+            "KUBETUNE_DEFAULTS_FILE": str(path),
+            "KUBETUNE_DEFAULT_STORAGE_CREDENTIALS_SECRET": "s3",
+            "KUBETUNE_DEFAULT_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
+            "KUBETUNE_DEFAULT_QUEUE_NAME": "override",
+        }
+    )
     assert defaults.image == "reg/trainer:2" and defaults.node_selector == {"pool": "gpu"}
     assert defaults.queue_name == "override" and defaults.storage_credentials_secret == "s3"
     assert defaults.tolerations == [{"key": "gpu", "operator": "Exists"}]
@@ -250,8 +332,9 @@ def test_platform_defaults_from_env_and_file(tmp_path) -> None:
 
 
 def test_spec_own_settings_win_over_defaults() -> None:
-    defaults = trusted(node_selector={"pool": "cpu"}, queue_name="shared",
-                                tolerations=[{"key": "x", "operator": "Exists"}])
+    defaults = trusted(
+        node_selector={"pool": "cpu"}, queue_name="shared", tolerations=[{"key": "x", "operator": "Exists"}]
+    )
     pod = by_kind(render_children(cr(), defaults))["Job"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
     job = by_kind(render_children(cr(), defaults))["Job"]
@@ -260,17 +343,28 @@ def test_spec_own_settings_win_over_defaults() -> None:
 
 # ----- distributed.py -----
 
+
 def spec_with(**resources: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({"model": {"source": "m"}, "task": {"type": "chat"},
-                                           "datasets": [{"source": "d"}], "resources": resources})
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"source": "m"},
+            "task": {"type": "chat"},
+            "datasets": [{"source": "d"}],
+            "resources": resources,
+        }
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_config(stage: int) -> None:
     ds = distributed.deepspeed_config(spec_with(strategy=f"deepspeed-zero{stage}", gpusPerNode=8))
     assert ds["zero_optimization"]["stage"] == stage
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert ds[key] == "auto"
     assert ds["optimizer"]["params"]["lr"] == "auto" and "torch_adam" not in ds["optimizer"]["params"]
     assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
@@ -284,8 +378,12 @@ def test_deepspeed_config(stage: int) -> None:
 def test_deepspeed_cpu_and_precision() -> None:
     spec = spec_with(strategy="deepspeed-zero2", gpusPerNode=0)
     ds = distributed.deepspeed_config(spec)
-    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["zero_optimization"]["overlap_comm"] is False
-    bf16 = FineTuneJobSpec.model_validate({**spec.model_dump(by_alias=True), "training": {"precision": "bf16"}})
+    assert (
+        ds["optimizer"]["params"]["torch_adam"] is True and ds["zero_optimization"]["overlap_comm"] is False
+    )
+    bf16 = FineTuneJobSpec.model_validate(
+        {**spec.model_dump(by_alias=True), "training": {"precision": "bf16"}}
+    )
     ds = distributed.deepspeed_config(bf16)
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
     with pytest.raises(ValueError):
@@ -301,17 +399,43 @@ def test_fsdp_options() -> None:
 
 
 def test_launcher_args() -> None:
-    args = distributed.launcher_args(spec_with(nodes=3, gpusPerNode=0), master_addr="j-0.svc", master_port=1234,
-                                     node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=1, resume="latest")
-    assert args == ["python", "-m", "kubetune_trainer.launch", "--nnodes", "3", "--nproc-per-node", "1", "--node-rank", "$(JOB_COMPLETION_INDEX)",
-                    "--master-addr", "j-0.svc", "--master-port", "1234", "-m", "kubetune_trainer",
-                    "--config", "/etc/kubetune/job.yaml", "--resume", "latest"]
+    args = distributed.launcher_args(
+        spec_with(nodes=3, gpusPerNode=0),
+        master_addr="j-0.svc",
+        master_port=1234,
+        node_rank_expr="$(JOB_COMPLETION_INDEX)",
+        nproc_per_node=1,
+        resume="latest",
+    )
+    assert args == [
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
+        "--nnodes",
+        "3",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--master-addr",
+        "j-0.svc",
+        "--master-port",
+        "1234",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        "/etc/kubetune/job.yaml",
+        "--resume",
+        "latest",
+    ]
     assert distributed.world_size(spec_with(nodes=2, gpusPerNode=8)) == 16
 
 
 def test_platform_pod_annotations_and_labels() -> None:
-    defaults = trusted(pod_annotations={"sidecar.istio.io/inject": "false"},
-                                pod_labels={"cost-center": "ml", "kubetune.io/job-name": "spoof"})
+    defaults = trusted(
+        pod_annotations={"sidecar.istio.io/inject": "false"},
+        pod_labels={"cost-center": "ml", "kubetune.io/job-name": "spoof"},
+    )
     template = by_kind(render_children(cr(), defaults))["Job"]["spec"]["template"]
     assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     assert template["metadata"]["labels"]["cost-center"] == "ml"

@@ -44,8 +44,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_job) -> None:
     output = Path(job.parent / "out-killed")
     process = start(job)
     # Kill it hard in the middle of the interval after the step-6 checkpoint completed.
-    wait_for(while_running(process, lambda: (output / "checkpoints" / "step-6" / "manifest.json").exists()
-                           and progress_step(output) >= 7), 300, "the step-6 checkpoint and step 7", interval=0.05)
+    wait_for(
+        while_running(
+            process,
+            lambda: (
+                (output / "checkpoints" / "step-6" / "manifest.json").exists() and progress_step(output) >= 7
+            ),
+        ),
+        300,
+        "the step-6 checkpoint and step 7",
+        interval=0.05,
+    )
     killed_at = progress_step(output)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -56,8 +65,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_job) -> None:
     assert latest is not None and latest.step >= 6
     assert killed_at - latest.step <= 3  # at most one checkpoint interval is redone
 
-    result = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(job)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from complete checkpoint step {latest.step}" in result.stdout
     resumed = json.loads((output / "summary.json").read_text())
@@ -66,7 +76,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_job) -> None:
     assert abs(resumed["metrics"]["finalEvalLoss"] - reference["metrics"]["finalEvalLoss"]) < LOSS_TOLERANCE
     assert abs(final_step_loss(output) - final_step_loss(Path(reference["output"]))) < LOSS_TOLERANCE
     # the baseline measured before the kill is kept, not re-measured on a half-trained model
-    assert resumed["metrics"]["baselineEvalLoss"] == pytest.approx(reference["metrics"]["baselineEvalLoss"], abs=1e-6)
+    assert resumed["metrics"]["baselineEvalLoss"] == pytest.approx(
+        reference["metrics"]["baselineEvalLoss"], abs=1e-6
+    )
 
 
 def test_incomplete_checkpoint_is_ignored(make_job) -> None:
@@ -109,8 +121,13 @@ def test_changed_config_does_not_resume_into_old_checkpoints(make_job) -> None:
 
 def test_early_stopping_on_plateau_keeps_best(make_job) -> None:
     kwargs = job_kwargs()
-    kwargs["training"] = {"maxSteps": 40, "batchSizePerDevice": 2, "learningRate": 1e-9, "loggingSteps": 2,
-                          "earlyStopping": {"patience": 2, "minDelta": 0.01}}
+    kwargs["training"] = {
+        "maxSteps": 40,
+        "batchSizePerDevice": 2,
+        "learningRate": 1e-9,
+        "loggingSteps": 2,
+        "earlyStopping": {"patience": 2, "minDelta": 0.01},
+    }
     kwargs["evaluation"] = {"everySteps": 2, "numSamplePrompts": 0}
     kwargs["checkpoint"] = {"everySteps": 2, "keepLast": 1}
     job = make_job("plateau", **kwargs)
@@ -119,5 +136,7 @@ def test_early_stopping_on_plateau_keeps_best(make_job) -> None:
     assert summary["earlyStopped"] and summary["steps"] < 40
     best = summary["bestStep"]
     assert best is not None
-    steps = {p.name for p in (Path(summary["output"]) / "checkpoints").iterdir() if p.name.startswith("step-")}
+    steps = {
+        p.name for p in (Path(summary["output"]) / "checkpoints").iterdir() if p.name.startswith("step-")
+    }
     assert f"step-{best}" in steps  # the best checkpoint survives keepLast pruning

@@ -61,8 +61,13 @@ def write_job(directory: Path, model: Path, name: str, strategy: str | None = No
         "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
         "task": {"type": "instruction"},
         "datasets": [{"source": str(PYDOC), "maxExamples": 60}],
-        "training": {"maxSteps": STEPS, "batchSizePerDevice": 2, "maxSeqLength": 96, "loggingSteps": 1,
-                     "learningRate": 1e-3},
+        "training": {
+            "maxSteps": STEPS,
+            "batchSizePerDevice": 2,
+            "maxSeqLength": 96,
+            "loggingSteps": 1,
+            "learningRate": 1e-3,
+        },
         "checkpoint": {"everySteps": EVERY, "keepLast": 3},
         "evaluation": {"numSamplePrompts": 0},
         "output": {"uri": str(directory / f"out-{name}"), "exports": []},
@@ -71,15 +76,36 @@ def write_job(directory: Path, model: Path, name: str, strategy: str | None = No
     if strategy:
         spec["resources"] = {"nodes": 1, "gpusPerNode": 0, "strategy": strategy}
     path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                    "metadata": {"name": name}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+        )
+    )
     return path
 
 
 def torchrun(job: Path, output: Path) -> subprocess.CompletedProcess:
     """Two ranks on this machine (gloo); the trainer derives the DeepSpeed config from the spec."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "kubetune_trainer", "--config", str(job), "--output", str(output), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        str(job),
+        "--output",
+        str(output),
+        "--quiet",
+    ]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -101,8 +127,11 @@ def remanifest(checkpoint: Path) -> None:
     """Rewrite manifest.json over the changed files, as whoever can write the output can."""
     manifest = read_manifest(checkpoint)
     assert manifest is not None
-    extra = {k: v for k, v in manifest.items() if k not in {"step", "files", "configHash", "createdAt",
-                                                             "formatVersion"}}
+    extra = {
+        k: v
+        for k, v in manifest.items()
+        if k not in {"step", "files", "configHash", "createdAt", "formatVersion"}
+    }
     write_manifest(checkpoint, manifest["step"], manifest["configHash"], extra=extra)
 
 
@@ -154,8 +183,9 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tu
 
 
 @pytest.fixture(scope="module", params=["deepspeed-zero2", "deepspeed-zero3"])
-def deepspeed_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                  tiny_model: Path) -> tuple[Path, Path, str]:
+def deepspeed_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> tuple[Path, Path, str]:
     """(job, output, stage) of a finished two-rank DeepSpeed ZeRO run with checkpoints at steps 2 and 4."""
     stage = request.param
     directory = tmp_path_factory.mktemp(stage)
@@ -191,7 +221,9 @@ def test_deepspeed_resume_matches_uninterrupted_run(deepspeed_run, tmp_path: Pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from complete checkpoint step {EVERY}" in result.stdout
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["resumedFrom"] == f"step-{EVERY}" and summary["steps"] == STEPS and summary["worldSize"] == 2
+    assert (
+        summary["resumedFrom"] == f"step-{EVERY}" and summary["steps"] == STEPS and summary["worldSize"] == 2
+    )
     reference, resumed = losses(trained), losses(output)
     for step in range(EVERY + 1, STEPS + 1):
         assert abs(resumed[step] - reference[step]) < LOSS_TOLERANCE, stage
@@ -267,8 +299,11 @@ def test_planted_pickle_refused_single_process(single_run, tmp_path: Path, capsy
 
 
 def _deepspeed_files(stage: str, tag: str) -> dict[str, str]:
-    model_states = "mp_rank_00_model_states.pt" if stage == "deepspeed-zero2" else \
-        "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    model_states = (
+        "mp_rank_00_model_states.pt"
+        if stage == "deepspeed-zero2"
+        else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    )
     return {
         "model-states": f"{tag}/{model_states}",
         "optimizer-shard-rank0": f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -277,8 +312,9 @@ def _deepspeed_files(stage: str, tag: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("kind", ["model-states", "optimizer-shard-rank0", "optimizer-shard-rank1",
-                                  "rng-state-rank1"])
+@pytest.mark.parametrize(
+    "kind", ["model-states", "optimizer-shard-rank0", "optimizer-shard-rank1", "rng-state-rank1"]
+)
 def test_planted_pickle_refused_deepspeed(deepspeed_run, tmp_path: Path, capsys, kind: str) -> None:
     """Each DeepSpeed file (checked in-process: the check runs before anything distributed)."""
     job, trained, stage = deepspeed_run
@@ -396,6 +432,7 @@ def test_enforcement_overrides_explicit_weights_only_false(tmp_path: Path, paylo
     if payload == "exec":
         torch.save({"state": Payload(marker)}, path)
     else:
+
         class System:
             def __reduce__(self) -> tuple[Any, tuple[str]]:
                 return (os.system, (f"touch {marker}",))

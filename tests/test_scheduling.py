@@ -25,8 +25,10 @@ def gang(**gang_spec: Any) -> dict[str, Any]:
 
 
 def test_coscheduling_pod_group_is_created_before_the_job_and_pods_join_it() -> None:
-    children = render_children(cr(gang(provider="coscheduling", scheduleTimeoutSeconds=120), attempt=2),
-                               trusted(gang_schedulers=SCHEDULERS))
+    children = render_children(
+        cr(gang(provider="coscheduling", scheduleTimeoutSeconds=120), attempt=2),
+        trusted(gang_schedulers=SCHEDULERS),
+    )
     assert [c["kind"] for c in children][-2:] == ["PodGroup", "Job"]
     group = by_kind(children)["PodGroup"]
     assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
@@ -57,18 +59,29 @@ def test_without_gang_no_pod_group_and_the_default_scheduler() -> None:
 
 
 def test_a_provider_the_platform_did_not_enable_is_a_policy_violation() -> None:
-    with pytest.raises(PolicyViolation, match=r"spec.scheduling.gang.provider: coscheduling is not enabled on this "
-                       r"platform \(enabled: none"):
+    with pytest.raises(
+        PolicyViolation,
+        match=r"spec.scheduling.gang.provider: coscheduling is not enabled on this "
+        r"platform \(enabled: none",
+    ):
         render_children(cr(gang(provider="coscheduling")), trusted())
-    with pytest.raises(PolicyViolation, match=r"gang.provider: volcano is not enabled .*enabled: coscheduling"):
+    with pytest.raises(
+        PolicyViolation, match=r"gang.provider: volcano is not enabled .*enabled: coscheduling"
+    ):
         render_children(cr(gang(provider="volcano")), trusted(gang_schedulers={"coscheduling": "sp"}))
 
 
 def test_min_member_above_the_pods_and_a_volcano_timeout_are_refused_naming_the_field() -> None:
-    with pytest.raises(PolicyViolation, match=r"spec.scheduling.gang.minMember: 3 is more than the job's 2 pod"):
+    with pytest.raises(
+        PolicyViolation, match=r"spec.scheduling.gang.minMember: 3 is more than the job's 2 pod"
+    ):
         render_children(cr(gang(provider="coscheduling", minMember=3)), trusted(gang_schedulers=SCHEDULERS))
-    with pytest.raises(PolicyViolation, match=r"spec.scheduling.gang.scheduleTimeoutSeconds: coscheduling only"):
-        render_children(cr(gang(provider="volcano", scheduleTimeoutSeconds=5)), trusted(gang_schedulers=SCHEDULERS))
+    with pytest.raises(
+        PolicyViolation, match=r"spec.scheduling.gang.scheduleTimeoutSeconds: coscheduling only"
+    ):
+        render_children(
+            cr(gang(provider="volcano", scheduleTimeoutSeconds=5)), trusted(gang_schedulers=SCHEDULERS)
+        )
 
 
 def test_spec_fields_are_validated_and_no_scheduler_name_field_exists() -> None:
@@ -76,10 +89,13 @@ def test_spec_fields_are_validated_and_no_scheduler_name_field_exists() -> None:
     with pytest.raises(ValueError, match="provider"):
         FineTuneJobSpec.model_validate({**base, "scheduling": {"gang": {"provider": "kube-batch"}}})
     with pytest.raises(ValueError, match="schedulerName|extra"):
-        FineTuneJobSpec.model_validate({**base, "scheduling": {"gang": {"provider": "volcano",
-                                                                          "schedulerName": "mine"}}})
+        FineTuneJobSpec.model_validate(
+            {**base, "scheduling": {"gang": {"provider": "volcano", "schedulerName": "mine"}}}
+        )
     with pytest.raises(ValueError, match="minMember|min_member"):
-        FineTuneJobSpec.model_validate({**base, "scheduling": {"gang": {"provider": "volcano", "minMember": 0}}})
+        FineTuneJobSpec.model_validate(
+            {**base, "scheduling": {"gang": {"provider": "volcano", "minMember": 0}}}
+        )
 
 
 def test_platform_gang_schedulers_are_checked() -> None:
@@ -91,8 +107,10 @@ def test_platform_gang_schedulers_are_checked() -> None:
 
 def test_rendered_pod_groups_fit_the_vendored_upstream_crds() -> None:
     """Every field rendered exists in the upstream schema (the cluster test has the API server admit them)."""
-    for provider, crd_file in (("coscheduling", "scheduling.x-k8s.io_podgroups.yaml"),
-                               ("volcano", "scheduling.volcano.sh_podgroups.yaml")):
+    for provider, crd_file in (
+        ("coscheduling", "scheduling.x-k8s.io_podgroups.yaml"),
+        ("volcano", "scheduling.volcano.sh_podgroups.yaml"),
+    ):
         crd = yaml.safe_load((CRDS / crd_file).read_text())
         spec = {"provider": provider, "minMember": 2}
         if provider == "coscheduling":

@@ -22,8 +22,11 @@ def base() -> dict:
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "demo"},
-        "spec": {"model": {"source": "bundled://smollm2-135m-instruct"}, "task": {"type": "instruction"},
-                 "datasets": [{"source": "data.jsonl"}]},
+        "spec": {
+            "model": {"source": "bundled://smollm2-135m-instruct"},
+            "task": {"type": "instruction"},
+            "datasets": [{"source": "data.jsonl"}],
+        },
     }
 
 
@@ -67,7 +70,9 @@ def test_invalid_case_is_refused_naming_the_field(case) -> None:
         parse_job(case.manifest())
     assert names(caught.value.problems, case.field), caught.value.problems
     text = str(caught.value)
-    assert "Error" not in text and "pydantic" not in text and "spec: " not in text  # no class names, no doubling
+    assert (
+        "Error" not in text and "pydantic" not in text and "spec: " not in text
+    )  # no class names, no doubling
     assert all(len(p) < 400 for p in caught.value.problems), caught.value.problems
     assert LONG_KEY[:40] not in text  # a pasted secret is never printed back whole
 
@@ -88,7 +93,9 @@ def test_completion_task_needs_text_datasets() -> None:
     doc = base()
     doc["spec"]["task"] = {"type": "completion"}
     doc["spec"]["datasets"] = [{"source": "a.jsonl", "format": "alpaca"}]
-    with pytest.raises(ManifestError, match=r"spec.datasets\[0\].format: a completion task takes text datasets"):
+    with pytest.raises(
+        ManifestError, match=r"spec.datasets\[0\].format: a completion task takes text datasets"
+    ):
         parse_job(doc)
 
 
@@ -122,13 +129,15 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
 def test_validate_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base()))
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", str(good)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "validate", str(good)], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "valid FineTuneJob 'demo'" in result.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(mutate("spec.training.learningRate", -1)))
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", str(bad)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "validate", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 3
     assert "spec.training.learningRate" in result.stderr
 
@@ -147,13 +156,20 @@ def _load_bytes(tmp_path: Path, data: bytes) -> ManifestError:
 GOOD_YAML = yaml.safe_dump(base(), sort_keys=False)
 
 
-@pytest.mark.parametrize("data,expected", [
-    (GOOD_YAML.encode("utf-16"), "UTF-16 text; save it as UTF-8"),
-    (GOOD_YAML.encode("utf-16-le"), "save it as UTF-8"),
-    (GOOD_YAML.replace("demo", "démo").encode("latin-1"), ":4: invalid FineTuneJob:\n  - not UTF-8 text (byte 0xe9)"),
-    (b"\x7fELF\x02\x01\x01" + bytes(100), "binary"),
-    (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "compressed"),
-], ids=["utf16-bom", "utf16-no-bom", "latin1", "binary", "gzip"])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (GOOD_YAML.encode("utf-16"), "UTF-16 text; save it as UTF-8"),
+        (GOOD_YAML.encode("utf-16-le"), "save it as UTF-8"),
+        (
+            GOOD_YAML.replace("demo", "démo").encode("latin-1"),
+            ":4: invalid FineTuneJob:\n  - not UTF-8 text (byte 0xe9)",
+        ),
+        (b"\x7fELF\x02\x01\x01" + bytes(100), "binary"),
+        (b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4, "compressed"),
+    ],
+    ids=["utf16-bom", "utf16-no-bom", "latin1", "binary", "gzip"],
+)
 def test_unreadable_encodings_are_named(tmp_path: Path, data: bytes, expected: str) -> None:
     assert expected in str(_load_bytes(tmp_path, data))
 
@@ -192,10 +208,15 @@ def test_yaml_is_read_as_kubectl_reads_it(tmp_path: Path) -> None:
     doc["spec"]["resources"] = {"memory": "1e9"}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(doc).replace("'1e9'", "1e9"))
-    with pytest.raises(ManifestError, match="spec.resources.memory: Input should be a valid string, got a number"):
+    with pytest.raises(
+        ManifestError, match="spec.resources.memory: Input should be a valid string, got a number"
+    ):
         load_job(path)
-    path.write_text(GOOD_YAML.replace("source: bundled://smollm2-135m-instruct",
-                                      "source: org/model\n    revision: 2024-01-01"))
+    path.write_text(
+        GOOD_YAML.replace(
+            "source: bundled://smollm2-135m-instruct", "source: org/model\n    revision: 2024-01-01"
+        )
+    )
     assert load_job(path).spec.model.revision == "2024-01-01"
 
 

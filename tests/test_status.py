@@ -30,9 +30,19 @@ def test_waiting_for_pods_and_unschedulable() -> None:
     status = {"phase": "Pending", "attempt": 1}
     u = observe(cr(status), job(), [], T0)
     assert u.phase == "Pending" and u.action == Action.ENSURE and "scheduled" in u.status["message"]
-    unsched = pod(0, "Pending", node=None, conditions=[{"type": "PodScheduled", "status": "False",
-                                                       "reason": "Unschedulable",
-                                                       "message": "0/3 nodes: Insufficient nvidia.com/gpu"}])
+    unsched = pod(
+        0,
+        "Pending",
+        node=None,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes: Insufficient nvidia.com/gpu",
+            }
+        ],
+    )
     u = observe(cr(status), job(), [unsched], T0)
     assert u.phase == "Pending" and cond(u, "Running")["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in u.status["message"]
@@ -50,12 +60,16 @@ def test_initializing_then_running() -> None:
     later = T0 + timedelta(seconds=30)
     u2 = observe(cr({**status, **u.status}), job(), [pod(0), pod(1)], later)
     assert u2.phase == "Running" and u2.status["startTime"] == st.rfc3339(T0)
-    assert cond(u2, "Running")["status"] == "True" and cond(u2, "Running")["lastTransitionTime"] == st.rfc3339(later)
+    assert cond(u2, "Running")["status"] == "True" and cond(u2, "Running")[
+        "lastTransitionTime"
+    ] == st.rfc3339(later)
     assert [(e.type, e.reason) for e in u2.events] == [("Normal", "AllWorkersRunning")]
 
 
 def test_image_pull_problem_is_reported() -> None:
-    u = observe(cr({"phase": "Pending", "attempt": 1}), job(), [pod(0, "Pending", waiting="ImagePullBackOff")], T0)
+    u = observe(
+        cr({"phase": "Pending", "attempt": 1}), job(), [pod(0, "Pending", waiting="ImagePullBackOff")], T0
+    )
     assert u.phase == "Initializing" and "ImagePullBackOff" in u.status["message"]
     assert any(e.reason == "WorkerProblem" and e.type == "Warning" for e in u.events)
 
@@ -97,14 +111,31 @@ def test_exit_143_is_a_preemption_not_counted() -> None:
     assert cond(u, "Running")["reason"] == "Preempted"
 
 
-@pytest.mark.parametrize("victim", [
-    pod(0, conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
-                        "message": "preempted by a higher priority pod"}]),
-    pod(0, "Failed", pod_reason="Evicted", message="node low on memory"),
-    pod(0, "Failed", pod_reason="NodeLost"),
-    pod(0, "Failed", exit_code=137, conditions=[{"type": "DisruptionTarget", "status": "True",
-                                                  "reason": "DeletionByTaintManager"}]),
-], ids=["disruption-target", "evicted", "node-lost", "taint-manager-kill"])
+@pytest.mark.parametrize(
+    "victim",
+    [
+        pod(
+            0,
+            conditions=[
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "preempted by a higher priority pod",
+                }
+            ],
+        ),
+        pod(0, "Failed", pod_reason="Evicted", message="node low on memory"),
+        pod(0, "Failed", pod_reason="NodeLost"),
+        pod(
+            0,
+            "Failed",
+            exit_code=137,
+            conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}],
+        ),
+    ],
+    ids=["disruption-target", "evicted", "node-lost", "taint-manager-kill"],
+)
 def test_disruptions_are_preemptions(victim: dict[str, Any]) -> None:
     u = observe(cr(running()), job(), [victim, pod(1)], T0)
     assert u.status["preemptions"] == 1 and u.status["restarts"] == 0 and u.status["attempt"] == 2
@@ -143,7 +174,9 @@ def test_deadline() -> None:
     u = observe(cr(running(), **spec), job(), [pod(0), pod(1)], T0 + timedelta(seconds=100))
     assert u.phase == "Running" and u.requeue_after == pytest.approx(500)
     u = observe(cr(running(), **spec), job(), [pod(0), pod(1)], T0 + timedelta(seconds=601))
-    assert u.phase == "Failed" and cond(u, "Failed")["reason"] == "DeadlineExceeded" and u.action == Action.STOP
+    assert (
+        u.phase == "Failed" and cond(u, "Failed")["reason"] == "DeadlineExceeded" and u.action == Action.STOP
+    )
 
 
 def test_suspend_and_resume() -> None:
@@ -162,9 +195,19 @@ def test_suspend_and_resume() -> None:
 
 def test_ttl_after_finished() -> None:
     done = {"phase": "Succeeded", "attempt": 1, "completionTime": st.rfc3339(T0)}
-    u = observe(cr(done, runPolicy={"ttlSecondsAfterFinished": 60}), job(1, "Complete"), [], T0 + timedelta(seconds=20))
+    u = observe(
+        cr(done, runPolicy={"ttlSecondsAfterFinished": 60}),
+        job(1, "Complete"),
+        [],
+        T0 + timedelta(seconds=20),
+    )
     assert u.action == Action.NONE and u.requeue_after == pytest.approx(40)
-    u = observe(cr(done, runPolicy={"ttlSecondsAfterFinished": 60}), job(1, "Complete"), [], T0 + timedelta(seconds=61))
+    u = observe(
+        cr(done, runPolicy={"ttlSecondsAfterFinished": 60}),
+        job(1, "Complete"),
+        [],
+        T0 + timedelta(seconds=61),
+    )
     assert u.action == Action.DELETE and [e.reason for e in u.events] == ["TTLExpired"]
     u = observe(cr(done), job(1, "Complete"), [], T0 + timedelta(days=30))
     assert u.action == Action.NONE and u.requeue_after is None
@@ -180,7 +223,9 @@ def test_failed_job_still_running_is_stopped() -> None:
 
 def test_kueue_queued_and_evicted() -> None:
     u = observe(cr({"phase": "Pending", "attempt": 1}), job(suspend=True, queue="team-a"), [], T0)
-    assert u.phase == "Pending" and cond(u, "Running")["reason"] == "Queued" and "team-a" in u.status["message"]
+    assert (
+        u.phase == "Pending" and cond(u, "Running")["reason"] == "Queued" and "team-a" in u.status["message"]
+    )
     assert u.events == []
     u = observe(cr(running()), job(suspend=True, queue="team-a"), [], T0)
     assert u.phase == "Pending" and u.status["preemptions"] == 1 and u.status["attempt"] == 1
@@ -200,8 +245,10 @@ def test_generation_is_observed() -> None:
 
 def test_exit_code_reading() -> None:
     p = pod(0, "Failed")
-    p["status"]["containerStatuses"] = [{"name": "a", "state": {"terminated": {"exitCode": 0}}},
-                                        {"name": "trainer", "state": {"terminated": {"exitCode": 3}}}]
+    p["status"]["containerStatuses"] = [
+        {"name": "a", "state": {"terminated": {"exitCode": 0}}},
+        {"name": "trainer", "state": {"terminated": {"exitCode": 3}}},
+    ]
     assert st.exit_code(p) == 3
     assert st.exit_code(pod(0)) is None
 

@@ -24,6 +24,10 @@ def test_all_workers_finished_before_the_job_is_complete() -> None:
 
 
 def test_a_finished_worker_does_not_make_a_starting_job_running() -> None:
-    u = observe(cr({"phase": "Pending", "attempt": 1}), job(),
-                [pod(0, "Pending"), pod(1, "Succeeded", exit_code=0, reason="Completed")], T0)
+    u = observe(
+        cr({"phase": "Pending", "attempt": 1}),
+        job(),
+        [pod(0, "Pending"), pod(1, "Succeeded", exit_code=0, reason="Completed")],
+        T0,
+    )
     assert u.phase == "Initializing"

@@ -48,7 +48,9 @@ def write_tree(root: Path, files: dict[str, bytes]) -> dict[str, bytes]:
     return files
 
 
-def make_checkpoint(store: CheckpointStore, step: int, n_extra: int = 0, size: int = 200_000) -> dict[str, str]:
+def make_checkpoint(
+    store: CheckpointStore, step: int, n_extra: int = 0, size: int = 200_000
+) -> dict[str, str]:
     """Save a small checkpoint shaped like a trainer's into store.step_dir(step); returns rel -> sha256."""
     root = store.step_dir(step)
     files = {
@@ -103,10 +105,16 @@ def test_options_from_spec_and_env(tmp_path: Path) -> None:
     env = {"AWS_ENDPOINT_URL": "http://env:9000", "AWS_REGION": "eu-west-3", "AWS_CA_BUNDLE": str(ca)}
     opts = S3Options.from_env(env)
     assert (opts.endpoint_url, opts.region, opts.ca_bundle) == ("http://env:9000", "eu-west-3", str(ca))
-    spec = StorageSpec(s3=S3Spec(endpoint_url="https://minio.storage:9000", addressing_style="path",
-                                 verify_tls=False))
-    opts = S3Options.from_spec(spec, env={"AWS_DEFAULT_REGION": "us-west-2"}, max_attempts=4,
-                               access_key_id="AK", secret_access_key="never-shown")
+    spec = StorageSpec(
+        s3=S3Spec(endpoint_url="https://minio.storage:9000", addressing_style="path", verify_tls=False)
+    )
+    opts = S3Options.from_spec(
+        spec,
+        env={"AWS_DEFAULT_REGION": "us-west-2"},
+        max_attempts=4,
+        access_key_id="AK",
+        secret_access_key="never-shown",
+    )
     assert opts.endpoint_url == "https://minio.storage:9000" and opts.region == "us-west-2"
     assert opts.addressing_style == "path" and opts.verify_tls is False
     assert "never-shown" not in repr(opts)
@@ -142,10 +150,16 @@ def test_file_round_trip(s3_prefix: str, s3_options: S3Options, tmp_path: Path) 
 
 
 def test_tree_round_trip_with_last_files(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
-    files = write_tree(tmp_path / "src", {
-        "config.json": b"{}", "model.safetensors": os.urandom(300_000), "sub/deep/x.bin": os.urandom(5000),
-        "sub/y.txt": b"y", MANIFEST: b'{"step": 1}',
-    })
+    files = write_tree(
+        tmp_path / "src",
+        {
+            "config.json": b"{}",
+            "model.safetensors": os.urandom(300_000),
+            "sub/deep/x.bin": os.urandom(5000),
+            "sub/y.txt": b"y",
+            MANIFEST: b'{"step": 1}',
+        },
+    )
     puts = CallCounter(s3_options, "PutObject")
     try:
         uris = storage.upload_tree(tmp_path / "src", f"{s3_prefix}/tree", options=s3_options)
@@ -154,7 +168,8 @@ def test_tree_round_trip_with_last_files(s3_prefix: str, s3_options: S3Options, 
     assert len(uris) == len(files) and uris[-1].endswith(MANIFEST)
     assert puts.calls[-1]["Key"].endswith(f"tree/{MANIFEST}")  # stored only after all the others
     assert storage.list_dir(f"{s3_prefix}/tree", options=s3_options) == sorted(
-        ["config.json", "model.safetensors", "sub", MANIFEST])
+        ["config.json", "model.safetensors", "sub", MANIFEST]
+    )
     assert storage.list_tree(f"{s3_prefix}/tree", options=s3_options) == {k: len(v) for k, v in files.items()}
     got = storage.download_tree(f"{s3_prefix}/tree/", tmp_path / "dst", options=s3_options)
     assert len(got) == len(files)
@@ -166,7 +181,9 @@ def test_tree_round_trip_with_last_files(s3_prefix: str, s3_options: S3Options, 
 
 def test_local_paths_use_the_same_functions(tmp_path: Path) -> None:
     write_tree(tmp_path / "src", {"a.jsonl": b"1", "b.jsonl": b"2", "sub/c.jsonl": b"3", "x.txt": b"4"})
-    assert storage.expand(str(tmp_path / "src" / "*.jsonl")) == [str(tmp_path / "src" / n) for n in ("a.jsonl", "b.jsonl")]
+    assert storage.expand(str(tmp_path / "src" / "*.jsonl")) == [
+        str(tmp_path / "src" / n) for n in ("a.jsonl", "b.jsonl")
+    ]
     assert len(storage.expand(str(tmp_path / "src" / "**" / "*.jsonl"))) == 3
     assert len(storage.expand(str(tmp_path / "src"))) == 4
     assert storage.expand(str(tmp_path / "missing*")) == []
@@ -211,18 +228,31 @@ def test_multipart_upload_and_download_of_a_large_object(
 
 
 def test_glob_expansion_in_s3_keys(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
-    write_tree(tmp_path / "d", {"data/a.jsonl": b"a", "data/b.jsonl": b"b", "data/sub/c.jsonl": b"c",
-                                "data/x.txt": b"x", "data2/z.jsonl": b"z"})
+    write_tree(
+        tmp_path / "d",
+        {
+            "data/a.jsonl": b"a",
+            "data/b.jsonl": b"b",
+            "data/sub/c.jsonl": b"c",
+            "data/x.txt": b"x",
+            "data2/z.jsonl": b"z",
+        },
+    )
     storage.upload_tree(tmp_path / "d", s3_prefix, options=s3_options)
 
     def names(pattern: str) -> list[str]:
-        return [u[len(s3_prefix) + 1:] for u in storage.expand(f"{s3_prefix}/{pattern}", options=s3_options)]
+        return [u[len(s3_prefix) + 1 :] for u in storage.expand(f"{s3_prefix}/{pattern}", options=s3_options)]
 
     assert names("data/*.jsonl") == ["data/a.jsonl", "data/b.jsonl", "data/sub/c.jsonl"]  # fnmatch: * spans /
     assert names("data/?.jsonl") == ["data/a.jsonl", "data/b.jsonl"]
     assert names("data/[ab].*") == ["data/a.jsonl", "data/b.jsonl"]
     assert names("data*/*.jsonl") == ["data/a.jsonl", "data/b.jsonl", "data/sub/c.jsonl", "data2/z.jsonl"]
-    assert names("data") == ["data/a.jsonl", "data/b.jsonl", "data/sub/c.jsonl", "data/x.txt"]  # a "directory"
+    assert names("data") == [
+        "data/a.jsonl",
+        "data/b.jsonl",
+        "data/sub/c.jsonl",
+        "data/x.txt",
+    ]  # a "directory"
     assert names("data/") == names("data")
     assert names("data/x.txt") == ["data/x.txt"]
     assert names("data/*.parquet") == [] and names("nothing") == []
@@ -231,9 +261,14 @@ def test_glob_expansion_in_s3_keys(s3_prefix: str, s3_options: S3Options, tmp_pa
 def test_cached_model_second_call_downloads_nothing(
     s3_prefix: str, s3_options: S3Options, tmp_path: Path
 ) -> None:
-    files = write_tree(tmp_path / "model", {"config.json": b'{"model_type": "llama"}',
-                                            "model.safetensors": os.urandom(500_000),
-                                            "tokenizer/tokenizer.json": b"{}"})
+    files = write_tree(
+        tmp_path / "model",
+        {
+            "config.json": b'{"model_type": "llama"}',
+            "model.safetensors": os.urandom(500_000),
+            "tokenizer/tokenizer.json": b"{}",
+        },
+    )
     uri = f"{s3_prefix}/models/tiny-llama/"
     storage.upload_tree(tmp_path / "model", uri, options=s3_options)
     cache = tmp_path / "cache"
@@ -261,7 +296,9 @@ def test_cached_model_second_call_downloads_nothing(
         cached_model(f"{s3_prefix}/models/missing/", cache, options=s3_options)
 
 
-def test_cached_model_waits_for_a_download_in_progress(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
+def test_cached_model_waits_for_a_download_in_progress(
+    s3_prefix: str, s3_options: S3Options, tmp_path: Path
+) -> None:
     """A second caller for a model that is being downloaded waits on the cache's file lock and then
     uses that download: the objects are fetched once."""
     write_tree(tmp_path / "model", {"config.json": b"{}", "model.safetensors": os.urandom(100_000)})
@@ -320,8 +357,12 @@ def test_checkpoint_publish_then_resume_into_an_empty_directory(
     for step in (5, 10):
         digests[step] = make_checkpoint(store, step)
         started = time.monotonic()
-        store.publish(tmp_path / "stage" / f"step-{step}", step,
-                      config_hash(cfg), {"loss": 1.0 / step, "epoch": step / 10})
+        store.publish(
+            tmp_path / "stage" / f"step-{step}",
+            step,
+            config_hash(cfg),
+            {"loss": 1.0 / step, "epoch": step / 10},
+        )
         assert time.monotonic() - started < 2  # returns while the upload runs in the background
     refs = store.wait(timeout=120)
     assert [r.step for r in refs] == [5, 10] and store.pending() == 0
@@ -349,7 +390,9 @@ def test_checkpoint_publish_then_resume_into_an_empty_directory(
     fresh.close()
 
 
-def test_checkpoint_without_manifest_is_ignored(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
+def test_checkpoint_without_manifest_is_ignored(
+    s3_prefix: str, s3_options: S3Options, tmp_path: Path
+) -> None:
     output = f"{s3_prefix}/run"
     with CheckpointStore(output, s3_options, staging_dir=tmp_path / "stage") as store:
         make_checkpoint(store, 10)
@@ -367,7 +410,9 @@ def test_checkpoint_without_manifest_is_ignored(s3_prefix: str, s3_options: S3Op
             store.fetch(20, tmp_path / "x")
 
 
-def test_prune_keeps_last_k_and_the_protected_step(s3_prefix: str, s3_options: S3Options, tmp_path: Path) -> None:
+def test_prune_keeps_last_k_and_the_protected_step(
+    s3_prefix: str, s3_options: S3Options, tmp_path: Path
+) -> None:
     output = f"{s3_prefix}/run"
     with CheckpointStore(output, s3_options, staging_dir=tmp_path / "stage") as store:
         for step in (10, 20, 30, 40):
@@ -406,8 +451,10 @@ def test_publish_prunes_in_the_background_after_each_upload(
 def test_stores_with_different_prefixes_never_see_each_other(
     s3_prefix: str, s3_options: S3Options, tmp_path: Path
 ) -> None:
-    stores = {name: CheckpointStore(f"{s3_prefix}/{name}", s3_options, staging_dir=tmp_path / name)
-              for name in ("run1", "run10", "run1-b")}
+    stores = {
+        name: CheckpointStore(f"{s3_prefix}/{name}", s3_options, staging_dir=tmp_path / name)
+        for name in ("run1", "run10", "run1-b")
+    }
     for step, name in enumerate(stores, start=1):
         make_checkpoint(stores[name], step * 100, size=1000)
         stores[name].publish(tmp_path / name / f"step-{step * 100}", step * 100, name)
@@ -427,8 +474,14 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
     try:
         opts = server.options(max_attempts=2, connect_timeout=1.0, read_timeout=10.0)
         output = f"s3://{server.bucket}/job"
-        store = CheckpointStore(output, opts, staging_dir=tmp_path / "stage", backoff_base=0.2,
-                                backoff_max=1.0, retry_deadline=300)
+        store = CheckpointStore(
+            output,
+            opts,
+            staging_dir=tmp_path / "stage",
+            backoff_base=0.2,
+            backoff_max=1.0,
+            retry_deadline=300,
+        )
         make_checkpoint(store, 1, size=1000)
         store.publish(tmp_path / "stage" / "step-1", 1, "h")
         store.wait(60)
@@ -483,8 +536,10 @@ def test_outage_during_background_upload_completes_later(tmp_path: Path) -> None
         step2 = "job/checkpoints/step-2/"
         observations = 0
         while not future.done():
-            listing = {o["Key"][len(step2):]: o["Size"]
-                       for o in monitor.list_objects_v2(Bucket=server.bucket, Prefix=step2).get("Contents", [])}
+            listing = {
+                o["Key"][len(step2) :]: o["Size"]
+                for o in monitor.list_objects_v2(Bucket=server.bucket, Prefix=step2).get("Contents", [])
+            }
             if MANIFEST in listing:
                 assert all(rel in listing for rel in digests), "manifest visible before all files"
             latest = reader.latest()
@@ -599,8 +654,13 @@ def test_throttling_503_slowdown_is_retried(s3_server: SeaweedS3, s3_prefix: str
         proxy.fail_next(0)
 
         # A background upload outlasts it: the store retries beyond the client's attempts.
-        store = CheckpointStore(f"s3://{s3_server.bucket}/{prefix_key}/run", opts.with_(max_attempts=2),
-                                staging_dir=tmp_path / "stage", backoff_base=0.1, backoff_max=0.5)
+        store = CheckpointStore(
+            f"s3://{s3_server.bucket}/{prefix_key}/run",
+            opts.with_(max_attempts=2),
+            staging_dir=tmp_path / "stage",
+            backoff_base=0.1,
+            backoff_max=0.5,
+        )
         digests = make_checkpoint(store, 7, size=2000)
         proxy.fail_next(9)
         store.publish(tmp_path / "stage" / "step-7", 7, "h")
@@ -653,8 +713,9 @@ def test_local_checkpoint_store(tmp_path: Path) -> None:
 
 def test_manifest_format_and_config_hash(tmp_path: Path) -> None:
     write_tree(tmp_path / "c", {"b.bin": b"bb", "a/x.bin": b"x"})
-    manifest = write_manifest(tmp_path / "c", 12, config_hash({"b": 1, "a": [1, 2]}),
-                              {"loss": 0.5, "step": 999})
+    manifest = write_manifest(
+        tmp_path / "c", 12, config_hash({"b": 1, "a": [1, 2]}), {"loss": 0.5, "step": 999}
+    )
     on_disk = json.loads((tmp_path / "c" / MANIFEST).read_text())
     assert on_disk == manifest
     assert manifest["step"] == 12  # extra cannot override the fixed keys
@@ -678,8 +739,14 @@ def test_tls_endpoint_with_ca_bundle(s3_server: SeaweedS3, s3_prefix: str) -> No
     assert storage.read_bytes(uri, options=tls) == b"over tls"
     # The spec's caBundle reaches the client the same way.
     from_spec = S3Options.from_spec(
-        S3Spec(endpoint_url=s3_server.https_endpoint_url, addressing_style="path", ca_bundle=s3_server.ca_bundle),
-        env={}, region="us-east-1", access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key)
+        S3Spec(
+            endpoint_url=s3_server.https_endpoint_url, addressing_style="path", ca_bundle=s3_server.ca_bundle
+        ),
+        env={},
+        region="us-east-1",
+        access_key_id=s3_server.access_key,
+        secret_access_key=s3_server.secret_key,
+    )
     assert storage.read_bytes(uri, options=from_spec) == b"over tls"
     # Without the CA: a clear, permanent error.
     started = time.monotonic()

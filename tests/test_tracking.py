@@ -30,11 +30,11 @@ def wandb_records(path: Path) -> list[Any]:
         if room < 7:  # block trailer
             position += room
             continue
-        length = int.from_bytes(data[position + 4:position + 6], "little")
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
         kind = data[position + 6]
         if position + 7 + length > len(data):  # still being written
             break
-        pending += data[position + 7:position + 7 + length]
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk
             record = pb.Record()
@@ -44,7 +44,9 @@ def wandb_records(path: Path) -> list[Any]:
     return records
 
 
-def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path: Path, monkeypatch, capfd) -> None:
+def test_wandb_offline_and_mlflow_file_store_receive_metrics(
+    make_job, tmp_path: Path, monkeypatch, capfd
+) -> None:
     import mlflow
 
     from kubetune_trainer import tracking
@@ -54,10 +56,15 @@ def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path:
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
     store = tmp_path / "mlruns"
-    path = make_job("tracked", training={"maxSteps": 3, "loggingSteps": 1},
-                    tracking={"tensorboard": False,
-                              "wandb": {"project": "kubetune-test", "mode": "offline"},
-                              "mlflow": {"trackingUri": f"file:{store}", "experiment": "kubetune-test"}})
+    path = make_job(
+        "tracked",
+        training={"maxSteps": 3, "loggingSteps": 1},
+        tracking={
+            "tensorboard": False,
+            "wandb": {"project": "kubetune-test", "mode": "offline"},
+            "mlflow": {"trackingUri": f"file:{store}", "experiment": "kubetune-test"},
+        },
+    )
     code, summary = run_trainer(str(path), show_progress=True)
     tracking.finish_runs(summary)  # a no-op when train.run already closed them
     assert code == 0
@@ -71,8 +78,11 @@ def test_wandb_offline_and_mlflow_file_store_receive_metrics(make_job, tmp_path:
         return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
 
     records = wait_for(finished, 60, f"the exit record in {run_file}", interval=0.5)
-    history = [{"/".join(item.nested_key) or item.key: item.value_json for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {"/".join(item.nested_key) or item.key: item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     train_steps = [int(h["train/global_step"]) for h in history if "train/loss" in h]
     eval_steps = [int(h["train/global_step"]) for h in history if "eval/loss" in h]
     assert train_steps == [1, 2, 3] and eval_steps == [0, 3], history  # baseline and final evaluation
@@ -131,7 +141,9 @@ def test_only_rank_zero_tracks(tmp_path: Path) -> None:
 def test_uris_are_printed_without_credentials() -> None:
     from kubetune_trainer.tracking import redact_uri
 
-    assert redact_uri("https://user:s3cret@mlflow.example.com:5000/x") == "https://***@mlflow.example.com:5000/x"
+    assert (
+        redact_uri("https://user:s3cret@mlflow.example.com:5000/x") == "https://***@mlflow.example.com:5000/x"
+    )
     assert redact_uri("file:/tmp/mlruns") == "file:/tmp/mlruns"
 
 
@@ -140,9 +152,14 @@ def test_an_unreachable_tracking_server_does_not_fail_training(make_job, monkeyp
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    path = make_job("down", training={"maxSteps": 2},
-                    tracking={"tensorboard": False,
-                              "mlflow": {"trackingUri": "http://kt-user:pw-0cc175b9c0f1@127.0.0.1:9"}})
+    path = make_job(
+        "down",
+        training={"maxSteps": 2},
+        tracking={
+            "tensorboard": False,
+            "mlflow": {"trackingUri": "http://kt-user:pw-0cc175b9c0f1@127.0.0.1:9"},
+        },
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     tracking.finish_runs(summary)
     assert code == 0 and summary["steps"] == 2

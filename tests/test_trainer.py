@@ -25,8 +25,10 @@ TASK_DATA = {
 METHODS = {
     "full": {"type": "full"},
     "lora": {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}},
-    "qlora": {"type": "qlora", "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True,
-                                               "computeDtype": "float32"}},
+    "qlora": {
+        "type": "qlora",
+        "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"},
+    },
 }
 
 
@@ -34,8 +36,13 @@ METHODS = {
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_by_task_trains(make_job, method: str, task: str) -> None:
     exports = ["merged"] if method == "full" else ["adapter", "merged"]
-    path = make_job(f"{method}-{task}", method=METHODS[method], task={"type": task},
-                    datasets=[TASK_DATA[task]], output={"exports": exports})
+    path = make_job(
+        f"{method}-{task}",
+        method=METHODS[method],
+        task={"type": task},
+        datasets=[TASK_DATA[task]],
+        output={"exports": exports},
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     assert summary["steps"] == 3 and summary["trainedTokens"] > 0
@@ -59,13 +66,19 @@ def test_method_by_task_trains(make_job, method: str, task: str) -> None:
 
 
 def test_summary_is_written_last_and_checkpoints_are_complete(make_job) -> None:
-    path = make_job("order", training={"maxSteps": 4}, checkpoint={"everySteps": 2, "keepLast": 1},
-                    tracking={"tensorboard": True})
+    path = make_job(
+        "order",
+        training={"maxSteps": 4},
+        checkpoint={"everySteps": 2, "keepLast": 1},
+        tracking={"tensorboard": True},
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     output = Path(summary["output"])
     summary_time = (output / "summary.json").stat().st_mtime
-    newest_other = max(p.stat().st_mtime for p in output.rglob("*") if p.is_file() and p.name != "summary.json")
+    newest_other = max(
+        p.stat().st_mtime for p in output.rglob("*") if p.is_file() and p.name != "summary.json"
+    )
     assert summary_time >= newest_other
     steps = sorted(p.name for p in (output / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert steps == ["step-4"]  # keepLast 1
@@ -74,7 +87,11 @@ def test_summary_is_written_last_and_checkpoints_are_complete(make_job) -> None:
     assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"  # our step-N naming did not leak
     manifest = json.loads((output / "checkpoints" / "step-4" / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["configHash"] == summary["configHash"]
-    assert {f["path"] for f in manifest["files"]} >= {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth"}
+    assert {f["path"] for f in manifest["files"]} >= {
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+    }
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (output / "samples" / "samples.jsonl").read_text().splitlines()
@@ -117,7 +134,9 @@ def test_data_error_exits_with_do_not_retry_code(make_job, tmp_path: Path) -> No
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
     path = make_job("bad", datasets=[{"source": str(bad)}])
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == EXIT_CONFIG_ERROR
     assert f"{bad}:2: not valid JSON" in result.stderr
     assert not (tmp_path / "out-bad" / "summary.json").exists()
@@ -131,12 +150,20 @@ def test_offline_hub_id_is_a_clear_error(make_job) -> None:
 
 @pytest.mark.slow
 def test_bundled_smollm2_loss_goes_down(make_job) -> None:
-    path = make_job("smol", model={"source": "bundled://smollm2-135m-instruct"},
-                    task={"type": "instruction", "template": "chat-template"},
-                    datasets=[{"source": str(DATA / "pydoc_instructions.jsonl"), "maxExamples": 120}],
-                    validation={"fraction": 0.1},
-                    training={"maxSteps": 8, "batchSizePerDevice": 4, "maxSeqLength": 128, "learningRate": 1e-3,
-                              "loggingSteps": 1})
+    path = make_job(
+        "smol",
+        model={"source": "bundled://smollm2-135m-instruct"},
+        task={"type": "instruction", "template": "chat-template"},
+        datasets=[{"source": str(DATA / "pydoc_instructions.jsonl"), "maxExamples": 120}],
+        validation={"fraction": 0.1},
+        training={
+            "maxSteps": 8,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 128,
+            "learningRate": 1e-3,
+            "loggingSteps": 1,
+        },
+    )
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0
     metrics = summary["metrics"]
@@ -162,8 +189,12 @@ def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path
     labels[1, 15:] = -100  # padding
     mask = torch.ones_like(ids)
     mask[1, 15:] = 0
-    trainer = make_trainer(seed=0, group_by_length=True, model=model,
-                           args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    trainer = make_trainer(
+        seed=0,
+        group_by_length=True,
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     ours = trainer.compute_loss(model, dict(batch))
     reference = model(**batch).loss

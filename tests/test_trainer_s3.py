@@ -21,8 +21,14 @@ pytestmark = pytest.mark.slow  # an S3 server and training
 
 
 def trainer_env(server, workdir: Path) -> dict[str, str]:
-    return {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            "AWS_REGION": server.region, "KUBETUNE_WORKDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_REGION": server.region,
+        "KUBETUNE_WORKDIR": str(workdir),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def test_s3_job_resumes_on_an_empty_disk(make_job, s3_server, s3_prefix, tiny_model, tmp_path: Path) -> None:
@@ -41,19 +47,30 @@ def test_s3_job_resumes_on_an_empty_disk(make_job, s3_server, s3_prefix, tiny_mo
         output={"uri": output, "exports": ["adapter", "merged"]},
     )
     store = CheckpointStore(output, options)
-    first_pod = subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
-                                 env=trainer_env(s3_server, tmp_path / "pod-1"), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-    wait_for(while_running(first_pod, lambda: (latest := store.latest()) is not None and latest.step >= 3), 600,
-             "a complete checkpoint of step 3 or later in S3")
+    first_pod = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
+        env=trainer_env(s3_server, tmp_path / "pod-1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(
+        while_running(first_pod, lambda: (latest := store.latest()) is not None and latest.step >= 3),
+        600,
+        "a complete checkpoint of step 3 or later in S3",
+    )
     first_pod.send_signal(signal.SIGKILL)  # the node is lost
     first_pod.wait()
     assert not storage.exists(f"{output}/summary.json", options=options)
     resume_step = store.latest().step
 
     # A new pod on another node: an empty work directory, everything comes from S3.
-    second = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
-                            env=trainer_env(s3_server, tmp_path / "pod-2"), capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(job)],
+        env=trainer_env(s3_server, tmp_path / "pod-2"),
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from complete checkpoint step {resume_step}" in second.stdout
     summary = json.loads(storage.read_bytes(f"{output}/summary.json", options=options))
@@ -72,5 +89,7 @@ def test_s3_job_resumes_on_an_empty_disk(make_job, s3_server, s3_prefix, tiny_mo
     # the secret never lands in what the trainer wrote
     for uri in storage.expand(f"{output}/**", options=options):
         if uri.endswith((".json", ".md", ".jsonl")):
-            assert s3_server.secret_key not in storage.read_bytes(uri, options=options).decode(errors="ignore")
+            assert s3_server.secret_key not in storage.read_bytes(uri, options=options).decode(
+                errors="ignore"
+            )
     assert s3_server.secret_key not in second.stdout + second.stderr

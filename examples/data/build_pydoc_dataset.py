@@ -18,12 +18,63 @@ import json
 import random
 import sys
 
-MODULES = ["os", "os.path", "shutil", "json", "re", "math", "statistics", "string", "textwrap", "itertools",
-           "functools", "collections", "heapq", "bisect", "random", "datetime", "time", "pathlib", "glob",
-           "fnmatch", "tempfile", "hashlib", "base64", "binascii", "zlib", "gzip", "csv", "difflib", "operator",
-           "copy", "pprint", "urllib.parse", "html", "uuid", "secrets", "fractions", "decimal", "calendar",
-           "locale", "shlex", "platform", "sys", "subprocess", "threading", "queue", "socket", "struct",
-           "unicodedata", "keyword", "ipaddress", "email.utils", "zipfile", "tarfile", "logging", "warnings"]
+MODULES = [
+    "os",
+    "os.path",
+    "shutil",
+    "json",
+    "re",
+    "math",
+    "statistics",
+    "string",
+    "textwrap",
+    "itertools",
+    "functools",
+    "collections",
+    "heapq",
+    "bisect",
+    "random",
+    "datetime",
+    "time",
+    "pathlib",
+    "glob",
+    "fnmatch",
+    "tempfile",
+    "hashlib",
+    "base64",
+    "binascii",
+    "zlib",
+    "gzip",
+    "csv",
+    "difflib",
+    "operator",
+    "copy",
+    "pprint",
+    "urllib.parse",
+    "html",
+    "uuid",
+    "secrets",
+    "fractions",
+    "decimal",
+    "calendar",
+    "locale",
+    "shlex",
+    "platform",
+    "sys",
+    "subprocess",
+    "threading",
+    "queue",
+    "socket",
+    "struct",
+    "unicodedata",
+    "keyword",
+    "ipaddress",
+    "email.utils",
+    "zipfile",
+    "tarfile",
+    "logging",
+    "warnings",
+]
 QUESTIONS = [
     "What does the Python function `{name}` do?",
     "Explain `{name}` from the Python standard library.",
@@ -56,7 +107,9 @@ def rows() -> list[dict[str, str]]:
             if not 40 <= len(answer) <= 600:
                 continue
             name = f"{module_name}.{attr}"
-            result.append({"instruction": rng.choice(QUESTIONS).format(name=name), "input": "", "output": answer})
+            result.append(
+                {"instruction": rng.choice(QUESTIONS).format(name=name), "input": "", "output": answer}
+            )
     return result
 
 
@@ -64,14 +117,22 @@ def chats(data: list[dict[str, str]]) -> list[dict]:
     rng = random.Random(1)
     conversations = []
     for first, second in zip(data[::2], data[1::2], strict=False):
-        conversations.append({"messages": [
-            {"role": "system", "content": "You are a concise Python documentation assistant."},
-            {"role": "user", "content": first["instruction"]},
-            {"role": "assistant", "content": first["output"]},
-            {"role": "user", "content": rng.choice(["And ", "What about ", "Now "]) + second["instruction"][0].lower()
-             + second["instruction"][1:]},
-            {"role": "assistant", "content": second["output"]},
-        ]})
+        conversations.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a concise Python documentation assistant."},
+                    {"role": "user", "content": first["instruction"]},
+                    {"role": "assistant", "content": first["output"]},
+                    {
+                        "role": "user",
+                        "content": rng.choice(["And ", "What about ", "Now "])
+                        + second["instruction"][0].lower()
+                        + second["instruction"][1:],
+                    },
+                    {"role": "assistant", "content": second["output"]},
+                ]
+            }
+        )
     return conversations
 
 
@@ -94,4 +155,6 @@ if __name__ == "__main__":
     (out / "pydoc_chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
     texts = module_texts()
     (out / "pydoc_modules.txt").write_text("\n\n".join(texts) + "\n")
-    print(f"wrote {len(data)} instructions, {len(conversations)} conversations, {len(texts)} module texts to {out}")
+    print(
+        f"wrote {len(data)} instructions, {len(conversations)} conversations, {len(texts)} module texts to {out}"
+    )

@@ -48,14 +48,18 @@ def chat_pairs(text_pairs: list[dict[str, str]]) -> list[dict]:
     """Multi-turn prompts: the first pair's exchange, then the second pair's question."""
     result = []
     for first, second in zip(text_pairs[1::2], text_pairs[::2], strict=False):
-        result.append({
-            "prompt": [{"role": "system", "content": SYSTEM},
-                       {"role": "user", "content": first["prompt"]},
-                       {"role": "assistant", "content": first["chosen"]},
-                       {"role": "user", "content": second["prompt"]}],
-            "chosen": [{"role": "assistant", "content": second["chosen"]}],
-            "rejected": [{"role": "assistant", "content": second["rejected"]}],
-        })
+        result.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": first["prompt"]},
+                    {"role": "assistant", "content": first["chosen"]},
+                    {"role": "user", "content": second["prompt"]},
+                ],
+                "chosen": [{"role": "assistant", "content": second["chosen"]}],
+                "rejected": [{"role": "assistant", "content": second["rejected"]}],
+            }
+        )
     return result
 
 

@@ -42,8 +42,17 @@ def _rv(obj: Mapping[str, Any]) -> int:
 
 
 def _slim_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("name", "namespace", "uid", "resourceVersion", "generation", "labels", "ownerReferences",
-            "deletionTimestamp", "creationTimestamp")
+    keep = (
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "labels",
+        "ownerReferences",
+        "deletionTimestamp",
+        "creationTimestamp",
+    )
     return {k: meta[k] for k in keep if k in meta}
 
 
@@ -59,8 +68,13 @@ def slim(kind: str, obj: Mapping[str, Any]) -> dict[str, Any]:
         kept = {k: spec[k] for k in ("suspend", "completions", "parallelism") if k in spec}
     else:
         kept = {k: spec[k] for k in ("nodeName", "schedulerName") if k in spec}
-    return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": _slim_meta(meta),
-            "spec": kept, "status": obj.get("status") or {}}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": _slim_meta(meta),
+        "spec": kept,
+        "status": obj.get("status") or {},
+    }
 
 
 @dataclass
@@ -107,8 +121,13 @@ class ObjectCache:
             self.relists[kind] += 1
             held = len(store.objects)
         if relisted:  # a watch expired (410 Gone), the API server restarted, or this replica resumed
-            log.info("relisted %s%s: %d held, %d dropped", kind, f" in {namespace}" if namespace else "",
-                     held, dropped)
+            log.info(
+                "relisted %s%s: %d held, %d dropped",
+                kind,
+                f" in {namespace}" if namespace else "",
+                held,
+                dropped,
+            )
 
     def apply_event(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
         """One raw watch event (type None: an object of a listing)."""
@@ -186,7 +205,9 @@ class ObjectCache:
         owner = self._owner_of(kind, obj)
         if old is not None and old.owner != owner:
             self._unindex(store, key, old.owner)
-        store.objects[key] = _Entry(_rv(obj), owner, json.dumps(slim(kind, obj), separators=(",", ":")).encode())
+        store.objects[key] = _Entry(
+            _rv(obj), owner, json.dumps(slim(kind, obj), separators=(",", ":")).encode()
+        )
         store.by_owner.setdefault((key[0], owner), set()).add(key[1])
 
     def _remove(self, store: _Kind, key: tuple[str, str]) -> None:
@@ -218,23 +239,30 @@ def install_watch_hook(cache: ObjectCache, watching: Any = None) -> None:
         return
     listed_mark = watching.Bookmark.LISTED
 
-    async def continuous_watch(*, settings: Any, resource: Any, namespace: str | None,
-                               operator_pause_waiter: Any) -> AsyncIterator[Any]:
+    async def continuous_watch(
+        *, settings: Any, resource: Any, namespace: str | None, operator_pause_waiter: Any
+    ) -> AsyncIterator[Any]:
         kind = WATCHED.get((resource.group, resource.plural))
         target: ObjectCache = continuous_watch._kubetune_cache  # type: ignore[attr-defined]
         if kind is not None:
             target.begin_listing(kind, namespace)
-        async for event in original(settings=settings, resource=resource, namespace=namespace,
-                                    operator_pause_waiter=operator_pause_waiter):
+        async for event in original(
+            settings=settings,
+            resource=resource,
+            namespace=namespace,
+            operator_pause_waiter=operator_pause_waiter,
+        ):
             if kind is not None:
                 if event is listed_mark:
                     target.listed(kind, namespace)
-                elif isinstance(event, Mapping) and isinstance(event.get("object"), Mapping) \
-                        and event.get("type") in (None, "ADDED", "MODIFIED", "DELETED"):
+                elif (
+                    isinstance(event, Mapping)
+                    and isinstance(event.get("object"), Mapping)
+                    and event.get("type") in (None, "ADDED", "MODIFIED", "DELETED")
+                ):
                     target.apply_event(kind, event.get("type"), event["object"])
             yield event
 
     continuous_watch._kubetune_cache = cache  # type: ignore[attr-defined]
     continuous_watch._kubetune_original = original  # type: ignore[attr-defined]
     watching.continuous_watch = continuous_watch
-

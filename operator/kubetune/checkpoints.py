@@ -138,13 +138,15 @@ def write_manifest(
         for rel in _checkpoint_files(root)
     ]
     manifest: dict[str, Any] = dict(extra or {})
-    manifest.update({
-        "step": int(step),
-        "files": files,
-        "configHash": config_hash,
-        "createdAt": _now_rfc3339(),
-        "formatVersion": FORMAT_VERSION,
-    })
+    manifest.update(
+        {
+            "step": int(step),
+            "files": files,
+            "configHash": config_hash,
+            "createdAt": _now_rfc3339(),
+            "formatVersion": FORMAT_VERSION,
+        }
+    )
     data = json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8") + b"\n"
     tmp = root / f"{_TMP_PREFIX}-{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "wb") as f:
@@ -351,7 +353,11 @@ class CheckpointStore:
         storage.download_tree(self.step_uri(step), dest, options=self.options, only=wanted)
         for entry in manifest["files"]:
             path = dest / entry["path"]
-            if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            if (
+                not path.is_file()
+                or path.stat().st_size != entry["size"]
+                or sha256_file(path) != entry["sha256"]
+            ):
                 raise CheckpointError(
                     f"checkpoint {self.step_uri(step)}: {entry['path']} does not match the manifest "
                     f"(size or sha256 differ): the object was changed after the manifest was written"
@@ -428,8 +434,9 @@ class CheckpointStore:
                 if not stale_removed:
                     storage.delete(manifest_uri, options=self.options)
                     stale_removed = True
-                storage.upload_tree(src, step_uri, last=(), options=self.options,
-                                    skip=done | {MANIFEST}, on_uploaded=done.add)
+                storage.upload_tree(
+                    src, step_uri, last=(), options=self.options, skip=done | {MANIFEST}, on_uploaded=done.add
+                )
                 remote = storage.list_tree(step_uri, options=self.options)
                 missing = [f["path"] for f in manifest["files"] if remote.get(f["path"]) != f["size"]]
                 if missing:
@@ -437,7 +444,8 @@ class CheckpointStore:
                     raise StorageError(
                         f"checkpoint {step_uri}: {len(missing)} uploaded file(s) not found with the right size "
                         f"(first: {missing[0]}); uploading them again",
-                        uri=step_uri, retryable=True,
+                        uri=step_uri,
+                        retryable=True,
                     )
                 storage.upload_file(src / MANIFEST, manifest_uri, options=self.options)
                 break
@@ -450,17 +458,29 @@ class CheckpointStore:
                 if time.monotonic() + delay > deadline:
                     log.error("checkpoint step %d: giving up after %d attempts: %s", step, attempt, exc)
                     raise
-                log.warning("checkpoint step %d: upload attempt %d failed (%s); retrying in %.1fs",
-                            step, attempt, exc, delay)
+                log.warning(
+                    "checkpoint step %d: upload attempt %d failed (%s); retrying in %.1fs",
+                    step,
+                    attempt,
+                    exc,
+                    delay,
+                )
                 if self._closing.wait(delay):
-                    raise CheckpointUploadError(f"checkpoint step {step}: store closed before the upload "
-                                                f"completed", [step]) from exc
+                    raise CheckpointUploadError(
+                        f"checkpoint step {step}: store closed before the upload completed", [step]
+                    ) from exc
         ref = CheckpointRef(step, step_uri, manifest)
         if self._staging is not None and src.parent.resolve() == self._staging.resolve():
             shutil.rmtree(src, ignore_errors=True)  # a staging copy made by step_dir(): no longer needed
         total = sum(f["size"] for f in manifest["files"])
-        log.info("checkpoint step %d complete at %s (%.1f MB, %.1fs, %d retries)", step, step_uri,
-                 total / 1e6, time.monotonic() - started, attempt)
+        log.info(
+            "checkpoint step %d complete at %s (%.1f MB, %.1fs, %d retries)",
+            step,
+            step_uri,
+            total / 1e6,
+            time.monotonic() - started,
+            attempt,
+        )
         self._after_complete(ref, keep_last, protect)
         return ref
 
@@ -496,9 +516,13 @@ class CheckpointStore:
             kept = set(complete[-keep_last:])
             oldest_kept = min(kept)
             latest = complete[-1]
-            doomed = [s for s in self.all_steps()
-                      if s not in kept and s not in protected
-                      and ((s in complete and s < oldest_kept) or (s not in complete and s < latest))]
+            doomed = [
+                s
+                for s in self.all_steps()
+                if s not in kept
+                and s not in protected
+                and ((s in complete and s < oldest_kept) or (s not in complete and s < latest))
+            ]
             for step in doomed:
                 storage.delete_tree(self.step_uri(step), options=self.options, first=(MANIFEST,))
                 log.info("pruned checkpoint %s", self.step_uri(step))
@@ -531,7 +555,9 @@ class CheckpointStore:
         if failed:
             steps = [s for s, _ in failed]
             first = failed[0][1]
-            raise CheckpointUploadError(f"checkpoint upload failed for step(s) {steps}: {first}", steps) from first
+            raise CheckpointUploadError(
+                f"checkpoint upload failed for step(s) {steps}: {first}", steps
+            ) from first
         if not_done:
             raise TimeoutError(f"{len(not_done)} checkpoint upload(s) still running after {timeout}s")
         return refs

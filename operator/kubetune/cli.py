@@ -33,13 +33,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         try:
             defaults = PlatformDefaults.from_file(args.platform_defaults)
             namespace = args.namespace or job.metadata.namespace or "default"
-            effective_spec({"metadata": {"name": job.metadata.name, "namespace": namespace},
-                            "spec": dump_job(job)["spec"]}, defaults)
+            effective_spec(
+                {
+                    "metadata": {"name": job.metadata.name, "namespace": namespace},
+                    "spec": dump_job(job)["spec"],
+                },
+                defaults,
+            )
         except (RenderError, ValueError, OSError) as error:
             print(f"error: {args.manifest}: {error}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
-    print(f"{args.manifest}: valid FineTuneJob {job.metadata.name!r}: {spec.method.type} {spec.task.type} on "
-          f"{spec.model.source}, {len(spec.datasets)} dataset(s), exports {', '.join(spec.output.exports or [])}")
+    print(
+        f"{args.manifest}: valid FineTuneJob {job.metadata.name!r}: {spec.method.type} {spec.task.type} on "
+        f"{spec.model.source}, {len(spec.datasets)} dataset(s), exports {', '.join(spec.output.exports or [])}"
+    )
     if args.show:
         import yaml
 
@@ -61,16 +68,24 @@ def _format_summary(summary: dict) -> str:
         f"(loss {format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})",
     ]
     if "finalRewardAccuracy" in metrics:  # a preference task
-        lines.append(f"  held-out pairs ({metrics['heldOutPairs']}): preference accuracy "
-                     f"{metrics['baselinePreferenceAccuracy']:.3f} -> {metrics['finalPreferenceAccuracy']:.3f}, "
-                     f"reward accuracy {metrics['finalRewardAccuracy']:.3f}, margin {metrics['finalRewardMargin']:.4f}")
+        lines.append(
+            f"  held-out pairs ({metrics['heldOutPairs']}): preference accuracy "
+            f"{metrics['baselinePreferenceAccuracy']:.3f} -> {metrics['finalPreferenceAccuracy']:.3f}, "
+            f"reward accuracy {metrics['finalRewardAccuracy']:.3f}, margin {metrics['finalRewardMargin']:.4f}"
+        )
     for report in summary.get("data", {}).get("datasets", []):
-        dropped = {k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]}
+        dropped = {
+            k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]
+        }
         detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()) or "none dropped"
-        lines.append(f"  data       {report['source']}: {report['kept']} of {report['read']} rows kept ({detail})")
+        lines.append(
+            f"  data       {report['source']}: {report['kept']} of {report['read']} rows kept ({detail})"
+        )
     for artifact in summary["artifacts"]:
-        lines.append(f"  {artifact['kind']:<10} {artifact['uri']}  sha256:{artifact['sha256'][:12]}  "
-                     f"{artifact['sizeBytes']:,} bytes")
+        lines.append(
+            f"  {artifact['kind']:<10} {artifact['uri']}  sha256:{artifact['sha256'][:12]}  "
+            f"{artifact['sizeBytes']:,} bytes"
+        )
     lines.append(f"  summary    {summary['output'].rstrip('/')}/summary.json")
     return "\n".join(lines)
 
@@ -78,12 +93,24 @@ def _format_summary(summary: dict) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         # Several local processes (DDP / DeepSpeed / FSDP over gloo on CPU) through torchrun.
-        command = [sys.executable, "-m", "kubetune_trainer.launch", "--standalone", f"--nproc-per-node={args.nproc}",
-                   "-m", "kubetune_trainer", "--config", args.manifest, "--resume", args.resume]
+        command = [
+            sys.executable,
+            "-m",
+            "kubetune_trainer.launch",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            "kubetune_trainer",
+            "--config",
+            args.manifest,
+            "--resume",
+            args.resume,
+        ]
         if args.output:
             command += ["--output", args.output]
-        code = subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                                                             "1")})
+        code = subprocess.call(
+            command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        )
         if code == 0:
             from kubetune import storage
 
@@ -121,15 +148,22 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest.")
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune LLMs from a FineTuneJob manifest."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train on this machine (no cluster needed)")
     run.add_argument("manifest", help="FineTuneJob YAML")
-    run.add_argument("--output", help="output directory or s3://bucket/prefix (default: spec.output.uri or "
-                                      "./runs/<name>)")
-    run.add_argument("--resume", choices=["auto", "latest", "never"], default="auto",
-                     help="continue from the latest complete checkpoint in the output (default auto)")
+    run.add_argument(
+        "--output", help="output directory or s3://bucket/prefix (default: spec.output.uri or ./runs/<name>)"
+    )
+    run.add_argument(
+        "--resume",
+        choices=["auto", "latest", "never"],
+        default="auto",
+        help="continue from the latest complete checkpoint in the output (default auto)",
+    )
     run.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(func=_cmd_run)
@@ -137,11 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a manifest without running it")
     validate.add_argument("manifest")
     validate.add_argument("--show", action="store_true", help="print the manifest with defaults filled in")
-    validate.add_argument("--platform-defaults", metavar="FILE",
-                          help="also check the platform's defaults and tenant policy (the chart's defaults.yaml: "
-                               "kubectl get cm kubetune-defaults -o jsonpath='{.data.defaults\\.yaml}')")
-    validate.add_argument("-n", "--namespace", help="the namespace the job would run in (for the policy's "
-                                                     "per-namespace prefixes; default: the manifest's)")
+    validate.add_argument(
+        "--platform-defaults",
+        metavar="FILE",
+        help="also check the platform's defaults and tenant policy (the chart's defaults.yaml: "
+        "kubectl get cm kubetune-defaults -o jsonpath='{.data.defaults\\.yaml}')",
+    )
+    validate.add_argument(
+        "-n",
+        "--namespace",
+        help="the namespace the job would run in (for the policy's "
+        "per-namespace prefixes; default: the manifest's)",
+    )
     validate.set_defaults(func=_cmd_validate)
 
     estimate = sub.add_parser("estimate", help="tokens, steps, FLOPs, time, cost and memory of a job")
@@ -150,15 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu", help="GPU type (see --list-gpus)")
     estimate.add_argument("--gpus", type=int, help="total GPUs (default: nodes x gpusPerNode)")
     estimate.add_argument("--mfu", type=float, help="model FLOPs utilization to assume (default per GPU)")
-    estimate.add_argument("--gpu-table", help="YAML/JSON file overriding the GPU table (TFLOPS, memory, price)")
+    estimate.add_argument(
+        "--gpu-table", help="YAML/JSON file overriding the GPU table (TFLOPS, memory, price)"
+    )
     estimate.add_argument("--calibrate", action="store_true", help="time a few real steps on this machine")
     estimate.add_argument("--json", action="store_true", help="print JSON")
-    estimate.add_argument("--model-config", metavar="PATH",
-                          help="the model's config.json (or its directory): no access to the model needed")
-    estimate.add_argument("--tokens", type=int, metavar="N",
-                          help="training tokens per epoch: no access to the data needed")
-    estimate.add_argument("--sequences", type=int, metavar="N",
-                          help="training sequences per epoch with --tokens (default: tokens / maxSeqLength)")
+    estimate.add_argument(
+        "--model-config",
+        metavar="PATH",
+        help="the model's config.json (or its directory): no access to the model needed",
+    )
+    estimate.add_argument(
+        "--tokens", type=int, metavar="N", help="training tokens per epoch: no access to the data needed"
+    )
+    estimate.add_argument(
+        "--sequences",
+        type=int,
+        metavar="N",
+        help="training sequences per epoch with --tokens (default: tokens / maxSeqLength)",
+    )
     estimate.set_defaults(func=_cmd_estimate)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
@@ -207,5 +258,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

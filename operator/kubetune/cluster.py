@@ -39,12 +39,22 @@ from kubetune.status import parse_time
 RESOURCE = f"{PLURAL}.{API_GROUP}"
 FIELD_MANAGER = "kubetune"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-TRAINING_SUMMARY = ("epochs", "maxSteps", "learningRate", "scheduler", "batchSizePerDevice",
-                    "gradientAccumulationSteps", "maxSeqLength", "packing")
+TRAINING_SUMMARY = (
+    "epochs",
+    "maxSteps",
+    "learningRate",
+    "scheduler",
+    "batchSizePerDevice",
+    "gradientAccumulationSteps",
+    "maxSeqLength",
+    "packing",
+)
 EXIT_FAILED, EXIT_CLUSTER, EXIT_TIMEOUT = 1, 2, 124
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-INSTALL_HINT = ("install it with the chart (helm install kubetune charts/kubetune -n kubetune-system "
-                "--create-namespace) or `kubetune crd | kubectl apply -f -`")
+INSTALL_HINT = (
+    "install it with the chart (helm install kubetune charts/kubetune -n kubetune-system "
+    "--create-namespace) or `kubetune crd | kubectl apply -f -`"
+)
 
 
 class ClusterError(Exception):
@@ -62,16 +72,20 @@ class CrdMissing(ClusterError):
 
 # ----- connection -----
 
+
 class Cluster:
     """An API client for one kubeconfig context (or in-cluster) and a namespace."""
 
-    def __init__(self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None):
+    def __init__(
+        self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None
+    ):
         try:
             from kubernetes import client, config
             from kubernetes.config.config_exception import ConfigException
         except ImportError:
-            raise ClusterError("the cluster commands need the Kubernetes client: pip install 'kubetune[operator]'"
-                               ) from None
+            raise ClusterError(
+                "the cluster commands need the Kubernetes client: pip install 'kubetune[operator]'"
+            ) from None
 
         cfg = client.Configuration()
         path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
@@ -85,15 +99,19 @@ class Cluster:
                 contexts, active = config.list_kube_config_contexts(config_file=existing)
                 names = [c["name"] for c in contexts or []]
                 if context and context not in names:
-                    raise ClusterError(f"context {context!r} (--context) is not in {existing}; its contexts: "
-                                       f"{', '.join(names) or 'none'}")
+                    raise ClusterError(
+                        f"context {context!r} (--context) is not in {existing}; its contexts: "
+                        f"{', '.join(names) or 'none'}"
+                    )
                 chosen = next((c for c in contexts if c["name"] == context), active) if context else active
                 context_namespace = ((chosen or {}).get("context") or {}).get("namespace")
-                config.load_kube_config(config_file=existing, context=context, client_configuration=cfg,
-                                        persist_config=False)
+                config.load_kube_config(
+                    config_file=existing, context=context, client_configuration=cfg, persist_config=False
+                )
             except ConfigException as error:
-                raise ClusterError(f"cannot use kubeconfig {existing}: {error} (pick a context with --context)"
-                                   ) from None
+                raise ClusterError(
+                    f"cannot use kubeconfig {existing}: {error} (pick a context with --context)"
+                ) from None
             self.where = f"context {context or (chosen or {}).get('name')!r} of {existing}"
         else:
             try:
@@ -101,7 +119,8 @@ class Cluster:
             except ConfigException:
                 raise ClusterError(
                     "no kubeconfig: set KUBECONFIG or pass --kubeconfig FILE (looked for "
-                    f"{path}), or run in a pod with a service account") from None
+                    f"{path}), or run in a pod with a service account"
+                ) from None
             self.where = "the in-cluster service account"
             if os.path.exists(SA_NAMESPACE_FILE):
                 with open(SA_NAMESPACE_FILE) as handle:
@@ -113,8 +132,15 @@ class Cluster:
         self.core = client.CoreV1Api(self.api)
 
     # -- errors --
-    def call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any, name: str | None = None,
-             **kwargs: Any) -> Any:
+    def call(
+        self,
+        verb: str,
+        resource: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """fn(*args, **kwargs) with API errors turned into ClusterErrors naming the verb and resource."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
@@ -137,46 +163,70 @@ class Cluster:
         explained.status = error.status
         return explained
 
-    def _explain_status(self, status: int, message: str, verb: str, resource: str, name: str | None,
-                        where: str) -> ClusterError:
+    def _explain_status(
+        self, status: int, message: str, verb: str, resource: str, name: str | None, where: str
+    ) -> ClusterError:
         if status == 401:
-            return ClusterError(f"the API server {self.server} refused the credentials of {self.where} "
-                                f"(401 Unauthorized): log in again or renew the token")
+            return ClusterError(
+                f"the API server {self.server} refused the credentials of {self.where} "
+                f"(401 Unauthorized): log in again or renew the token"
+            )
         if status == 403:
-            return ClusterError(f"RBAC denied: cannot {verb} {resource}{where} ({message}); ask a cluster admin "
-                                f"for a Role granting {verb!r} on {resource!r} (the chart's kubetune-edit and "
-                                f"kubetune-view ClusterRoles aggregate into edit and view)")
+            return ClusterError(
+                f"RBAC denied: cannot {verb} {resource}{where} ({message}); ask a cluster admin "
+                f"for a Role granting {verb!r} on {resource!r} (the chart's kubetune-edit and "
+                f"kubetune-view ClusterRoles aggregate into edit and view)"
+            )
         if status == 404:
             if resource == RESOURCE and not self.crd_installed():
-                return CrdMissing(f"the FineTuneJob CRD ({RESOURCE}) is not installed in the cluster at "
-                                    f"{self.server}: {INSTALL_HINT}")
+                return CrdMissing(
+                    f"the FineTuneJob CRD ({RESOURCE}) is not installed in the cluster at "
+                    f"{self.server}: {INSTALL_HINT}"
+                )
             if name:
-                return ClusterError(f"{resource} {name!r} not found{where} (kubetune get -n {self.namespace} "
-                                    "lists them)" if resource == RESOURCE else
-                                    f"{resource} {name!r} not found{where}")
+                return ClusterError(
+                    f"{resource} {name!r} not found{where} (kubetune get -n {self.namespace} lists them)"
+                    if resource == RESOURCE
+                    else f"{resource} {name!r} not found{where}"
+                )
             return ClusterError(f"{verb} {resource}{where}: not found: {message}")
         if status == 409:
             return ClusterError(f"conflict on {resource} {name or ''}{where}: {message}")
         if status in (400, 422):
             return ClusterError(f"the API server rejected {verb} {resource} {name or ''}: {message}")
-        return ClusterError(f"{verb} {resource} {name or ''}{where} failed: {status} {message}".replace(
-            "  ", " "))
+        return ClusterError(
+            f"{verb} {resource} {name or ''}{where} failed: {status} {message}".replace("  ", " ")
+        )
 
     def crd_installed(self) -> bool:
         """True when the API server serves kubetune.io/v1alpha1 finetunejobs."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            data = self.api.call_api(f"/apis/{API_GROUP}/{API_VERSION}", "GET", response_types_map={200: "object"},
-                                     auth_settings=["BearerToken"], _return_http_data_only=True)
+            data = self.api.call_api(
+                f"/apis/{API_GROUP}/{API_VERSION}",
+                "GET",
+                response_types_map={200: "object"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
         except ApiException:
             return False
         return any(r.get("name") == PLURAL for r in (data or {}).get("resources", []))
 
     # -- FineTuneJobs --
     def get(self, name: str) -> dict[str, Any]:
-        return self.call("get", RESOURCE, self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
-                         PLURAL, name, name=name)
+        return self.call(
+            "get",
+            RESOURCE,
+            self.custom.get_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            name=name,
+        )
 
     def find(self, name: str) -> dict[str, Any] | None:
         """The FineTuneJob, or None when it does not exist (the CRD does)."""
@@ -191,44 +241,100 @@ class Cluster:
 
     def list(self, all_namespaces: bool = False) -> list[dict[str, Any]]:
         if all_namespaces:
-            data = self.call("list", RESOURCE, self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, PLURAL)
+            data = self.call(
+                "list", RESOURCE, self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, PLURAL
+            )
         else:
-            data = self.call("list", RESOURCE, self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION,
-                             self.namespace, PLURAL)
-        return sorted(data.get("items", []), key=lambda o: (o["metadata"].get("namespace", ""),
-                                                            o["metadata"]["name"]))
+            data = self.call(
+                "list",
+                RESOURCE,
+                self.custom.list_namespaced_custom_object,
+                API_GROUP,
+                API_VERSION,
+                self.namespace,
+                PLURAL,
+            )
+        return sorted(
+            data.get("items", []), key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+        )
 
     def apply(self, body: dict[str, Any], force: bool = False) -> dict[str, Any]:
         """Server-side apply (field manager `kubetune`)."""
         name = body["metadata"]["name"]
-        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION,
-                         self.namespace, PLURAL, name, body, field_manager=FIELD_MANAGER, force=force or None,
-                         _content_type="application/apply-patch+yaml", name=name)
+        return self.call(
+            "patch",
+            RESOURCE,
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            body,
+            field_manager=FIELD_MANAGER,
+            force=force or None,
+            _content_type="application/apply-patch+yaml",
+            name=name,
+        )
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.call("patch", RESOURCE, self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION,
-                         self.namespace, PLURAL, name, {"spec": spec}, field_manager=FIELD_MANAGER, name=name)
+        return self.call(
+            "patch",
+            RESOURCE,
+            self.custom.patch_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            {"spec": spec},
+            field_manager=FIELD_MANAGER,
+            name=name,
+        )
 
     def delete(self, name: str) -> None:
-        self.call("delete", RESOURCE, self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
-                  PLURAL, name, propagation_policy="Background", name=name)
+        self.call(
+            "delete",
+            RESOURCE,
+            self.custom.delete_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            propagation_policy="Background",
+            name=name,
+        )
 
     def watch(self, name: str, resource_version: str, timeout: int) -> Iterator[dict[str, Any]]:
         """Watch events of one FineTuneJob from resource_version (raw dicts: type, object)."""
         from kubernetes import watch
 
-        stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, API_GROUP, API_VERSION, self.namespace,
-                                      PLURAL, field_selector=f"metadata.name={name}",
-                                      resource_version=resource_version, timeout_seconds=timeout,
-                                      allow_watch_bookmarks=False)
+        stream = watch.Watch().stream(
+            self.custom.list_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=resource_version,
+            timeout_seconds=timeout,
+            allow_watch_bookmarks=False,
+        )
         return stream
 
     def events(self, name: str) -> builtins.list[dict[str, Any]]:  # `list` is a method of this class
-        data = self.call("list", "events", self.core.list_namespaced_event, self.namespace,
-                         field_selector=f"involvedObject.name={name},involvedObject.kind={KIND}")
+        data = self.call(
+            "list",
+            "events",
+            self.core.list_namespaced_event,
+            self.namespace,
+            field_selector=f"involvedObject.name={name},involvedObject.kind={KIND}",
+        )
         items = [self.api.sanitize_for_serialization(e) for e in data.items]
-        return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
-                      e.get("firstTimestamp") or "")
+        return sorted(
+            items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or ""
+        )
 
     def pods(self, name: str, attempt: int | None) -> builtins.list[dict[str, Any]]:
         from kubetune.render import LABEL_ATTEMPT, worker_selector  # imported when used: a fast CLI start
@@ -236,14 +342,18 @@ class Cluster:
         selector = worker_selector(name)
         if attempt is not None:
             selector += f",{LABEL_ATTEMPT}={attempt}"
-        data = self.call("list", "pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector)
+        data = self.call(
+            "list", "pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector
+        )
         return sorted((self.api.sanitize_for_serialization(p) for p in data.items), key=rank_of)
 
 
 def rank_of(pod: dict[str, Any]) -> int:
     """The pod's rank: its Indexed Job completion index."""
     meta = pod.get("metadata") or {}
-    value = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+    value = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(
+        COMPLETION_INDEX
+    )
     try:
         return int(value or 0)
     except ValueError:
@@ -251,6 +361,7 @@ def rank_of(pod: dict[str, Any]) -> int:
 
 
 # ----- formatting -----
+
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
@@ -290,7 +401,10 @@ def progress_text(status: dict[str, Any]) -> str:
 def table(rows: list[list[str]]) -> str:
     """Left-aligned columns separated by three spaces (as kubectl prints)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def get_table(jobs: list[dict[str, Any]], all_namespaces: bool = False) -> str:
@@ -301,9 +415,16 @@ def get_table(jobs: list[dict[str, Any]], all_namespaces: bool = False) -> str:
         status = job.get("status") or {}
         progress = status.get("progress") or {}
         eta = progress.get("etaSeconds") if status.get("phase") not in TERMINAL_PHASES else None
-        row = [job["metadata"]["name"], status.get("phase") or "-", progress_text(status),
-               format_number(progress.get("loss")), format_number(progress.get("tokensPerSecond"), "{:.0f}"), _duration(eta),
-               str(status.get("restarts", 0)), _age(job["metadata"].get("creationTimestamp"))]
+        row = [
+            job["metadata"]["name"],
+            status.get("phase") or "-",
+            progress_text(status),
+            format_number(progress.get("loss")),
+            format_number(progress.get("tokensPerSecond"), "{:.0f}"),
+            _duration(eta),
+            str(status.get("restarts", 0)),
+            _age(job["metadata"].get("creationTimestamp")),
+        ]
         rows.append(([job["metadata"].get("namespace", "")] if all_namespaces else []) + row)
     return table(rows)
 
@@ -322,8 +443,14 @@ def _size(n: int | None) -> str:
 def artifacts_table(status: dict[str, Any]) -> str:
     rows = [["KIND", "URI", "SHA256", "SIZE"]]
     for artifact in status.get("artifacts") or []:
-        rows.append([artifact.get("kind", "?"), artifact.get("uri", "?"), artifact.get("sha256", "-"),
-                     _size(artifact.get("sizeBytes"))])
+        rows.append(
+            [
+                artifact.get("kind", "?"),
+                artifact.get("uri", "?"),
+                artifact.get("sha256", "-"),
+                _size(artifact.get("sizeBytes")),
+            ]
+        )
     return table(rows)
 
 
@@ -339,16 +466,23 @@ def summary_text(job: dict[str, Any]) -> str:
     took = f" in {minutes}m{secs:02d}s" if seconds is not None else ""
     tokens = progress.get("trainedTokens")
     speed = progress.get("tokensPerSecond")
-    lines = ["", f"Finished {name}: {progress.get('step', 0)} steps, "
-                 f"{f'{tokens:,}' if tokens is not None else '?'} tokens trained{took}"
-                 f"{f' ({speed:.0f} tokens/s)' if speed is not None else ''}"]
+    lines = [
+        "",
+        f"Finished {name}: {progress.get('step', 0)} steps, "
+        f"{f'{tokens:,}' if tokens is not None else '?'} tokens trained{took}"
+        f"{f' ({speed:.0f} tokens/s)' if speed is not None else ''}",
+    ]
     if metrics.get("baselinePerplexity") is not None or metrics.get("finalPerplexity") is not None:
-        lines.append(f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-                     f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
-                     f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})")
+        lines.append(
+            f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+            f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
+            f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})"
+        )
     for artifact in status.get("artifacts") or []:
-        lines.append(f"  {artifact.get('kind', '?'):<10} {artifact.get('uri', '?')}  "
-                     f"sha256:{str(artifact.get('sha256', ''))[:12]}  {artifact.get('sizeBytes', 0):,} bytes")
+        lines.append(
+            f"  {artifact.get('kind', '?'):<10} {artifact.get('uri', '?')}  "
+            f"sha256:{str(artifact.get('sha256', ''))[:12]}  {artifact.get('sizeBytes', 0):,} bytes"
+        )
     return "\n".join(lines)
 
 
@@ -365,44 +499,65 @@ def describe_text(job: dict[str, Any], events: list[dict[str, Any]] | str) -> st
     meta, spec, status = job["metadata"], job.get("spec") or {}, job.get("status") or {}
     res, method, out = spec.get("resources") or {}, spec.get("method") or {}, spec.get("output") or {}
     training = spec.get("training") or {}
-    lines = [f"Name:         {meta['name']}", f"Namespace:    {meta.get('namespace')}",
-             f"Created:      {meta.get('creationTimestamp')} ({_age(meta.get('creationTimestamp'))} ago)",
-             "Spec:",
-             f"  Model:      {(spec.get('model') or {}).get('source')}",
-             f"  Method:     {method.get('type', 'lora')}   Task: {(spec.get('task') or {}).get('type')}",
-             f"  Datasets:   {', '.join(d.get('source', '?') for d in spec.get('datasets') or [])}",
-             "  Training:   " + (", ".join(f"{k}={training[k]}" for k in TRAINING_SUMMARY if k in training)
-                                 or "defaults"),
-             f"  Resources:  {res.get('nodes', 1)} node(s) x {res.get('gpusPerNode', 1)} GPU(s), "
-             f"{res.get('strategy', 'ddp')}",
-             f"  Output:     {out.get('uri') or '(platform default)'}; exports "
-             f"{', '.join(out.get('exports') or []) or 'default'}",
-             f"  Suspend:    {bool(spec.get('suspend'))}",
-             "Status:",
-             f"  Phase:      {status.get('phase') or '-'}",
-             f"  Message:    {status.get('message') or '-'}",
-             f"  Attempt:    {status.get('attempt', 0)} (restarts {status.get('restarts', 0)}, preemptions "
-             f"{status.get('preemptions', 0)})",
-             f"  Started:    {status.get('startTime') or '-'}   Completed: {status.get('completionTime') or '-'}"]
+    lines = [
+        f"Name:         {meta['name']}",
+        f"Namespace:    {meta.get('namespace')}",
+        f"Created:      {meta.get('creationTimestamp')} ({_age(meta.get('creationTimestamp'))} ago)",
+        "Spec:",
+        f"  Model:      {(spec.get('model') or {}).get('source')}",
+        f"  Method:     {method.get('type', 'lora')}   Task: {(spec.get('task') or {}).get('type')}",
+        f"  Datasets:   {', '.join(d.get('source', '?') for d in spec.get('datasets') or [])}",
+        "  Training:   "
+        + (", ".join(f"{k}={training[k]}" for k in TRAINING_SUMMARY if k in training) or "defaults"),
+        f"  Resources:  {res.get('nodes', 1)} node(s) x {res.get('gpusPerNode', 1)} GPU(s), "
+        f"{res.get('strategy', 'ddp')}",
+        f"  Output:     {out.get('uri') or '(platform default)'}; exports "
+        f"{', '.join(out.get('exports') or []) or 'default'}",
+        f"  Suspend:    {bool(spec.get('suspend'))}",
+        "Status:",
+        f"  Phase:      {status.get('phase') or '-'}",
+        f"  Message:    {status.get('message') or '-'}",
+        f"  Attempt:    {status.get('attempt', 0)} (restarts {status.get('restarts', 0)}, preemptions "
+        f"{status.get('preemptions', 0)})",
+        f"  Started:    {status.get('startTime') or '-'}   Completed: {status.get('completionTime') or '-'}",
+    ]
     progress = status.get("progress") or {}
     if progress:
-        lines.append(f"  Progress:   step {progress_text(status)}, loss {format_number(progress.get('loss'))}, eval loss "
-                     f"{format_number(progress.get('evalLoss'))}, {format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s, "
-                     f"ETA {_duration(progress.get('etaSeconds'))}")
+        lines.append(
+            f"  Progress:   step {progress_text(status)}, loss {format_number(progress.get('loss'))}, eval loss "
+            f"{format_number(progress.get('evalLoss'))}, {format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s, "
+            f"ETA {_duration(progress.get('etaSeconds'))}"
+        )
     metrics = status.get("metrics") or {}
     if metrics:
-        lines.append(f"  Metrics:    perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-                     f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}, eval loss "
-                     f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))}")
+        lines.append(
+            f"  Metrics:    perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+            f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}, eval loss "
+            f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))}"
+        )
     checkpoint = status.get("checkpoint")
-    lines.append("Checkpoint:   " + (f"step {checkpoint.get('step')} {checkpoint.get('uri')} ({checkpoint.get('time') or '-'})"
-                                     if checkpoint else "<none>"))
+    lines.append(
+        "Checkpoint:   "
+        + (
+            f"step {checkpoint.get('step')} {checkpoint.get('uri')} ({checkpoint.get('time') or '-'})"
+            if checkpoint
+            else "<none>"
+        )
+    )
     conditions = status.get("conditions") or []
     lines.append("Conditions:" + ("" if conditions else "   <none>"))
     if conditions:
         rows = [["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"]]
-        rows += [[c.get("type", ""), c.get("status", ""), c.get("reason", ""), _age(c.get("lastTransitionTime")),
-                  c.get("message", "")] for c in conditions]
+        rows += [
+            [
+                c.get("type", ""),
+                c.get("status", ""),
+                c.get("reason", ""),
+                _age(c.get("lastTransitionTime")),
+                c.get("message", ""),
+            ]
+            for c in conditions
+        ]
         lines += ["  " + line for line in table(rows).splitlines()]
     lines.append("Artifacts:" + ("" if status.get("artifacts") else "    <none>"))
     if status.get("artifacts"):
@@ -413,9 +568,15 @@ def describe_text(job: dict[str, Any], events: list[dict[str, Any]] | str) -> st
         lines.append("Events:" + ("" if events else "       <none>"))
         if events:
             rows = [["TYPE", "REASON", "AGE", "MESSAGE"]]
-            rows += [[e.get("type", ""), e.get("reason", ""),
-                      _age(e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")),
-                      e.get("message", "")] for e in events]
+            rows += [
+                [
+                    e.get("type", ""),
+                    e.get("reason", ""),
+                    _age(e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")),
+                    e.get("message", ""),
+                ]
+                for e in events
+            ]
             lines += ["  " + line for line in table(rows).splitlines()]
     return "\n".join(lines)
 
@@ -430,12 +591,14 @@ def dump(obj: Any, fmt: str) -> str:
 
 # ----- commands -----
 
+
 def _connect(args: argparse.Namespace) -> Cluster:
     return Cluster(args.kubeconfig, args.context, args.namespace)
 
 
 def _handled(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Print a ClusterError as `error: ...` and return its exit code."""
+
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
         try:
@@ -445,6 +608,7 @@ def _handled(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return error.code
         except KeyboardInterrupt:
             return 130
+
     return wrapper
 
 
@@ -461,21 +625,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     body = job.model_dump(mode="json", by_alias=True, exclude_unset=True)
     manifest_ns = job.metadata.namespace
     if manifest_ns and args.namespace and manifest_ns != args.namespace:
-        raise ClusterError(f"the namespace of {args.manifest} ({manifest_ns!r}) does not match -n "
-                           f"{args.namespace!r}: drop one of them")
+        raise ClusterError(
+            f"the namespace of {args.manifest} ({manifest_ns!r}) does not match -n "
+            f"{args.namespace!r}: drop one of them"
+        )
     cluster = Cluster(args.kubeconfig, args.context, args.namespace or manifest_ns)
     body["metadata"]["namespace"] = cluster.namespace
     name = job.metadata.name
     if name is None:
-        raise ClusterError(f"{args.manifest}: metadata.name is required by submit (server-side apply); "
-                           "metadata.generateName is not supported", code=EXIT_CONFIG_ERROR)
+        raise ClusterError(
+            f"{args.manifest}: metadata.name is required by submit (server-side apply); "
+            "metadata.generateName is not supported",
+            code=EXIT_CONFIG_ERROR,
+        )
     before = cluster.find(name)
     try:
         after = cluster.apply(body, force=args.force_conflicts)
     except ClusterError as error:
         if error.status == 409:
-            raise ClusterError(f"{error}; another field manager owns these fields: pass --force-conflicts to take "
-                               "them over") from None
+            raise ClusterError(
+                f"{error}; another field manager owns these fields: pass --force-conflicts to take them over"
+            ) from None
         raise
     if before is None:
         verb = "created"
@@ -486,8 +656,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     ns = cluster.namespace
     print(f"finetunejob.{API_GROUP}/{name} {verb} in namespace {ns}")
     if not args.wait:
-        print(f"follow it:  kubetune watch {name} -n {ns}   logs: kubetune logs {name} -n {ns} -f   "
-              f"status: kubetune describe {name} -n {ns}")
+        print(
+            f"follow it:  kubetune watch {name} -n {ns}   logs: kubetune logs {name} -n {ns} -f   "
+            f"status: kubetune describe {name} -n {ns}"
+        )
         return 0
     return _watch(cluster, name, args.timeout, getattr(args, "quiet", False))
 
@@ -532,8 +704,12 @@ class _Bar:
         if not quiet and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-            self.live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                                 TextColumn("{task.fields[detail]}"))
+            self.live = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[detail]}"),
+            )
             self.task = self.live.add_task(name, total=None, detail="")
             self.live.start()
 
@@ -544,15 +720,21 @@ class _Bar:
         phase = status.get("phase") or Phase.pending.value
         detail = f"{phase}"
         if progress:
-            detail += (f"  step {progress_text(status)}  loss {format_number(progress.get('loss'))}  "
-                       f"{format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s")
+            detail += (
+                f"  step {progress_text(status)}  loss {format_number(progress.get('loss'))}  "
+                f"{format_number(progress.get('tokensPerSecond'), '{:.0f}')} tokens/s"
+            )
             if phase not in TERMINAL_PHASES:
                 detail += f"  ETA {_duration(progress.get('etaSeconds'))}"
         elif status.get("message"):
             detail += f"  {status['message']}"
         if self.live is not None:
-            self.live.update(self.task, total=progress.get("totalSteps") or None, completed=progress.get("step", 0),
-                             detail=detail)
+            self.live.update(
+                self.task,
+                total=progress.get("totalSteps") or None,
+                completed=progress.get("step", 0),
+                detail=detail,
+            )
         elif detail != self.last:
             print(f"{self.name}: {detail}", flush=True)
         self.last = detail
@@ -580,7 +762,10 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 bar.stop()
-                print(f"error: {name} is still {phase or Phase.pending.value} after {timeout:g}s (--timeout)", file=sys.stderr)
+                print(
+                    f"error: {name} is still {phase or Phase.pending.value} after {timeout:g}s (--timeout)",
+                    file=sys.stderr,
+                )
                 return EXIT_TIMEOUT
             window = int(min(left, 60)) if left is not None else 60
             try:
@@ -606,8 +791,9 @@ def _watch(cluster: Cluster, name: str, timeout: float | None, quiet: bool = Fal
                 bar.stop()
                 print(f"error: FineTuneJob {name} was deleted", file=sys.stderr)
                 return EXIT_FAILED
-            if (fresh.get("status") or {}).get("phase") in TERMINAL_PHASES or \
-                    fresh["metadata"]["resourceVersion"] != job["metadata"]["resourceVersion"]:
+            if (fresh.get("status") or {}).get("phase") in TERMINAL_PHASES or fresh["metadata"][
+                "resourceVersion"
+            ] != job["metadata"]["resourceVersion"]:
                 job = fresh
     finally:
         bar.stop()
@@ -625,8 +811,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return _watch(cluster, args.name, args.timeout, args.quiet)
 
 
-def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int | None, prefix: str,
-                lock: threading.Lock) -> None:
+def _stream_log(
+    cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int | None, prefix: str, lock: threading.Lock
+) -> None:
     from kubetune.render import CONTAINER_NAME
 
     name = pod["metadata"]["name"]
@@ -634,15 +821,24 @@ def _stream_log(cluster: Cluster, pod: dict[str, Any], follow: bool, tail: int |
     if tail is not None:
         kwargs["tail_lines"] = tail
     try:
-        response = cluster.call("get", "pods/log", cluster.core.read_namespaced_pod_log, name, cluster.namespace,
-                                name=name, **kwargs)
+        response = cluster.call(
+            "get",
+            "pods/log",
+            cluster.core.read_namespaced_pod_log,
+            name,
+            cluster.namespace,
+            name=name,
+            **kwargs,
+        )
     except ClusterError as error:
         if error.status in (401, 403):
             raise
         node = (pod.get("spec") or {}).get("nodeName") or "no node yet"
         phase = (pod.get("status") or {}).get("phase") or "?"
-        raise ClusterError(f"cannot read the log of pod {name} (rank {rank_of(pod)}, {phase} on {node}): "
-                           f"{str(error).split(': ', 1)[-1]}") from None
+        raise ClusterError(
+            f"cannot read the log of pod {name} (rank {rank_of(pod)}, {phase} on {node}): "
+            f"{str(error).split(': ', 1)[-1]}"
+        ) from None
     pending = b""
     try:
         for chunk in response.stream(4096):
@@ -667,15 +863,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
     status = job.get("status") or {}
     attempt = args.attempt if args.attempt is not None else status.get("attempt")
     if not attempt:
-        raise ClusterError(f"{args.name} has no worker pods yet (phase {status.get('phase') or Phase.pending.value}: "
-                           f"{status.get('message') or 'not reconciled'})")
+        raise ClusterError(
+            f"{args.name} has no worker pods yet (phase {status.get('phase') or Phase.pending.value}: "
+            f"{status.get('message') or 'not reconciled'})"
+        )
     pods = cluster.pods(args.name, attempt)
     if args.rank is not None:
         pods = [p for p in pods if rank_of(p) == args.rank]
     if not pods:
         which = f"rank {args.rank} of " if args.rank is not None else ""
-        raise ClusterError(f"no pods for {which}attempt {attempt} of {args.name} (phase "
-                           f"{status.get('phase') or '-'}; the operator deletes the pods of earlier attempts)")
+        raise ClusterError(
+            f"no pods for {which}attempt {attempt} of {args.name} (phase "
+            f"{status.get('phase') or '-'}; the operator deletes the pods of earlier attempts)"
+        )
     lock = threading.Lock()
     errors: list[ClusterError] = []
 
@@ -720,8 +920,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     checkpoint = status.get("checkpoint")
     rows = [["STEP", "URI", "COMPLETED", "SOURCE"]]
     if checkpoint:
-        rows.append([str(checkpoint.get("step")), checkpoint.get("uri", "?"), checkpoint.get("time") or "-",
-                     "status (latest)"])
+        rows.append(
+            [
+                str(checkpoint.get("step")),
+                checkpoint.get("uri", "?"),
+                checkpoint.get("time") or "-",
+                "status (latest)",
+            ]
+        )
     if args.storage:
         from kubetune.checkpoints import CheckpointStore
 
@@ -735,19 +941,27 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                     if checkpoint and step == checkpoint.get("step"):
                         continue
                     manifest = store.manifest(step) or {}
-                    rows.append([str(step), store.step_uri(step), manifest.get("createdAt") or "-", "storage"])
+                    rows.append(
+                        [str(step), store.step_uri(step), manifest.get("createdAt") or "-", "storage"]
+                    )
             finally:
                 store.close(wait=False)
         except Exception as error:  # noqa: BLE001 - storage errors are reported, not raised
-            raise ClusterError(f"cannot list checkpoints under {uri} (credentials: AWS_* variables of this "
-                               f"shell): {error}") from None
+            raise ClusterError(
+                f"cannot list checkpoints under {uri} (credentials: AWS_* variables of this shell): {error}"
+            ) from None
         rows[1:] = sorted(rows[1:], key=lambda r: int(r[0]))
     if args.output in ("json", "yaml"):
-        items = [{"step": int(r[0]), "uri": r[1], "time": None if r[2] == "-" else r[2], "source": r[3]}
-                 for r in rows[1:]]
+        items = [
+            {"step": int(r[0]), "uri": r[1], "time": None if r[2] == "-" else r[2], "source": r[3]}
+            for r in rows[1:]
+        ]
         print(dump(items, args.output))
     elif len(rows) == 1:
-        print(f"{args.name} has no complete checkpoint yet (phase {status.get('phase') or '-'})", file=sys.stderr)
+        print(
+            f"{args.name} has no complete checkpoint yet (phase {status.get('phase') or '-'})",
+            file=sys.stderr,
+        )
     else:
         print(table(rows))
     return 0
@@ -761,8 +975,11 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
     if args.output in ("json", "yaml"):
         print(dump(status.get("artifacts") or [], args.output))
     elif not status.get("artifacts"):
-        print(f"{args.name} has no artifacts yet (phase {status.get('phase') or '-'}; they are listed when "
-              "training finishes)", file=sys.stderr)
+        print(
+            f"{args.name} has no artifacts yet (phase {status.get('phase') or '-'}; they are listed when "
+            "training finishes)",
+            file=sys.stderr,
+        )
     else:
         print(artifacts_table(status))
     return 0
@@ -776,10 +993,14 @@ def _set_suspend(args: argparse.Namespace, value: bool) -> int:
         raise ClusterError(f"{args.name} already {phase}: nothing to {'suspend' if value else 'resume'}")
     cluster.patch_spec(args.name, {"suspend": value})
     if value:
-        print(f"finetunejob.{API_GROUP}/{args.name} suspended: the operator removes its workers and keeps its "
-              f"checkpoints (kubetune resume {args.name} -n {cluster.namespace} continues)")
+        print(
+            f"finetunejob.{API_GROUP}/{args.name} suspended: the operator removes its workers and keeps its "
+            f"checkpoints (kubetune resume {args.name} -n {cluster.namespace} continues)"
+        )
     else:
-        print(f"finetunejob.{API_GROUP}/{args.name} resumed: a new attempt starts from the latest complete checkpoint")
+        print(
+            f"finetunejob.{API_GROUP}/{args.name} resumed: a new attempt starts from the latest complete checkpoint"
+        )
     return 0
 
 
@@ -817,17 +1038,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 # ----- argument parsing -----
 
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    parser.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    )
     parser.add_argument("--context", help="kubeconfig context (default: the current context)")
 
 
 def add_cluster_commands(sub: Any) -> None:
     """Register the cluster subcommands on the `kubetune` subparsers."""
-    p = sub.add_parser("submit", help="validate a manifest, then create or update the FineTuneJob in a cluster")
+    p = sub.add_parser(
+        "submit", help="validate a manifest, then create or update the FineTuneJob in a cluster"
+    )
     p.add_argument("manifest", help="FineTuneJob YAML")
-    p.add_argument("--wait", action="store_true", help="then follow it until it finishes (exit code: its outcome)")
+    p.add_argument(
+        "--wait", action="store_true", help="then follow it until it finishes (exit code: its outcome)"
+    )
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds (exit 124)")
     p.add_argument("--force-conflicts", action="store_true", help="take over fields another manager owns")
     p.add_argument("--quiet", action="store_true", help="with --wait: no progress output")
@@ -841,12 +1069,16 @@ def add_cluster_commands(sub: Any) -> None:
     _common(p)
     p.set_defaults(func=cmd_get)
 
-    p = sub.add_parser("describe", help="spec summary, status, conditions, events, checkpoint, artifacts, metrics")
+    p = sub.add_parser(
+        "describe", help="spec summary, status, conditions, events, checkpoint, artifacts, metrics"
+    )
     p.add_argument("name")
     _common(p)
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("watch", help="a live progress bar until the job finishes (exit 0 Succeeded, 1 Failed)")
+    p = sub.add_parser(
+        "watch", help="a live progress bar until the job finishes (exit 0 Succeeded, 1 Failed)"
+    )
     p.add_argument("name")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the outcome")
@@ -862,10 +1094,15 @@ def add_cluster_commands(sub: Any) -> None:
     _common(p)
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("checkpoints", help="the latest complete checkpoint (status); --storage: all in the output")
+    p = sub.add_parser(
+        "checkpoints", help="the latest complete checkpoint (status); --storage: all in the output"
+    )
     p.add_argument("name")
-    p.add_argument("--storage", action="store_true", help="also list the output's complete checkpoints "
-                                                           "(S3 credentials from this shell's AWS_* variables)")
+    p.add_argument(
+        "--storage",
+        action="store_true",
+        help="also list the output's complete checkpoints (S3 credentials from this shell's AWS_* variables)",
+    )
     p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _common(p)
     p.set_defaults(func=cmd_checkpoints)
@@ -876,8 +1113,10 @@ def add_cluster_commands(sub: Any) -> None:
     _common(p)
     p.set_defaults(func=cmd_artifacts)
 
-    for command, func, text in (("suspend", cmd_suspend, "remove the workers, keep the job and its checkpoints"),
-                                ("resume", cmd_resume, "start a suspended job again from its latest checkpoint")):
+    for command, func, text in (
+        ("suspend", cmd_suspend, "remove the workers, keep the job and its checkpoints"),
+        ("resume", cmd_resume, "start a suspended job again from its latest checkpoint"),
+    ):
         p = sub.add_parser(command, help=text + f" (spec.suspend={command == 'suspend'})".lower())
         p.add_argument("name")
         _common(p)

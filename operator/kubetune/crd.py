@@ -59,8 +59,20 @@ MAX_LENGTHS: dict[str, int] = {
 MAX_ITEMS: dict[str, int] = {"status.conditions": 32, "status.artifacts": 256}
 
 # Fields of spec that may never change after creation (a resumed run must train the same thing).
-IMMUTABLE_FIELDS = ["model", "method", "task", "datasets", "validation", "cleaning", "training", "checkpoint",
-                    "evaluation", "output", "storage", "tracking"]
+IMMUTABLE_FIELDS = [
+    "model",
+    "method",
+    "task",
+    "datasets",
+    "validation",
+    "cleaning",
+    "training",
+    "checkpoint",
+    "evaluation",
+    "output",
+    "storage",
+    "tracking",
+]
 # Fields that may change only while the job is suspended (or in the same update that suspends it).
 SUSPENDED_ONLY_FIELDS = ["resources", "scheduling"]
 
@@ -75,39 +87,96 @@ def _rule(rule: str, message: str, field_path: str, reason: str) -> dict[str, An
 VALIDATION_RULES: dict[str, list[dict[str, Any]]] = {
     "spec": [
         # what a resumed run depends on never changes
-        *[_rule(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
-                f"spec.{f} is immutable: create a new FineTuneJob to train something else", f".{f}",
-                "FieldValueForbidden") for f in IMMUTABLE_FIELDS],
-        *[_rule(f"self.suspend || oldSelf.suspend || (has(self.{f}) == has(oldSelf.{f}) && "
+        *[
+            _rule(
+                f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+                f"spec.{f} is immutable: create a new FineTuneJob to train something else",
+                f".{f}",
+                "FieldValueForbidden",
+            )
+            for f in IMMUTABLE_FIELDS
+        ],
+        *[
+            _rule(
+                f"self.suspend || oldSelf.suspend || (has(self.{f}) == has(oldSelf.{f}) && "
                 f"(!has(self.{f}) || self.{f} == oldSelf.{f}))",
-                f"spec.{f} can only change while the job is suspended (set spec.suspend: true first)", f".{f}",
-                "FieldValueForbidden") for f in SUSPENDED_ONLY_FIELDS],
-        _rule("!has(self.resources) || !has(oldSelf.resources) || "
-              "self.resources.strategy == oldSelf.resources.strategy",
-              "spec.resources.strategy is immutable: checkpoints of one strategy do not resume in another",
-              ".resources.strategy", "FieldValueForbidden"),
+                f"spec.{f} can only change while the job is suspended (set spec.suspend: true first)",
+                f".{f}",
+                "FieldValueForbidden",
+            )
+            for f in SUSPENDED_ONLY_FIELDS
+        ],
+        _rule(
+            "!has(self.resources) || !has(oldSelf.resources) || "
+            "self.resources.strategy == oldSelf.resources.strategy",
+            "spec.resources.strategy is immutable: checkpoints of one strategy do not resume in another",
+            ".resources.strategy",
+            "FieldValueForbidden",
+        ),
     ],
 }
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
-    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "description": "full, lora or qlora."},
+    {
+        "name": "Method",
+        "type": "string",
+        "jsonPath": ".spec.method.type",
+        "description": "full, lora or qlora.",
+    },
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model."},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
-     "description": "Percent of the planned optimizer steps done."},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1,
-     "description": "Optimizer steps done."},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
-    {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
-     "description": "Estimated seconds to finish training."},
-    {"name": "Reward-Acc", "type": "number", "jsonPath": ".status.metrics.finalRewardAccuracy",
-     "description": "Preference tasks: held-out reward accuracy after training."},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
-     "description": "Counted restarts of the worker group."},
-    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1,
-     "description": "Worker pods."},
-    {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode", "priority": 1,
-     "description": "GPUs per worker pod."},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of the planned optimizer steps done.",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.progress.step",
+        "priority": 1,
+        "description": "Optimizer steps done.",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "description": "Latest training loss.",
+    },
+    {
+        "name": "ETA",
+        "type": "integer",
+        "jsonPath": ".status.progress.etaSeconds",
+        "description": "Estimated seconds to finish training.",
+    },
+    {
+        "name": "Reward-Acc",
+        "type": "number",
+        "jsonPath": ".status.metrics.finalRewardAccuracy",
+        "description": "Preference tasks: held-out reward accuracy after training.",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "priority": 1,
+        "description": "Counted restarts of the worker group.",
+    },
+    {
+        "name": "Nodes",
+        "type": "integer",
+        "jsonPath": ".spec.resources.nodes",
+        "priority": 1,
+        "description": "Worker pods.",
+    },
+    {
+        "name": "GPUs",
+        "type": "integer",
+        "jsonPath": ".spec.resources.gpusPerNode",
+        "priority": 1,
+        "description": "GPUs per worker pod.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -150,8 +219,17 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
     if "enum" in node:
         out["type"] = out.get("type", "string")
         out["enum"] = list(node["enum"])
-    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties", "pattern",
-                "format"):
+    for key in (
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "maxProperties",
+        "pattern",
+        "format",
+    ):
         if key in node:
             out[key] = node[key]
     for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -171,7 +249,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
     elif kind == "object":
         props = node.get("properties")
         extra = node.get("additionalProperties")
-        if not extra and len(node.get("patternProperties") or {}) == 1:  # dict[ConstrainedKey, V]: keys by CEL
+        if (
+            not extra and len(node.get("patternProperties") or {}) == 1
+        ):  # dict[ConstrainedKey, V]: keys by CEL
             extra = next(iter(node["patternProperties"].values()))
         if props:
             out["properties"] = {}
@@ -194,16 +274,26 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str, *, spec: 
         raise SchemaError(f"{path}: no type")
     if "default" in node and node["default"] is not None:
         out["default"] = node["default"]
-    elif (spec and not nullable and kind == "object" and out.get("properties") and not out.get("required")
-          and not path.endswith("[]")):
+    elif (
+        spec
+        and not nullable
+        and kind == "object"
+        and out.get("properties")
+        and not out.get("required")
+        and not path.endswith("[]")
+    ):
         # default_factory sub-objects: `{}` lets the API server fill their nested defaults
         out["default"] = {}
-    rules = copy.deepcopy(node.get("x-kubernetes-validations", [])) + _key_rules(node) + copy.deepcopy(
-        VALIDATION_RULES.get(path, []))
+    rules = (
+        copy.deepcopy(node.get("x-kubernetes-validations", []))
+        + _key_rules(node)
+        + copy.deepcopy(VALIDATION_RULES.get(path, []))
+    )
     if rules:
         # model rules in the order Kubernetes documents the keys (pydantic sorts a schema's keys)
-        out["x-kubernetes-validations"] = [{k: r[k] for k in _RULE_KEYS if k in r} if "fieldPath" in r else r
-                                           for r in rules]
+        out["x-kubernetes-validations"] = [
+            {k: r[k] for k in _RULE_KEYS if k in r} if "fieldPath" in r else r for r in rules
+        ]
     return out
 
 
@@ -215,7 +305,9 @@ def _key_rules(node: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for rule in (node.get("propertyNames") or {}).get("x-kubernetes-validations", []):
         on_key = re.sub(r"\bself\b", "k", rule["rule"])
-        out.append({"rule": f"self.all(k, {on_key})", "message": "keys " + rule["message"], "reason": rule["reason"]})
+        out.append(
+            {"rule": f"self.all(k, {on_key})", "message": "keys " + rule["message"], "reason": rule["reason"]}
+        )
     return out
 
 
@@ -256,21 +348,37 @@ def openapi_schema() -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": "object",
         "description": "FineTuneJob fine-tunes a large language model (full, LoRA or QLoRA) on one or more "
-                       "worker pods and exports the result to object storage.",
+        "worker pods and exports the result to object storage.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this "
-                           "representation of an object: kubetune.io/v1alpha1."},
-            "kind": {"type": "string", "description": "Kind is the REST resource this object represents: "
-                     "FineTuneJob."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion defines the versioned schema of this "
+                "representation of an object: kubetune.io/v1alpha1.",
+            },
+            "kind": {
+                "type": "string",
+                "description": "Kind is the REST resource this object represents: FineTuneJob.",
+            },
             # the API server allows nothing here but constraints on name and generateName
-            "metadata": {"type": "object", "properties": {"name": {
-                "type": "string", "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN,
-                "description": f"A DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
-                               "digits and '-', starting with a letter): it names the worker Service and pods."},
-                "generateName": {
-                    "type": "string", "maxLength": MAX_NAME_LENGTH - GENERATED_SUFFIX, "pattern": GENERATE_NAME_PATTERN,
-                    "description": "A prefix the API server completes with 5 characters into the name."}}},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": MAX_NAME_LENGTH,
+                        "pattern": NAME_PATTERN,
+                        "description": f"A DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
+                        "digits and '-', starting with a letter): it names the worker Service and pods.",
+                    },
+                    "generateName": {
+                        "type": "string",
+                        "maxLength": MAX_NAME_LENGTH - GENERATED_SUFFIX,
+                        "pattern": GENERATE_NAME_PATTERN,
+                        "description": "A prefix the API server completes with 5 characters into the name.",
+                    },
+                },
+            },
             "spec": spec,
             "status": status_schema(),
         },
@@ -298,14 +406,16 @@ def crd() -> dict[str, Any]:
                 "categories": list(CATEGORIES),
             },
             "scope": "Namespaced",
-            "versions": [{
-                "name": API_VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-                "schema": {"openAPIV3Schema": openapi_schema()},
-            }],
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
         },
     }
 
@@ -331,33 +441,44 @@ def policy_crd() -> dict[str, Any]:
         },
         "spec": {
             "group": API_GROUP,
-            "names": {"kind": POLICY_KIND, "listKind": f"{POLICY_KIND}List", "plural": POLICY_PLURAL,
-                      "singular": POLICY_KIND.lower(), "categories": list(CATEGORIES)},
+            "names": {
+                "kind": POLICY_KIND,
+                "listKind": f"{POLICY_KIND}List",
+                "plural": POLICY_PLURAL,
+                "singular": POLICY_KIND.lower(),
+                "categories": list(CATEGORIES),
+            },
             "scope": "Cluster",
-            "versions": [{
-                "name": API_VERSION,
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "FineTuneJobPolicy: what tenants may choose in FineTuneJobs (the parameters "
-                                   "of kubetune's admission policy; the operator enforces the same rules).",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1."},
-                        "kind": {"type": "string", "description": "FineTuneJobPolicy."},
-                        "metadata": {"type": "object"},
-                        "spec": spec,
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "FineTuneJobPolicy: what tenants may choose in FineTuneJobs (the parameters "
+                            "of kubetune's admission policy; the operator enforces the same rules).",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1."},
+                                "kind": {"type": "string", "description": "FineTuneJobPolicy."},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
 
 def _dump(obj: dict[str, Any], source: str) -> str:
     header = f"# Generated by `python -m kubetune.crd` from operator/kubetune/{source}. Do not edit.\n"
-    return header + yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=100, allow_unicode=True)
+    return header + yaml.safe_dump(
+        obj, sort_keys=False, default_flow_style=False, width=100, allow_unicode=True
+    )
 
 
 def render_yaml() -> str:

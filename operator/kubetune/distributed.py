@@ -36,8 +36,13 @@ def world_size(spec: FineTuneJobSpec) -> int:
 
 
 def _precision_sections(precision: str) -> dict[str, Any]:
-    fp16_extra = {"loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16, "hysteresis": 2,
-                  "min_loss_scale": 1}
+    fp16_extra = {
+        "loss_scale": 0,
+        "loss_scale_window": 1000,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
     if precision == "bf16":
         return {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
     if precision == "fp16":
@@ -68,16 +73,20 @@ def deepspeed_config(spec: FineTuneJobSpec, *, torch_adam: bool | None = None) -
         "reduce_bucket_size": "auto",
     }
     if stage in (1, 2):
-        zero.update({"allgather_partitions": True, "allgather_bucket_size": 200_000_000, "reduce_scatter": True})
+        zero.update(
+            {"allgather_partitions": True, "allgather_bucket_size": 200_000_000, "reduce_scatter": True}
+        )
     if stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
-            "sub_group_size": 1_000_000_000,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_max_reuse_distance": 1_000_000_000,
+                "sub_group_size": 1_000_000_000,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     optimizer_params: dict[str, Any] = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
     if torch_adam:
         optimizer_params["torch_adam"] = True
@@ -125,9 +134,17 @@ def fsdp_options(spec: FineTuneJobSpec) -> dict[str, Any]:
 LAUNCHER = ["python", "-m", "kubetune_trainer.launch"]
 
 
-def launcher_args(spec: FineTuneJobSpec, *, master_addr: str, master_port: int = MASTER_PORT,
-                  node_rank_expr: str, nproc_per_node: int | None = None, resume: str | None = None,
-                  config_path: str = CONFIG_PATH, deepspeed_path: str = DEEPSPEED_PATH) -> list[str]:
+def launcher_args(
+    spec: FineTuneJobSpec,
+    *,
+    master_addr: str,
+    master_port: int = MASTER_PORT,
+    node_rank_expr: str,
+    nproc_per_node: int | None = None,
+    resume: str | None = None,
+    config_path: str = CONFIG_PATH,
+    deepspeed_path: str = DEEPSPEED_PATH,
+) -> list[str]:
     """The torchrun command line of one worker pod (see LAUNCHER).
 
     `node_rank_expr` is what the pod passes as --node-rank, for example "$(JOB_COMPLETION_INDEX)"
@@ -137,13 +154,20 @@ def launcher_args(spec: FineTuneJobSpec, *, master_addr: str, master_port: int =
     nproc = processes_per_node(spec) if nproc_per_node is None else nproc_per_node
     args = [
         *LAUNCHER,
-        "--nnodes", str(spec.resources.nodes),
-        "--nproc-per-node", str(nproc),
-        "--node-rank", node_rank_expr,
-        "--master-addr", master_addr,
-        "--master-port", str(master_port),
-        "-m", "kubetune_trainer",
-        "--config", config_path,
+        "--nnodes",
+        str(spec.resources.nodes),
+        "--nproc-per-node",
+        str(nproc),
+        "--node-rank",
+        node_rank_expr,
+        "--master-addr",
+        master_addr,
+        "--master-port",
+        str(master_port),
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        config_path,
     ]
     if uses_deepspeed(spec):
         args += ["--deepspeed", deepspeed_path]

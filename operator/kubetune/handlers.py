@@ -54,15 +54,25 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": ["get", "create"]},
-    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
+    {
+        "apiGroups": ["rbac.authorization.k8s.io"],
+        "resources": ["roles", "rolebindings"],
+        "verbs": ["get", "create"],
+    },
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     # kopf watches CRDs to notice its resources appear or go
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-     "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings", "clusterkopfpeerings"],
-     "verbs": ["get", "list", "watch", "patch"]},
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["kopfpeerings", "clusterkopfpeerings"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
     # PodGroups of gang-scheduled jobs (spec.scheduling.gang; kubetune.scheduling)
     scheduling.RBAC_RULE,
 ]
@@ -70,8 +80,12 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
 # (bench/README.md). It needs `patch` on every child kind, which create-or-adopt does not.
 SSA_CHILDREN = os.environ.get("KUBETUNE_CHILDREN_SSA") == "1"
 if SSA_CHILDREN:
-    OPERATOR_RBAC_RULES = [{**rule, "verbs": [*rule["verbs"], "patch"]} if "create" in rule["verbs"]
-                           and "patch" not in rule["verbs"] else rule for rule in OPERATOR_RBAC_RULES]
+    OPERATOR_RBAC_RULES = [
+        {**rule, "verbs": [*rule["verbs"], "patch"]}
+        if "create" in rule["verbs"] and "patch" not in rule["verbs"]
+        else rule
+        for rule in OPERATOR_RBAC_RULES
+    ]
 
 
 @dataclass
@@ -121,8 +135,10 @@ def _now() -> datetime:
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid and ref.get("controller")
-               for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+    return any(
+        ref.get("uid") == uid and ref.get("controller")
+        for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+    )
 
 
 _attempt_of = planner.attempt_of
@@ -165,7 +181,9 @@ class ChildRefused(Exception):
 class Reconciler:
     """Applies observations through the Kubernetes API (synchronous client; run in a worker thread)."""
 
-    def __init__(self, api: client.ApiClient, defaults: render.PlatformDefaults, cache: ObjectCache | None = None):
+    def __init__(
+        self, api: client.ApiClient, defaults: render.PlatformDefaults, cache: ObjectCache | None = None
+    ):
         self.api = api
         self.defaults = defaults
         # the watch-fed store the loop reads from (kubetune.cache); None: every read goes to the API
@@ -206,17 +224,19 @@ class Reconciler:
         return items
 
     def worker_jobs(self, namespace: str, name: str, uid: str) -> list[dict[str, Any]]:
-        items = self._list(JOBS, self.batch.list_namespaced_job, namespace, name, f"{render.LABEL_JOB}={name}")
+        items = self._list(
+            JOBS, self.batch.list_namespaced_job, namespace, name, f"{render.LABEL_JOB}={name}"
+        )
         return [j for j in items if _owned_by(j, uid)]
 
     def worker_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        return self._list(PODS, self.core.list_namespaced_pod, namespace, name,
-                          render.worker_selector(name))
+        return self._list(PODS, self.core.list_namespaced_pod, namespace, name, render.worker_selector(name))
 
     # ----- writes -----
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        patched = self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name,
-                                                                    {"status": patch})
+        patched = self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch}
+        )
         if self.cache is not None and isinstance(patched, dict):
             self.cache.record(FTJ, patched)  # read-your-writes: the next reconcile sees this status
 
@@ -234,14 +254,19 @@ class Reconciler:
 
     def _create_fn(self, kind: str):
         return {
-            "ServiceAccount": (self.core.create_namespaced_service_account, self.core.read_namespaced_service_account),
+            "ServiceAccount": (
+                self.core.create_namespaced_service_account,
+                self.core.read_namespaced_service_account,
+            ),
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
             "Role": (self.rbac.create_namespaced_role, self.rbac.read_namespaced_role),
             "RoleBinding": (self.rbac.create_namespaced_role_binding, self.rbac.read_namespaced_role_binding),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "NetworkPolicy": (self.networking.create_namespaced_network_policy,
-                              self.networking.read_namespaced_network_policy),
+            "NetworkPolicy": (
+                self.networking.create_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+            ),
         }[kind]
 
     def _create_pod_group(self, namespace: str, body: dict[str, Any], **kwargs: Any) -> Any:
@@ -255,15 +280,27 @@ class Reconciler:
         else created with the same field values."""
         meta = obj["metadata"]
         group_version = obj["apiVersion"]
-        plural = {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps", "Service": "services",
-                  "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs", "NetworkPolicy": "networkpolicies",
-                  "PodGroup": "podgroups"}[obj["kind"]]
+        plural = {
+            "ServiceAccount": "serviceaccounts",
+            "ConfigMap": "configmaps",
+            "Service": "services",
+            "Role": "roles",
+            "RoleBinding": "rolebindings",
+            "Job": "jobs",
+            "NetworkPolicy": "networkpolicies",
+            "PodGroup": "podgroups",
+        }[obj["kind"]]
         prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
         response = self.api.call_api(
-            f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}", "PATCH",
+            f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}",
+            "PATCH",
             query_params=[("fieldManager", "kubetune-operator")],
             header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-            body=obj, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
+            body=obj,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
         applied, created = json.loads(response.data), response.status == 201
         response.release_conn()
         if obj["kind"] == "Job" and self.cache is not None:
@@ -307,12 +344,16 @@ class Reconciler:
             return "deleting"
         if kind == "ConfigMap" and existing.get("data") != obj.get("data"):
             # resources may change while suspended; the next attempt reads the new config
-            self.core.patch_namespaced_config_map(name, namespace, {"data": obj["data"]}, _content_type=MERGE_PATCH)
+            self.core.patch_namespaced_config_map(
+                name, namespace, {"data": obj["data"]}, _content_type=MERGE_PATCH
+            )
             log.info("updated ConfigMap %s/%s", namespace, name)
         return "exists"
 
     # ----- the loop body -----
-    def reconcile(self, namespace: str, name: str, uid: str) -> tuple[float | None, list[st.Event], dict | None]:
+    def reconcile(
+        self, namespace: str, name: str, uid: str
+    ) -> tuple[float | None, list[st.Event], dict | None]:
         """One observation and its consequences: (requeue_after, events, the CR or None once it is gone)."""
         job_cr = self.get_job_cr(namespace, name)
         if job_cr is None or job_cr["metadata"].get("uid") != uid:
@@ -341,8 +382,15 @@ class Reconciler:
             update = st.observe(job_cr, current, current_pods, now, spec)
         if update.patch:
             self.patch_status(namespace, name, update.patch)
-            log.info("%s/%s: phase %s, attempt %s, %s (status: %s)", namespace, name, update.phase,
-                     update.status.get("attempt"), update.status.get("message", ""), ", ".join(sorted(update.patch)))
+            log.info(
+                "%s/%s: phase %s, attempt %s, %s (status: %s)",
+                namespace,
+                name,
+                update.phase,
+                update.status.get("attempt"),
+                update.status.get("message", ""),
+                ", ".join(sorted(update.patch)),
+            )
         self._written[uid] = {k: v for k, v in update.status.items() if v is not None}
         update.events[:0] = tamper_events
         METRICS.record_update(job_cr, update.status, now)
@@ -364,14 +412,21 @@ class Reconciler:
             return None, update.events, None
         return requeue, update.events, job_cr
 
-    def ensure(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], uid: str,
-               events: list[st.Event]) -> float | None:
+    def ensure(
+        self,
+        job_cr: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+        uid: str,
+        events: list[st.Event],
+    ) -> float | None:
         """Children of the current attempt exist; earlier attempts are stopped first. Returns a retry delay."""
         meta = job_cr["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         attempt = int(job_cr["status"]["attempt"])
-        steps = planner.plan_ensure(name, attempt, jobs, pods,
-                                    lambda: render.render_children(job_cr, self.defaults, attempt=attempt))
+        steps = planner.plan_ensure(
+            name, attempt, jobs, pods, lambda: render.render_children(job_cr, self.defaults, attempt=attempt)
+        )
         for step in steps:
             if step.kind == planner.StepKind.DELETE_JOB:
                 self.delete_job(namespace, step.name, step.propagation)
@@ -382,20 +437,29 @@ class Reconciler:
                 child = dict(step.child)
                 result = self.ensure_child(child, uid)
                 if result == "conflict":
-                    message = (f"{child['kind']} {child['metadata']['name']} exists and is not owned by this "
-                               "FineTuneJob; delete or rename it")
+                    message = (
+                        f"{child['kind']} {child['metadata']['name']} exists and is not owned by this "
+                        "FineTuneJob; delete or rename it"
+                    )
                     if not any(e.reason == "ChildConflict" for e in events):
                         events.append(st.Event("Warning", "ChildConflict", message))
                     return 30.0
                 if result == "deleting":
                     return 2.0
                 if result == "created" and child["kind"] == "Job":
-                    events.append(st.Event("Normal", "CreatedWorkers", f"created Job {child['metadata']['name']} "
-                                           f"with {child['spec']['completions']} worker pod(s)"))
+                    events.append(
+                        st.Event(
+                            "Normal",
+                            "CreatedWorkers",
+                            f"created Job {child['metadata']['name']} "
+                            f"with {child['spec']['completions']} worker pod(s)",
+                        )
+                    )
         return None
 
-    def _fail_refused(self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], message: str,
-                      events: list[st.Event]) -> tuple[None, list[st.Event], dict[str, Any]]:
+    def _fail_refused(
+        self, job_cr: dict[str, Any], jobs: list[dict[str, Any]], message: str, events: list[st.Event]
+    ) -> tuple[None, list[st.Event], dict[str, Any]]:
         """A child was refused: Failed with a ChildRefused condition and Warning event; no retry loop."""
         namespace, name = job_cr["metadata"]["namespace"], job_cr["metadata"]["name"]
         failed = st.config_error(job_cr, message, _now(), "ChildRefused")
@@ -423,8 +487,14 @@ class Reconciler:
         job_cr["status"] = {**{k: v for k, v in current.items() if k not in patch}, **written}
         fields = ", ".join(f"status.{k}" for k in sorted(patch))
         log.warning("%s/%s: %s changed by another client; restored", meta["namespace"], meta["name"], fields)
-        return [st.Event("Warning", "StatusTampered", f"{fields} changed by a client other than the operator (only "
-                         "progress, checkpoint, metrics and artifacts are the trainer's); restored")]
+        return [
+            st.Event(
+                "Warning",
+                "StatusTampered",
+                f"{fields} changed by a client other than the operator (only "
+                "progress, checkpoint, metrics and artifacts are the trainer's); restored",
+            )
+        ]
 
     def forget(self, uid: str) -> None:
         """The job's loop ended (deleted, or another replica took over)."""
@@ -445,7 +515,9 @@ def _reconciler() -> Reconciler:
             k8s_config.load_kube_config()
         configuration = client.Configuration.get_default_copy()
         # one pooled connection per worker thread (urllib3 would otherwise open and drop extra ones)
-        configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 1, CONFIG.workers)
+        configuration.connection_pool_maxsize = max(
+            configuration.connection_pool_maxsize or 1, CONFIG.workers
+        )
         _RECONCILER = Reconciler(client.ApiClient(configuration), CONFIG.defaults, CACHE)
     return _RECONCILER
 
@@ -476,7 +548,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """kopf's bookkeeping under our prefix (the finalizer name is only used to remove one left by an
     older version); only explicit events are posted."""
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=CONFIG.workers, thread_name_prefix="kubetune-reconcile"))
+        ThreadPoolExecutor(max_workers=CONFIG.workers, thread_name_prefix="kubetune-reconcile")
+    )
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{API_GROUP}")
     settings.persistence.diffbase_storage = NoDiffBaseStorage()
@@ -500,7 +573,11 @@ async def _cache_synced(namespace: str, stopped: kopf.DaemonStopped, timeout: fl
     `timeout`) until the cache holds them too, rather than list them for every job (an operator
     restarting with 1,000 jobs sent ~240 such lists)."""
     waited = 0.0
-    while waited < timeout and not stopped and not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace)):
+    while (
+        waited < timeout
+        and not stopped
+        and not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace))
+    ):
         await asyncio.sleep(0.2)
         waited += 0.2
 
@@ -510,9 +587,18 @@ async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
 
 
 # The arg-type ignore below: the resource is namespaced, so kopf's `str | None` namespace is always a str
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0)  # type: ignore[arg-type]
-async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
-                           stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
+@kopf.daemon(  # type: ignore[arg-type]
+    API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0
+)
+async def reconcile_daemon(
+    name: str,
+    namespace: str,
+    uid: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
     """The per-job loop: reconcile, post events, sleep until woken, stopped or the next interval."""
     waker = _WAKERS.setdefault(uid, asyncio.Event())
     _JOB_UIDS[namespace, name] = uid
@@ -523,7 +609,9 @@ async def reconcile_daemon(name: str, namespace: str, uid: str, body: kopf.Body,
             waker.clear()
             try:
                 with METRICS.reconcile_timer():
-                    requeue, events, current = await asyncio.to_thread(_reconciler().reconcile, namespace, name, uid)
+                    requeue, events, current = await asyncio.to_thread(
+                        _reconciler().reconcile, namespace, name, uid
+                    )
             except ApiException as error:
                 logger.warning("reconcile failed: %s %s", error.status, error.reason)
                 requeue, events, current = 5.0, [], None
@@ -566,8 +654,10 @@ def _daemon_without_finalizer(handler_id: str, registry: kopf.OperatorRegistry |
     found = [h for h in spawning._handlers if h.id == handler_id]
     if len(found) != 1:
         raise RuntimeError(f"kopf daemon {handler_id!r} not registered exactly once: kopf's registry changed")
-    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) if h.id == handler_id else h
-                          for h in spawning._handlers]
+    spawning._handlers = [
+        dataclasses.replace(h, requires_finalizer=False) if h.id == handler_id else h
+        for h in spawning._handlers
+    ]
 
 
 _daemon_without_finalizer("reconcile")
@@ -576,7 +666,11 @@ _daemon_without_finalizer("reconcile")
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 def finetunejob_event(uid: str, meta: kopf.Meta, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
     """Spec changes (a new generation) and deletion wake the job's loop; status-only changes do not."""
-    if type == "DELETED" or meta.get("deletionTimestamp") or meta.get("generation") != _SEEN_GENERATION.get(uid):
+    if (
+        type == "DELETED"
+        or meta.get("deletionTimestamp")
+        or meta.get("generation") != _SEEN_GENERATION.get(uid)
+    ):
         _wake(uid)
 
 
@@ -593,9 +687,17 @@ def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # no
 
 
 # The arg-type ignore below: pods are namespaced, so kopf's `str | None` namespace is always a str
-@kopf.on.event("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT})  # type: ignore[arg-type]
-def worker_pod_event(namespace: str, uid: str, meta: kopf.Meta, body: kopf.Body, type: str | None,  # noqa: A002
-                     **_: Any) -> None:
+@kopf.on.event(  # type: ignore[arg-type]
+    "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT}
+)
+def worker_pod_event(
+    namespace: str,
+    uid: str,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    type: str | None,  # noqa: A002
+    **_: Any,
+) -> None:
     """A worker pod changed in a way the job's loop reads (scheduling, containers, exit, disruption,
     deletion): wake it. This is what lets the loop sleep for a long `--interval`.
 
@@ -620,8 +722,9 @@ def probe_jobs(**_: Any) -> int:
     return len(_WAKERS)
 
 
-def configure_operator(defaults: render.PlatformDefaults | None = None, interval: float | None = None,
-                       workers: int | None = None) -> None:
+def configure_operator(
+    defaults: render.PlatformDefaults | None = None, interval: float | None = None, workers: int | None = None
+) -> None:
     """Set the operator's settings before kopf starts."""
     if defaults is not None:
         CONFIG.defaults = defaults

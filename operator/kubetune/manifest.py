@@ -47,13 +47,20 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 _RELATIVE_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?)(\.[A-Za-z][A-Za-z0-9]*(\[[0-9]+\])?)*: ")
 MAX_SHOWN = 40  # characters of an offending value shown back (it may be a secret pasted into the wrong field)
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string",
-               "dict": "a mapping", "list": "a list", "NoneType": "null"}
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "str": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+    "NoneType": "null",
+}
 
 
 _PATTERNS = {
     spec.NAME_PATTERN: f"a DNS-1035 label of at most {spec.MAX_NAME_LENGTH} characters (lowercase letters, digits "
-                       "and '-', starting with a letter and ending with a letter or digit)",
+    "and '-', starting with a letter and ending with a letter or digit)",
     spec.GENERATE_NAME_PATTERN: "a prefix of lowercase letters, digits and '-', starting with a letter",
     spec.DNS_LABEL.pattern: "a DNS label (lowercase letters, digits and '-', at most 63 characters)",
     spec.DNS_SUBDOMAIN: "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
@@ -73,13 +80,15 @@ def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
 def _message(item: Any) -> str:
     kind, message = item["type"], item["msg"]
     if message.startswith("Value error, "):
-        return message[len("Value error, "):]
+        return message[len("Value error, ") :]
     if kind == "extra_forbidden":
         return "unknown field (field names are camelCase; see `kubectl explain finetunejob.spec`)"
     if kind == "missing":
         return "required field is missing"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"expected a mapping, got {_TYPE_NAMES.get(type(item.get('input')).__name__, 'something else')}"
+        return (
+            f"expected a mapping, got {_TYPE_NAMES.get(type(item.get('input')).__name__, 'something else')}"
+        )
     if kind == "string_pattern_mismatch":
         wanted = _PATTERNS.get(item.get("ctx", {}).get("pattern", ""), "")
         if wanted:
@@ -100,15 +109,25 @@ def format_validation_error(error: ValidationError, prefix: tuple[Any, ...] = ()
     """Turn pydantic errors into 'field.path: problem (got a short value)' lines."""
     problems = []
     for item in error.errors(include_url=False):
-        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and (
-            p.startswith("function-") or p in ("lax-or-strict", "json-or-python") or p.startswith("enum["))))
+        loc = prefix + tuple(
+            p
+            for p in item["loc"]
+            if not (
+                isinstance(p, str)
+                and (
+                    p.startswith("function-")
+                    or p in ("lax-or-strict", "json-or-python")
+                    or p.startswith("enum[")
+                )
+            )
+        )
         message = _message(item)
         match = _RELATIVE_PATH.match(message) if item["type"] == "value_error" else None
         path = _field_path(loc)
         if match:
             relative = match.group(0)[:-2]
             path = f"{path}.{relative}" if loc else relative
-            message = message[len(match.group(0)):]
+            message = message[len(match.group(0)) :]
         problems.append(f"{path}: {message}")
     return problems
 
@@ -116,8 +135,13 @@ def format_validation_error(error: ValidationError, prefix: tuple[Any, ...] = ()
 def parse_job(document: Any, source: str = "manifest") -> FineTuneJob:
     """Validate a parsed manifest (a dict) into a FineTuneJob."""
     if not isinstance(document, dict):
-        raise ManifestError(source, [f"(manifest): expected a mapping with apiVersion, kind, metadata and spec, "
-                                     f"got {type(document).__name__}"])
+        raise ManifestError(
+            source,
+            [
+                f"(manifest): expected a mapping with apiVersion, kind, metadata and spec, "
+                f"got {type(document).__name__}"
+            ],
+        )
     try:
         return FineTuneJob.model_validate(document, by_alias=True, by_name=False)
     except ValidationError as error:
@@ -143,12 +167,16 @@ class _ManifestLoader(yaml.SafeLoader):
             try:
                 hash(key)
             except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, "a mapping key that is not a string",
-                                                        key_node.start_mark) from None
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key that is not a string", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {shorten(key)} (first on line {seen[key]}); every field once",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {shorten(key)} (first on line {seen[key]}); every field once",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -159,7 +187,8 @@ class _ManifestLoader(yaml.SafeLoader):
 
 _ManifestLoader.yaml_implicit_resolvers = {
     first: [(tag, regex) for tag, regex in resolvers if tag != _TIMESTAMP]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:float", _GO_FLOAT, list("-+.0123456789"))
 
 
@@ -173,8 +202,9 @@ def _check_expansion(root: yaml.Node) -> None:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise yaml.composer.ComposerError(None, None, "a recursive alias (a node that contains itself)",
-                                              node.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "a recursive alias (a node that contains itself)", node.start_mark
+            )
         active.add(key)
         total = 1
         if isinstance(node, yaml.SequenceNode):
@@ -184,8 +214,11 @@ def _check_expansion(root: yaml.Node) -> None:
         active.discard(key)
         if total > MAX_EXPANDED_NODES:
             raise yaml.composer.ComposerError(
-                None, None, f"aliases expand to more than {MAX_EXPANDED_NODES:,} YAML nodes (an alias bomb?)",
-                node.start_mark)
+                None,
+                None,
+                f"aliases expand to more than {MAX_EXPANDED_NODES:,} YAML nodes (an alias bomb?)",
+                node.start_mark,
+            )
         sizes[key] = total
         return total
 
@@ -193,21 +226,30 @@ def _check_expansion(root: yaml.Node) -> None:
 
 
 def _decode(path: Path, data: bytes) -> str:
-    for bom, name in ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"),
-                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+    for bom, name in (
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+        (b"\xff\xfe\x00\x00", "UTF-32"),
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+    ):
         if data.startswith(bom):
             raise ManifestError(str(path), [f"the file is {name} text; save it as UTF-8"])
     if data.startswith((b"\x1f\x8b", b"PK\x03\x04", b"BZh", b"\xfd7zXZ")):
-        raise ManifestError(str(path), ["the file is compressed (gzip, zip, bzip2 or xz), not a YAML manifest"])
+        raise ManifestError(
+            str(path), ["the file is compressed (gzip, zip, bzip2 or xz), not a YAML manifest"]
+        )
     if b"\x00" in data[:8192]:
-        raise ManifestError(str(path), ["the file is binary (NUL bytes) or UTF-16 text, not a YAML manifest; "
-                                        "save it as UTF-8"])
+        raise ManifestError(
+            str(path),
+            ["the file is binary (NUL bytes) or UTF-16 text, not a YAML manifest; save it as UTF-8"],
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise ManifestError(f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[error.start]:02x}); save the "
-                                               "file as UTF-8"]) from None
+        raise ManifestError(
+            f"{path}:{line}", [f"not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"]
+        ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -234,17 +276,32 @@ def load_job(path: str | Path) -> FineTuneJob:
     except OSError as error:
         raise ManifestError(str(path), [f"cannot read the file: {error.strerror or error}"]) from None
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(str(path), [f"the file is larger than {MAX_MANIFEST_BYTES >> 20} MiB; a FineTuneJob "
-                                        "manifest is a few kilobytes"])
+        raise ManifestError(
+            str(path),
+            [
+                f"the file is larger than {MAX_MANIFEST_BYTES >> 20} MiB; a FineTuneJob "
+                "manifest is a few kilobytes"
+            ],
+        )
     documents = load_documents(_decode(path, data), str(path))
     if len(documents) == 1:
         return parse_job(documents[0], str(path))
-    jobs = [(i, d) for i, d in enumerate(documents, start=1) if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    jobs = [
+        (i, d)
+        for i, d in enumerate(documents, start=1)
+        if isinstance(d, dict) and d.get("kind") == "FineTuneJob"
+    ]
     if len(jobs) != 1:
-        kinds = ", ".join(f"{i}: {shorten(d.get('kind')) if isinstance(d, dict) else 'not a mapping'}"
-                          for i, d in enumerate(documents, start=1)) or "none"
-        raise ManifestError(str(path), [f"expected exactly one FineTuneJob document, found {len(jobs)} "
-                                        f"(documents {kinds})"])
+        kinds = (
+            ", ".join(
+                f"{i}: {shorten(d.get('kind')) if isinstance(d, dict) else 'not a mapping'}"
+                for i, d in enumerate(documents, start=1)
+            )
+            or "none"
+        )
+        raise ManifestError(
+            str(path), [f"expected exactly one FineTuneJob document, found {len(jobs)} (documents {kinds})"]
+        )
     index, document = jobs[0]
     return parse_job(document, f"{path} (document {index} of {len(documents)})")
 

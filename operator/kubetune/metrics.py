@@ -46,8 +46,11 @@ class _PhaseCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs reconciled by this operator, by phase",
-                                   labels=["namespace", "phase"])
+        family = GaugeMetricFamily(
+            "kubetune_finetunejobs",
+            "FineTuneJobs reconciled by this operator, by phase",
+            labels=["namespace", "phase"],
+        )
         counts: dict[tuple[str, str], int] = {}
         with self.metrics.lock:
             jobs = list(self.metrics.jobs.values())
@@ -69,18 +72,29 @@ class OperatorMetrics:
         self.jobs: dict[str, tuple[str, str]] = {}  # uid -> (namespace, phase)
         self.timed_to_running: set[str] = set()
         self.reconcile_duration = Histogram(
-            "kubetune_reconcile_duration_seconds", "Duration of one reconcile of one FineTuneJob",
-            buckets=RECONCILE_BUCKETS, registry=registry)
+            "kubetune_reconcile_duration_seconds",
+            "Duration of one reconcile of one FineTuneJob",
+            buckets=RECONCILE_BUCKETS,
+            registry=registry,
+        )
         self.reconcile_errors = Counter(
-            "kubetune_reconcile_errors_total", "Reconciles that failed, by reason",
-            ["reason"], registry=registry)
+            "kubetune_reconcile_errors_total",
+            "Reconciles that failed, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.restarts = Counter(
-            "kubetune_job_restarts_total", "New attempts of FineTuneJobs after a failure or a preemption",
-            ["namespace", "reason"], registry=registry)
+            "kubetune_job_restarts_total",
+            "New attempts of FineTuneJobs after a failure or a preemption",
+            ["namespace", "reason"],
+            registry=registry,
+        )
         self.time_to_running = Histogram(
             "kubetune_job_time_to_running_seconds",
             "Seconds from a FineTuneJob's creation to all workers of its first attempt running",
-            buckets=TIME_TO_RUNNING_BUCKETS, registry=registry)
+            buckets=TIME_TO_RUNNING_BUCKETS,
+            registry=registry,
+        )
         if registry is not None:
             registry.register(_PhaseCollector(self))
             registry.register(_InfoCollector())
@@ -98,8 +112,9 @@ class OperatorMetrics:
         finally:
             self.reconcile_duration.observe(time.perf_counter() - started)
 
-    def record_update(self, job_cr: Mapping[str, Any], new_status: Mapping[str, Any],
-                      now: datetime | None = None) -> None:
+    def record_update(
+        self, job_cr: Mapping[str, Any], new_status: Mapping[str, Any], now: datetime | None = None
+    ) -> None:
         """After an observation: `job_cr` as read (its old status), `new_status` the operator-owned status."""
         try:
             self._record(job_cr, new_status, now)
@@ -139,7 +154,9 @@ class OperatorMetrics:
 
 class _InfoCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("kubetune_operator_info", "The running operator's version", labels=["version"])
+        family = GaugeMetricFamily(
+            "kubetune_operator_info", "The running operator's version", labels=["version"]
+        )
         family.add_metric([__version__], 1)
         yield family
 

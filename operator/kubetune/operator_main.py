@@ -24,33 +24,72 @@ import kopf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kubetune-operator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[],
-                       help="watch this namespace (repeatable; globs allowed); default: all namespaces")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; globs allowed); default: all namespaces",
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
     peering = parser.add_mutually_exclusive_group()
-    peering.add_argument("--peering", metavar="NAME", help="coordinate replicas through this kopf peering object")
+    peering.add_argument(
+        "--peering", metavar="NAME", help="coordinate replicas through this kopf peering object"
+    )
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica; default)")
-    parser.add_argument("--priority", type=_priority, default=0,
-                        help="peering priority of this replica, or 'auto' (from the hostname: distinct per pod)")
-    parser.add_argument("--peering-lifetime", type=int, default=15,
-                        help="seconds a replica's peering record lives without a heartbeat: a standby takes over "
-                        "this long after the active replica died (kopf's default 60); default %(default)s")
-    parser.add_argument("--namespaced-rbac", action="store_true",
-                        help="RBAC is Roles in the --namespace(s) only: do not list/watch namespaces and CRDs")
-    parser.add_argument("--liveness", default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8081/healthz"),
-                        help="liveness endpoint URL (empty to disable); default %(default)s")
-    parser.add_argument("--metrics-port", type=int, default=8080,
-                        help="Prometheus /metrics port (0 to disable); default %(default)s")
-    parser.add_argument("--metrics-address", default="0.0.0.0",
-                        help="address the metrics endpoint listens on; default %(default)s")
-    parser.add_argument("--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)")
-    parser.add_argument("--interval", type=float, default=None,
-                        help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 60: a resync; watches wake a job for every change)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 16)")
+    parser.add_argument(
+        "--priority",
+        type=_priority,
+        default=0,
+        help="peering priority of this replica, or 'auto' (from the hostname: distinct per pod)",
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=15,
+        help="seconds a replica's peering record lives without a heartbeat: a standby takes over "
+        "this long after the active replica died (kopf's default 60); default %(default)s",
+    )
+    parser.add_argument(
+        "--namespaced-rbac",
+        action="store_true",
+        help="RBAC is Roles in the --namespace(s) only: do not list/watch namespaces and CRDs",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("KUBETUNE_LIVENESS", "http://0.0.0.0:8081/healthz"),
+        help="liveness endpoint URL (empty to disable); default %(default)s",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="Prometheus /metrics port (0 to disable); default %(default)s",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        help="address the metrics endpoint listens on; default %(default)s",
+    )
+    parser.add_argument(
+        "--defaults", default=None, help="platform defaults YAML file (KUBETUNE_DEFAULTS_FILE)"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help="seconds between reconciles of an idle job (KUBETUNE_RECONCILE_INTERVAL, default 60: a resync; watches wake a job for every change)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="reconciles running at once, each in a thread (KUBETUNE_RECONCILE_WORKERS, default 16)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.namespaced_rbac and (not args.namespace or any(set(n) & set("*?[]!,") for n in args.namespace)):
@@ -96,14 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers.configure_operator(defaults, args.interval, args.workers)
     if args.namespaced_rbac:
+
         @kopf.on.startup(id="namespaced-rbac")
         def _no_cluster_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
             settings.scanning.disabled = True  # no namespace/CRD observation: the namespaces are given
+
     if args.peering:
+
         @kopf.on.startup(id="peering-lifetime")
         def _peering_lifetime(settings: kopf.OperatorSettings, **_: object) -> None:
             # heartbeats every lifetime - 5..10 s; a dead replica's record expires after `lifetime`
             settings.peering.lifetime = args.peering_lifetime
+
     if args.metrics_port:
         from kubetune import metrics
 

@@ -70,8 +70,13 @@ def plan_stop(jobs: Sequence[Mapping[str, Any]]) -> list[Step]:
     return [Step(StepKind.DELETE_JOB, "stop the workers", _name(j)) for j in jobs if not _deleting(j)]
 
 
-def plan_ensure(job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
-                children: Callable[[], Sequence[Mapping[str, Any]]]) -> list[Step]:
+def plan_ensure(
+    job_name: str,
+    attempt: int,
+    jobs: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    children: Callable[[], Sequence[Mapping[str, Any]]],
+) -> list[Step]:
     """The steps that make the children of `attempt` exist (see the module docstring).
 
     `jobs`: the FineTuneJob's worker Jobs (all attempts); `pods`: its worker pods (all attempts);
@@ -80,28 +85,52 @@ def plan_ensure(job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]], 
     stale = [j for j in jobs if attempt_of(j) != attempt]
     for job in stale:
         if not _deleting(job) and not job_finishing(job):
-            steps.append(Step(StepKind.DELETE_JOB, f"attempt {attempt_of(job)} is not the current attempt {attempt}",
-                              _name(job), "Foreground"))
+            steps.append(
+                Step(
+                    StepKind.DELETE_JOB,
+                    f"attempt {attempt_of(job)} is not the current attempt {attempt}",
+                    _name(job),
+                    "Foreground",
+                )
+            )
     finished = sorted((j for j in stale if job_finishing(j) and not _deleting(j)), key=attempt_of)
     for job in finished[:-KEEP_FINISHED_ATTEMPTS] if len(finished) > KEEP_FINISHED_ATTEMPTS else []:
-        steps.append(Step(StepKind.DELETE_JOB, f"only the {KEEP_FINISHED_ATTEMPTS} latest finished attempts are kept",
-                          _name(job)))
-    current = next((j for j in jobs if _name(j) == render.job_name(job_name, attempt) and not _deleting(j)), None)
+        steps.append(
+            Step(
+                StepKind.DELETE_JOB,
+                f"only the {KEEP_FINISHED_ATTEMPTS} latest finished attempts are kept",
+                _name(job),
+            )
+        )
+    current = next(
+        (j for j in jobs if _name(j) == render.job_name(job_name, attempt) and not _deleting(j)), None
+    )
     if current is not None:
         return steps
     waiting = [_name(p) for p in pods if attempt_of(p) != attempt and not pod_done(p)]
     stopping = [_name(j) for j in stale if _deleting(j) and not job_finishing(j)]
     for child in children():
         if child["kind"] == "Job" and (waiting or stopping):
-            steps.append(Step(StepKind.WAIT, "waiting for pods of earlier attempts to stop: "
-                              + ", ".join(waiting or stopping), seconds=WAIT_FOR_EARLIER_PODS))
+            steps.append(
+                Step(
+                    StepKind.WAIT,
+                    "waiting for pods of earlier attempts to stop: " + ", ".join(waiting or stopping),
+                    seconds=WAIT_FOR_EARLIER_PODS,
+                )
+            )
             return steps
         steps.append(Step(StepKind.ENSURE, f"child of attempt {attempt}", _name(child), child=child))
     return steps
 
 
-def plan(action: Action, job_name: str, attempt: int, jobs: Sequence[Mapping[str, Any]],
-         pods: Sequence[Mapping[str, Any]], children: Callable[[], Sequence[Mapping[str, Any]]]) -> list[Step]:
+def plan(
+    action: Action,
+    job_name: str,
+    attempt: int,
+    jobs: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    children: Callable[[], Sequence[Mapping[str, Any]]],
+) -> list[Step]:
     """The steps for `action` (status.Action) given the observed worker Jobs and pods."""
     if action == Action.STOP:
         return plan_stop(jobs)

@@ -33,8 +33,25 @@ from kubetune.spec import BUNDLED_PREFIX, FineTuneJobSpec, SpecModel, is_hub_sou
 S3_SCHEME = "s3://"
 # Never data, whatever the policy allows: kernel and process state, credentials mounted into pods,
 # and the image's own configuration. `dataPaths` entries under these are refused too.
-FORBIDDEN_PATH_PREFIXES = ("/proc", "/sys", "/dev", "/var/run", "/run", "/etc", "/root", "/home", "/boot",
-                           "/opt/venv", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/cache", "/tmp")
+FORBIDDEN_PATH_PREFIXES = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/var/run",
+    "/run",
+    "/etc",
+    "/root",
+    "/home",
+    "/boot",
+    "/opt/venv",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/cache",
+    "/tmp",
+)
 # Cloud metadata endpoints (AWS, GCP, Azure, OpenStack share 169.254.169.254; AWS IPv6; Alibaba)
 METADATA_CIDRS = ("169.254.169.254/32", "100.100.100.200/32", "fd00:ec2::254/128")
 
@@ -46,19 +63,24 @@ class PolicyError(ValueError):
 class NetworkPolicySpec(SpecModel):
     """The per-job NetworkPolicy the operator creates beside the worker pods."""
 
-    enabled: bool = Field(True, description="Create a NetworkPolicy for every job: ingress to the worker pods only "
-                          "from the job's own pods (rendezvous, collectives) and, on the metrics port, from "
-                          "metricsFrom; egress as configured.")
+    enabled: bool = Field(
+        True,
+        description="Create a NetworkPolicy for every job: ingress to the worker pods only "
+        "from the job's own pods (rendezvous, collectives) and, on the metrics port, from "
+        "metricsFrom; egress as configured.",
+    )
     metrics_from: list[dict[str, Any]] = Field(
         default_factory=list,
         description="NetworkPolicyPeers (core networking/v1) allowed to scrape the trainer's metrics port, for "
         "example [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]. Empty: nobody "
-        "outside the job.")
+        "outside the job.",
+    )
     egress: list[dict[str, Any]] | None = Field(
         None,
         description="NetworkPolicyEgressRules for the worker pods (besides the job's own pods and DNS). Unset: "
         "everything except the cloud metadata addresses (169.254.169.254, 100.100.100.200, fd00:ec2::254). An "
-        "empty list: nothing but the job's own pods and DNS.")
+        "empty list: nothing but the job's own pods and DNS.",
+    )
 
 
 class TenantPolicy(SpecModel):
@@ -73,74 +95,118 @@ class TenantPolicy(SpecModel):
         default_factory=list,
         description="Trainer images a tenant may set in resources.image: an image is allowed when it starts "
         "with one of these (a registry 'registry.example.com/', a repository 'registry.example.com/ml/trainer@', "
-        "or an exact image). Empty: tenants may not choose the image (the platform default is used).")
-    require_image_digest: bool = Field(False, description="Every trainer image (the platform default included) "
-                                       "must be pinned by digest (...@sha256:<64 hex>).")
+        "or an exact image). Empty: tenants may not choose the image (the platform default is used).",
+    )
+    require_image_digest: bool = Field(
+        False,
+        description="Every trainer image (the platform default included) "
+        "must be pinned by digest (...@sha256:<64 hex>).",
+    )
     allowed_image_pull_policies: list[Literal["Always", "IfNotPresent", "Never"]] = Field(
-        default_factory=list, description="Pull policies a tenant may set. Empty: the platform's.")
+        default_factory=list, description="Pull policies a tenant may set. Empty: the platform's."
+    )
     allowed_priority_classes: list[str] = Field(
-        default_factory=list, description="PriorityClasses a tenant may set in resources.priorityClassName "
-        "(never system-node-critical or system-cluster-critical unless listed). Empty: the platform's only.")
+        default_factory=list,
+        description="PriorityClasses a tenant may set in resources.priorityClassName "
+        "(never system-node-critical or system-cluster-critical unless listed). Empty: the platform's only.",
+    )
     allowed_workload_priority_classes: list[str] = Field(
-        default_factory=list, description="Kueue WorkloadPriorityClasses a tenant may set in "
-        "scheduling.priorityClassName. Empty: none.")
-    require_queue: bool = Field(False, description="Every job goes through a Kueue LocalQueue: "
-                                "scheduling.queueName (or the platform default queueName) must be set and "
-                                "cannot be emptied to skip the queue.")
-    allowed_queues: list[str] = Field(default_factory=list, description="LocalQueues a tenant may name. Empty: "
-                                      "any queue of the job's namespace.")
+        default_factory=list,
+        description="Kueue WorkloadPriorityClasses a tenant may set in "
+        "scheduling.priorityClassName. Empty: none.",
+    )
+    require_queue: bool = Field(
+        False,
+        description="Every job goes through a Kueue LocalQueue: "
+        "scheduling.queueName (or the platform default queueName) must be set and "
+        "cannot be emptied to skip the queue.",
+    )
+    allowed_queues: list[str] = Field(
+        default_factory=list,
+        description="LocalQueues a tenant may name. Empty: any queue of the job's namespace.",
+    )
     enforced_node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels every worker pod must match, merged into the pod's "
-        "nodeSelector; a tenant cannot replace them.")
+        default_factory=dict,
+        description="Node labels every worker pod must match, merged into the pod's "
+        "nodeSelector; a tenant cannot replace them.",
+    )
     enforced_tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Tolerations (core/v1) added to every worker pod.")
+        default_factory=list, description="Tolerations (core/v1) added to every worker pod."
+    )
     allowed_node_selector_keys: list[str] = Field(
-        default_factory=list, description="Node label keys a tenant may use in resources.nodeSelector (for "
-        "example nvidia.com/gpu.product). Empty: tenants may not set a nodeSelector.")
+        default_factory=list,
+        description="Node label keys a tenant may use in resources.nodeSelector (for "
+        "example nvidia.com/gpu.product). Empty: tenants may not set a nodeSelector.",
+    )
     allowed_toleration_keys: list[str] = Field(
-        default_factory=list, description="Taint keys a tenant may tolerate in resources.tolerations. A "
-        "toleration without a key (operator Exists: every taint) is never allowed. Empty: none.")
-    allow_affinity: bool = Field(False, description="Tenants may set resources.affinity. Terms that reach other "
-                                 "namespaces (namespaces, namespaceSelector) are refused even then.")
-    allow_trust_remote_code: bool = Field(False, description="Tenants may set model.trustRemoteCode (with "
-                                          "model.revision pinned to a 40-hex commit).")
-    allow_hub_models: bool = Field(True, description="Tenants may name Hugging Face hub models (org/name, "
-                                   "hf://org/name).")
+        default_factory=list,
+        description="Taint keys a tenant may tolerate in resources.tolerations. A "
+        "toleration without a key (operator Exists: every taint) is never allowed. Empty: none.",
+    )
+    allow_affinity: bool = Field(
+        False,
+        description="Tenants may set resources.affinity. Terms that reach other "
+        "namespaces (namespaces, namespaceSelector) are refused even then.",
+    )
+    allow_trust_remote_code: bool = Field(
+        False,
+        description="Tenants may set model.trustRemoteCode (with model.revision pinned to a 40-hex commit).",
+    )
+    allow_hub_models: bool = Field(
+        True, description="Tenants may name Hugging Face hub models (org/name, hf://org/name)."
+    )
     tenant_secret_refs: Literal["Forbid", "VerifiedByAdmission"] = Field(
         "Forbid",
         description="Secrets named in a spec (credentials, tracker keys, image pull secrets). Forbid: the operator "
         "refuses them (jobs use the platform's storage credentials only); use it when the chart's admission "
         "policy is not installed, since only admission knows who created the job. VerifiedByAdmission: the "
-        "chart's ValidatingAdmissionPolicy has checked that the requester may read each named Secret.")
+        "chart's ValidatingAdmissionPolicy has checked that the requester may read each named Secret.",
+    )
     allowed_s3_endpoints: list[str] = Field(
-        default_factory=list, description="S3 endpoint URLs a tenant may set in storage.s3.endpointUrl. Empty: "
-        "the platform's endpoint only.")
+        default_factory=list,
+        description="S3 endpoint URLs a tenant may set in storage.s3.endpointUrl. Empty: "
+        "the platform's endpoint only.",
+    )
     allowed_tracking_uris: list[str] = Field(
-        default_factory=list, description="Prefixes of the MLflow tracking URIs a tenant may use. Empty: no MLflow "
-        "server (local file: URIs under the output are fine).")
-    allow_wandb_online: bool = Field(False, description="Tenants may log to Weights & Biases online (their own "
-                                     "API key; data leaves the cluster).")
+        default_factory=list,
+        description="Prefixes of the MLflow tracking URIs a tenant may use. Empty: no MLflow "
+        "server (local file: URIs under the output are fine).",
+    )
+    allow_wandb_online: bool = Field(
+        False,
+        description="Tenants may log to Weights & Biases online (their own "
+        "API key; data leaves the cluster).",
+    )
     allowed_output_prefixes: list[str] = Field(
-        default_factory=list, description="Where outputs may go: output.uri must start with one of these, "
+        default_factory=list,
+        description="Where outputs may go: output.uri must start with one of these, "
         "'{namespace}' standing for the job's namespace (for example s3://runs/{namespace}/). The platform's "
-        "outputUriPrefix adds <prefix>/{namespace}/. Empty and no outputUriPrefix: anywhere.")
+        "outputUriPrefix adds <prefix>/{namespace}/. Empty and no outputUriPrefix: anywhere.",
+    )
     allowed_source_prefixes: list[str] = Field(
-        default_factory=list, description="s3:// prefixes models and datasets may be read from ('{namespace}' as "
-        "above), besides the allowed output prefixes (to chain jobs). Empty and no output prefixes: anywhere.")
+        default_factory=list,
+        description="s3:// prefixes models and datasets may be read from ('{namespace}' as "
+        "above), besides the allowed output prefixes (to chain jobs). Empty and no output prefixes: anywhere.",
+    )
     data_paths: list[str] = Field(
-        default_factory=list, description="Directories of volumes the platform mounts into worker pods "
+        default_factory=list,
+        description="Directories of volumes the platform mounts into worker pods "
         "(dataVolumes) under which local model and dataset paths may lie. Empty: only URIs (s3://, hub ids, "
-        "bundled://) are accepted in a cluster. Never the image's own files, /proc or /var/run/secrets.")
-    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec,
-                                              description="The per-job NetworkPolicy.")
+        "bundled://) are accepted in a cluster. Never the image's own files, /proc or /var/run/secrets.",
+    )
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, description="The per-job NetworkPolicy."
+    )
 
     @model_validator(mode="after")
     def _check_policy(self) -> TenantPolicy:
         for index, path in enumerate(self.data_paths):
             norm = posixpath.normpath(path)
             if not path.startswith("/") or norm.strip("/") == "" or _under(norm, FORBIDDEN_PATH_PREFIXES):
-                raise ValueError(f"dataPaths[{index}] {path!r}: must be an absolute directory of a platform data "
-                                 f"volume, not / nor under {', '.join(FORBIDDEN_PATH_PREFIXES)}")
+                raise ValueError(
+                    f"dataPaths[{index}] {path!r}: must be an absolute directory of a platform data "
+                    f"volume, not / nor under {', '.join(FORBIDDEN_PATH_PREFIXES)}"
+                )
         return self
 
 
@@ -168,7 +234,9 @@ def source_prefixes(policy: TenantPolicy, output_uri_prefix: str | None, namespa
     (a job can start from an earlier job's export)."""
     if not policy.allowed_source_prefixes:
         return []
-    return _expand(policy.allowed_source_prefixes, namespace) + output_prefixes(policy, output_uri_prefix, namespace)
+    return _expand(policy.allowed_source_prefixes, namespace) + output_prefixes(
+        policy, output_uri_prefix, namespace
+    )
 
 
 def _image_digest_ok(image: str) -> bool:
@@ -188,35 +256,62 @@ def _short(value: Any, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _check_local_source(v: _Violations, field: str, source: str, policy: TenantPolicy, *, model: bool) -> None:
+def _check_local_source(
+    v: _Violations, field: str, source: str, policy: TenantPolicy, *, model: bool
+) -> None:
     """A model or dataset source that is neither s3://, bundled:// nor a hub id: a path in the pod."""
     if source.startswith((S3_SCHEME, BUNDLED_PREFIX)):
         return
     if model and is_hub_source(source):
         if not policy.allow_hub_models:
-            v.add(field, "allowHubModels", f"hub model {_short(source)} is not allowed here; use s3:// or a "
-                  "platform data path")
+            v.add(
+                field,
+                "allowHubModels",
+                f"hub model {_short(source)} is not allowed here; use s3:// or a platform data path",
+            )
         return
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
-        v.add(field, "dataPaths", f"{_short(source)}: only s3:// URIs{', hub ids' if model else ''}, bundled:// "
-              "models and paths under the platform's data volumes can be read in a cluster")
+        v.add(
+            field,
+            "dataPaths",
+            f"{_short(source)}: only s3:// URIs{', hub ids' if model else ''}, bundled:// "
+            "models and paths under the platform's data volumes can be read in a cluster",
+        )
         return
     norm = posixpath.normpath(source)
     if not source.startswith("/") or ".." in source.split("/"):
-        v.add(field, "dataPaths", f"{_short(source)}: a relative path reads the trainer image's own files; use "
-              "an s3:// URI" + (f" or an absolute path under {', '.join(policy.data_paths)}"
-                                if policy.data_paths else ""))
+        v.add(
+            field,
+            "dataPaths",
+            f"{_short(source)}: a relative path reads the trainer image's own files; use "
+            "an s3:// URI"
+            + (f" or an absolute path under {', '.join(policy.data_paths)}" if policy.data_paths else ""),
+        )
     elif _under(norm, FORBIDDEN_PATH_PREFIXES) or not _under(norm, policy.data_paths):
-        where = (f"under the platform's data volumes ({', '.join(policy.data_paths)})" if policy.data_paths
-                 else "nowhere: this platform mounts no data volumes, use s3://")
-        v.add(field, "dataPaths", f"{_short(source)} is the container's own filesystem, not data: local paths "
-              f"are allowed only {where}")
+        where = (
+            f"under the platform's data volumes ({', '.join(policy.data_paths)})"
+            if policy.data_paths
+            else "nowhere: this platform mounts no data volumes, use s3://"
+        )
+        v.add(
+            field,
+            "dataPaths",
+            f"{_short(source)} is the container's own filesystem, not data: local paths "
+            f"are allowed only {where}",
+        )
 
 
 def _check_s3_source(v: _Violations, field: str, source: str, read_prefixes: list[str]) -> None:
-    if source.startswith(S3_SCHEME) and read_prefixes and not any(source.startswith(p) for p in read_prefixes):
-        v.add(field, "allowedSourcePrefixes", f"{_short(source)} is outside what this namespace may read "
-              f"({', '.join(read_prefixes)})")
+    if (
+        source.startswith(S3_SCHEME)
+        and read_prefixes
+        and not any(source.startswith(p) for p in read_prefixes)
+    ):
+        v.add(
+            field,
+            "allowedSourcePrefixes",
+            f"{_short(source)} is outside what this namespace may read ({', '.join(read_prefixes)})",
+        )
 
 
 def secret_ref_fields(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
@@ -231,8 +326,12 @@ def secret_ref_fields(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     if spec.tracking.wandb and spec.tracking.wandb.api_key_secret_ref:
         refs.append(("spec.tracking.wandb.apiKeySecretRef.name", spec.tracking.wandb.api_key_secret_ref.name))
     if spec.tracking.mlflow and spec.tracking.mlflow.credentials_secret_ref:
-        refs.append(("spec.tracking.mlflow.credentialsSecretRef.name",
-                     spec.tracking.mlflow.credentials_secret_ref.name))
+        refs.append(
+            (
+                "spec.tracking.mlflow.credentialsSecretRef.name",
+                spec.tracking.mlflow.credentials_secret_ref.name,
+            )
+        )
     for index, name in enumerate(spec.resources.image_pull_secrets):
         refs.append((f"spec.resources.imagePullSecrets[{index}]", name))
     return refs
@@ -242,15 +341,24 @@ def _cross_namespace_terms(affinity: Mapping[str, Any]) -> bool:
     for kind in ("podAffinity", "podAntiAffinity"):
         section = affinity.get(kind) or {}
         terms = list(section.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
-        terms += [t.get("podAffinityTerm") or {} for t in section.get("preferredDuringSchedulingIgnoredDuringExecution")
-                  or []]
+        terms += [
+            t.get("podAffinityTerm") or {}
+            for t in section.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+        ]
         if any(isinstance(t, Mapping) and ("namespaces" in t or "namespaceSelector" in t) for t in terms):
             return True
     return False
 
 
-def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output_uri_prefix: str | None = None,
-          platform_image: str | None = None, platform_queue: str | None = None) -> list[str]:
+def check(
+    spec: FineTuneJobSpec,
+    policy: TenantPolicy,
+    *,
+    namespace: str,
+    output_uri_prefix: str | None = None,
+    platform_image: str | None = None,
+    platform_queue: str | None = None,
+) -> list[str]:
     """Every way the tenant's spec (as written, before platform defaults) breaks the policy.
 
     Each entry reads `spec.<field>: <what is wrong and what would be valid> (policy.<rule>)`.
@@ -260,64 +368,114 @@ def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output
     # identity, images
     if res.image is not None:
         if not any(res.image.startswith(p) for p in policy.allowed_image_prefixes):
-            allowed = ", ".join(policy.allowed_image_prefixes) or "none: leave it unset for the platform's image"
-            v.add("spec.resources.image", "allowedImagePrefixes", f"image {_short(res.image)} is not allowed "
-                  f"(allowed prefixes: {allowed})")
+            allowed = (
+                ", ".join(policy.allowed_image_prefixes) or "none: leave it unset for the platform's image"
+            )
+            v.add(
+                "spec.resources.image",
+                "allowedImagePrefixes",
+                f"image {_short(res.image)} is not allowed (allowed prefixes: {allowed})",
+            )
         elif policy.require_image_digest and not _image_digest_ok(res.image):
-            v.add("spec.resources.image", "requireImageDigest", "the image must be pinned by digest "
-                  "(name@sha256:<64 hex digits>)")
+            v.add(
+                "spec.resources.image",
+                "requireImageDigest",
+                "the image must be pinned by digest (name@sha256:<64 hex digits>)",
+            )
     elif policy.require_image_digest and platform_image and not _image_digest_ok(platform_image):
-        v.add("spec.resources.image", "requireImageDigest", f"the platform's trainer image {_short(platform_image)} "
-              "is not pinned by digest: the platform must set defaults.image to name@sha256:...")
+        v.add(
+            "spec.resources.image",
+            "requireImageDigest",
+            f"the platform's trainer image {_short(platform_image)} "
+            "is not pinned by digest: the platform must set defaults.image to name@sha256:...",
+        )
     if res.image_pull_policy is not None and res.image_pull_policy not in policy.allowed_image_pull_policies:
-        v.add("spec.resources.imagePullPolicy", "allowedImagePullPolicies",
-              f"{res.image_pull_policy} is not allowed (allowed: "
-              f"{', '.join(policy.allowed_image_pull_policies) or 'none: the platform sets it'})")
+        v.add(
+            "spec.resources.imagePullPolicy",
+            "allowedImagePullPolicies",
+            f"{res.image_pull_policy} is not allowed (allowed: "
+            f"{', '.join(policy.allowed_image_pull_policies) or 'none: the platform sets it'})",
+        )
     # placement and priority
     if res.priority_class_name is not None and res.priority_class_name not in policy.allowed_priority_classes:
-        v.add("spec.resources.priorityClassName", "allowedPriorityClasses",
-              f"{_short(res.priority_class_name)} is not allowed (allowed: "
-              f"{', '.join(policy.allowed_priority_classes) or 'none: the platform sets it'})")
+        v.add(
+            "spec.resources.priorityClassName",
+            "allowedPriorityClasses",
+            f"{_short(res.priority_class_name)} is not allowed (allowed: "
+            f"{', '.join(policy.allowed_priority_classes) or 'none: the platform sets it'})",
+        )
     wpc = spec.scheduling.priority_class_name
     if wpc is not None and wpc not in policy.allowed_workload_priority_classes:
-        v.add("spec.scheduling.priorityClassName", "allowedWorkloadPriorityClasses",
-              f"{_short(wpc)} is not allowed (allowed: {', '.join(policy.allowed_workload_priority_classes) or 'none'})")
+        v.add(
+            "spec.scheduling.priorityClassName",
+            "allowedWorkloadPriorityClasses",
+            f"{_short(wpc)} is not allowed (allowed: {', '.join(policy.allowed_workload_priority_classes) or 'none'})",
+        )
     for key, value in res.node_selector.items():
         if key in policy.enforced_node_selector and policy.enforced_node_selector[key] != value:
-            v.add(f"spec.resources.nodeSelector[{key}]", "enforcedNodeSelector",
-                  f"the platform sets {key}={policy.enforced_node_selector[key]}; it cannot be changed")
+            v.add(
+                f"spec.resources.nodeSelector[{key}]",
+                "enforcedNodeSelector",
+                f"the platform sets {key}={policy.enforced_node_selector[key]}; it cannot be changed",
+            )
         elif key not in policy.enforced_node_selector and key not in policy.allowed_node_selector_keys:
-            v.add(f"spec.resources.nodeSelector[{key}]", "allowedNodeSelectorKeys",
-                  f"label key {_short(key)} may not be selected (allowed keys: "
-                  f"{', '.join(policy.allowed_node_selector_keys) or 'none'})")
+            v.add(
+                f"spec.resources.nodeSelector[{key}]",
+                "allowedNodeSelectorKeys",
+                f"label key {_short(key)} may not be selected (allowed keys: "
+                f"{', '.join(policy.allowed_node_selector_keys) or 'none'})",
+            )
     for index, toleration in enumerate(res.tolerations):
         key = toleration.get("key")
         if not key:
-            v.add(f"spec.resources.tolerations[{index}]", "allowedTolerationKeys",
-                  "a toleration without a key tolerates every taint (control-plane and dedicated nodes too); "
-                  "name the taint key")
+            v.add(
+                f"spec.resources.tolerations[{index}]",
+                "allowedTolerationKeys",
+                "a toleration without a key tolerates every taint (control-plane and dedicated nodes too); "
+                "name the taint key",
+            )
         elif key not in policy.allowed_toleration_keys:
-            v.add(f"spec.resources.tolerations[{index}].key", "allowedTolerationKeys",
-                  f"taint {_short(key)} may not be tolerated (allowed keys: "
-                  f"{', '.join(policy.allowed_toleration_keys) or 'none'})")
+            v.add(
+                f"spec.resources.tolerations[{index}].key",
+                "allowedTolerationKeys",
+                f"taint {_short(key)} may not be tolerated (allowed keys: "
+                f"{', '.join(policy.allowed_toleration_keys) or 'none'})",
+            )
     if res.affinity:
         if not policy.allow_affinity:
-            v.add("spec.resources.affinity", "allowAffinity", "tenants may not set affinity here; the platform "
-                  "places the pods")
+            v.add(
+                "spec.resources.affinity",
+                "allowAffinity",
+                "tenants may not set affinity here; the platform places the pods",
+            )
         elif _cross_namespace_terms(res.affinity):
-            v.add("spec.resources.affinity", "allowAffinity", "pod (anti-)affinity terms with namespaces or "
-                  "namespaceSelector reach other namespaces' pods and are never allowed")
+            v.add(
+                "spec.resources.affinity",
+                "allowAffinity",
+                "pod (anti-)affinity terms with namespaces or "
+                "namespaceSelector reach other namespaces' pods and are never allowed",
+            )
     queue = spec.scheduling.queue_name
     if policy.require_queue and not queue and not platform_queue:
-        v.add("spec.scheduling.queueName", "requireQueue", "every job must go through a Kueue LocalQueue here; name "
-              "one" + (f" ({', '.join(policy.allowed_queues)})" if policy.allowed_queues else ""))
+        v.add(
+            "spec.scheduling.queueName",
+            "requireQueue",
+            "every job must go through a Kueue LocalQueue here; name "
+            "one" + (f" ({', '.join(policy.allowed_queues)})" if policy.allowed_queues else ""),
+        )
     if queue and policy.allowed_queues and queue not in policy.allowed_queues:
-        v.add("spec.scheduling.queueName", "allowedQueues", f"queue {_short(queue)} is not allowed (allowed: "
-              f"{', '.join(policy.allowed_queues)})")
+        v.add(
+            "spec.scheduling.queueName",
+            "allowedQueues",
+            f"queue {_short(queue)} is not allowed (allowed: {', '.join(policy.allowed_queues)})",
+        )
     # code and sources
     if spec.model.trust_remote_code and not policy.allow_trust_remote_code:
-        v.add("spec.model.trustRemoteCode", "allowTrustRemoteCode", "running the model repository's own code is "
-              "not allowed on this platform")
+        v.add(
+            "spec.model.trustRemoteCode",
+            "allowTrustRemoteCode",
+            "running the model repository's own code is not allowed on this platform",
+        )
     _check_local_source(v, "spec.model.source", spec.model.source, policy, model=True)
     read_prefixes = source_prefixes(policy, output_uri_prefix, namespace)
     _check_s3_source(v, "spec.model.source", spec.model.source, read_prefixes)
@@ -334,28 +492,50 @@ def check(spec: FineTuneJobSpec, policy: TenantPolicy, *, namespace: str, output
         _check_local_source(v, "spec.storage.s3.caBundle", spec.storage.s3.ca_bundle, policy, model=False)
     # reach: endpoints, trackers, outputs
     endpoint = spec.storage.s3.endpoint_url
-    if endpoint is not None and endpoint.rstrip("/") not in [e.rstrip("/") for e in policy.allowed_s3_endpoints]:
-        v.add("spec.storage.s3.endpointUrl", "allowedS3Endpoints", f"endpoint {_short(endpoint)} is not allowed "
-              f"(allowed: {', '.join(policy.allowed_s3_endpoints) or 'none: the platform endpoint is used'})")
+    if endpoint is not None and endpoint.rstrip("/") not in [
+        e.rstrip("/") for e in policy.allowed_s3_endpoints
+    ]:
+        v.add(
+            "spec.storage.s3.endpointUrl",
+            "allowedS3Endpoints",
+            f"endpoint {_short(endpoint)} is not allowed "
+            f"(allowed: {', '.join(policy.allowed_s3_endpoints) or 'none: the platform endpoint is used'})",
+        )
     mlflow = spec.tracking.mlflow
-    if mlflow is not None and not any(mlflow.tracking_uri.startswith(p) for p in policy.allowed_tracking_uris):
-        v.add("spec.tracking.mlflow.trackingUri", "allowedTrackingUris", f"{_short(mlflow.tracking_uri)} is not "
-              f"an allowed tracking server (allowed: {', '.join(policy.allowed_tracking_uris) or 'none'})")
+    if mlflow is not None and not any(
+        mlflow.tracking_uri.startswith(p) for p in policy.allowed_tracking_uris
+    ):
+        v.add(
+            "spec.tracking.mlflow.trackingUri",
+            "allowedTrackingUris",
+            f"{_short(mlflow.tracking_uri)} is not "
+            f"an allowed tracking server (allowed: {', '.join(policy.allowed_tracking_uris) or 'none'})",
+        )
     wandb = spec.tracking.wandb
     if wandb is not None and wandb.mode == "online" and not policy.allow_wandb_online:
-        v.add("spec.tracking.wandb.mode", "allowWandbOnline", "online Weights & Biases logging is not allowed here; "
-              "use mode: offline (written to the output)")
+        v.add(
+            "spec.tracking.wandb.mode",
+            "allowWandbOnline",
+            "online Weights & Biases logging is not allowed here; use mode: offline (written to the output)",
+        )
     uri = spec.output.uri
     allowed_outputs = output_prefixes(policy, output_uri_prefix, namespace)
     if uri is not None and allowed_outputs and not any(uri.startswith(p) for p in allowed_outputs):
-        v.add("spec.output.uri", "allowedOutputPrefixes", f"{_short(uri)} is outside this namespace's output "
-              f"prefixes ({', '.join(allowed_outputs)})")
+        v.add(
+            "spec.output.uri",
+            "allowedOutputPrefixes",
+            f"{_short(uri)} is outside this namespace's output prefixes ({', '.join(allowed_outputs)})",
+        )
     # secrets
     if policy.tenant_secret_refs == "Forbid":
         for field, name in secret_ref_fields(spec):
-            v.add(field, "tenantSecretRefs", f"Secret {_short(name)} may not be named here: this platform injects "
-                  "its own storage credentials, and without the admission policy nothing can prove that the "
-                  "job's creator may read this Secret")
+            v.add(
+                field,
+                "tenantSecretRefs",
+                f"Secret {_short(name)} may not be named here: this platform injects "
+                "its own storage credentials, and without the admission policy nothing can prove that the "
+                "job's creator may read this Secret",
+            )
     return v.items
 
 

@@ -72,8 +72,11 @@ AWS_KEYS = [("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AW
 HF_KEYS = [("HF_TOKEN", True)]
 MODEL_S3_KEYS = [("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_SESSION_TOKEN", True)]
 WANDB_KEYS = [("WANDB_API_KEY", False)]
-MLFLOW_KEYS = [("MLFLOW_TRACKING_TOKEN", True), ("MLFLOW_TRACKING_USERNAME", True),
-               ("MLFLOW_TRACKING_PASSWORD", True)]
+MLFLOW_KEYS = [
+    ("MLFLOW_TRACKING_TOKEN", True),
+    ("MLFLOW_TRACKING_USERNAME", True),
+    ("MLFLOW_TRACKING_PASSWORD", True),
+]
 
 
 class RenderError(ValueError):
@@ -121,21 +124,32 @@ class PlatformDefaults:
     def __post_init__(self) -> None:
         for provider, scheduler_name in self.gang_schedulers.items():
             if provider not in scheduling.PROVIDERS or not scheduler_name:
-                raise ValueError(f"gangSchedulers.{provider}: providers are {', '.join(scheduling.PROVIDERS)}, "
-                                 "each with the scheduler name its pods get")
+                raise ValueError(
+                    f"gangSchedulers.{provider}: providers are {', '.join(scheduling.PROVIDERS)}, "
+                    "each with the scheduler name its pods get"
+                )
         if isinstance(self.policy, Mapping):
             try:
                 self.policy = TenantPolicy.model_validate(dict(self.policy))
             except ValidationError as error:
-                raise ValueError("invalid platform policy: " + "; ".join(
-                    f"policy.{p}" for p in format_validation_error(error))) from None
+                raise ValueError(
+                    "invalid platform policy: "
+                    + "; ".join(f"policy.{p}" for p in format_validation_error(error))
+                ) from None
         for index, volume in enumerate(self.data_volumes):
-            if not isinstance(volume, Mapping) or not volume.get("name") or not str(
-                    volume.get("mountPath", "")).startswith("/"):
-                raise ValueError(f"dataVolumes[{index}]: needs a name, an absolute mountPath and a volume source")
+            if (
+                not isinstance(volume, Mapping)
+                or not volume.get("name")
+                or not str(volume.get("mountPath", "")).startswith("/")
+            ):
+                raise ValueError(
+                    f"dataVolumes[{index}]: needs a name, an absolute mountPath and a volume source"
+                )
             if "hostPath" in volume:  # the admission policy refuses worker Jobs with hostPath volumes
-                raise ValueError(f"dataVolumes[{index}]: hostPath volumes are not allowed (a node's own files); use "
-                                 "a persistentVolumeClaim, nfs or csi volume")
+                raise ValueError(
+                    f"dataVolumes[{index}]: hostPath volumes are not allowed (a node's own files); use "
+                    "a persistentVolumeClaim, nfs or csi volume"
+                )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PlatformDefaults:
@@ -188,6 +202,7 @@ def _camel(name: str) -> str:
 
 # ----- names -----
 
+
 def service_name(name: str) -> str:
     """The headless Service (also the pods' subdomain)."""
     return name
@@ -220,6 +235,7 @@ def master_address(name: str, attempt: int, nodes: int) -> str:
 
 # ----- spec -----
 
+
 def parse_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
     """Validate a CR's spec; RenderError lists every problem with its field path."""
     try:
@@ -229,7 +245,9 @@ def parse_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
         raise RenderError("invalid spec: " + "; ".join(problems)) from None
 
 
-def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: str, namespace: str) -> FineTuneJobSpec:
+def apply_defaults(
+    spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: str, namespace: str
+) -> FineTuneJobSpec:
     """The spec with platform defaults filled where it sets nothing; RenderError if still unrunnable."""
     data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     res = data.setdefault("resources", {})
@@ -265,8 +283,10 @@ def apply_defaults(spec: FineTuneJobSpec, defaults: PlatformDefaults, *, name: s
     if not output.get("uri") and defaults.output_uri_prefix:
         output["uri"] = f"{defaults.output_uri_prefix.rstrip('/')}/{namespace}/{name}/"
     if not output.get("uri"):
-        raise RenderError("spec.output.uri: required in a cluster (a pod's disk is gone when it ends), for example "
-                          "s3://bucket/runs/; or set the platform default outputUriPrefix")
+        raise RenderError(
+            "spec.output.uri: required in a cluster (a pod's disk is gone when it ends), for example "
+            "s3://bucket/runs/; or set the platform default outputUriPrefix"
+        )
     return parse_spec(data)
 
 
@@ -280,6 +300,7 @@ def _uses_s3(data: Mapping[str, Any], defaults: PlatformDefaults) -> bool:
 
 
 # ----- children -----
+
 
 def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
     """The controller ownerReference pointing at the FineTuneJob."""
@@ -348,8 +369,10 @@ def job_manifest_yaml(job: Mapping[str, Any], spec: FineTuneJobSpec) -> str:
 
 
 def _secret_env(ref_name: str, keys: list[tuple[str, bool]]) -> list[dict[str, Any]]:
-    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": ref_name, "key": var, "optional": optional}}}
-            for var, optional in keys]
+    return [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": ref_name, "key": var, "optional": optional}}}
+        for var, optional in keys
+    ]
 
 
 def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
@@ -434,8 +457,12 @@ def render_config_map(job: Mapping[str, Any], spec: FineTuneJobSpec) -> dict[str
     data = {"job.yaml": job_manifest_yaml(job, spec)}
     if uses_deepspeed(spec):
         data["deepspeed.json"] = json.dumps(deepspeed_config(spec), indent=2, sort_keys=True) + "\n"
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(job, config_map_name(job["metadata"]["name"]), "config"), "data": data}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, config_map_name(job["metadata"]["name"]), "config"),
+        "data": data,
+    }
 
 
 def render_service(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -448,7 +475,9 @@ def render_service(job: Mapping[str, Any]) -> dict[str, Any]:
             "clusterIP": "None",
             "selector": worker_labels(name),
             "publishNotReadyAddresses": True,
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}
+            ],
         },
     }
 
@@ -457,42 +486,61 @@ def render_rbac(job: Mapping[str, Any], defaults: PlatformDefaults | None = None
     """The per-job ServiceAccount (the pods' only identity), Role and RoleBinding for status reporting."""
     name = job["metadata"]["name"]
     account = trainer_account_name(name)
-    service_account: dict[str, Any] = {"apiVersion": "v1", "kind": "ServiceAccount",
-                                       "metadata": _meta(job, account, TRAINER_COMPONENT),
-                                       "automountServiceAccountToken": False}
+    service_account: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(job, account, TRAINER_COMPONENT),
+        "automountServiceAccountToken": False,
+    }
     if defaults is not None and defaults.trainer_service_account_annotations:
         service_account["metadata"]["annotations"] = dict(defaults.trainer_service_account_annotations)
     objects: list[dict[str, Any]] = [service_account]
-    objects.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _meta(job, account, TRAINER_COMPONENT),
-        "rules": [
-            {"apiGroups": [API_GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
-            {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name],
-             "verbs": ["get", "patch"]},
-        ],
-    })
-    objects.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _meta(job, account, TRAINER_COMPONENT),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": job["metadata"]["namespace"]}],
-    })
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(job, account, TRAINER_COMPONENT),
+            "rules": [
+                {"apiGroups": [API_GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
+                {
+                    "apiGroups": [API_GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [name],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        }
+    )
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(job, account, TRAINER_COMPONENT),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [
+                {"kind": "ServiceAccount", "name": account, "namespace": job["metadata"]["namespace"]}
+            ],
+        }
+    )
     return objects
 
 
-def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
-               defaults: PlatformDefaults) -> dict[str, Any]:
+def render_job(
+    job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int, defaults: PlatformDefaults
+) -> dict[str, Any]:
     """The Indexed batch/v1 Job of one attempt."""
     meta = job["metadata"]
     name = meta["name"]
     res = spec.resources
     nodes = res.nodes
-    command = launcher_args(spec, master_addr=master_address(name, attempt, nodes), master_port=MASTER_PORT,
-                            node_rank_expr="$(JOB_COMPLETION_INDEX)", nproc_per_node=processes_per_node(spec),
-                            resume="latest" if attempt > 1 else None)
+    command = launcher_args(
+        spec,
+        master_addr=master_address(name, attempt, nodes),
+        master_port=MASTER_PORT,
+        node_rank_expr="$(JOB_COMPLETION_INDEX)",
+        nproc_per_node=processes_per_node(spec),
+        resume="latest" if attempt > 1 else None,
+    )
     pod_labels = {**defaults.pod_labels, **_labels(name, TRAINER_COMPONENT), LABEL_ATTEMPT: str(attempt)}
     job_labels = {LABEL_ATTEMPT: str(attempt)}
     queue = spec.scheduling.queue_name
@@ -508,8 +556,10 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
         "image": res.image or defaults.image,
         "command": command,
         "env": _env(job, spec, attempt),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
+        ],
         "resources": _resources(spec),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -517,8 +567,14 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True},
-            *[{"name": DATA_VOLUME_PREFIX + v["name"], "mountPath": v["mountPath"], "readOnly": bool(v.get(
-                "readOnly", True))} for v in defaults.data_volumes],
+            *[
+                {
+                    "name": DATA_VOLUME_PREFIX + v["name"],
+                    "mountPath": v["mountPath"],
+                    "readOnly": bool(v.get("readOnly", True)),
+                }
+                for v in defaults.data_volumes
+            ],
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -552,9 +608,13 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
             {"name": "cache", "emptyDir": cache_volume},
             {"name": "tmp", "emptyDir": {}},
             _token_volume(),
-            *[{"name": DATA_VOLUME_PREFIX + v["name"],
-               **{k: val for k, val in v.items() if k not in ("name", "mountPath", "readOnly")}}
-              for v in defaults.data_volumes],
+            *[
+                {
+                    "name": DATA_VOLUME_PREFIX + v["name"],
+                    **{k: val for k, val in v.items() if k not in ("name", "mountPath", "readOnly")},
+                }
+                for v in defaults.data_volumes
+            ],
         ],
     }
     if nodes > 1:  # pod DNS names <job>-<attempt>-<index>.<service> for the rendezvous
@@ -570,8 +630,14 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
     if res.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
     pod_annotations = {**defaults.pod_annotations, "kubectl.kubernetes.io/default-container": CONTAINER_NAME}
-    scheduling.apply_to_pod(spec.scheduling.gang, job_name(name, attempt), defaults.gang_schedulers, pod_spec,
-                            pod_labels, pod_annotations)
+    scheduling.apply_to_pod(
+        spec.scheduling.gang,
+        job_name(name, attempt),
+        defaults.gang_schedulers,
+        pod_spec,
+        pod_labels,
+        pod_annotations,
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -592,11 +658,21 @@ def render_job(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int,
 
 def _token_volume() -> dict[str, Any]:
     """A pod-bound, short-lived ServiceAccount token with the cluster CA and the namespace."""
-    return {"name": "kubetune-token", "projected": {"defaultMode": 0o440, "sources": [
-        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_EXPIRATION_SECONDS}},
-        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]}}
+    return {
+        "name": "kubetune-token",
+        "projected": {
+            "defaultMode": 0o440,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_EXPIRATION_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+                    }
+                },
+            ],
+        },
+    }
 
 
 def render_network_policy(job: Mapping[str, Any], defaults: PlatformDefaults) -> dict[str, Any] | None:
@@ -609,13 +685,22 @@ def render_network_policy(job: Mapping[str, Any], defaults: PlatformDefaults) ->
     own = {"podSelector": {"matchLabels": worker_labels(name)}}
     ingress: list[dict[str, Any]] = [{"from": [own]}]
     if settings.metrics_from:
-        ingress.append({"from": [dict(p) for p in settings.metrics_from],
-                        "ports": [{"protocol": "TCP", "port": TRAINER_METRICS_PORT}]})
+        ingress.append(
+            {
+                "from": [dict(p) for p in settings.metrics_from],
+                "ports": [{"protocol": "TCP", "port": TRAINER_METRICS_PORT}],
+            }
+        )
     dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     if settings.egress is None:
-        platform_egress = [{"to": [
-            {"ipBlock": {"cidr": "0.0.0.0/0", "except": [c for c in METADATA_CIDRS if ":" not in c]}},
-            {"ipBlock": {"cidr": "::/0", "except": [c for c in METADATA_CIDRS if ":" in c]}}]}]
+        platform_egress = [
+            {
+                "to": [
+                    {"ipBlock": {"cidr": "0.0.0.0/0", "except": [c for c in METADATA_CIDRS if ":" not in c]}},
+                    {"ipBlock": {"cidr": "::/0", "except": [c for c in METADATA_CIDRS if ":" in c]}},
+                ]
+            }
+        ]
     else:
         platform_egress = [dict(rule) for rule in settings.egress]
     return {
@@ -637,9 +722,14 @@ def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTu
     RenderError if unrunnable; PolicyViolation (a RenderError) if it breaks the policy."""
     meta = job["metadata"]
     spec = parse_spec(job.get("spec") or {})
-    problems = check_policy(spec, defaults.policy, namespace=meta["namespace"],
-                            output_uri_prefix=defaults.output_uri_prefix, platform_image=defaults.image,
-                            platform_queue=defaults.queue_name)
+    problems = check_policy(
+        spec,
+        defaults.policy,
+        namespace=meta["namespace"],
+        output_uri_prefix=defaults.output_uri_prefix,
+        platform_image=defaults.image,
+        platform_queue=defaults.queue_name,
+    )
     problems += scheduling.check_gang(spec.scheduling.gang, spec.resources.nodes, defaults.gang_schedulers)
     if problems:
         raise PolicyViolation("; ".join(problems))
@@ -649,12 +739,18 @@ def effective_spec(job: Mapping[str, Any], defaults: PlatformDefaults) -> FineTu
 def render_pod_group(job: Mapping[str, Any], spec: FineTuneJobSpec, attempt: int) -> dict[str, Any]:
     """The attempt's PodGroup for gang scheduling (kubetune.scheduling), named like its Job."""
     name = job_name(job["metadata"]["name"], attempt)
-    return scheduling.render_pod_group(job, spec.scheduling.gang, spec.resources.nodes, name,
-                                       _meta(job, name, "scheduling", **{LABEL_ATTEMPT: str(attempt)}))
+    return scheduling.render_pod_group(
+        job,
+        spec.scheduling.gang,
+        spec.resources.nodes,
+        name,
+        _meta(job, name, "scheduling", **{LABEL_ATTEMPT: str(attempt)}),
+    )
 
 
-def render_children(job: Mapping[str, Any], defaults: PlatformDefaults, *, attempt: int | None = None
-                    ) -> list[dict[str, Any]]:
+def render_children(
+    job: Mapping[str, Any], defaults: PlatformDefaults, *, attempt: int | None = None
+) -> list[dict[str, Any]]:
     """Every child of the FineTuneJob for `attempt` (default: status.attempt), in creation order.
 
     Raises RenderError when the spec cannot run (the operator then fails the job with the message).

@@ -32,8 +32,11 @@ POD_GROUP_RESOURCES: dict[str, tuple[str, str, str]] = {
     VOLCANO_API: ("scheduling.volcano.sh", "v1beta1", "podgroups"),
 }
 # what the operator's RBAC needs for them (handlers.OPERATOR_RBAC_RULES, the chart)
-RBAC_RULE: dict[str, Any] = {"apiGroups": ["scheduling.x-k8s.io", "scheduling.volcano.sh"],
-                             "resources": ["podgroups"], "verbs": ["get", "create"]}
+RBAC_RULE: dict[str, Any] = {
+    "apiGroups": ["scheduling.x-k8s.io", "scheduling.volcano.sh"],
+    "resources": ["podgroups"],
+    "verbs": ["get", "create"],
+}
 
 
 def check_gang(gang: Any, nodes: int, schedulers: Mapping[str, str]) -> list[str]:
@@ -43,19 +46,26 @@ def check_gang(gang: Any, nodes: int, schedulers: Mapping[str, str]) -> list[str
     problems = []
     if gang.provider not in schedulers:
         enabled = ", ".join(sorted(schedulers)) or "none"
-        problems.append(f"spec.scheduling.gang.provider: {gang.provider} is not enabled on this platform "
-                        f"(enabled: {enabled}; the platform sets gangSchedulers)")
+        problems.append(
+            f"spec.scheduling.gang.provider: {gang.provider} is not enabled on this platform "
+            f"(enabled: {enabled}; the platform sets gangSchedulers)"
+        )
     if gang.min_member is not None and gang.min_member > nodes:
-        problems.append(f"spec.scheduling.gang.minMember: {gang.min_member} is more than the job's "
-                        f"{nodes} pod(s) (resources.nodes); at most {nodes}")
+        problems.append(
+            f"spec.scheduling.gang.minMember: {gang.min_member} is more than the job's "
+            f"{nodes} pod(s) (resources.nodes); at most {nodes}"
+        )
     if gang.provider == VOLCANO and gang.schedule_timeout_seconds is not None:
-        problems.append("spec.scheduling.gang.scheduleTimeoutSeconds: coscheduling only (a Volcano PodGroup has "
-                        "no timeout); remove it or use provider coscheduling")
+        problems.append(
+            "spec.scheduling.gang.scheduleTimeoutSeconds: coscheduling only (a Volcano PodGroup has "
+            "no timeout); remove it or use provider coscheduling"
+        )
     return problems
 
 
-def render_pod_group(job: Mapping[str, Any], gang: Any, nodes: int, group_name: str,
-                     meta: dict[str, Any]) -> dict[str, Any]:
+def render_pod_group(
+    job: Mapping[str, Any], gang: Any, nodes: int, group_name: str, meta: dict[str, Any]
+) -> dict[str, Any]:
     """The PodGroup of one attempt (`meta`: its metadata, owner reference included)."""
     spec: dict[str, Any] = {"minMember": gang.min_member or nodes}
     if gang.provider == COSCHEDULING:
@@ -67,8 +77,14 @@ def render_pod_group(job: Mapping[str, Any], gang: Any, nodes: int, group_name: 
     return {"apiVersion": api, "kind": "PodGroup", "metadata": {**meta, "name": group_name}, "spec": spec}
 
 
-def apply_to_pod(gang: Any, group_name: str, schedulers: Mapping[str, str], pod_spec: dict[str, Any],
-                 pod_labels: dict[str, str], pod_annotations: dict[str, str]) -> None:
+def apply_to_pod(
+    gang: Any,
+    group_name: str,
+    schedulers: Mapping[str, str],
+    pod_spec: dict[str, Any],
+    pod_labels: dict[str, str],
+    pod_annotations: dict[str, str],
+) -> None:
     """Put the worker pod template into the group: the platform's scheduler name and the group's
     label (coscheduling) or annotation (Volcano)."""
     if gang is None:

@@ -69,8 +69,10 @@ DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?
 # a label value (also Kueue queue names)
 LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # a label or taint key: an optional DNS subdomain prefix and a name of at most 63 characters
-QUALIFIED_NAME = ("^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                  "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+QUALIFIED_NAME = (
+    "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 # a resource quantity as Kubernetes writes it (no sign: a negative size makes no sense here)
 QUANTITY = "^([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
 
@@ -85,18 +87,23 @@ class Rule:
     cel: str
     message: str
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
         def validate(value: Any) -> Any:
             if not self.check(value):
                 raise ValueError(self.message)
             return value
+
         return core_schema.no_info_after_validator_function(validate, handler(source))
 
-    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
-                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
         out = handler(schema)
         out.setdefault("x-kubernetes-validations", []).append(
-            {"rule": self.cel, "message": self.message, "reason": "FieldValueInvalid"})
+            {"rule": self.cel, "message": self.message, "reason": "FieldValueInvalid"}
+        )
         return out
 
 
@@ -119,7 +126,12 @@ class ModelRule:
 
     def schema(self) -> dict[str, Any]:
         """The x-kubernetes-validations entry."""
-        return {"rule": self.cel, "message": self.message, "fieldPath": f".{self.field}", "reason": self.reason}
+        return {
+            "rule": self.cel,
+            "message": self.message,
+            "fieldPath": f".{self.field}",
+            "reason": self.reason,
+        }
 
 
 def model_rules(model: type) -> list[ModelRule]:
@@ -136,8 +148,6 @@ def _add_model_rules(schema: dict[str, Any], model: type) -> None:
 def _match(pattern: str) -> Callable[[str], bool]:
     regex = re.compile(pattern)
     return lambda value: bool(regex.search(value))
-
-
 
 
 def _location(value: str, *, key: bool) -> bool:
@@ -170,12 +180,17 @@ OutputRule = Rule(
     "(!self.startsWith('s3://') || self.matches('^s3://[^/]+(/.*)?$'))",
     "use s3://bucket/prefix/ (a bucket is required) or a local directory; other schemes are not written",
 )
-EndpointRule = Rule(_match("^https?://[^/]+"), "self.matches('^https?://[^/]+')",
-                    "use http://host[:port] or https://host[:port]")
-QuantityRule = Rule(lambda v: bool(re.match(QUANTITY, v)) and bool(re.search("[1-9]", re.sub("[eE].*$", "", v))),
-                    f"type(self) == int ? self > 0 : (self.matches('{QUANTITY}') && "
-                    "self.replace('e', 'E').split('E')[0].matches('[1-9]'))",
-                    "a positive Kubernetes quantity, for example 16, 500m, 64Gi or 1.5G")
+EndpointRule = Rule(
+    _match("^https?://[^/]+"),
+    "self.matches('^https?://[^/]+')",
+    "use http://host[:port] or https://host[:port]",
+)
+QuantityRule = Rule(
+    lambda v: bool(re.match(QUANTITY, v)) and bool(re.search("[1-9]", re.sub("[eE].*$", "", v))),
+    f"type(self) == int ? self > 0 : (self.matches('{QUANTITY}') && "
+    "self.replace('e', 'E').split('E')[0].matches('[1-9]'))",
+    "a positive Kubernetes quantity, for example 16, 500m, 64Gi or 1.5G",
+)
 
 
 def _whole_units(value: Any) -> Any:
@@ -186,12 +201,14 @@ def _whole_units(value: Any) -> Any:
 class _IntOrString:
     """Marks a field int-or-string in its JSON schema (x-kubernetes-int-or-string), as core/v1 quantities."""
 
-    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
-                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
         out = handler(schema)
         out.pop("type", None)
         out["x-kubernetes-int-or-string"] = True
         return out
+
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=DEFAULT_MAX_LENGTH)]
 Location = Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX_LENGTH)]
@@ -203,15 +220,34 @@ def _pattern_rule(pattern: str, message: str) -> Rule:
     return Rule(_match(pattern), f"self.matches('{pattern}')", message)
 
 
-K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253), _pattern_rule(
-    DNS_SUBDOMAIN, "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')")]
-LabelValue = Annotated[str, StringConstraints(max_length=63), _pattern_rule(
-    LABEL_VALUE, "must be a label value (letters, digits, '-', '_' and '.', starting and ending with a letter "
-    "or digit)")]
-LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=316), _pattern_rule(
-    QUALIFIED_NAME, "must be a qualified name such as nvidia.com/gpu (an optional DNS prefix and a name)")]
-Quantity = Annotated[str, StringConstraints(min_length=1, max_length=64), QuantityRule, BeforeValidator(_whole_units),
-                     _IntOrString()]
+K8sName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=253),
+    _pattern_rule(DNS_SUBDOMAIN, "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')"),
+]
+LabelValue = Annotated[
+    str,
+    StringConstraints(max_length=63),
+    _pattern_rule(
+        LABEL_VALUE,
+        "must be a label value (letters, digits, '-', '_' and '.', starting and ending with a letter "
+        "or digit)",
+    ),
+]
+LabelKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=316),
+    _pattern_rule(
+        QUALIFIED_NAME, "must be a qualified name such as nvidia.com/gpu (an optional DNS prefix and a name)"
+    ),
+]
+Quantity = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64),
+    QuantityRule,
+    BeforeValidator(_whole_units),
+    _IntOrString(),
+]
 
 
 class SpecModel(BaseModel):
@@ -293,13 +329,15 @@ class LoraSpec(JobModel):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on the adapter input.")
     target_modules: list[NonEmpty] = Field(
         default_factory=lambda: ["all-linear"],
-        min_length=1, max_length=DEFAULT_MAX_ITEMS,
+        min_length=1,
+        max_length=DEFAULT_MAX_ITEMS,
         description="Module names to adapt (for example q_proj, v_proj), or the single entry 'all-linear' "
         "for every linear layer except the output head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     modules_to_save: list[NonEmpty] = Field(
-        default_factory=list, max_length=DEFAULT_MAX_ITEMS,
+        default_factory=list,
+        max_length=DEFAULT_MAX_ITEMS,
         description="Extra modules trained in full and saved with the adapter (for example lm_head).",
     )
 
@@ -309,7 +347,9 @@ class QuantizationSpec(JobModel):
 
     bits: Literal[4] = Field(4, description="Bits per weight of the frozen base model. Only 4 is supported.")
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (normal float) or fp4.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype of the matrix multiplications and of a merged export."
     )
@@ -318,20 +358,36 @@ class QuantizationSpec(JobModel):
 class MethodSpec(JobModel):
     """How the weights are trained."""
 
-    type: Annotated[MethodType, _LAX] = Field(MethodType.lora, description="full: every weight; lora: adapters on a frozen "
-                             "base; qlora: adapters on a 4-bit quantized frozen base.")
-    lora: LoraSpec | None = Field(None, description="Adapter settings; defaults apply for lora and qlora when omitted.")
-    quantization: QuantizationSpec | None = Field(None, description="Required for qlora, not allowed otherwise.")
+    type: Annotated[MethodType, _LAX] = Field(
+        MethodType.lora,
+        description="full: every weight; lora: adapters on a frozen "
+        "base; qlora: adapters on a 4-bit quantized frozen base.",
+    )
+    lora: LoraSpec | None = Field(
+        None, description="Adapter settings; defaults apply for lora and qlora when omitted."
+    )
+    quantization: QuantizationSpec | None = Field(
+        None, description="Required for qlora, not allowed otherwise."
+    )
 
     QLORA_NEEDS_QUANTIZATION: ClassVar[ModelRule] = ModelRule(
-        "quantization", "!has(self.type) || self.type != 'qlora' || has(self.quantization)",
-        "required when type is qlora (for example {bits: 4, type: nf4})", "FieldValueRequired")
+        "quantization",
+        "!has(self.type) || self.type != 'qlora' || has(self.quantization)",
+        "required when type is qlora (for example {bits: 4, type: nf4})",
+        "FieldValueRequired",
+    )
     QUANTIZATION_ONLY_QLORA: ClassVar[ModelRule] = ModelRule(
-        "quantization", "!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
-        "only valid with type qlora", "FieldValueForbidden")
+        "quantization",
+        "!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
+        "only valid with type qlora",
+        "FieldValueForbidden",
+    )
     NO_LORA_WITH_FULL: ClassVar[ModelRule] = ModelRule(
-        "lora", "!has(self.lora) || !has(self.type) || self.type != 'full'",
-        "only valid with type lora or qlora, not full", "FieldValueForbidden")
+        "lora",
+        "!has(self.lora) || !has(self.type) || self.type != 'full'",
+        "only valid with type lora or qlora, not full",
+        "FieldValueForbidden",
+    )
 
     @model_validator(mode="after")
     def _check_method(self) -> MethodSpec:
@@ -357,28 +413,38 @@ class ModelSpec(JobModel):
     credentials_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run. A hub "
-                                    "model then needs revision pinned to a 40-hex commit (a branch can move).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow model code from the hub repository to run. A hub "
+        "model then needs revision pinned to a 40-hex commit (a branch can move).",
+    )
 
     KNOWN_BUNDLED_MODEL: ClassVar[ModelRule] = ModelRule(
-        "source", f"!self.source.startsWith('{BUNDLED_PREFIX}') || "
+        "source",
+        f"!self.source.startsWith('{BUNDLED_PREFIX}') || "
         + " || ".join(f"self.source == '{BUNDLED_PREFIX}{m}'" for m in sorted(BUNDLED_MODELS)),
-        f"unknown bundled model; bundled models: {', '.join(BUNDLED_PREFIX + m for m in sorted(BUNDLED_MODELS))}")
+        f"unknown bundled model; bundled models: {', '.join(BUNDLED_PREFIX + m for m in sorted(BUNDLED_MODELS))}",
+    )
     REMOTE_CODE_PINNED: ClassVar[ModelRule] = ModelRule(
-        "revision", "!has(self.trustRemoteCode) || !self.trustRemoteCode || "
+        "revision",
+        "!has(self.trustRemoteCode) || !self.trustRemoteCode || "
         f"!self.source.matches('{HUB_ID.pattern}') || "
         f"(has(self.revision) && self.revision.matches('{COMMIT_SHA.pattern}'))",
         "trustRemoteCode runs the repository's code, so pin the revision to a full 40-hex commit (not a "
-        "branch or tag, which can move)")
+        "branch or tag, which can move)",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:
         if self.source.startswith(BUNDLED_PREFIX):
-            name = self.source[len(BUNDLED_PREFIX):]
+            name = self.source[len(BUNDLED_PREFIX) :]
             if name not in BUNDLED_MODELS:
                 raise self.KNOWN_BUNDLED_MODEL.error(f" (not {name[:40]!r})")
-        if (self.trust_remote_code and is_hub_source(self.source)
-                and not (self.revision and COMMIT_SHA.match(self.revision))):
+        if (
+            self.trust_remote_code
+            and is_hub_source(self.source)
+            and not (self.revision and COMMIT_SHA.match(self.revision))
+        ):
             raise self.REMOTE_CODE_PINNED.error()
         return self
 
@@ -405,41 +471,73 @@ class PreferenceSpec(JobModel):
     """Preference tuning (task.type preference), trained with TRL's DPO, KTO or ORPO trainer."""
 
     objective: Annotated[PreferenceObjective, _LAX] = Field(
-        PreferenceObjective.dpo, description="dpo: Direct Preference Optimization on chosen/rejected pairs; kto: "
+        PreferenceObjective.dpo,
+        description="dpo: Direct Preference Optimization on chosen/rejected pairs; kto: "
         "Kahneman-Tversky Optimization on desirable/undesirable completions (paired rows are unpaired); orpo: "
-        "odds-ratio preference optimization, reference-free (no reference model in memory).")
-    beta: float = Field(0.1, gt=0, le=100, description="Strength of the preference term: for dpo and kto the "
-                        "deviation allowed from the reference model (higher stays closer; for lossType ipo it is "
-                        "the regularization tau), for orpo the weight of the odds-ratio loss (lambda).")
-    loss_type: Literal["sigmoid", "ipo"] | None = Field(None, description="dpo only: sigmoid (the DPO paper's "
-                                                         "loss, the default) or ipo (identity preference "
-                                                         "optimization).")
-    desirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of desirable "
-                                           "examples' losses (default 1.0).")
-    undesirable_weight: float | None = Field(None, gt=0, le=1e6, description="kto only: weight of undesirable "
-                                             "examples' losses (default 1.0); balance it with desirableWeight "
-                                             "when the two counts differ.")
-    max_prompt_length: int | None = Field(None, ge=1, le=MAX_INT, description="Keep at most this many prompt "
-                                          "tokens (the end of the prompt is kept); completions are then cut to "
-                                          "training.maxSeqLength. Truncations are counted in the run summary. "
-                                          "Default: half of training.maxSeqLength.")
+        "odds-ratio preference optimization, reference-free (no reference model in memory).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the preference term: for dpo and kto the "
+        "deviation allowed from the reference model (higher stays closer; for lossType ipo it is "
+        "the regularization tau), for orpo the weight of the odds-ratio loss (lambda).",
+    )
+    loss_type: Literal["sigmoid", "ipo"] | None = Field(
+        None,
+        description="dpo only: sigmoid (the DPO paper's "
+        "loss, the default) or ipo (identity preference "
+        "optimization).",
+    )
+    desirable_weight: float | None = Field(
+        None, gt=0, le=1e6, description="kto only: weight of desirable examples' losses (default 1.0)."
+    )
+    undesirable_weight: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="kto only: weight of undesirable "
+        "examples' losses (default 1.0); balance it with desirableWeight "
+        "when the two counts differ.",
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Keep at most this many prompt "
+        "tokens (the end of the prompt is kept); completions are then cut to "
+        "training.maxSeqLength. Truncations are counted in the run summary. "
+        "Default: half of training.maxSeqLength.",
+    )
 
     LOSS_TYPE_ONLY_DPO: ClassVar[ModelRule] = ModelRule(
-        "lossType", "!has(self.lossType) || !has(self.objective) || self.objective == 'dpo'",
-        "only valid with objective dpo", "FieldValueForbidden")
+        "lossType",
+        "!has(self.lossType) || !has(self.objective) || self.objective == 'dpo'",
+        "only valid with objective dpo",
+        "FieldValueForbidden",
+    )
     DESIRABLE_WEIGHT_ONLY_KTO: ClassVar[ModelRule] = ModelRule(
-        "desirableWeight", "!has(self.desirableWeight) || (has(self.objective) && self.objective == 'kto')",
-        "only valid with objective kto", "FieldValueForbidden")
+        "desirableWeight",
+        "!has(self.desirableWeight) || (has(self.objective) && self.objective == 'kto')",
+        "only valid with objective kto",
+        "FieldValueForbidden",
+    )
     UNDESIRABLE_WEIGHT_ONLY_KTO: ClassVar[ModelRule] = ModelRule(
-        "undesirableWeight", "!has(self.undesirableWeight) || (has(self.objective) && self.objective == 'kto')",
-        "only valid with objective kto", "FieldValueForbidden")
+        "undesirableWeight",
+        "!has(self.undesirableWeight) || (has(self.objective) && self.objective == 'kto')",
+        "only valid with objective kto",
+        "FieldValueForbidden",
+    )
 
     @model_validator(mode="after")
     def _check_objective(self) -> PreferenceSpec:
         if self.loss_type is not None and self.objective != PreferenceObjective.dpo.value:
             raise self.LOSS_TYPE_ONLY_DPO.error(f", not {self.objective}")
-        for rule, value in ((self.DESIRABLE_WEIGHT_ONLY_KTO, self.desirable_weight),
-                            (self.UNDESIRABLE_WEIGHT_ONLY_KTO, self.undesirable_weight)):
+        for rule, value in (
+            (self.DESIRABLE_WEIGHT_ONLY_KTO, self.desirable_weight),
+            (self.UNDESIRABLE_WEIGHT_ONLY_KTO, self.undesirable_weight),
+        ):
             if value is not None and self.objective != PreferenceObjective.kto.value:
                 raise rule.error(f", not {self.objective}")
         return self
@@ -448,9 +546,11 @@ class PreferenceSpec(JobModel):
 class TaskSpec(JobModel):
     """What the model learns to do, and how examples become tokens."""
 
-    type: Annotated[TaskType, _LAX] = Field(description="instruction: alpaca-style instruction/input/output rows; chat: a "
-                           "messages list rendered by the chat template; completion: raw text for continued "
-                           "pretraining, cut into fixed-length blocks.")
+    type: Annotated[TaskType, _LAX] = Field(
+        description="instruction: alpaca-style instruction/input/output rows; chat: a "
+        "messages list rendered by the chat template; completion: raw text for continued "
+        "pretraining, cut into fixed-length blocks."
+    )
     template: Literal["alpaca", "chat-template", "plain"] = Field(
         "alpaca",
         description="Prompt template for instruction rows: alpaca (the Stanford Alpaca prompt), chat-template "
@@ -458,14 +558,19 @@ class TaskSpec(JobModel):
         "(instruction and input joined by newlines). Chat rows always use the chat template.",
     )
     train_on_prompt: bool = Field(
-        False, description="Also compute the loss on prompt tokens. By default only response tokens are learned."
+        False,
+        description="Also compute the loss on prompt tokens. By default only response tokens are learned.",
     )
-    preference: PreferenceSpec | None = Field(None, description="Objective and its settings; only with type "
-                                              "preference (defaults to dpo there).")
+    preference: PreferenceSpec | None = Field(
+        None, description="Objective and its settings; only with type preference (defaults to dpo there)."
+    )
 
     PREFERENCE_ONLY_WITH_TYPE: ClassVar[ModelRule] = ModelRule(
-        "preference", "!has(self.preference) || self.type == 'preference'",
-        "only valid with type preference", "FieldValueForbidden")
+        "preference",
+        "!has(self.preference) || self.type == 'preference'",
+        "only valid with type preference",
+        "FieldValueForbidden",
+    )
 
     @model_validator(mode="after")
     def _check_preference(self) -> TaskSpec:
@@ -499,7 +604,9 @@ class DatasetSpec(JobModel):
     source: Annotated[Location, DatasetSourceRule] = Field(
         description="A file, a directory or a glob, local or s3://bucket/key (globs allowed in the key).",
     )
-    file_type: Annotated[FileType, _LAX] = Field(FileType.auto, description="File format; auto picks it from the extension.")
+    file_type: Annotated[FileType, _LAX] = Field(
+        FileType.auto, description="File format; auto picks it from the extension."
+    )
     format: Annotated[DatasetFormat, _LAX] | None = Field(
         None,
         description="Row format: alpaca (instruction, input, output), messages (a list of {role, content}), "
@@ -507,24 +614,42 @@ class DatasetSpec(JobModel):
         "{role, content} lists) or unpaired (prompt, completion, label: true when desirable; kto only). "
         "Defaults from task.type.",
     )
-    weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this dataset in the training mixture, "
-                          "counted in examples (not tokens).")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="Relative share of this dataset in the training mixture, "
+        "counted in examples (not tokens).",
+    )
     text_field: NonEmpty = Field("text", description="Column holding the text for the text format.")
     messages_field: NonEmpty = Field("messages", description="Column holding the messages list.")
-    max_examples: int | None = Field(None, ge=1, le=MAX_INT, description="Use at most this many rows (after cleaning).")
+    max_examples: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Use at most this many rows (after cleaning)."
+    )
 
 
 class ValidationSpec(JobModel):
     """Held-out data for evaluation: a fraction of the training data, or separate files."""
 
-    fraction: float | None = Field(None, gt=0, lt=1, description="Fraction of each training dataset held out. "
-                                   "Default 0.05 when no datasets are given.")
-    datasets: list[DatasetSpec] | None = Field(None, min_length=1, max_length=MAX_DATASETS, description="Separate validation files.")
-    max_examples: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate on at most this many examples.")
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of each training dataset held out. Default 0.05 when no datasets are given.",
+    )
+    datasets: list[DatasetSpec] | None = Field(
+        None, min_length=1, max_length=MAX_DATASETS, description="Separate validation files."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Evaluate on at most this many examples."
+    )
 
     FRACTION_OR_DATASETS: ClassVar[ModelRule] = ModelRule(
-        "datasets", "!(has(self.fraction) && has(self.datasets))",
-        "give either validation.fraction or validation.datasets, not both", "FieldValueForbidden")
+        "datasets",
+        "!(has(self.fraction) && has(self.datasets))",
+        "give either validation.fraction or validation.datasets, not both",
+        "FieldValueForbidden",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ValidationSpec:
@@ -541,8 +666,12 @@ class CleaningSpec(JobModel):
     strip: bool = Field(True, description="Strip leading and trailing whitespace from every text field.")
     drop_empty: bool = Field(True, description="Drop rows whose response (or text) is empty.")
     drop_duplicates: bool = Field(True, description="Drop exact duplicate rows.")
-    min_chars: int = Field(0, ge=0, le=MAX_INT, description="Drop rows shorter than this many characters in total.")
-    max_chars: int | None = Field(None, ge=1, le=MAX_INT, description="Drop rows longer than this many characters in total.")
+    min_chars: int = Field(
+        0, ge=0, le=MAX_INT, description="Drop rows shorter than this many characters in total."
+    )
+    max_chars: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Drop rows longer than this many characters in total."
+    )
     skip_invalid_rows: bool = Field(
         False, description="Skip and count malformed rows instead of failing with their file:line."
     )
@@ -570,38 +699,68 @@ class EarlyStoppingSpec(JobModel):
     """Stop when the evaluation metric stops improving; the best checkpoint is kept."""
 
     patience: int = Field(3, ge=1, le=MAX_INT, description="Evaluations without improvement before stopping.")
-    metric: Literal["eval_loss", "eval_perplexity"] = Field("eval_loss", description="Metric watched (lower is better).")
-    min_delta: float = Field(0.0, ge=0, le=1e6, description="Smallest decrease that counts as an improvement.")
+    metric: Literal["eval_loss", "eval_perplexity"] = Field(
+        "eval_loss", description="Metric watched (lower is better)."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, le=1e6, description="Smallest decrease that counts as an improvement."
+    )
 
 
 class TrainingSpec(JobModel):
     """Optimization hyperparameters."""
 
-    epochs: float | None = Field(None, gt=0, le=1e6, description="Passes over the training mixture. Default 1 when "
-                                 "maxSteps is not set.")
-    max_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Optimizer steps; overrides epochs when set.")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Passes over the training mixture. Default 1 when maxSteps is not set.",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Optimizer steps; overrides epochs when set."
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    scheduler: Annotated[Scheduler, _LAX] = Field(Scheduler.linear, description="Learning-rate schedule after warmup.")
-    warmup_steps: int | None = Field(None, ge=0, le=MAX_INT, description="Linear warmup steps (overrides warmupRatio).")
+    scheduler: Annotated[Scheduler, _LAX] = Field(
+        Scheduler.linear, description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, le=MAX_INT, description="Linear warmup steps (overrides warmupRatio)."
+    )
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of total steps.")
     weight_decay: float = Field(0.0, ge=0, le=1e6, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm (0 disables clipping).")
-    batch_size_per_device: int = Field(4, ge=1, le=MAX_INT, description="Sequences per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_INT, description="Micro-batches per optimizer step.")
-    max_seq_length: int = Field(1024, ge=8, le=MAX_INT, description="Longest sequence in tokens; longer examples are truncated.")
-    packing: bool = Field(False, description="Pack several examples into each sequence (instruction and chat "
-                          "tasks); completion tasks are always cut into full blocks.")
-    precision: Annotated[Precision, _LAX] = Field(Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older "
-                                 "GPUs, fp32 on CPU.")
-    gradient_checkpointing: bool | None = Field(None, description="Recompute activations to save memory. "
-                                                "Default: on for GPUs, off on CPU.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, le=1e6, description="Gradient clipping norm (0 disables clipping)."
+    )
+    batch_size_per_device: int = Field(
+        4, ge=1, le=MAX_INT, description="Sequences per device per micro-batch."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=MAX_INT, description="Micro-batches per optimizer step."
+    )
+    max_seq_length: int = Field(
+        1024, ge=8, le=MAX_INT, description="Longest sequence in tokens; longer examples are truncated."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each sequence (instruction and chat "
+        "tasks); completion tasks are always cut into full blocks.",
+    )
+    precision: Annotated[Precision, _LAX] = Field(
+        Precision.auto, description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations to save memory. Default: on for GPUs, off on CPU."
+    )
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, initialization and dropout.")
     logging_steps: int = Field(10, ge=1, le=MAX_INT, description="Log metrics every N optimizer steps.")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop early on an evaluation plateau.")
 
     WARMUP_STEPS_OR_RATIO: ClassVar[ModelRule] = ModelRule(
-        "warmupRatio", "!(has(self.warmupSteps) && has(self.warmupRatio))",
-        "give warmupSteps or warmupRatio, not both", "FieldValueForbidden")
+        "warmupRatio",
+        "!(has(self.warmupSteps) && has(self.warmupRatio))",
+        "give warmupSteps or warmupRatio, not both",
+        "FieldValueForbidden",
+    )
 
     @model_validator(mode="after")
     def _check_training(self) -> TrainingSpec:
@@ -615,24 +774,45 @@ class TrainingSpec(JobModel):
 class CheckpointSpec(JobModel):
     """Checkpoints: complete only once their manifest is written."""
 
-    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Save a checkpoint every N optimizer "
-                                    "steps and at the last step. Unset: no checkpoints, so a restarted run "
-                                    "starts over (the exports are written either way).")
-    keep_last: int = Field(2, ge=1, le=MAX_INT, description="Keep this many newest complete checkpoints (plus the best).")
-    background: bool = Field(True, description="Hash, manifest and upload checkpoints in a background thread "
-                             "while training goes on (only writing the files blocks training).")
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Save a checkpoint every N optimizer "
+        "steps and at the last step. Unset: no checkpoints, so a restarted run "
+        "starts over (the exports are written either way).",
+    )
+    keep_last: int = Field(
+        2, ge=1, le=MAX_INT, description="Keep this many newest complete checkpoints (plus the best)."
+    )
+    background: bool = Field(
+        True,
+        description="Hash, manifest and upload checkpoints in a background thread "
+        "while training goes on (only writing the files blocks training).",
+    )
 
 
 class EvaluationSpec(JobModel):
     """Held-out evaluation and sample generations."""
 
-    every_steps: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate every N optimizer steps (always before "
-                                    "and after training).")
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Evaluate every N optimizer steps (always before and after training).",
+    )
     perplexity: bool = Field(True, description="Report held-out perplexity.")
-    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=PROMPT_MAX_LENGTH)]] = Field(
-        default_factory=list, max_length=64, description="Prompts to generate from before and "
-                                      "after training; defaults to a few held-out prompts.")
-    num_sample_prompts: int = Field(3, ge=0, le=1024, description="Held-out prompts used when samplePrompts is empty.")
+    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=PROMPT_MAX_LENGTH)]] = (
+        Field(
+            default_factory=list,
+            max_length=64,
+            description="Prompts to generate from before and "
+            "after training; defaults to a few held-out prompts.",
+        )
+    )
+    num_sample_prompts: int = Field(
+        3, ge=0, le=1024, description="Held-out prompts used when samplePrompts is empty."
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per sample prompt.")
 
 
@@ -646,32 +826,46 @@ class ExportKind(str, Enum):
 class S3Spec(JobModel):
     """S3-compatible endpoint settings (AWS S3, MinIO, Ceph RGW, SeaweedFS)."""
 
-    endpoint_url: Annotated[Location, EndpointRule] | None = Field(None, description="Endpoint URL, for example http://minio.storage:9000.")
+    endpoint_url: Annotated[Location, EndpointRule] | None = Field(
+        None, description="Endpoint URL, for example http://minio.storage:9000."
+    )
     region: NonEmpty | None = Field(None, description="Region name.")
-    addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="Bucket addressing style; "
-                                                                 "path for most self-hosted servers.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket addressing style; path for most self-hosted servers."
+    )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
-    ca_bundle: Location | None = Field(None, description="Path of a CA bundle file to verify the server with.")
+    ca_bundle: Location | None = Field(
+        None, description="Path of a CA bundle file to verify the server with."
+    )
 
 
 class OutputSpec(JobModel):
     """Where checkpoints, exports and the run summary go."""
 
-    uri: Annotated[Location, OutputRule] | None = Field(None, description="A local directory or s3://bucket/prefix/. Required in a cluster; "
-                            "kubetune run defaults to ./runs/<name>.")
-    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID and "
-                                                        "AWS_SECRET_ACCESS_KEY for S3.")
-    exports: list[Annotated[ExportKind, _LAX]] | None = Field(None, max_length=8, description="Artifacts to export: adapter (PEFT), merged "
-                                             "(plain transformers), int8, onnx. Default: adapter for lora and "
-                                             "qlora, merged for full.")
+    uri: Annotated[Location, OutputRule] | None = Field(
+        None,
+        description="A local directory or s3://bucket/prefix/. Required in a cluster; "
+        "kubetune run defaults to ./runs/<name>.",
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3."
+    )
+    exports: list[Annotated[ExportKind, _LAX]] | None = Field(
+        None,
+        max_length=8,
+        description="Artifacts to export: adapter (PEFT), merged "
+        "(plain transformers), int8, onnx. Default: adapter for lora and "
+        "qlora, merged for full.",
+    )
 
 
 class StorageSpec(JobModel):
     """Object-storage settings shared by the model, the datasets and the output."""
 
     s3: S3Spec = Field(default_factory=S3Spec, description="S3 endpoint settings.")
-    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Default Secret with AWS keys for every "
-                                                        "s3:// location.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Default Secret with AWS keys for every s3:// location."
+    )
 
 
 class WandbSpec(JobModel):
@@ -679,7 +873,9 @@ class WandbSpec(JobModel):
 
     project: NonEmpty = Field(description="Weights & Biases project.")
     entity: NonEmpty | None = Field(None, description="Team or user.")
-    mode: Literal["online", "offline"] = Field("online", description="offline writes runs to the output only.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline writes runs to the output only."
+    )
     api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret with WANDB_API_KEY.")
 
 
@@ -688,8 +884,9 @@ class MlflowSpec(JobModel):
 
     tracking_uri: Location = Field(description="MLflow tracking URI (http(s)://... or file:...).")
     experiment: NonEmpty = Field("kubetune", description="Experiment name.")
-    credentials_secret_ref: SecretKeyRef | None = Field(None, description="Secret with MLFLOW_TRACKING_TOKEN or "
-                                                        "MLFLOW_TRACKING_USERNAME/PASSWORD.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD."
+    )
 
 
 class TrackingSpec(JobModel):
@@ -712,23 +909,36 @@ class Toleration(JobModel):
     """A core/v1 Toleration, validated as Kubernetes does. Reads like the dict it renders to (camelCase keys)."""
 
     key: LabelKey | None = Field(
-        None, description="Taint key (a qualified name); empty with operator Exists tolerates every taint.")
+        None, description="Taint key (a qualified name); empty with operator Exists tolerates every taint."
+    )
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
     value: LabelValue | None = Field(None, description="Taint value to match with operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        None, description="Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
-    toleration_seconds: int | None = Field(None, ge=0, le=MAX_INT, description="With effect NoExecute: how long "
-                                           "the pod stays bound after the taint appears.")
+        None,
+        description="Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+    )
+    toleration_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_INT,
+        description="With effect NoExecute: how long the pod stays bound after the taint appears.",
+    )
 
     NO_VALUE_WITH_EXISTS: ClassVar[ModelRule] = ModelRule(
-        "value", "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-        "must be empty when operator is Exists")
+        "value",
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "must be empty when operator is Exists",
+    )
     EXISTS_WITHOUT_KEY: ClassVar[ModelRule] = ModelRule(
-        "operator", "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
-        "must be Exists when key is empty (a toleration of every taint)")
+        "operator",
+        "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+        "must be Exists when key is empty (a toleration of every taint)",
+    )
     SECONDS_ONLY_NO_EXECUTE: ClassVar[ModelRule] = ModelRule(
-        "effect", "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-        "must be NoExecute when tolerationSeconds is set")
+        "effect",
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "must be NoExecute when tolerationSeconds is set",
+    )
 
     @model_validator(mode="after")
     def _check_toleration(self) -> Toleration:
@@ -759,18 +969,32 @@ class ResourcesSpec(JobModel):
     """Pods, GPUs and placement of the training workers."""
 
     nodes: int = Field(1, ge=1, le=1024, description="Worker pods (one per node).")
-    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (and training processes) per pod; 0 trains on CPU.")
-    strategy: Annotated[Strategy, _LAX] = Field(Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3.")
+    gpus_per_node: int = Field(
+        1, ge=0, le=64, description="GPUs (and training processes) per pod; 0 trains on CPU."
+    )
+    strategy: Annotated[Strategy, _LAX] = Field(
+        Strategy.ddp, description="Distributed strategy: ddp, fsdp or DeepSpeed ZeRO 1/2/3."
+    )
     image: NonEmpty | None = Field(None, description="Trainer image; the platform default when omitted.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
-    image_pull_secrets: list[K8sName] = Field(default_factory=list, max_length=DEFAULT_MAX_ITEMS, description="Names of image pull Secrets.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy."
+    )
+    image_pull_secrets: list[K8sName] = Field(
+        default_factory=list, max_length=DEFAULT_MAX_ITEMS, description="Names of image pull Secrets."
+    )
     cpu: Quantity | None = Field(None, description="CPU request and limit per pod, for example '16'.")
-    memory: Quantity | None = Field(None, description="Memory request and limit per pod, for example '128Gi'.")
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit per pod, for example '128Gi'."
+    )
     shared_memory: Quantity = Field("8Gi", description="Size of /dev/shm (NCCL and data loaders need it).")
-    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64,
-                                                      description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=DEFAULT_MAX_ITEMS,
-                                         description="Pod tolerations (core/v1 Toleration).")
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=DEFAULT_MAX_ITEMS,
+        description="Pod tolerations (core/v1 Toleration).",
+    )
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
     priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods.")
 
@@ -780,32 +1004,50 @@ class GangSpec(JobModel):
 
     provider: Literal["coscheduling", "volcano"] = Field(
         description="Gang scheduler: coscheduling (scheduler-plugins PodGroup) or volcano (Volcano PodGroup); "
-        "the platform must enable it (it also names the scheduler).")
-    min_member: int | None = Field(None, ge=1, le=MAX_INT, description="Pods that must be placeable together "
-                                   "(default: all of them, resources.nodes).")
-    schedule_timeout_seconds: int | None = Field(None, ge=1, le=MAX_INT, description="coscheduling only: how long "
-                                                 "the group may wait to be placed before its pods are retried.")
+        "the platform must enable it (it also names the scheduler)."
+    )
+    min_member: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="Pods that must be placeable together (default: all of them, resources.nodes).",
+    )
+    schedule_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT,
+        description="coscheduling only: how long "
+        "the group may wait to be placed before its pods are retried.",
+    )
 
 
 class SchedulingSpec(JobModel):
     """Queueing."""
 
-    queue_name: LabelValue | None = Field(None, description="Kueue LocalQueue; the Job is created suspended and admitted "
-                                   "by Kueue.")
+    queue_name: LabelValue | None = Field(
+        None, description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue."
+    )
     priority_class_name: K8sName | None = Field(None, description="Kueue WorkloadPriorityClass.")
-    gang: GangSpec | None = Field(None, description="Gang scheduling of the worker pods without Kueue (a PodGroup "
-                                  "per attempt).")
+    gang: GangSpec | None = Field(
+        None, description="Gang scheduling of the worker pods without Kueue (a PodGroup per attempt)."
+    )
 
 
 class RunPolicySpec(JobModel):
     """Restarts and lifetimes."""
 
-    max_restarts: int = Field(3, ge=0, le=1000, description="Restarts of the worker group after retryable failures "
-                                    "(preemptions do not count).")
-    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_INT, description="Fail the job after this many seconds of "
-                                                "running.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=MAX_INT, description="Delete the FineTuneJob this long after "
-                                                   "it finished.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Restarts of the worker group after retryable failures (preemptions do not count).",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Fail the job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=MAX_INT, description="Delete the FineTuneJob this long after it finished."
+    )
 
 
 PREFERENCE_FORMATS = (DatasetFormat.preference.value, DatasetFormat.unpaired.value)
@@ -819,32 +1061,46 @@ def _present(field: str) -> str:
 
 
 def _preference_rows_need_task(field: str) -> ModelRule:
-    return ModelRule(field, f"self.task.type == 'preference' || !({_present(field)}) || "
-                     f"!self.{field}.exists(d, {_PREFERENCE_ROWS})",
-                     "preference and unpaired rows need task.type preference")
+    return ModelRule(
+        field,
+        f"self.task.type == 'preference' || !({_present(field)}) || "
+        f"!self.{field}.exists(d, {_PREFERENCE_ROWS})",
+        "preference and unpaired rows need task.type preference",
+    )
 
 
 def _preference_task_rows(field: str) -> ModelRule:
-    return ModelRule(field, f"self.task.type != 'preference' || !({_present(field)}) || "
-                     f"!self.{field}.exists(d, {_OTHER_ROWS})",
-                     "a preference task takes preference (prompt, chosen, rejected) or unpaired (prompt, "
-                     "completion, label) rows")
+    return ModelRule(
+        field,
+        f"self.task.type != 'preference' || !({_present(field)}) || !self.{field}.exists(d, {_OTHER_ROWS})",
+        "a preference task takes preference (prompt, chosen, rejected) or unpaired (prompt, "
+        "completion, label) rows",
+    )
 
 
 def _unpaired_needs_kto(field: str) -> ModelRule:
-    return ModelRule(field, f"!({_present(field)}) || "
-                     f"!self.{field}.exists(d, has(d.format) && d.format == 'unpaired') || ({_KTO})",
-                     "unpaired rows (prompt, completion, label) need task.preference.objective kto")
+    return ModelRule(
+        field,
+        f"!({_present(field)}) || "
+        f"!self.{field}.exists(d, has(d.format) && d.format == 'unpaired') || ({_KTO})",
+        "unpaired rows (prompt, completion, label) need task.preference.objective kto",
+    )
 
 
 class FineTuneJobSpec(JobModel):
     """What to fine-tune, on what, how, and where the results go."""
 
     model: ModelSpec = Field(description="The base model.")
-    method: MethodSpec = Field(default_factory=MethodSpec, description="Training method: full, lora or qlora.")
+    method: MethodSpec = Field(
+        default_factory=MethodSpec, description="Training method: full, lora or qlora."
+    )
     task: TaskSpec = Field(description="The task and prompt format.")
-    datasets: list[DatasetSpec] = Field(min_length=1, max_length=MAX_DATASETS, description="Training datasets, mixed by weight.")
-    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Held-out evaluation data.")
+    datasets: list[DatasetSpec] = Field(
+        min_length=1, max_length=MAX_DATASETS, description="Training datasets, mixed by weight."
+    )
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec, description="Held-out evaluation data."
+    )
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row cleaning.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
@@ -859,44 +1115,61 @@ class FineTuneJobSpec(JobModel):
 
     # (the CRD adds transition rules of its own: kubetune.crd.IMMUTABLE_FIELDS, SUSPENDED_ONLY_FIELDS)
     COMPLETION_TEXT_DATASETS: ClassVar[ModelRule] = ModelRule(
-        "datasets", "self.task.type != 'completion' || !self.datasets.exists(d, has(d.format) && d.format != 'text')",
-        "a completion task takes text datasets only")
+        "datasets",
+        "self.task.type != 'completion' || !self.datasets.exists(d, has(d.format) && d.format != 'text')",
+        "a completion task takes text datasets only",
+    )
     COMPLETION_TEXT_VALIDATION: ClassVar[ModelRule] = ModelRule(
-        "validation.datasets", "self.task.type != 'completion' || !has(self.validation) || "
+        "validation.datasets",
+        "self.task.type != 'completion' || !has(self.validation) || "
         "!has(self.validation.datasets) || !self.validation.datasets.exists(d, has(d.format) && d.format != 'text')",
-        "a completion task takes text datasets only")
+        "a completion task takes text datasets only",
+    )
     PREFERENCE_ROWS_NEED_TASK: ClassVar[ModelRule] = _preference_rows_need_task("datasets")
-    PREFERENCE_ROWS_NEED_TASK_VALIDATION: ClassVar[ModelRule] = _preference_rows_need_task("validation.datasets")
+    PREFERENCE_ROWS_NEED_TASK_VALIDATION: ClassVar[ModelRule] = _preference_rows_need_task(
+        "validation.datasets"
+    )
     PREFERENCE_TASK_ROWS: ClassVar[ModelRule] = _preference_task_rows("datasets")
     PREFERENCE_TASK_ROWS_VALIDATION: ClassVar[ModelRule] = _preference_task_rows("validation.datasets")
     UNPAIRED_NEEDS_KTO: ClassVar[ModelRule] = _unpaired_needs_kto("datasets")
     UNPAIRED_NEEDS_KTO_VALIDATION: ClassVar[ModelRule] = _unpaired_needs_kto("validation.datasets")
     NO_ADAPTER_WITH_FULL: ClassVar[ModelRule] = ModelRule(
-        "output.exports", "!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
+        "output.exports",
+        "!has(self.method) || !has(self.method.type) || self.method.type != 'full' || "
         "!has(self.output) || !has(self.output.exports) || !('adapter' in self.output.exports)",
         "'adapter' needs method lora or qlora; full fine-tuning exports 'merged' (the full model, the default), "
-        "'int8' and/or 'onnx'")
+        "'int8' and/or 'onnx'",
+    )
     NO_FP16_ON_CPU: ClassVar[ModelRule] = ModelRule(
-        "training.precision", "!has(self.training) || !has(self.training.precision) || "
+        "training.precision",
+        "!has(self.training) || !has(self.training.precision) || "
         "self.training.precision != 'fp16' || !has(self.resources) || !has(self.resources.gpusPerNode) || "
         "self.resources.gpusPerNode != 0",
-        "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16")
+        "fp16 needs a CUDA GPU and resources.gpusPerNode is 0; use auto, fp32 or bf16",
+    )
     EARLY_STOPPING_NEEDS_EVALUATION: ClassVar[ModelRule] = ModelRule(
-        "training.earlyStopping", "!has(self.training) || !has(self.training.earlyStopping) || "
+        "training.earlyStopping",
+        "!has(self.training) || !has(self.training.earlyStopping) || "
         "(has(self.evaluation) && has(self.evaluation.everySteps))",
-        "needs evaluation.everySteps (the plateau is measured at each evaluation)", "FieldValueRequired")
+        "needs evaluation.everySteps (the plateau is measured at each evaluation)",
+        "FieldValueRequired",
+    )
     CHECKPOINTS_AT_EVALUATIONS: ClassVar[ModelRule] = ModelRule(
-        "checkpoint.everySteps", "!has(self.training) || !has(self.training.earlyStopping) || !has(self.evaluation) "
+        "checkpoint.everySteps",
+        "!has(self.training) || !has(self.training.earlyStopping) || !has(self.evaluation) "
         "|| !has(self.evaluation.everySteps) || !has(self.checkpoint) || !has(self.checkpoint.everySteps) || "
         "self.checkpoint.everySteps % self.evaluation.everySteps == 0",
         "with training.earlyStopping it must be a multiple of evaluation.everySteps, so that the best evaluation "
-        "has a checkpoint")
+        "has a checkpoint",
+    )
 
     @model_validator(mode="after")
     def _check_spec(self) -> FineTuneJobSpec:
         task = self.task.type
-        for rule, datasets in ((self.COMPLETION_TEXT_DATASETS, self.datasets),
-                               (self.COMPLETION_TEXT_VALIDATION, self.validation.datasets or [])):
+        for rule, datasets in (
+            (self.COMPLETION_TEXT_DATASETS, self.datasets),
+            (self.COMPLETION_TEXT_VALIDATION, self.validation.datasets or []),
+        ):
             for index, dataset in enumerate(datasets):
                 fmt = dataset.format or default_format(task)
                 if task == TaskType.completion.value and fmt != DatasetFormat.text.value:
@@ -951,8 +1224,18 @@ def _check_preference_format(spec: FineTuneJobSpec, field: str, index: int, fmt:
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
 GENERATED_SUFFIX = 5  # characters the API server appends to metadata.generateName
 GENERATE_NAME_PATTERN = "^[a-z][-a-z0-9]*$"
-_SERVER_METADATA = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
-                    "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields", "selfLink")
+_SERVER_METADATA = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+    "selfLink",
+)
 
 
 class ObjectMeta(BaseModel):
@@ -961,8 +1244,9 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, alias_generator=to_camel, populate_by_name=True)
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
-    generate_name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH - GENERATED_SUFFIX,
-                                      pattern=GENERATE_NAME_PATTERN)
+    generate_name: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME_LENGTH - GENERATED_SUFFIX, pattern=GENERATE_NAME_PATTERN
+    )
     namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL.pattern)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     annotations: dict[LabelKey, str] = Field(default_factory=dict)
@@ -980,9 +1264,13 @@ class ObjectMeta(BaseModel):
 
     @model_validator(mode="after")
     def _named(self) -> ObjectMeta:
-        if sum(len(k.encode()) + len(v.encode()) for k, v in self.annotations.items()) > MAX_ANNOTATIONS_BYTES:
-            raise ValueError(f"annotations: at most {MAX_ANNOTATIONS_BYTES // 1024} KiB in total (the API server's "
-                             "limit)")
+        if (
+            sum(len(k.encode()) + len(v.encode()) for k, v in self.annotations.items())
+            > MAX_ANNOTATIONS_BYTES
+        ):
+            raise ValueError(
+                f"annotations: at most {MAX_ANNOTATIONS_BYTES // 1024} KiB in total (the API server's limit)"
+            )
         if self.name is None:
             if self.generate_name is None:
                 raise ValueError("name: required (or generateName, a prefix the API server completes)")
@@ -1027,7 +1315,9 @@ class Condition(SpecModel):
     reason: str = Field(description="One-word CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str = Field(description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="Spec generation this condition was computed for.")
+    observed_generation: int | None = Field(
+        None, description="Spec generation this condition was computed for."
+    )
 
 
 class ProgressStatus(SpecModel):
@@ -1069,35 +1359,52 @@ class MetricsStatus(SpecModel):
     final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
     baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
     final_eval_loss: float | None = Field(None, description="Held-out loss after training.")
-    baseline_preference_accuracy: float | None = Field(None, description="Preference tasks: share of held-out "
-                                                       "pairs whose chosen completion the model finds likelier "
-                                                       "(per token) than the rejected one, before training.")
-    final_preference_accuracy: float | None = Field(None, description="Preference tasks: the same after training.")
-    final_reward_accuracy: float | None = Field(None, description="Preference tasks: share of held-out pairs whose "
-                                                "implicit reward (beta * log-ratio to the model before training) "
-                                                "is higher for the chosen completion, after training.")
-    final_reward_margin: float | None = Field(None, description="Preference tasks: mean held-out reward of chosen "
-                                              "minus rejected after training.")
+    baseline_preference_accuracy: float | None = Field(
+        None,
+        description="Preference tasks: share of held-out "
+        "pairs whose chosen completion the model finds likelier "
+        "(per token) than the rejected one, before training.",
+    )
+    final_preference_accuracy: float | None = Field(
+        None, description="Preference tasks: the same after training."
+    )
+    final_reward_accuracy: float | None = Field(
+        None,
+        description="Preference tasks: share of held-out pairs whose "
+        "implicit reward (beta * log-ratio to the model before training) "
+        "is higher for the chosen completion, after training.",
+    )
+    final_reward_margin: float | None = Field(
+        None, description="Preference tasks: mean held-out reward of chosen minus rejected after training."
+    )
 
 
 class FineTuneJobStatus(SpecModel):
     """Observed state, written by the operator."""
 
     model_config = ConfigDict(extra="ignore")
-    phase: Phase | None = Field(None, description="Pending, Initializing, Running, Succeeded, Failed or Suspended.")
+    phase: Phase | None = Field(
+        None, description="Pending, Initializing, Running, Succeeded, Failed or Suspended."
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
     progress: ProgressStatus | None = Field(None, description="Training progress as reported by the trainer.")
     checkpoint: CheckpointStatus | None = Field(None, description="Latest complete checkpoint.")
-    artifacts: list[ArtifactStatus] = Field(default_factory=list, description="Exported artifacts with digests.")
+    artifacts: list[ArtifactStatus] = Field(
+        default_factory=list, description="Exported artifacts with digests."
+    )
     metrics: MetricsStatus | None = Field(None, description="Evaluation results.")
     restarts: int = Field(0, description="Worker-group restarts counted against runPolicy.maxRestarts.")
     preemptions: int = Field(0, description="Restarts after preemption (not counted).")
-    attempt: int = Field(0, description="Current worker-group attempt (the Job is <name>-<attempt>); every restart, "
-                         "preemption or resume starts a new one.")
-    start_time: str | None = Field(None, description="When the workers first started (reset when a suspended job "
-                                   "resumes); runPolicy.activeDeadlineSeconds counts from here.")
+    attempt: int = Field(
+        0,
+        description="Current worker-group attempt (the Job is <name>-<attempt>); every restart, "
+        "preemption or resume starts a new one.",
+    )
+    start_time: str | None = Field(
+        None,
+        description="When the workers first started (reset when a suspended job "
+        "resumes); runPolicy.activeDeadlineSeconds counts from here.",
+    )
     completion_time: str | None = Field(None, description="When the job finished.")
     observed_generation: int | None = Field(None, description="Latest spec generation acted on.")
     message: str | None = Field(None, description="Latest human-readable state.")
-
-

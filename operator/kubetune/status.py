@@ -36,12 +36,31 @@ from kubetune.spec import (
     RunPolicySpec,
 )
 
-OPERATOR_FIELDS = ("phase", "conditions", "attempt", "restarts", "preemptions", "startTime", "completionTime",
-                   "observedGeneration", "message")
+OPERATOR_FIELDS = (
+    "phase",
+    "conditions",
+    "attempt",
+    "restarts",
+    "preemptions",
+    "startTime",
+    "completionTime",
+    "observedGeneration",
+    "message",
+)
 # pod.status.reason values meaning the pod was taken away rather than failing on its own
-DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated",
-                      "DeletionByTaintManager", "DeletionByPodGC", "PreemptionByScheduler",
-                      "EvictionByEvictionAPI", "TerminationByKubelet"}
+DISRUPTION_REASONS = {
+    "Evicted",
+    "Preempting",
+    "NodeLost",
+    "Shutdown",
+    "NodeShutdown",
+    "Terminated",
+    "DeletionByTaintManager",
+    "DeletionByPodGC",
+    "PreemptionByScheduler",
+    "EvictionByEvictionAPI",
+    "TerminationByKubelet",
+}
 MAX_MESSAGE = 1024
 
 
@@ -113,8 +132,15 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
-def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
-                  now: datetime, generation: int | None) -> list[dict[str, Any]]:
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[dict[str, Any]]:
     """Conditions with `type_` set; lastTransitionTime kept when the status does not change."""
     out = [dict(c) for c in conditions]
     for cond in out:
@@ -125,8 +151,13 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, rea
             if generation is not None:
                 cond["observedGeneration"] = generation
             return out
-    cond = {"type": type_, "status": status, "reason": reason, "message": _clip(message),
-            "lastTransitionTime": rfc3339(now)}
+    cond = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": _clip(message),
+        "lastTransitionTime": rfc3339(now),
+    }
     if generation is not None:
         cond["observedGeneration"] = generation
     out.append(cond)
@@ -141,6 +172,7 @@ def get_condition(status: Mapping[str, Any], type_: str) -> dict[str, Any] | Non
 
 
 # ----- reading pods and Jobs -----
+
 
 def _job_condition(job: Mapping[str, Any] | None, type_: str) -> dict[str, Any] | None:
     for cond in ((job or {}).get("status") or {}).get("conditions") or []:
@@ -192,8 +224,15 @@ def pod_observation_key(pod: Mapping[str, Any]) -> str:
     something happens to it (scheduled or not, started, a container waiting on an image, terminated,
     disrupted, deleted), never periodically, and metadata-only updates are ignored."""
     meta = pod.get("metadata") or {}
-    return json.dumps({"deleting": meta.get("deletionTimestamp"), "node": (pod.get("spec") or {}).get("nodeName"),
-                       "status": pod.get("status") or {}}, sort_keys=True, default=str)
+    return json.dumps(
+        {
+            "deleting": meta.get("deletionTimestamp"),
+            "node": (pod.get("spec") or {}).get("nodeName"),
+            "status": pod.get("status") or {},
+        },
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _failure_text(pod: Mapping[str, Any]) -> str:
@@ -213,13 +252,22 @@ def _failure_text(pod: Mapping[str, Any]) -> str:
 
 
 def _waiting_problem(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    bad = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
-           "CreateContainerError", "CrashLoopBackOff"}
+    bad = {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+    }
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in bad:
-                return f"pod {_pod_name(pod)}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+                return f"pod {_pod_name(pod)}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(
+                    ": "
+                )
     return None
 
 
@@ -237,12 +285,15 @@ def _scheduled(pod: Mapping[str, Any]) -> bool:
 
 # ----- the observation -----
 
+
 class _Builder:
     def __init__(self, job_cr: Mapping[str, Any], now: datetime):
         self.now = now
         meta = job_cr.get("metadata") or {}
         self.generation = meta.get("generation")
-        self.old = {k: copy.deepcopy(v) for k, v in (job_cr.get("status") or {}).items() if k in OPERATOR_FIELDS}
+        self.old = {
+            k: copy.deepcopy(v) for k, v in (job_cr.get("status") or {}).items() if k in OPERATOR_FIELDS
+        }
         self.new = copy.deepcopy(self.old)
         for key, default in _DEFAULTS.items():
             self.new.setdefault(key, copy.deepcopy(default))
@@ -255,8 +306,15 @@ class _Builder:
         return self.old.get("phase")
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        self.new["conditions"] = set_condition(self.new["conditions"], type_, "True" if status else "False",
-                                               reason, message, self.now, self.generation)
+        self.new["conditions"] = set_condition(
+            self.new["conditions"],
+            type_,
+            "True" if status else "False",
+            reason,
+            message,
+            self.now,
+            self.generation,
+        )
 
     def phase(self, phase: Phase, reason: str, message: str, *, event: bool = True) -> None:
         message = _clip(message)
@@ -278,14 +336,17 @@ class _Builder:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def result(self) -> StatusUpdate:
-        if self.generation is not None and (self.old_phase not in TERMINAL_PHASES or self.new.get("phase") != self.old_phase):
+        if self.generation is not None and (
+            self.old_phase not in TERMINAL_PHASES or self.new.get("phase") != self.old_phase
+        ):
             self.new["observedGeneration"] = self.generation
         patch = {k: v for k, v in self.new.items() if self.old.get(k, _DEFAULTS.get(k)) != v}
         for k in self.old:
             if k not in self.new:
                 patch[k] = None
-        return StatusUpdate(status=self.new, patch=patch, action=self.action, events=self.events,
-                            requeue_after=self.requeue)
+        return StatusUpdate(
+            status=self.new, patch=patch, action=self.action, events=self.events, requeue_after=self.requeue
+        )
 
 
 def _finished_run_policy(job_cr: Mapping[str, Any]) -> RunPolicySpec:
@@ -298,8 +359,13 @@ def _finished_run_policy(job_cr: Mapping[str, Any]) -> RunPolicySpec:
         return RunPolicySpec()
 
 
-def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
-            now: datetime, spec: FineTuneJobSpec | None = None) -> StatusUpdate:
+def observe(
+    job_cr: Mapping[str, Any],
+    child_job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    now: datetime,
+    spec: FineTuneJobSpec | None = None,
+) -> StatusUpdate:
     """Status and next action from the FineTuneJob, the Job of its current attempt and that Job's pods.
 
     `spec` is the job's validated spec (the operator passes its effective spec); by default the CR's
@@ -312,15 +378,24 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         # a pod failure fails the Job by itself (backoffLimit 0) and keeps the failed pods for `kubectl
         # logs`; anything else (deadline, invalid spec) still running is stopped here
         failed_pods = any(_pod_phase(p) == "Failed" for p in pods)
-        if b.old_phase == Phase.failed and child_job is not None and not job_finished(child_job) and not failed_pods:
+        if (
+            b.old_phase == Phase.failed
+            and child_job is not None
+            and not job_finished(child_job)
+            and not failed_pods
+        ):
             b.action = Action.STOP
-        ttl = (spec.run_policy if spec is not None else _finished_run_policy(job_cr)).ttl_seconds_after_finished
+        ttl = (
+            spec.run_policy if spec is not None else _finished_run_policy(job_cr)
+        ).ttl_seconds_after_finished
         done = parse_time(b.new.get("completionTime"))
         if ttl is not None and done is not None:
             left = (done - now).total_seconds() + ttl
             if left <= 0:
                 b.action = Action.DELETE
-                b.events.append(Event("Normal", "TTLExpired", f"deleting the FineTuneJob {ttl}s after it finished"))
+                b.events.append(
+                    Event("Normal", "TTLExpired", f"deleting the FineTuneJob {ttl}s after it finished")
+                )
             else:
                 b.requeue_in(left)
         return b.result()
@@ -329,8 +404,12 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         spec = FineTuneJobSpec.model_validate(job_cr.get("spec") or {})
     policy = spec.run_policy
     if spec.suspend:
-        b.phase(Phase.suspended, "Suspended", "workers removed, checkpoints kept; set spec.suspend to false to resume "
-                "from the latest checkpoint")
+        b.phase(
+            Phase.suspended,
+            "Suspended",
+            "workers removed, checkpoints kept; set spec.suspend to false to resume "
+            "from the latest checkpoint",
+        )
         b.action = Action.STOP if child_job is not None else Action.NONE
         return b.result()
 
@@ -339,9 +418,12 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         b.new["attempt"] = attempt + 1
         if resumed:
             b.new.pop("startTime", None)
-        b.phase(Phase.pending, "Resumed" if resumed else "Created",
-                f"{'resuming' if resumed else 'starting'} attempt {attempt + 1}"
-                + (" from the latest checkpoint" if resumed else ""))
+        b.phase(
+            Phase.pending,
+            "Resumed" if resumed else "Created",
+            f"{'resuming' if resumed else 'starting'} attempt {attempt + 1}"
+            + (" from the latest checkpoint" if resumed else ""),
+        )
         b.action = Action.ENSURE
         return b.result()
 
@@ -351,8 +433,12 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     if deadline and started is not None:
         left = (started - now).total_seconds() + deadline
         if left <= 0:
-            b.phase(Phase.failed, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({deadline}s) exceeded since "
-                    f"{b.new['startTime']}; workers stopped")
+            b.phase(
+                Phase.failed,
+                "DeadlineExceeded",
+                f"runPolicy.activeDeadlineSeconds ({deadline}s) exceeded since "
+                f"{b.new['startTime']}; workers stopped",
+            )
             b.action = Action.STOP
             return b.result()
         b.requeue_in(left)
@@ -377,33 +463,49 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
     job_failed = _job_condition(child_job, "Failed") or _job_condition(child_job, "FailureTarget")
     config_errors = [p for p in failed if exit_code(p) == EXIT_CONFIG_ERROR]
     if config_errors:
-        b.phase(Phase.failed, "ConfigError", f"{_failure_text(config_errors[0])}; exit code {EXIT_CONFIG_ERROR} is a "
-                "configuration or data error: not retried")
+        b.phase(
+            Phase.failed,
+            "ConfigError",
+            f"{_failure_text(config_errors[0])}; exit code {EXIT_CONFIG_ERROR} is a "
+            "configuration or data error: not retried",
+        )
         b.action = Action.NONE  # the Job fails by itself (backoffLimit 0); its failed pod keeps the logs
         return b.result()
     if disrupted:
         pod, why = disrupted[0]
         b.new["preemptions"] = b.new["preemptions"] + 1
         b.new["attempt"] = attempt + 1
-        message = (f"attempt {attempt} preempted (pod {_pod_name(pod)}: {why}); starting attempt {attempt + 1} "
-                   "from the latest checkpoint (not counted as a restart)")
+        message = (
+            f"attempt {attempt} preempted (pod {_pod_name(pod)}: {why}); starting attempt {attempt + 1} "
+            "from the latest checkpoint (not counted as a restart)"
+        )
         b.phase(Phase.pending, "Preempted", message, event=False)
         b.events.append(Event("Warning", "Preempted", _clip(message)))
         return b.result()
     if failed or job_failed:
-        what = _failure_text(failed[0]) if failed else (
-            f"Job {child_job['metadata']['name']} failed: {(job_failed or {}).get('reason')}: "
-            f"{(job_failed or {}).get('message', '')}")
+        what = (
+            _failure_text(failed[0])
+            if failed
+            else (
+                f"Job {child_job['metadata']['name']} failed: {(job_failed or {}).get('reason')}: "
+                f"{(job_failed or {}).get('message', '')}"
+            )
+        )
         max_restarts = policy.max_restarts
         if b.new["restarts"] >= max_restarts:
-            b.phase(Phase.failed, "RestartLimitExceeded", f"attempt {attempt}: {what}; runPolicy.maxRestarts "
-                    f"({max_restarts}) reached")
+            b.phase(
+                Phase.failed,
+                "RestartLimitExceeded",
+                f"attempt {attempt}: {what}; runPolicy.maxRestarts ({max_restarts}) reached",
+            )
             b.action = Action.NONE
             return b.result()
         b.new["restarts"] = b.new["restarts"] + 1
         b.new["attempt"] = attempt + 1
-        message = (f"attempt {attempt}: {what}; restarting as attempt {attempt + 1} from the latest checkpoint "
-                   f"(restart {b.new['restarts']} of {max_restarts})")
+        message = (
+            f"attempt {attempt}: {what}; restarting as attempt {attempt + 1} from the latest checkpoint "
+            f"(restart {b.new['restarts']} of {max_restarts})"
+        )
         b.phase(Phase.pending, "Restarting", message, event=False)
         b.events.append(Event("Warning", "Restarting", _clip(message)))
         return b.result()
@@ -413,11 +515,21 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         queue = ((child_job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
         if b.old_phase in (Phase.running, Phase.initializing):
             b.new["preemptions"] = b.new["preemptions"] + 1
-            b.events.append(Event("Warning", "Preempted", f"Kueue evicted attempt {attempt}; it resumes from the "
-                                  "latest checkpoint when admitted again (not counted as a restart)"))
+            b.events.append(
+                Event(
+                    "Warning",
+                    "Preempted",
+                    f"Kueue evicted attempt {attempt}; it resumes from the "
+                    "latest checkpoint when admitted again (not counted as a restart)",
+                )
+            )
         where = f" in queue {queue}" if queue else ""
-        b.phase(Phase.pending, "Queued", f"waiting for admission{where}",
-                event=b.old_phase not in (None, Phase.pending))
+        b.phase(
+            Phase.pending,
+            "Queued",
+            f"waiting for admission{where}",
+            event=b.old_phase not in (None, Phase.pending),
+        )
         return b.result()
 
     nodes = spec.resources.nodes
@@ -443,9 +555,14 @@ def observe(job_cr: Mapping[str, Any], child_job: Mapping[str, Any] | None, pods
         return b.result()
     unschedulable = _unschedulable(live)
     was = (get_condition(b.old, Phase.running.value) or {}).get("reason")
-    b.phase(Phase.pending, "Unschedulable" if unschedulable else "Pending",
-            unschedulable or f"attempt {attempt}: waiting for {nodes} worker pod(s) to be scheduled")
-    if unschedulable and was != "Unschedulable" and b.old_phase == Phase.pending:  # phase() posts none: same phase
+    b.phase(
+        Phase.pending,
+        "Unschedulable" if unschedulable else "Pending",
+        unschedulable or f"attempt {attempt}: waiting for {nodes} worker pod(s) to be scheduled",
+    )
+    if (
+        unschedulable and was != "Unschedulable" and b.old_phase == Phase.pending
+    ):  # phase() posts none: same phase
         b.events.append(Event("Warning", "Unschedulable", _clip(unschedulable)))
     return b.result()
 
@@ -456,8 +573,7 @@ def tampered_fields(status: Mapping[str, Any], written: Mapping[str, Any]) -> li
     Only the operator writes these (the trainer's token may patch the status subresource for its
     progress, and the chart's admission policy refuses anything else; without that policy, this is the
     operator's own check)."""
-    return [k for k in OPERATOR_FIELDS
-            if status.get(k, _DEFAULTS.get(k)) != written.get(k, _DEFAULTS.get(k))]
+    return [k for k in OPERATOR_FIELDS if status.get(k, _DEFAULTS.get(k)) != written.get(k, _DEFAULTS.get(k))]
 
 
 def restore_patch(status: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
@@ -485,7 +601,9 @@ def _pod_phase(pod: Mapping[str, Any]) -> str | None:
     return (pod.get("status") or {}).get("phase")
 
 
-def config_error(job_cr: Mapping[str, Any], message: str, now: datetime, reason: str = "InvalidSpec") -> StatusUpdate:
+def config_error(
+    job_cr: Mapping[str, Any], message: str, now: datetime, reason: str = "InvalidSpec"
+) -> StatusUpdate:
     """The job cannot run as specified: the spec failed validation or lacks what a cluster needs
     (reason InvalidSpec), or breaks the platform's tenant policy (reason PolicyViolation)."""
     b = _Builder(job_cr, now)

@@ -30,16 +30,25 @@ def values_args(values: dict[str, Any] | None, tmp: Path) -> list[str]:
     return ["-f", str(path)]
 
 
-def helm(*args: str, check: bool = True, env: dict[str, str] | None = None,
-         timeout: float = 180) -> subprocess.CompletedProcess:
+def helm(
+    *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     result = subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"helm {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
-def render_chart(tmp: Path, values: dict[str, Any] | None = None, *, release: str = RELEASE,
-                 namespace: str = SYSTEM_NS, crds: bool = False) -> list[dict[str, Any]]:
+def render_chart(
+    tmp: Path,
+    values: dict[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = SYSTEM_NS,
+    crds: bool = False,
+) -> list[dict[str, Any]]:
     """`helm template` -> the documents (CRDs too with crds=True)."""
     args = ["template", release, str(CHART), "--namespace", namespace, *values_args(values, tmp)]
     if crds:
@@ -47,10 +56,16 @@ def render_chart(tmp: Path, values: dict[str, Any] | None = None, *, release: st
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
 
 
-def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
-         namespace: str | None = None) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-            and (namespace is None or d["metadata"].get("namespace") == namespace)]
+def find(
+    docs: list[dict[str, Any]], kind: str, name: str | None = None, namespace: str | None = None
+) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (name is None or d["metadata"]["name"] == name)
+        and (namespace is None or d["metadata"].get("namespace") == namespace)
+    ]
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -64,11 +79,14 @@ def apply_chart(cp: ControlPlane, docs: list[dict[str, Any]], manager: str = "ku
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
     rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
     if crds:
-        cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-",
-                   input=yaml.safe_dump_all(crds))
+        cp.kubectl(
+            "apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(crds)
+        )
         for d in crds:
             cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{d['metadata']['name']}")
-    cp.kubectl("apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(rest))
+    cp.kubectl(
+        "apply", "--server-side", f"--field-manager={manager}", "-f", "-", input=yaml.safe_dump_all(rest)
+    )
 
 
 def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeout: float = 150) -> None:
@@ -83,8 +101,10 @@ def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeo
         quota = cp.get_json("-n", namespace, "resourcequota", name)
         if set(quota["spec"]["hard"]) <= set(quota.get("status", {}).get("used", {})):
             return True
-        for op in ({"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
-                   {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")}):
+        for op in (
+            {"op": "add", "path": "/spec/hard/" + touch.replace("/", "~1"), "value": "1"},
+            {"op": "remove", "path": "/spec/hard/" + touch.replace("/", "~1")},
+        ):
             cp.kubectl("-n", namespace, "patch", "resourcequota", name, "--type=json", "-p", json.dumps([op]))
         return False
 

@@ -40,11 +40,18 @@ class FakeNode:
 
 
 @contextmanager
-def make_cluster(request: pytest.FixtureRequest, *, nodes: Sequence[FakeNode] = (), namespaces: Sequence[str] = (),
-            namespace_labels: Mapping[str, str] | None = None,
-            secrets: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None, crd: bool = False,
-            extra_tokens: Mapping[str, tuple[str, Sequence[str]]] | None = None,
-            stages: str | os.PathLike[str] | None = None, diagnostics_lines: int = 20) -> Iterator[ControlPlane]:
+def make_cluster(
+    request: pytest.FixtureRequest,
+    *,
+    nodes: Sequence[FakeNode] = (),
+    namespaces: Sequence[str] = (),
+    namespace_labels: Mapping[str, str] | None = None,
+    secrets: Mapping[str, Mapping[str, Mapping[str, str]]] | None = None,
+    crd: bool = False,
+    extra_tokens: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+    stages: str | os.PathLike[str] | None = None,
+    diagnostics_lines: int = 20,
+) -> Iterator[ControlPlane]:
     """A started control plane with `nodes`, `namespaces` (labelled `namespace_labels`), `secrets`
     ({namespace: {name: stringData}}) and, with `crd`, the FineTuneJob CRD. When a test of the
     module failed meanwhile, the components' last log lines are printed at teardown."""
@@ -58,18 +65,27 @@ def make_cluster(request: pytest.FixtureRequest, *, nodes: Sequence[FakeNode] = 
             install_crd(plane)
         for namespace, by_name in (secrets or {}).items():
             for name, data in by_name.items():
-                plane.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
-                             "stringData": dict(data)})
+                plane.apply(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {"name": name, "namespace": namespace},
+                        "stringData": dict(data),
+                    }
+                )
         yield plane
         if request.session.testsfailed > failed_before:
             print(plane.diagnostics(diagnostics_lines))
 
 
 @contextmanager
-def running_operator(cp: ControlPlane, directory: Path, env: Mapping[str, str] | None = None,
-                     args: Sequence[str] = ()) -> Iterator[OperatorProcess]:
+def running_operator(
+    cp: ControlPlane, directory: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+) -> Iterator[OperatorProcess]:
     """The operator as the chart's ServiceAccount (exactly OPERATOR_RBAC_RULES), started, stopped after."""
-    op = OperatorProcess(cp, directory / "operator.log", service_account_kubeconfig(cp, directory), args, env=env)
+    op = OperatorProcess(
+        cp, directory / "operator.log", service_account_kubeconfig(cp, directory), args, env=env
+    )
     op.start()
     try:
         yield op
@@ -84,11 +100,16 @@ def wait_reconciles(cp: ControlPlane, op: OperatorProcess, rounds: int = 2, time
     jobs = max(1, len(cp.get_json("finetunejobs.kubetune.io", "-A")["items"]))
     (before,) = cp.wait_for(lambda: (op.reconciles(),), 60, f"{op.name}'s metrics endpoint")
     target = before + rounds * jobs
-    cp.wait_for(lambda: op.reconciles() >= target, timeout, f"{rounds} more reconcile(s) of each of {jobs} job(s)",
-                interval=0.5)
+    cp.wait_for(
+        lambda: op.reconciles() >= target,
+        timeout,
+        f"{rounds} more reconcile(s) of each of {jobs} job(s)",
+        interval=0.5,
+    )
 
 
 # ----- fixtures (a plugin: tests/conftest.py) -----
+
 
 @pytest.fixture(scope="module")
 def operator_env() -> dict[str, str]:
@@ -97,8 +118,9 @@ def operator_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def operator(cp: ControlPlane, operator_env: dict[str, str],
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    cp: ControlPlane, operator_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     """The operator against the module's `cp`."""
     with running_operator(cp, tmp_path_factory.mktemp("operator"), operator_env) as op:
         yield op

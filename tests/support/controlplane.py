@@ -15,11 +15,11 @@ Usage::
 
     with ControlPlane(extra_tokens={"alice": ("alice-token", ["dev"])}) as cp:
         cp.add_fake_node("gpu-0", gpus=8)
-        cp.create_namespace("team-a")          # waits for its default ServiceAccount
+        cp.create_namespace("team-a")  # waits for its default ServiceAccount
         cp.kubectl("apply", "-f", "job.yaml")  # CompletedProcess; raises on failure by default
-        api = cp.api_client()                  # kubernetes.client.ApiClient (admin)
-        cp.kubeconfig                          # admin kubeconfig path (token, system:masters)
-        cp.kubeconfig_for("alice")             # kubeconfig acting as an extra token user
+        api = cp.api_client()  # kubernetes.client.ApiClient (admin)
+        cp.kubeconfig  # admin kubeconfig path (token, system:masters)
+        cp.kubeconfig_for("alice")  # kubeconfig acting as an extra token user
 
 Authentication is by static tokens (``--token-auth-file``); ``admin`` is in ``system:masters``.
 Authorization is ``Node,RBAC``, so extra token users have only what RBAC grants them.  Client
@@ -117,8 +117,12 @@ def ensure_binaries(names: Iterable[str] = REQUIRED_BINARIES) -> Path:
     bdir = bin_dir()
     missing = [n for n in names if not os.access(bdir / n, os.X_OK)]
     if missing:
-        print(f"[controlplane] missing {missing} in {bdir}; running {BUILD_SCRIPT} "
-              "(a cold build takes tens of minutes)", file=sys.stderr, flush=True)
+        print(
+            f"[controlplane] missing {missing} in {bdir}; running {BUILD_SCRIPT} "
+            "(a cold build takes tens of minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=sys.stderr, stderr=sys.stderr)
         missing = [n for n in names if not os.access(bdir / n, os.X_OK)]
         if missing:
@@ -149,8 +153,14 @@ def _free_ports(n: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Certificates: `cryptography` if importable, else the openssl CLI.
 # --------------------------------------------------------------------------------------------
-_SERVING_DNS = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster", "kubernetes.default.svc.cluster.local"]
+_SERVING_DNS = [
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster",
+    "kubernetes.default.svc.cluster.local",
+]
 _SERVING_IPS = ["127.0.0.1", "10.0.0.1"]
 
 
@@ -176,33 +186,59 @@ def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
     later = now + _dt.timedelta(days=3650)
 
     def pem_key(k) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(later)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
 
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName(n) for n in _SERVING_DNS] + [x509.IPAddress(ipaddress.ip_address(i)) for i in serving_ips]
-    srv = (x509.CertificateBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-           .issuer_name(ca_name).public_key(srv_key.public_key())
-           .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(later)
-           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-           .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-           .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-           .sign(ca_key, hashes.SHA256()))
+    sans = [x509.DNSName(n) for n in _SERVING_DNS] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in serving_ips
+    ]
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -210,11 +246,18 @@ def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
     (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (d / "apiserver.key").write_bytes(pem_key(srv_key))
     (d / "apiserver.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-    (d / "sa.key").write_bytes(sa_key.private_bytes(serialization.Encoding.PEM,
-                                                    serialization.PrivateFormat.TraditionalOpenSSL,
-                                                    serialization.NoEncryption()))
-    (d / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (d / "sa.key").write_bytes(
+        sa_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    (d / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 def _write_pki_openssl(d: Path, serving_ips: Sequence[str]) -> None:
@@ -222,16 +265,46 @@ def _write_pki_openssl(d: Path, serving_ips: Sequence[str]) -> None:
         subprocess.run(["openssl", *args], check=True, cwd=d, capture_output=True)
 
     run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key")
-    run("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=kubetune-test-ca", "-days", "3650",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign", "-out", "ca.crt")
+    run(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=kubetune-test-ca",
+        "-days",
+        "3650",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyCertSign,cRLSign",
+        "-out",
+        "ca.crt",
+    )
     run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key")
     run("req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr")
     san = ",".join([f"DNS:{n}" for n in _SERVING_DNS] + [f"IP:{i}" for i in serving_ips])
     (d / "apiserver.ext").write_text(
-        f"basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
-    run("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "3650", "-extfile", "apiserver.ext", "-out", "apiserver.crt")
+        f"basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName={san}\n"
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        "apiserver.ext",
+        "-out",
+        "apiserver.crt",
+    )
     run("genrsa", "-out", "sa.key", "2048")
     run("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
@@ -249,9 +322,14 @@ class Component:
         self._log = open(log_path, "ab")
         self._log.write(("$ " + " ".join(self.args) + "\n").encode())
         self._log.flush()
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env=dict(env) if env is not None else None)
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=dict(env) if env is not None else None,
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -298,11 +376,18 @@ class ControlPlane:
 
     ADMIN_USER = "admin"
 
-    def __init__(self, extra_tokens: Mapping[str, tuple[str, Sequence[str]]] | None = None, *,
-                 stages: str | os.PathLike | None = None, verbosity: int = 1,
-                 keep: bool | None = None, start_timeout: float = 120.0,
-                 address: str = "127.0.0.1", service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE,
-                 before_apiserver=None):
+    def __init__(
+        self,
+        extra_tokens: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+        *,
+        stages: str | os.PathLike | None = None,
+        verbosity: int = 1,
+        keep: bool | None = None,
+        start_timeout: float = 120.0,
+        address: str = "127.0.0.1",
+        service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE,
+        before_apiserver=None,
+    ):
         # address: where the API server binds and what it advertises (kubeconfigs point there). On
         # 127.0.0.1 the "kubernetes" Endpoints stay empty (--endpoint-reconciler-type=none: they
         # cannot hold a loopback address); any other address (e.g. a real node's bridge gateway,
@@ -398,84 +483,150 @@ class ControlPlane:
         self.server = f"https://{self.address}:{self.ports['apiserver']}"
 
         token_file = d / "cfg" / "tokens.csv"
-        token_file.write_text("".join(
-            f'{tok},{user},{user},"{",".join(groups)}"\n' for user, (tok, groups) in self.tokens.items()))
+        token_file.write_text(
+            "".join(
+                f'{tok},{user},{user},"{",".join(groups)}"\n' for user, (tok, groups) in self.tokens.items()
+            )
+        )
         token_file.chmod(0o600)
 
         self.kubeconfig = str(self._write_kubeconfig(self.ADMIN_USER, d / "admin.kubeconfig"))
-        comp_kc = {c: self._write_kubeconfig(f"kubetune:{c}", d / "cfg" / f"{c}.kubeconfig")
-                   for c in ("kube-controller-manager", "kube-scheduler", "kwok")}
+        comp_kc = {
+            c: self._write_kubeconfig(f"kubetune:{c}", d / "cfg" / f"{c}.kubeconfig")
+            for c in ("kube-controller-manager", "kube-scheduler", "kwok")
+        }
         b, v, pki, p = self.bin_dir, f"--v={self.verbosity}", self._pki, self.ports
 
         etcd_url = f"http://127.0.0.1:{p['etcd']}"
         peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
-        self._spawn("etcd", [
-            str(b / "etcd"), "--name=default", f"--data-dir={d / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                str(b / "etcd"),
+                "--name=default",
+                f"--data-dir={d / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         self._wait(f"etcd at {etcd_url}/health", lambda: self._http_ok(f"{etcd_url}/health"), 30, "etcd")
 
         extra_apiserver_args = list(self.before_apiserver(self)) if self.before_apiserver else []
         reconciler = "none" if self.address == "127.0.0.1" else "lease"
-        self._spawn("kube-apiserver", [
-            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}", f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={token_file}",
-            f"--secure-port={p['apiserver']}", f"--bind-address={self.address}",
-            f"--advertise-address={self.address}", f"--service-cluster-ip-range={self.service_cluster_ip_range}", "--allow-privileged=true",
-            "--authorization-mode=Node,RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            # The default admission plugins stay enabled (ServiceAccount, LimitRanger, Priority,
-            # DefaultTolerationSeconds, ResourceQuota, PodSecurity, webhooks, ...).
-            f"--endpoint-reconciler-type={reconciler}",  # the "kubernetes" Endpoints cannot hold 127.0.0.1
-            "--profiling=false", v, *extra_apiserver_args,
-        ])
-        self._wait("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
-                   60, "kube-apiserver")
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(b / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={token_file}",
+                f"--secure-port={p['apiserver']}",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
+                f"--service-cluster-ip-range={self.service_cluster_ip_range}",
+                "--allow-privileged=true",
+                "--authorization-mode=Node,RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                # The default admission plugins stay enabled (ServiceAccount, LimitRanger, Priority,
+                # DefaultTolerationSeconds, ResourceQuota, PodSecurity, webhooks, ...).
+                f"--endpoint-reconciler-type={reconciler}",  # the "kubernetes" Endpoints cannot hold 127.0.0.1
+                "--profiling=false",
+                v,
+                *extra_apiserver_args,
+            ],
+        )
+        self._wait(
+            "kube-apiserver /readyz",
+            lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
+            60,
+            "kube-apiserver",
+        )
 
-        self._spawn("kube-controller-manager", [
-            str(b / "kube-controller-manager"), f"--kubeconfig={comp_kc['kube-controller-manager']}",
-            f"--authentication-kubeconfig={comp_kc['kube-controller-manager']}",
-            f"--authorization-kubeconfig={comp_kc['kube-controller-manager']}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={p['controller-manager']}",
-            f"--cert-dir={d / 'cfg'}",
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-            "--controllers=*", "--use-service-account-credentials=false", "--profiling=false", v,
-        ])
-        self._spawn("kube-scheduler", [
-            str(b / "kube-scheduler"), f"--kubeconfig={comp_kc['kube-scheduler']}",
-            f"--authentication-kubeconfig={comp_kc['kube-scheduler']}",
-            f"--authorization-kubeconfig={comp_kc['kube-scheduler']}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
-            f"--cert-dir={d / 'cfg'}", "--profiling=false", v,
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(b / "kube-controller-manager"),
+                f"--kubeconfig={comp_kc['kube-controller-manager']}",
+                f"--authentication-kubeconfig={comp_kc['kube-controller-manager']}",
+                f"--authorization-kubeconfig={comp_kc['kube-controller-manager']}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['controller-manager']}",
+                f"--cert-dir={d / 'cfg'}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                "--controllers=*",
+                "--use-service-account-credentials=false",
+                "--profiling=false",
+                v,
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(b / "kube-scheduler"),
+                f"--kubeconfig={comp_kc['kube-scheduler']}",
+                f"--authentication-kubeconfig={comp_kc['kube-scheduler']}",
+                f"--authorization-kubeconfig={comp_kc['kube-scheduler']}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['scheduler']}",
+                f"--cert-dir={d / 'cfg'}",
+                "--profiling=false",
+                v,
+            ],
+        )
         kwok_home = d / "kwok-home"
         kwok_home.mkdir()
-        self._spawn("kwok", [
-            str(b / "kwok"), f"--kubeconfig={comp_kc['kwok']}", f"--config={self.stages}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION[0]}={FAKE_NODE_ANNOTATION[1]}",
-            "--node-lease-duration-seconds=40",  # kwok holds a Lease per fake node (node health)
-            f"--cidr={POD_CIDR}",  # pod IPs; kwok's default 10.0.0.0/24 is the service range here
-            f"--server-address=127.0.0.1:{p['kwok']}",
-        ], env={**os.environ, "HOME": str(kwok_home), "KWOK_WORKDIR": str(kwok_home)})
+        self._spawn(
+            "kwok",
+            [
+                str(b / "kwok"),
+                f"--kubeconfig={comp_kc['kwok']}",
+                f"--config={self.stages}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION[0]}={FAKE_NODE_ANNOTATION[1]}",
+                "--node-lease-duration-seconds=40",  # kwok holds a Lease per fake node (node health)
+                f"--cidr={POD_CIDR}",  # pod IPs; kwok's default 10.0.0.0/24 is the service range here
+                f"--server-address=127.0.0.1:{p['kwok']}",
+            ],
+            env={**os.environ, "HOME": str(kwok_home), "KWOK_WORKDIR": str(kwok_home)},
+        )
 
-        self._wait("kube-controller-manager /healthz",
-                   lambda: self._http_ok(f"https://127.0.0.1:{p['controller-manager']}/healthz", verify=False),
-                   60, "kube-controller-manager")
-        self._wait("kube-scheduler /healthz",
-                   lambda: self._http_ok(f"https://127.0.0.1:{p['scheduler']}/healthz", verify=False),
-                   60, "kube-scheduler")
-        self._wait("kwok /healthz", lambda: self._http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"), 60, "kwok")
+        self._wait(
+            "kube-controller-manager /healthz",
+            lambda: self._http_ok(f"https://127.0.0.1:{p['controller-manager']}/healthz", verify=False),
+            60,
+            "kube-controller-manager",
+        )
+        self._wait(
+            "kube-scheduler /healthz",
+            lambda: self._http_ok(f"https://127.0.0.1:{p['scheduler']}/healthz", verify=False),
+            60,
+            "kube-scheduler",
+        )
+        self._wait(
+            "kwok /healthz", lambda: self._http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"), 60, "kwok"
+        )
         # The ServiceAccount controller (kube-controller-manager) has created default/default.
-        self._wait("ServiceAccount default/default",
-                   lambda: self._api_get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
-                   60, "kube-controller-manager")
+        self._wait(
+            "ServiceAccount default/default",
+            lambda: self._api_get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
+            60,
+            "kube-controller-manager",
+        )
 
     def restart_apiserver(self, down_seconds: float = 0.0) -> None:
         """Stop kube-apiserver (SIGTERM: its connections and watches are cut), wait, and start it again
@@ -486,8 +637,12 @@ class ControlPlane:
         old.stop()
         time.sleep(down_seconds)
         self._spawn("kube-apiserver", old.args)
-        self._wait("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
-                   60, "kube-apiserver")
+        self._wait(
+            "kube-apiserver /readyz",
+            lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token),
+            60,
+            "kube-apiserver",
+        )
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> Component:
         c = Component(name, args, self.log_dir / f"{name}.log", env)
@@ -501,7 +656,8 @@ class ControlPlane:
                 if not c.alive():
                     raise ControlPlaneError(
                         f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                        f"log {c.log_path}:\n{c.tail()}")
+                        f"log {c.log_path}:\n{c.tail()}"
+                    )
             try:
                 if check():
                     return
@@ -533,7 +689,9 @@ class ControlPlane:
             return False
 
     def _api_get(self, path: str) -> dict | None:
-        req = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.admin_token}"})
+        req = urllib.request.Request(
+            self.server + path, headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=10, context=self._ssl_context()) as r:
                 return json.load(r)
@@ -547,9 +705,15 @@ class ControlPlane:
         token = self.tokens[user][0]
         ca = base64.b64encode((self._pki / "ca.crt").read_bytes()).decode()
         cfg = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "kubetune-test",
-            "clusters": [{"name": "kubetune-test",
-                          "cluster": {"server": self.server, "certificate-authority-data": ca}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kubetune-test",
+            "clusters": [
+                {
+                    "name": "kubetune-test",
+                    "cluster": {"server": self.server, "certificate-authority-data": ca},
+                }
+            ],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": user}}],
         }
@@ -574,8 +738,9 @@ class ControlPlane:
 
         self._require_started()
         cfg = client.Configuration()
-        config.load_kube_config(config_file=self.kubeconfig_for(user) if user else self.kubeconfig,
-                                client_configuration=cfg)
+        config.load_kube_config(
+            config_file=self.kubeconfig_for(user) if user else self.kubeconfig, client_configuration=cfg
+        )
         return client.ApiClient(cfg)
 
     @property
@@ -584,8 +749,14 @@ class ControlPlane:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
     # -- kubectl and helpers -------------------------------------------------------------------
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
-                user: str | None = None) -> subprocess.CompletedProcess:
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        user: str | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run kubectl (admin, or ``user``) and return the CompletedProcess (text output).
 
         Raises ControlPlaneError with stdout/stderr if ``check`` and the exit status is not 0.
@@ -595,8 +766,9 @@ class ControlPlane:
         cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kc}", *args]
         r = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
-            raise ControlPlaneError(f"{' '.join(cmd[:1] + list(args))} -> {r.returncode}\n"
-                                    f"stdout: {r.stdout}\nstderr: {r.stderr}")
+            raise ControlPlaneError(
+                f"{' '.join(cmd[:1] + list(args))} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+            )
         return r
 
     def get_json(self, *args: str) -> dict:
@@ -608,18 +780,36 @@ class ControlPlane:
         text = manifest if isinstance(manifest, str) else json.dumps(manifest)
         return self.kubectl("apply", "-f", "-", input=text)
 
-    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None,
-                         timeout: float = 60) -> None:
+    def create_namespace(
+        self, name: str, labels: Mapping[str, str] | None = None, timeout: float = 60
+    ) -> None:
         """Create a namespace and wait for its ``default`` ServiceAccount (pods need it)."""
-        self.apply({"apiVersion": "v1", "kind": "Namespace",
-                    "metadata": {"name": name, "labels": dict(labels or {})}})
-        self.wait_for(lambda: self._api_get(f"/api/v1/namespaces/{name}/serviceaccounts/default") is not None,
-                      timeout, f"ServiceAccount {name}/default")
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": dict(labels or {})},
+            }
+        )
+        self.wait_for(
+            lambda: self._api_get(f"/api/v1/namespaces/{name}/serviceaccounts/default") is not None,
+            timeout,
+            f"ServiceAccount {name}/default",
+        )
 
-    def add_fake_node(self, name: str, gpus: int = 8, cpu: str = "64", memory: str = "512Gi",
-                      labels: Mapping[str, str] | None = None, taints: Sequence[Mapping] = (),
-                      pods: str = "110", extra_resources: Mapping[str, str] | None = None,
-                      wait_ready: bool = True, timeout: float = 60) -> dict:
+    def add_fake_node(
+        self,
+        name: str,
+        gpus: int = 8,
+        cpu: str = "64",
+        memory: str = "512Gi",
+        labels: Mapping[str, str] | None = None,
+        taints: Sequence[Mapping] = (),
+        pods: str = "110",
+        extra_resources: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+        timeout: float = 60,
+    ) -> dict:
         """Create a kwok-managed Node with ``nvidia.com/gpu`` capacity/allocatable ``gpus``.
 
         Labels default to kubernetes.io/hostname, kubernetes.io/os/arch and type=kwok, plus
@@ -631,29 +821,46 @@ class ControlPlane:
             resources["nvidia.com/gpu"] = str(gpus)
         resources.update(extra_resources or {})
         node = {
-            "apiVersion": "v1", "kind": "Node",
+            "apiVersion": "v1",
+            "kind": "Node",
             "metadata": {
                 "name": name,
-                "annotations": {FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1],
-                                "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                           "kubernetes.io/arch": "amd64", "type": "kwok", **dict(labels or {})},
+                "annotations": {
+                    FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1],
+                    "node.alpha.kubernetes.io/ttl": "0",
+                },
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    **dict(labels or {}),
+                },
             },
             "spec": {"taints": [dict(t) for t in taints]} if taints else {},
             "status": {"capacity": resources, "allocatable": dict(resources)},
         }
         self.apply(node)
         if wait_ready:
+
             def ready() -> bool:
                 n = self._api_get(f"/api/v1/nodes/{name}") or {}
                 conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
                 taint_keys = {t["key"] for t in n.get("spec", {}).get("taints", []) or []}
                 return conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taint_keys
+
             self.wait_for(ready, timeout, f"node {name} Ready")
         return self._api_get(f"/api/v1/nodes/{name}") or {}
 
-    def fail_pod(self, namespace: str, pod: str, exit_code: int = 1, reason: str | None = None,
-                 message: str | None = None, container: str | None = None) -> None:
+    def fail_pod(
+        self,
+        namespace: str,
+        pod: str,
+        exit_code: int = 1,
+        reason: str | None = None,
+        message: str | None = None,
+        container: str | None = None,
+    ) -> None:
         """Make a Running pod on a fake node fail (kwok chaos stage) with ``exit_code``."""
         ann = [f"{FAIL_EXIT_CODE_ANNOTATION}={exit_code}"]
         if reason:
@@ -682,7 +889,9 @@ class ControlPlane:
         while True:
             for c in self.components.values():
                 if not c.alive():
-                    raise ControlPlaneError(f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}")
+                    raise ControlPlaneError(
+                        f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}"
+                    )
             try:
                 v = predicate()
                 if v:
@@ -690,8 +899,10 @@ class ControlPlane:
             except Exception as e:  # noqa: BLE001
                 last_exc = e
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"timed out after {timeout}s waiting for {what}"
-                                        + (f" (last error: {last_exc!r})" if last_exc else ""))
+                raise ControlPlaneError(
+                    f"timed out after {timeout}s waiting for {what}"
+                    + (f" (last error: {last_exc!r})" if last_exc else "")
+                )
             time.sleep(interval)
 
     def diagnostics(self, lines: int = 30) -> str:

@@ -65,10 +65,28 @@ NODE_NAME = "kubetune-node"
 CLUSTER_DOMAIN = "cluster.local"
 NODE_BINARIES = ("kubelet", "kube-proxy", "coredns")
 # host sysctls the kubelet sets (and that we restore)
-KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
-                   "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
-FORWARD_GUARD = ["FORWARD", "-s", ROUTED, "!", "-d", ROUTED, "-m", "comment", "--comment",
-                 "kubetune-test-node: pods never leave the machine", "-j", "DROP"]
+KUBELET_SYSCTLS = (
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+)
+FORWARD_GUARD = [
+    "FORWARD",
+    "-s",
+    ROUTED,
+    "!",
+    "-d",
+    ROUTED,
+    "-m",
+    "comment",
+    "--comment",
+    "kubetune-test-node: pods never leave the machine",
+    "-j",
+    "DROP",
+]
 
 
 class NodeError(RuntimeError):
@@ -110,18 +128,32 @@ def _issue_client_cert(pki: Path, name: str, cn: str, org: str) -> tuple[Path, P
     ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
-                                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + _dt.timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                ]
+            )
+        )
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     crt, keyf = pki / f"{name}.crt", pki / f"{name}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyf.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    keyf.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     keyf.chmod(0o600)
     return crt, keyf
 
@@ -136,8 +168,12 @@ def flush_kube_chains() -> None:
             chains = [r.split()[1] for r in rules if r.startswith("-N KUBE-")]
             for rule in rules:
                 parts = shlex.split(rule)
-                if parts[:1] == ["-A"] and not parts[1].startswith("KUBE-") and "-j" in parts \
-                        and parts[parts.index("-j") + 1].startswith("KUBE-"):
+                if (
+                    parts[:1] == ["-A"]
+                    and not parts[1].startswith("KUBE-")
+                    and "-j" in parts
+                    and parts[parts.index("-j") + 1].startswith("KUBE-")
+                ):
                     _run(tool, "-t", table, "-D", *parts[1:], check=False)
             for chain in chains:
                 _run(tool, "-t", table, "-F", chain, check=False)
@@ -153,14 +189,25 @@ class RealNodeCluster:
     configs and logs), ``components`` (node processes), ``timings`` (seconds per start phase).
     """
 
-    def __init__(self, images: Sequence[str] = ("operator", "trainer"), *, verbosity: int = 1,
-                 keep: bool | None = None, start_timeout: float = 180.0):
+    def __init__(
+        self,
+        images: Sequence[str] = ("operator", "trainer"),
+        *,
+        verbosity: int = 1,
+        keep: bool | None = None,
+        start_timeout: float = 180.0,
+    ):
         self.images = list(dict.fromkeys(["pause", *images]))
         self.verbosity = verbosity
         self.keep = keep if keep is not None else os.environ.get("KUBETUNE_KEEP_CONTROLPLANE") == "1"
         self.start_timeout = start_timeout
-        self.cp = ControlPlane(keep=self.keep, address=GATEWAY, service_cluster_ip_range=SERVICE_RANGE,
-                               before_apiserver=self._apiserver_args, verbosity=verbosity)
+        self.cp = ControlPlane(
+            keep=self.keep,
+            address=GATEWAY,
+            service_cluster_ip_range=SERVICE_RANGE,
+            before_apiserver=self._apiserver_args,
+            verbosity=verbosity,
+        )
         self.node_token = "node-" + os.urandom(12).hex()
         self.proxy_token = "proxy-" + os.urandom(12).hex()
         self.dns_token = "dns-" + os.urandom(12).hex()
@@ -251,15 +298,32 @@ class RealNodeCluster:
             self._undo.append(lambda: _run("iptables", "-D", *FORWARD_GUARD, check=False))
         cni = self.dir / "cni"
         cni.mkdir()
-        (cni / "10-kubetune.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "kubetune",
-            "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "isDefaultGateway": False,
-                 "ipMasq": False, "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET, "gateway": GATEWAY}]],
-                          "routes": [{"dst": ROUTED}], "dataDir": str(self.dir / "cni-ipam")}},
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ]}, indent=1))
+        (cni / "10-kubetune.conflist").write_text(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "kubetune",
+                    "plugins": [
+                        {
+                            "type": "bridge",
+                            "bridge": BRIDGE,
+                            "isGateway": True,
+                            "isDefaultGateway": False,
+                            "ipMasq": False,
+                            "hairpinMode": True,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": POD_SUBNET, "gateway": GATEWAY}]],
+                                "routes": [{"dst": ROUTED}],
+                                "dataDir": str(self.dir / "cni-ipam"),
+                            },
+                        },
+                        {"type": "portmap", "capabilities": {"portMappings": True}},
+                    ],
+                },
+                indent=1,
+            )
+        )
 
     # -- containerd -----------------------------------------------------------------------------
     @property
@@ -267,8 +331,16 @@ class RealNodeCluster:
         return str(self.dir / "containerd.sock")
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        return _run("ctr", "--address", self.containerd_socket, "--namespace", "k8s.io", *args,
-                    check=check, timeout=timeout)
+        return _run(
+            "ctr",
+            "--address",
+            self.containerd_socket,
+            "--namespace",
+            "k8s.io",
+            *args,
+            check=check,
+            timeout=timeout,
+        )
 
     def _start_containerd(self) -> None:
         root = cache_dir() / "containerd"
@@ -276,7 +348,7 @@ class RealNodeCluster:
         config = self.dir / "containerd.toml"
         config.write_text(f'''version = 2
 root = "{root}"
-state = "{self.dir / 'containerd-state'}"
+state = "{self.dir / "containerd-state"}"
 oom_score = 0
 [grpc]
   address = "{self.containerd_socket}"
@@ -285,7 +357,7 @@ oom_score = 0
 [debug]
   level = "warn"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{image_ref('pause')}"
+  sandbox_image = "{image_ref("pause")}"
   restrict_oom_score_adj = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -297,7 +369,7 @@ oom_score = 0
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{self.dir / 'cni'}"
+    conf_dir = "{self.dir / "cni"}"
 ''')
         self._spawn("containerd", ["containerd", "--config", str(config)])
         self._wait("containerd", lambda: self.ctr("version", check=False, timeout=10).returncode == 0, 60)
@@ -329,19 +401,38 @@ oom_score = 0
                 continue
             t = time.monotonic()
             env = {**os.environ, "CONTAINERS_CONF": str(cache_dir() / "images" / "containers.conf")}
-            push = subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            push = subprocess.Popen(
+                ["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
             try:
-                imported = subprocess.run(["ctr", "--address", self.containerd_socket, "--namespace", "k8s.io",
-                                           "images", "import", "-"], stdin=push.stdout, capture_output=True,
-                                          text=True, timeout=1800)
+                imported = subprocess.run(
+                    [
+                        "ctr",
+                        "--address",
+                        self.containerd_socket,
+                        "--namespace",
+                        "k8s.io",
+                        "images",
+                        "import",
+                        "-",
+                    ],
+                    stdin=push.stdout,
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
             finally:
                 push.stdout.close()
                 push_err = push.stderr.read().decode(errors="replace")
                 push.wait(60)
             if push.returncode != 0 or imported.returncode != 0:
-                raise NodeError(f"importing {ref}: buildah push -> {push.returncode} {push_err}\n"
-                                f"ctr import -> {imported.returncode} {imported.stdout} {imported.stderr}")
+                raise NodeError(
+                    f"importing {ref}: buildah push -> {push.returncode} {push_err}\n"
+                    f"ctr import -> {imported.returncode} {imported.stdout} {imported.stderr}"
+                )
             self.ctr("images", "label", ref, label)
             self.timings[f"import {name}"] = time.monotonic() - t
 
@@ -351,32 +442,69 @@ oom_score = 0
 
     # -- node processes -------------------------------------------------------------------------
     def _kubeconfig(self, user: str, token: str, path: Path) -> Path:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "node",
-            "clusters": [{"name": "node", "cluster": {"server": self.cp.server, "certificate-authority": self.cp.ca_cert}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "node", "context": {"cluster": "node", "user": user}}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "node",
+                    "clusters": [
+                        {
+                            "name": "node",
+                            "cluster": {"server": self.cp.server, "certificate-authority": self.cp.ca_cert},
+                        }
+                    ],
+                    "users": [{"name": user, "user": {"token": token}}],
+                    "contexts": [{"name": "node", "context": {"cluster": "node", "user": user}}],
+                }
+            )
+        )
         path.chmod(0o600)
         return path
 
     def _apiserver_args(self, cp: ControlPlane) -> list[str]:
-        crt, key = _issue_client_cert(cp._pki, "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-                                      "system:masters")
-        return [f"--kubelet-client-certificate={crt}", f"--kubelet-client-key={key}",
-                "--kubelet-preferred-address-types=InternalIP"]
+        crt, key = _issue_client_cert(
+            cp._pki, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"
+        )
+        return [
+            f"--kubelet-client-certificate={crt}",
+            f"--kubelet-client-key={key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _start_coredns(self) -> None:
-        self.cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                       "metadata": {"name": "kubetune:coredns"},
-                       "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
-                                  "verbs": ["list", "watch"]},
-                                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                                  "verbs": ["list", "watch"]}]})
-        self.cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                       "metadata": {"name": "kubetune:coredns"},
-                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                   "name": "kubetune:coredns"},
-                       "subjects": [{"kind": "User", "name": "kubetune:coredns"}]})
+        self.cp.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": "kubetune:coredns"},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "resources": ["endpoints", "services", "pods", "namespaces"],
+                        "verbs": ["list", "watch"],
+                    },
+                    {
+                        "apiGroups": ["discovery.k8s.io"],
+                        "resources": ["endpointslices"],
+                        "verbs": ["list", "watch"],
+                    },
+                ],
+            }
+        )
+        self.cp.apply(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "kubetune:coredns"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "kubetune:coredns",
+                },
+                "subjects": [{"kind": "User", "name": "kubetune:coredns"}],
+            }
+        )
         kc = self._kubeconfig("kubetune:coredns", self.dns_token, self.dir / "coredns.kubeconfig")
         self.dns_health, self.dns_ready = free_port(), free_port()
         corefile = self.dir / "Corefile"
@@ -404,21 +532,35 @@ oom_score = 0
         kc = self._kubeconfig("system:kube-proxy", self.proxy_token, self.dir / "kube-proxy.kubeconfig")
         self.proxy_healthz = free_port()
         config = self.dir / "kube-proxy.yaml"
-        config.write_text(json.dumps({
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
-            "clientConnection": {"kubeconfig": str(kc)},
-            "mode": "iptables", "clusterCIDR": POD_SUBNET, "hostnameOverride": NODE_NAME,
-            "bindAddress": GATEWAY,
-            "healthzBindAddress": f"127.0.0.1:{self.proxy_healthz}",
-            "metricsBindAddress": f"127.0.0.1:{free_port()}",
-            "nodePortAddresses": [f"{GATEWAY}/32"],
-            "oomScoreAdj": 0,
-            # 0: leave the host's conntrack sysctls alone
-            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
-            "iptables": {"localhostNodePorts": False, "masqueradeAll": False},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                    "kind": "KubeProxyConfiguration",
+                    "clientConnection": {"kubeconfig": str(kc)},
+                    "mode": "iptables",
+                    "clusterCIDR": POD_SUBNET,
+                    "hostnameOverride": NODE_NAME,
+                    "bindAddress": GATEWAY,
+                    "healthzBindAddress": f"127.0.0.1:{self.proxy_healthz}",
+                    "metricsBindAddress": f"127.0.0.1:{free_port()}",
+                    "nodePortAddresses": [f"{GATEWAY}/32"],
+                    "oomScoreAdj": 0,
+                    # 0: leave the host's conntrack sysctls alone
+                    "conntrack": {
+                        "maxPerCore": 0,
+                        "min": 0,
+                        "tcpEstablishedTimeout": "0s",
+                        "tcpCloseWaitTimeout": "0s",
+                    },
+                    "iptables": {"localhostNodePorts": False, "masqueradeAll": False},
+                }
+            )
+        )
         self.kube_proxy_config = config
-        self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), f"--config={config}", f"--v={self.verbosity}"])
+        self._spawn(
+            "kube-proxy", [str(self.bin_dir / "kube-proxy"), f"--config={config}", f"--v={self.verbosity}"]
+        )
 
     def _start_kubelet(self) -> None:
         kc = self._kubeconfig(f"system:node:{NODE_NAME}", self.node_token, self.dir / "kubelet.kubeconfig")
@@ -426,29 +568,60 @@ oom_score = 0
         resolv.write_text("")  # no host search domains or nameservers in pods
         self.kubelet_port, self.kubelet_healthz = free_port(), free_port()
         config = self.dir / "kubelet.yaml"
-        config.write_text(json.dumps({
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": GATEWAY, "port": self.kubelet_port, "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.kubelet_healthz,
-            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
-            "cgroupDriver": "cgroupfs", "failCgroupV1": False, "failSwapOn": False,
-            "oomScoreAdj": 0, "protectKernelDefaults": False,
-            "clusterDomain": CLUSTER_DOMAIN, "clusterDNS": [GATEWAY], "resolvConf": str(resolv),
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
-                               "x509": {"clientCAFile": self.cp.ca_cert}},
-            "authorization": {"mode": "Webhook"},
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "serializeImagePulls": False, "registerNode": True,
-            "syncFrequency": "10s", "fileCheckFrequency": "10s",
-            "nodeStatusUpdateFrequency": "5s",
-        }))
-        self._spawn("kubelet", [
-            str(self.bin_dir / "kubelet"), f"--config={config}", f"--kubeconfig={kc}",
-            f"--root-dir={self.kubelet_root}", f"--cert-dir={self.dir / 'kubelet-pki'}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={GATEWAY}", f"--v={self.verbosity}",
-        ])
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "kind": "KubeletConfiguration",
+                    "address": GATEWAY,
+                    "port": self.kubelet_port,
+                    "readOnlyPort": 0,
+                    "healthzBindAddress": "127.0.0.1",
+                    "healthzPort": self.kubelet_healthz,
+                    "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+                    "cgroupDriver": "cgroupfs",
+                    "failCgroupV1": False,
+                    "failSwapOn": False,
+                    "oomScoreAdj": 0,
+                    "protectKernelDefaults": False,
+                    "clusterDomain": CLUSTER_DOMAIN,
+                    "clusterDNS": [GATEWAY],
+                    "resolvConf": str(resolv),
+                    "authentication": {
+                        "anonymous": {"enabled": False},
+                        "webhook": {"enabled": True},
+                        "x509": {"clientCAFile": self.cp.ca_cert},
+                    },
+                    "authorization": {"mode": "Webhook"},
+                    "evictionHard": {
+                        "memory.available": "100Mi",
+                        "nodefs.available": "1%",
+                        "imagefs.available": "1%",
+                        "nodefs.inodesFree": "1%",
+                    },
+                    "imageGCHighThresholdPercent": 100,
+                    "imageGCLowThresholdPercent": 99,
+                    "serializeImagePulls": False,
+                    "registerNode": True,
+                    "syncFrequency": "10s",
+                    "fileCheckFrequency": "10s",
+                    "nodeStatusUpdateFrequency": "5s",
+                }
+            )
+        )
+        self._spawn(
+            "kubelet",
+            [
+                str(self.bin_dir / "kubelet"),
+                f"--config={config}",
+                f"--kubeconfig={kc}",
+                f"--root-dir={self.kubelet_root}",
+                f"--cert-dir={self.dir / 'kubelet-pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={GATEWAY}",
+                f"--v={self.verbosity}",
+            ],
+        )
 
     def _wait_node_ready(self) -> None:
         def ready() -> bool:
@@ -456,6 +629,7 @@ oom_score = 0
             conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
             taints = {t["key"] for t in node.get("spec", {}).get("taints", []) or []}
             return conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
+
         self._wait(f"node {NODE_NAME} Ready", ready, 120)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -469,8 +643,10 @@ oom_score = 0
         while True:
             for c in self.components.values():
                 if not c.alive():
-                    raise NodeError(f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                                    f"log {c.log_path}:\n{c.tail()}")
+                    raise NodeError(
+                        f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
+                        f"log {c.log_path}:\n{c.tail()}"
+                    )
             with contextlib.suppress(Exception):
                 if check():
                     return
@@ -483,11 +659,15 @@ oom_score = 0
 
     def wait_for(self, predicate, timeout: float = 60, what: str = "condition", interval: float = 0.5):
         """ControlPlane.wait_for, also failing fast when a node process died."""
+
         def check():
             for c in self.components.values():
                 if not c.alive():
-                    raise NodeError(f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}")
+                    raise NodeError(
+                        f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}"
+                    )
             return predicate()
+
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
         while True:
@@ -500,13 +680,17 @@ oom_score = 0
             except Exception as e:  # noqa: BLE001
                 last_exc = e
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"timed out after {timeout}s waiting for {what}"
-                                        + (f" (last error: {last_exc!r})" if last_exc else ""))
+                raise ControlPlaneError(
+                    f"timed out after {timeout}s waiting for {what}"
+                    + (f" (last error: {last_exc!r})" if last_exc else "")
+                )
             time.sleep(interval)
 
     def diagnostics(self, lines: int = 30) -> str:
-        out = [self.cp.diagnostics(lines) if self.cp.dir else "control plane not started",
-               f"node dir: {self.dir}"]
+        out = [
+            self.cp.diagnostics(lines) if self.cp.dir else "control plane not started",
+            f"node dir: {self.dir}",
+        ]
         for c in self.components.values():
             state = "running" if c.alive() else f"exited {c.proc.returncode}"
             out.append(f"--- {c.name} ({state}) {c.log_path}\n{c.tail(lines)}")
@@ -519,10 +703,25 @@ oom_score = 0
             return
         kubectl = self.cp.kubectl
         with contextlib.suppress(Exception):
-            kubectl("delete", "deployments,statefulsets,daemonsets,replicasets,jobs", "--all", "--all-namespaces",
-                    "--wait=false", check=False, timeout=60)
-            kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=5", "--wait=false",
-                    check=False, timeout=60)
+            kubectl(
+                "delete",
+                "deployments,statefulsets,daemonsets,replicasets,jobs",
+                "--all",
+                "--all-namespaces",
+                "--wait=false",
+                check=False,
+                timeout=60,
+            )
+            kubectl(
+                "delete",
+                "pods",
+                "--all",
+                "--all-namespaces",
+                "--grace-period=5",
+                "--wait=false",
+                check=False,
+                timeout=60,
+            )
             self.cp.wait_for(lambda: not self.cp.get_json("pods", "--all-namespaces")["items"], 90, "no pods")
 
     def stop(self) -> None:
@@ -536,7 +735,12 @@ oom_score = 0
                     self.components[name].stop(timeout=20)
         if hasattr(self, "kube_proxy_config"):
             # removes the KUBE-* chains and rules it made
-            _run(str(self.bin_dir / "kube-proxy"), "--cleanup", f"--config={self.kube_proxy_config}", check=False)
+            _run(
+                str(self.bin_dir / "kube-proxy"),
+                "--cleanup",
+                f"--config={self.kube_proxy_config}",
+                check=False,
+            )
             flush_kube_chains()  # the kubelet's own (KUBE-FIREWALL, canaries)
         self.cp.stop()
         if "containerd" in self.components:
@@ -546,24 +750,31 @@ oom_score = 0
                 self.components["containerd"].stop(timeout=30)
         if self.kubelet_root is not None:
             # the kubelet's volume mounts (tmpfs, projected volumes) under its root
-            mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                      if line.split()[4].startswith(str(self.kubelet_root))]
+            mounts = [
+                line.split()[4]
+                for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split()[4].startswith(str(self.kubelet_root))
+            ]
             for mount in sorted(mounts, key=len, reverse=True):
                 _run("umount", "-l", mount, check=False)
             shutil.rmtree(self.kubelet_root, ignore_errors=True)
         if self.dir is not None:
             state = self.dir / "containerd-state"
             if state.exists():
-                mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                          if line.split()[4].startswith(str(state))]
+                mounts = [
+                    line.split()[4]
+                    for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if line.split()[4].startswith(str(state))
+                ]
                 for mount in sorted(mounts, key=len, reverse=True):
                     _run("umount", "-l", mount, check=False)
         # the kubelet's (now empty) pod cgroups
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             top = hierarchy / "kubepods"
             if top.is_dir():
-                for path in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts),
-                                   reverse=True) + [top]:
+                for path in sorted(
+                    (d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True
+                ) + [top]:
                     with contextlib.suppress(OSError):
                         path.rmdir()
         for undo in reversed(self._undo):

@@ -23,14 +23,17 @@ NS = "ml"
 
 
 SECRETS = {
-    "s3-creds": {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-                 "AWS_SECRET_ACCESS_KEY": "sk-" + secrets.token_hex(20)},
+    "s3-creds": {
+        "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+        "AWS_SECRET_ACCESS_KEY": "sk-" + secrets.token_hex(20),
+    },
     "hf-token": {"HF_TOKEN": "hf_" + secrets.token_hex(16)},
 }
 
 
-def operator_process(cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()
-                     ) -> OperatorProcess:
+def operator_process(
+    cp: ControlPlane, log_path: Path, kubeconfig: str, args: tuple[str, ...] = ()
+) -> OperatorProcess:
     return OperatorProcess(cp, log_path, kubeconfig, args, env=OPERATOR_ENV)
 
 
@@ -40,7 +43,10 @@ def manifest(name: str, **spec: Any) -> dict[str, Any]:
         "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "model": {"source": "bundled://smollm2-135m-instruct", "credentialsSecretRef": {"name": "hf-token"}},
+            "model": {
+                "source": "bundled://smollm2-135m-instruct",
+                "credentialsSecretRef": {"name": "hf-token"},
+            },
             "task": {"type": "chat"},
             "datasets": [{"source": "s3://data/chat.jsonl"}],
             "output": {"uri": f"s3://runs/{name}/", "credentialsSecretRef": {"name": "s3-creds"}},
@@ -56,11 +62,18 @@ def status(api: client.ApiClient, name: str) -> dict[str, Any]:
     return (ftj(api, name) or {}).get("status") or {}
 
 
-def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, timeout: float = 60,
-               check: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+def wait_phase(
+    cp: ControlPlane,
+    api: client.ApiClient,
+    name: str,
+    phase: str,
+    timeout: float = 60,
+    check: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
     def ready() -> dict[str, Any] | None:
         st = status(api, name)
         return st if st.get("phase") == phase and (check is None or check(st)) else None
+
     try:
         return cp.wait_for(ready, timeout, f"{name} phase {phase}")
     except Exception:
@@ -69,13 +82,18 @@ def wait_phase(cp: ControlPlane, api: client.ApiClient, name: str, phase: str, t
 
 
 def jobs(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
-    items = client.BatchV1Api(api).list_namespaced_job(NS, label_selector=f"kubetune.io/job-name={name}").items
+    items = (
+        client.BatchV1Api(api).list_namespaced_job(NS, label_selector=f"kubetune.io/job-name={name}").items
+    )
     return sorted((api.sanitize_for_serialization(j) for j in items), key=lambda j: j["metadata"]["name"])
 
 
 def running_pods(cp: ControlPlane, api: client.ApiClient, name: str, attempt: int, count: int) -> list[dict]:
-    return cp.wait_for(lambda: (lambda ps: ps if len(ps) == count else None)(
-        pods(api, name, attempt, "Running")), 60, f"{count} running pods of {name} attempt {attempt}")
+    return cp.wait_for(
+        lambda: (lambda ps: ps if len(ps) == count else None)(pods(api, name, attempt, "Running")),
+        60,
+        f"{count} running pods of {name} attempt {attempt}",
+    )
 
 
 def event_reasons(api: client.ApiClient, name: str) -> list[str]:
@@ -87,11 +105,16 @@ def children(api: client.ApiClient, name: str) -> dict[str, list[str]]:
     selector = f"kubetune.io/job-name={name}"
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     return {
-        "ServiceAccount": [o.metadata.name for o in core.list_namespaced_service_account(
-            NS, label_selector=selector).items],
+        "ServiceAccount": [
+            o.metadata.name for o in core.list_namespaced_service_account(NS, label_selector=selector).items
+        ],
         "Role": [o.metadata.name for o in rbac.list_namespaced_role(NS, label_selector=selector).items],
-        "RoleBinding": [o.metadata.name for o in rbac.list_namespaced_role_binding(NS, label_selector=selector).items],
-        "ConfigMap": [o.metadata.name for o in core.list_namespaced_config_map(NS, label_selector=selector).items],
+        "RoleBinding": [
+            o.metadata.name for o in rbac.list_namespaced_role_binding(NS, label_selector=selector).items
+        ],
+        "ConfigMap": [
+            o.metadata.name for o in core.list_namespaced_config_map(NS, label_selector=selector).items
+        ],
         "Service": [o.metadata.name for o in core.list_namespaced_service(NS, label_selector=selector).items],
         "Job": [j["metadata"]["name"] for j in jobs(api, name)],
     }
@@ -100,13 +123,31 @@ def children(api: client.ApiClient, name: str) -> dict[str, list[str]]:
 def _peering_crd(kind: str, scope: str) -> dict[str, Any]:
     """kopf's peering CRDs (as in kopf's documentation)."""
     plural = kind.lower() + "s"
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.kopf.dev"},
-            "spec": {"scope": scope, "group": "kopf.dev",
-                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                         "type": "object", "properties": {"status": {
-                             "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}]}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.kopf.dev"},
+        "spec": {
+            "scope": scope,
+            "group": "kopf.dev",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
 
 
 # the platform defaults the operator runs with here (kwok holds the worker pods Running)
@@ -132,7 +173,9 @@ def ftj(api: client.ApiClient, name: str) -> dict[str, Any] | None:
         raise
 
 
-def pods(api: client.ApiClient, name: str, attempt: int | None = None, phase: str | None = None) -> list[dict]:
+def pods(
+    api: client.ApiClient, name: str, attempt: int | None = None, phase: str | None = None
+) -> list[dict]:
     selector = f"kubetune.io/job-name={name}"
     if attempt is not None:
         selector += f",kubetune.io/attempt={attempt}"
@@ -142,9 +185,14 @@ def pods(api: client.ApiClient, name: str, attempt: int | None = None, phase: st
 
 
 def events(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
-    items = client.CoreV1Api(api).list_namespaced_event(
-        NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
-    return sorted((api.sanitize_for_serialization(e) for e in items),
-                  key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]))
-
-
+    items = (
+        client.CoreV1Api(api)
+        .list_namespaced_event(
+            NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
+        )
+        .items
+    )
+    return sorted(
+        (api.sanitize_for_serialization(e) for e in items),
+        key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]),
+    )

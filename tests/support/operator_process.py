@@ -32,33 +32,66 @@ OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
 def install_crd(cp: ControlPlane, crd_file: Path = CRD_FILE) -> None:
     """Apply the FineTuneJob CRD and wait for the API server to serve it."""
     cp.kubectl("apply", "-f", str(crd_file))
-    cp.wait_for(lambda: any(
-        c["type"] == "Established" and c["status"] == "True"
-        for c in cp.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])),
-        60, "CRD Established", interval=0.5)
+    cp.wait_for(
+        lambda: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in cp.get_json("crd", "finetunejobs.kubetune.io").get("status", {}).get("conditions", [])
+        ),
+        60,
+        "CRD Established",
+        interval=0.5,
+    )
 
 
-def token_kubeconfig(cp: ControlPlane, namespace: str, account: str, path: Path, context: str = "test") -> str:
+def token_kubeconfig(
+    cp: ControlPlane, namespace: str, account: str, path: Path, context: str = "test"
+) -> str:
     """Write a kubeconfig authenticating as ServiceAccount `namespace/account` (a 2-hour token)."""
     token = cp.kubectl("-n", namespace, "create", "token", account, "--duration=2h").stdout.strip()
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": context,
-        "clusters": [{"name": context, "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": context, "context": {"cluster": context, "user": account}}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": context,
+                "clusters": [
+                    {"name": context, "cluster": {"server": cp.server, "certificate-authority": cp.ca_cert}}
+                ],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [{"name": context, "context": {"cluster": context, "user": account}}],
+            }
+        )
+    )
     return str(path)
 
 
 def service_account_kubeconfig(cp: ControlPlane, directory: Path) -> str:
     """The operator's ServiceAccount bound to OPERATOR_RBAC_RULES only; returns its kubeconfig path."""
     cp.create_namespace(OPERATOR_NS)
-    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": OPERATOR_SA, "namespace": OPERATOR_NS}})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-              "metadata": {"name": OPERATOR_SA}, "rules": OPERATOR_RBAC_RULES})
-    cp.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-              "metadata": {"name": OPERATOR_SA},
-              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_SA},
-              "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NS}]})
+    cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": OPERATOR_SA, "namespace": OPERATOR_NS},
+        }
+    )
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": OPERATOR_SA},
+            "rules": OPERATOR_RBAC_RULES,
+        }
+    )
+    cp.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": OPERATOR_SA},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_SA},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NS}],
+        }
+    )
     return token_kubeconfig(cp, OPERATOR_NS, OPERATOR_SA, directory / "operator.kubeconfig")
 
 
@@ -69,8 +102,15 @@ class OperatorProcess:
     endpoints get free loopback ports at each start (`health_port`, `metrics_port`).
     """
 
-    def __init__(self, cp: ControlPlane, log_path: Path, kubeconfig: str | os.PathLike, args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, name: str = "operator"):
+    def __init__(
+        self,
+        cp: ControlPlane,
+        log_path: Path,
+        kubeconfig: str | os.PathLike,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        name: str = "operator",
+    ):
         self.cp, self.log_path, self.kubeconfig, self.name = cp, log_path, str(kubeconfig), name
         self.args = tuple(args)
         self.env = dict(env or {})
@@ -79,16 +119,30 @@ class OperatorProcess:
 
     def command(self) -> list[str]:
         """The command line (subclasses derive it from elsewhere, e.g. the chart's Deployment)."""
-        return [sys.executable, "-m", "kubetune.operator_main", "--verbose", "--interval", "2",
-                "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
-                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1", *self.args]
+        return [
+            sys.executable,
+            "-m",
+            "kubetune.operator_main",
+            "--verbose",
+            "--interval",
+            "2",
+            "--liveness",
+            f"http://127.0.0.1:{self.health_port}/healthz",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
+            *self.args,
+        ]
 
     def start(self) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_DEFAULT")}
         env.update({"KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1", **self.env})
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                self.command(), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
         self.cp.wait_for(self.healthy, 90, f"{self.name} liveness endpoint")
 
     def healthy(self) -> bool:
@@ -96,7 +150,9 @@ class OperatorProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.health_port}/healthz", timeout=2
+            ) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -107,8 +163,11 @@ class OperatorProcess:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def reconciles(self) -> float:
         """How many reconciles (of any job) this process has finished since it started."""

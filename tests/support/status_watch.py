@@ -30,9 +30,15 @@ class StatusWatch:
         while not self._stopped.is_set():
             try:
                 for event in self._watch.stream(
-                        self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-                        field_selector=f"metadata.name={self.name}", resource_version=resource_version,
-                        timeout_seconds=60):
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    field_selector=f"metadata.name={self.name}",
+                    resource_version=resource_version,
+                    timeout_seconds=60,
+                ):
                     obj = event["object"]
                     resource_version = obj["metadata"]["resourceVersion"]
                     self.seen.append((time.time(), json.loads(json.dumps(obj.get("status") or {}))))

@@ -47,8 +47,13 @@ def make_job(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
             "method": {"type": "lora"},
             "task": {"type": "instruction"},
             "datasets": [{"source": str(PYDOC), "maxExamples": 60}],
-            "training": {"maxSteps": 3, "batchSizePerDevice": 4, "maxSeqLength": 96, "loggingSteps": 1,
-                         "learningRate": 1e-3},
+            "training": {
+                "maxSteps": 3,
+                "batchSizePerDevice": 4,
+                "maxSeqLength": 96,
+                "loggingSteps": 1,
+                "learningRate": 1e-3,
+            },
             "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
             "output": {"uri": str(tmp_path / f"out-{name}"), "exports": ["adapter"]},
             "tracking": {"tensorboard": False},
@@ -58,8 +63,12 @@ def make_job(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
                 spec[key] = {**spec[key], **value}
             else:
                 spec[key] = value
-        manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
-                    "spec": spec}
+        manifest = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(manifest))
         return path
@@ -81,9 +90,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def start(path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def progress_step(output: Path) -> int:

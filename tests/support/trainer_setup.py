@@ -24,7 +24,14 @@ def build_trainer(job_path: Path, callbacks: list[Any] | None = None) -> Any:
     torch.manual_seed(spec.training.seed)
     model = model_lib.load_model(spec, model_dir, precision)
     args = training_arguments(ctx, precision, ctx.work_dir / "checkpoints", spec.evaluation.every_steps)
-    return make_trainer(seed=spec.training.seed, group_by_length=not spec.training.packing, model=model, args=args,
-                        train_dataset=train_set, eval_dataset=eval_set,
-                        data_collator=packing.data_collator(spec, tokenizer), processing_class=tokenizer,
-                        callbacks=callbacks or [])
+    return make_trainer(
+        seed=spec.training.seed,
+        group_by_length=not spec.training.packing,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=packing.data_collator(spec, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks or [],
+    )

@@ -50,8 +50,11 @@ class ProcessOutput:
         self.process = process
         self._out: list[str] = []
         self._err: list[str] = []
-        self._threads = [threading.Thread(target=self._pump, args=(pipe, into), daemon=True)
-                         for pipe, into in ((process.stdout, self._out), (process.stderr, self._err)) if pipe]
+        self._threads = [
+            threading.Thread(target=self._pump, args=(pipe, into), daemon=True)
+            for pipe, into in ((process.stdout, self._out), (process.stderr, self._err))
+            if pipe
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -66,13 +69,16 @@ class ProcessOutput:
 
     def wait_for_stdout(self, text: str, timeout: float) -> None:
         """Until `text` is in the process's stdout; fails at once if the process ended without it."""
+
         def seen() -> bool:
             if text in self.stdout:
                 return True
             if self.process.poll() is not None:
                 out, err = self.communicate(10)
-                raise AssertionError(f"process ended ({self.process.returncode}) without printing {text!r}:\n"
-                                     f"{out[-3000:]}\n{err[-3000:]}")
+                raise AssertionError(
+                    f"process ended ({self.process.returncode}) without printing {text!r}:\n"
+                    f"{out[-3000:]}\n{err[-3000:]}"
+                )
             return False
 
         wait_for(seen, timeout, f"{text!r} on stdout (so far: {self.stdout[-500:]!r})")

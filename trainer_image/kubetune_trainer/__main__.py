@@ -22,13 +22,18 @@ from kubetune.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kubetune-trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kubetune-trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="FineTuneJob manifest (YAML)")
     parser.add_argument("--output", help="override spec.output.uri (a directory or s3://bucket/prefix)")
     parser.add_argument("--deepspeed", help="DeepSpeed config JSON (rendered by the operator)")
-    parser.add_argument("--resume", choices=["auto", "latest", "never"], default="auto",
-                        help="auto/latest: continue from the latest complete checkpoint if there is one")
+    parser.add_argument(
+        "--resume",
+        choices=["auto", "latest", "never"],
+        default="auto",
+        help="auto/latest: continue from the latest complete checkpoint if there is one",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 
@@ -38,7 +43,9 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate)\b.*")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate)\b.*"
+    )
     warnings.filterwarnings("ignore", message=r".*an autograd kernel was not registered.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -74,8 +81,13 @@ def _remove_if_empty(directories: list[Path]) -> None:
             return
 
 
-def run_trainer(config: str, output: str | None = None, deepspeed: str | None = None, resume: str = "auto",
-                show_progress: bool = True) -> tuple[int, dict | None]:
+def run_trainer(
+    config: str,
+    output: str | None = None,
+    deepspeed: str | None = None,
+    resume: str = "auto",
+    show_progress: bool = True,
+) -> tuple[int, dict | None]:
     """Run one training process; returns (exit code, summary or None). Never raises."""
     from kubetune_trainer.errors import ConfigError
 
@@ -93,14 +105,17 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
         deepspeed_config = None
         if deepspeed:
             deepspeed_config = json.loads(Path(deepspeed).read_text())
-        elif job.spec.resources.strategy.startswith("deepspeed") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif (
+            job.spec.resources.strategy.startswith("deepspeed") and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):
             import torch
 
             from kubetune.distributed import deepspeed_config as make_ds_config
 
             deepspeed_config = make_ds_config(job.spec, torch_adam=not torch.cuda.is_available())
-        ctx = make_context(job, output=output, deepspeed_config=deepspeed_config, resume=resume,
-                           show_progress=show_progress)
+        ctx = make_context(
+            job, output=output, deepspeed_config=deepspeed_config, resume=resume, show_progress=show_progress
+        )
         summary = run(ctx)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -120,7 +135,10 @@ def run_trainer(config: str, output: str | None = None, deepspeed: str | None = 
 
         return (EXIT_PREEMPTED if PreemptionHandler.requested else EXIT_RETRYABLE), None
     if summary.get("preempted"):
-        print(f"[kubetune] preempted at step {summary['step']}; checkpoint saved, exit {EXIT_PREEMPTED}", flush=True)
+        print(
+            f"[kubetune] preempted at step {summary['step']}; checkpoint saved, exit {EXIT_PREEMPTED}",
+            flush=True,
+        )
         return EXIT_PREEMPTED, summary
     return EXIT_OK, summary
 

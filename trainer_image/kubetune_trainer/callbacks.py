@@ -22,8 +22,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-PREFERENCE_STATUS_METRICS = ("baselinePreferenceAccuracy", "finalPreferenceAccuracy", "finalRewardAccuracy",
-                             "finalRewardMargin")
+PREFERENCE_STATUS_METRICS = (
+    "baselinePreferenceAccuracy",
+    "finalPreferenceAccuracy",
+    "finalRewardAccuracy",
+    "finalRewardMargin",
+)
 
 
 class ProgressReporter(TrainerCallback):
@@ -95,12 +99,17 @@ class ProgressReporter(TrainerCallback):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
             )
-            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step,
-                                          loss="-", tps="-")
+            self.task = self.bar.add_task(
+                "train", total=state.max_steps, completed=state.global_step, loss="-", tps="-"
+            )
             self.bar.start()
         self._publish(state)
 
@@ -110,33 +119,48 @@ class ProgressReporter(TrainerCallback):
         if self.status is not None:
             self.status.report(progress=self.progress(state))
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not self.ctx.is_main or not logs:
             return
         if "loss" in logs:
             self.last_loss = round(float(logs["loss"]), 4)
         if "eval_loss" in logs:
             self.last_eval_loss = round(float(logs["eval_loss"]), 4)
-        record = {"step": state.global_step, "time": _now(), **{k: v for k, v in logs.items()
-                                                                 if isinstance(v, (int, float))}}
+        record = {
+            "step": state.global_step,
+            "time": _now(),
+            **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+        }
         self.history.append(record)
         with (self.ctx.work_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         progress = self._publish(state)
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.global_step, loss=self.last_loss,
-                            tps=f"{progress['tokensPerSecond']:.0f}")
+            self.bar.update(
+                self.task,
+                completed=state.global_step,
+                loss=self.last_loss,
+                tps=f"{progress['tokensPerSecond']:.0f}",
+            )
             if "eval_loss" in logs and state.global_step > 0:
                 self.bar.console.print(f"step {state.global_step}: held-out loss {self.last_eval_loss}")
         if self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
             ppl = perplexity(logs["eval_loss"])
-            print(f"baseline: held-out loss {self.last_eval_loss} (perplexity "
-                  f"{'-' if ppl is None else f'{ppl:.2f}'}) on {self.ctx.job.metadata.name}", flush=True)
+            print(
+                f"baseline: held-out loss {self.last_eval_loss} (perplexity "
+                f"{'-' if ppl is None else f'{ppl:.2f}'}) on {self.ctx.job.metadata.name}",
+                flush=True,
+            )
         elif self.bar is None and self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
             eta = progress["etaSeconds"]
-            print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss or '-'}  "
-                  f"eval_loss {self.last_eval_loss or '-'}  {progress['tokensPerSecond']:.0f} tok/s  "
-                  f"ETA {eta if eta is not None else '-'}s", flush=True)
+            print(
+                f"step {state.global_step}/{state.max_steps}  loss {self.last_loss or '-'}  "
+                f"eval_loss {self.last_eval_loss or '-'}  {progress['tokensPerSecond']:.0f} tok/s  "
+                f"ETA {eta if eta is not None else '-'}s",
+                flush=True,
+            )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
@@ -165,12 +189,16 @@ class ProgressReporter(TrainerCallback):
             return
         metrics = summary["metrics"]
         self.status.report(
-            metrics={"baselinePerplexity": metrics["baselinePerplexity"],
-                     "finalPerplexity": metrics["finalPerplexity"],
-                     "baselineEvalLoss": metrics["baselineEvalLoss"],
-                     "finalEvalLoss": metrics["finalEvalLoss"],
-                     **{k: metrics[k] for k in PREFERENCE_STATUS_METRICS if k in metrics}},
-            artifacts=[{k: a[k] for k in ("kind", "uri", "sha256", "sizeBytes")} for a in summary["artifacts"]],
+            metrics={
+                "baselinePerplexity": metrics["baselinePerplexity"],
+                "finalPerplexity": metrics["finalPerplexity"],
+                "baselineEvalLoss": metrics["baselineEvalLoss"],
+                "finalEvalLoss": metrics["finalEvalLoss"],
+                **{k: metrics[k] for k in PREFERENCE_STATUS_METRICS if k in metrics},
+            },
+            artifacts=[
+                {k: a[k] for k in ("kind", "uri", "sha256", "sizeBytes")} for a in summary["artifacts"]
+            ],
             force=True,
         )
         self.status.close()
@@ -224,8 +252,11 @@ class BaselineEvaluator(TrainerCallback):
         if self.result is None:
             started = time.perf_counter()
             metrics = self.trainer.evaluate(metric_key_prefix="eval")
-            self.result = {"eval_loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"]),
-                           "samples": self.samples.generate(self.trainer.model)}
+            self.result = {
+                "eval_loss": metrics["eval_loss"],
+                "perplexity": perplexity(metrics["eval_loss"]),
+                "samples": self.samples.generate(self.trainer.model),
+            }
             self.trainer.model.train()
             self.seconds = time.perf_counter() - started
         (self.ctx.work_dir / "baseline.json").write_text(json.dumps(self.result))
@@ -258,9 +289,14 @@ class CheckpointPublisher(TrainerCallback):
 
         def publish() -> None:
             # Hashing every file and writing the manifest (then, for S3, uploading) makes it complete.
-            future = self.store.publish(local, step, self.config_hash, extra=extra,
-                                        keep_last=self.ctx.spec.checkpoint.keep_last,
-                                        protect={best} if best else ())
+            future = self.store.publish(
+                local,
+                step,
+                self.config_hash,
+                extra=extra,
+                keep_last=self.ctx.spec.checkpoint.keep_last,
+                protect={best} if best else (),
+            )
 
             def reported(done: Future[Any]) -> None:
                 if done.exception() is None:
@@ -310,7 +346,9 @@ class PreemptionHandler(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._any_rank_requested():
-            print(f"[kubetune] SIGTERM: saving a checkpoint at step {state.global_step} and stopping",
-                  flush=True)
+            print(
+                f"[kubetune] SIGTERM: saving a checkpoint at step {state.global_step} and stopping",
+                flush=True,
+            )
             control.should_save = True
             control.should_training_stop = True

@@ -39,8 +39,15 @@ ALPACA_PROMPT = (
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
-SUFFIX_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-                ".txt": "txt", ".md": "txt"}
+SUFFIX_TYPES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "txt",
+    ".md": "txt",
+}
 
 
 @dataclass
@@ -107,8 +114,10 @@ def _file_type(spec: DatasetSpec, name: str) -> str:
         return spec.file_type
     suffix = Path(name).suffix.lower()
     if suffix not in SUFFIX_TYPES:
-        raise DataError(f"{name}: cannot tell the file type from {suffix!r}; set fileType to one of "
-                        "jsonl, json, parquet, csv, txt")
+        raise DataError(
+            f"{name}: cannot tell the file type from {suffix!r}; set fileType to one of "
+            "jsonl, json, parquet, csv, txt"
+        )
     return SUFFIX_TYPES[suffix]
 
 
@@ -141,11 +150,16 @@ def _json_array_items(text: str, name: str) -> Iterator[tuple[int, Any]]:
                     for i, item in enumerate(value[key]):
                         yield 1, item if not isinstance(item, dict) else {**item, "__index__": i}
                     return
-        raise DataError(f"{name}:1: expected a JSON array of rows (or use a .jsonl file with one row per line)")
+        raise DataError(
+            f"{name}:1: expected a JSON array of rows (or use a .jsonl file with one row per line)"
+        )
+
     def closed(i: int) -> bool:
         rest = skip_ws(i + 1)
         if rest < length:
-            raise DataError(f"{name}:{text.count(chr(10), 0, rest) + 1}: not valid JSON: text after the closing ']'")
+            raise DataError(
+                f"{name}:{text.count(chr(10), 0, rest) + 1}: not valid JSON: text after the closing ']'"
+            )
         return True
 
     index = skip_ws(index + 1)
@@ -213,8 +227,10 @@ def _decode(name: str, number: int, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{name}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                        f"{error.start + 1}); save the file as UTF-8") from None
+        raise DataError(
+            f"{name}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+            f"{error.start + 1}); save the file as UTF-8"
+        ) from None
     return text[1:] if number == 1 and text.startswith(_BOM) else text
 
 
@@ -313,8 +329,14 @@ def read_raw(name: str, path: Path, file_type: str) -> Iterator[tuple[str, Any, 
         try:
             for record in reader:
                 if None in record:
-                    yield f"{name}:{start}", None, (f"{len(record[None])} more value(s) than the "
-                                                    f"{len(reader.fieldnames or [])} columns of the header")
+                    yield (
+                        f"{name}:{start}",
+                        None,
+                        (
+                            f"{len(record[None])} more value(s) than the "
+                            f"{len(reader.fieldnames or [])} columns of the header"
+                        ),
+                    )
                 else:
                     yield f"{name}:{start}", dict(record), None
                 start = reader.line_num + 1
@@ -359,8 +381,10 @@ def _encodable(value: str, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"{where} holds an unpaired surrogate (\\u{ord(value[error.start]):04x} at character "
-                         f"{error.start + 1}), which is not text; fix the escape in the file") from None
+        raise ValueError(
+            f"{where} holds an unpaired surrogate (\\u{ord(value[error.start]):04x} at character "
+            f"{error.start + 1}), which is not text; fix the escape in the file"
+        ) from None
     return value
 
 
@@ -384,7 +408,9 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
             try:
                 messages = _loads(messages)
             except ValueError:
-                raise ValueError(f"field '{spec.messages_field}' must be a list of {{role, content}}") from None
+                raise ValueError(
+                    f"field '{spec.messages_field}' must be a list of {{role, content}}"
+                ) from None
         checked = check_messages(messages, spec.messages_field)
         if not any(m["role"] == "assistant" for m in checked):
             raise ValueError(f"field '{spec.messages_field}' has no assistant message to learn from")
@@ -416,7 +442,9 @@ def _strip(content: dict[str, Any]) -> dict[str, Any]:
     if preference_data.is_preference(content):
         return preference_data.strip(content)
     if "messages" in content:
-        return {"messages": [{"role": m["role"], "content": m["content"].strip()} for m in content["messages"]]}
+        return {
+            "messages": [{"role": m["role"], "content": m["content"].strip()} for m in content["messages"]]
+        }
     return {k: v.strip() for k, v in content.items()}
 
 
@@ -438,8 +466,9 @@ def _char_count(content: dict[str, Any]) -> int:
     return sum(len(v) for v in content.values())
 
 
-def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cache_dir: Path,
-                      s3: S3Options | None = None) -> tuple[list[Row], DatasetReport]:
+def load_dataset_rows(
+    spec: DatasetSpec, task: str, cleaning: CleaningSpec, cache_dir: Path, s3: S3Options | None = None
+) -> tuple[list[Row], DatasetReport]:
     """Read, check and clean one dataset; invalid rows fail with file:line unless skipping is on."""
     fmt = spec.format or default_format(task)
     report = DatasetReport(source=spec.source)
@@ -454,14 +483,24 @@ def load_dataset_rows(spec: DatasetSpec, task: str, cleaning: CleaningSpec, cach
             break
     report.kept = len(rows)
     if not rows:
-        raise DataError(f"{spec.source}: no usable rows after cleaning (read {report.read}, invalid "
-                        f"{report.invalid}, empty {report.empty}, duplicates {report.duplicates}, too short "
-                        f"{report.too_short}, too long {report.too_long})")
+        raise DataError(
+            f"{spec.source}: no usable rows after cleaning (read {report.read}, invalid "
+            f"{report.invalid}, empty {report.empty}, duplicates {report.duplicates}, too short "
+            f"{report.too_short}, too long {report.too_long})"
+        )
     return rows, report
 
 
-def _load_file(name: str, path: Path, spec: DatasetSpec, fmt: str, cleaning: CleaningSpec, report: DatasetReport,
-               seen: set[str], rows: list[Row]) -> None:
+def _load_file(
+    name: str,
+    path: Path,
+    spec: DatasetSpec,
+    fmt: str,
+    cleaning: CleaningSpec,
+    report: DatasetReport,
+    seen: set[str],
+    rows: list[Row],
+) -> None:
     """Read, check and clean one file of a dataset into `rows` (see load_dataset_rows)."""
     report.files.append(name)
     report.hashes[name] = sha256_file(path)
@@ -515,7 +554,9 @@ def mixture_quotas(sizes: list[int], weights: list[float], total: int | None = N
     exact = [total * w / weight_sum for w in weights]
     quotas = [int(x) for x in exact]
     # Largest-remainder rounding keeps the sum exact and the shares as close as possible.
-    for index in sorted(range(len(exact)), key=lambda i: exact[i] - quotas[i], reverse=True)[: total - sum(quotas)]:
+    for index in sorted(range(len(exact)), key=lambda i: exact[i] - quotas[i], reverse=True)[
+        : total - sum(quotas)
+    ]:
         quotas[index] += 1
     return quotas
 
@@ -567,8 +608,10 @@ def prepare_rows(spec: FineTuneJobSpec, cache_dir: Path, s3: S3Options | None = 
         validation.extend(rows)
         validation_reports.append(report)
     if not validation:
-        raise DataError("validation: no held-out rows (the datasets are too small for validation.fraction; add "
-                        "rows or give validation.datasets)")
+        raise DataError(
+            "validation: no held-out rows (the datasets are too small for validation.fraction; add "
+            "rows or give validation.datasets)"
+        )
     if spec.validation.max_examples is not None:
         validation = validation[: spec.validation.max_examples]
     weights = [d.weight for d in spec.datasets]
@@ -593,7 +636,10 @@ def render_segments(row: Row, task_template: str, tokenizer: Any) -> list[tuple[
     if row.format == DatasetFormat.alpaca.value:
         if task_template == "chat-template":
             user = content["instruction"] + (f"\n\n{content['input']}" if content["input"] else "")
-            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": content["output"]}]
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": content["output"]},
+            ]
             return _chat_segments(messages, tokenizer, row.origin)
         if task_template == "plain":
             prompt = content["instruction"] + (f"\n\n{content['input']}" if content["input"] else "") + "\n\n"
@@ -622,8 +668,10 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]], origin: str, **
 def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) -> list[tuple[str, bool]]:
     """Render with the chat template, marking each assistant turn as a response segment."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{origin}: the model's tokenizer has no chat template; use a model with one, or "
-                        "task.template alpaca/plain for instruction data")
+        raise DataError(
+            f"{origin}: the model's tokenizer has no chat template; use a model with one, or "
+            "task.template alpaca/plain for instruction data"
+        )
     segments: list[tuple[str, bool]] = []
     rendered = ""
     for index, message in enumerate(messages):
@@ -632,10 +680,12 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, origin: str) 
         prefix = _render_chat(tokenizer, messages[:index], origin, add_generation_prompt=True)
         full = _render_chat(tokenizer, messages[: index + 1], origin)
         if not prefix.startswith(rendered) or not full.startswith(prefix):
-            raise DataError(f"{origin}: the chat template does not render turns as a growing prefix; "
-                            "cannot locate the assistant's tokens")
-        segments.append((prefix[len(rendered):], False))
-        segments.append((full[len(prefix):], True))
+            raise DataError(
+                f"{origin}: the chat template does not render turns as a growing prefix; "
+                "cannot locate the assistant's tokens"
+            )
+        segments.append((prefix[len(rendered) :], False))
+        segments.append((full[len(prefix) :], True))
         rendered = full
     return [s for s in segments if s[0]]
 
@@ -646,8 +696,9 @@ class TokenizedExample:
     labels: list[int]
 
 
-def tokenize_row(row: Row, tokenizer: Any, template: str, train_on_prompt: bool, max_length: int) -> tuple[
-        TokenizedExample, bool]:
+def tokenize_row(
+    row: Row, tokenizer: Any, template: str, train_on_prompt: bool, max_length: int
+) -> tuple[TokenizedExample, bool]:
     """Tokenize one row; labels are IGNORE_INDEX on prompt tokens. Returns (example, truncated)."""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -668,12 +719,17 @@ def blocks(texts: list[str], tokenizer: Any, block_size: int) -> list[TokenizedE
     count = len(stream) // block_size
     if count == 0 and stream:
         return [TokenizedExample(stream, list(stream))]  # shorter than one block: keep it whole
-    return [TokenizedExample(stream[i * block_size:(i + 1) * block_size],
-                             stream[i * block_size:(i + 1) * block_size]) for i in range(count)]
+    return [
+        TokenizedExample(
+            stream[i * block_size : (i + 1) * block_size], stream[i * block_size : (i + 1) * block_size]
+        )
+        for i in range(count)
+    ]
 
 
-def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packing: bool | None = None) -> tuple[
-        list[TokenizedExample], dict[str, int]]:
+def tokenize_rows(
+    rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packing: bool | None = None
+) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Turn rows into training sequences following the task; returns sequences and counts."""
     max_length = spec.training.max_seq_length
     stats = {"rows": len(rows), "truncated": 0, "noTrainableTokens": 0}
@@ -682,8 +738,9 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packin
     else:
         sequences = []
         for row in rows:
-            example, truncated = tokenize_row(row, tokenizer, spec.task.template, spec.task.train_on_prompt,
-                                              max_length)
+            example, truncated = tokenize_row(
+                row, tokenizer, spec.task.template, spec.task.train_on_prompt, max_length
+            )
             stats["truncated"] += int(truncated)
             if all(label == IGNORE_INDEX for label in example.labels):
                 stats["noTrainableTokens"] += 1  # the response was cut off entirely: nothing to learn
@@ -697,8 +754,10 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, spec: FineTuneJobSpec, packin
     stats["tokens"] = sum(len(s.input_ids) for s in sequences)
     stats["trainableTokens"] = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in sequences)
     if not sequences:
-        raise DataError("no training sequences after tokenization (every response was truncated away?); raise "
-                        "training.maxSeqLength or shorten the prompts")
+        raise DataError(
+            "no training sequences after tokenization (every response was truncated away?); raise "
+            "training.maxSeqLength or shorten the prompts"
+        )
     return sequences, stats
 
 
@@ -714,9 +773,11 @@ def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, An
 
     ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
     labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
-    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
-            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
-            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)}
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+    }
 
 
 @dataclass

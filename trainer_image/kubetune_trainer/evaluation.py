@@ -40,8 +40,11 @@ class SampleGenerator:
             return text
         row = Row("samplePrompts", "alpaca", {"instruction": text, "input": "", "output": ""})
         if spec.task.type == "chat":
-            row = Row("samplePrompts", "messages", {"messages": [{"role": "user", "content": text},
-                                                                 {"role": "assistant", "content": ""}]})
+            row = Row(
+                "samplePrompts",
+                "messages",
+                {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]},
+            )
         return self._prompt_of(row)
 
     def _prompt_of(self, row: Row) -> str:
@@ -64,16 +67,25 @@ class SampleGenerator:
         unwrapped = unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
-        synced = bool(self.ctx.deepspeed_config and
-                      self.ctx.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+        synced = bool(
+            self.ctx.deepspeed_config
+            and self.ctx.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+        )
         results = []
         device = next(unwrapped.parameters()).device
         for prompt in self.prompts:
             encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
             with torch.no_grad():
-                output = unwrapped.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                            pad_token_id=self.tokenizer.pad_token_id, synced_gpus=synced)
-            completion = self.tokenizer.decode(output[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                output = unwrapped.generate(
+                    **encoded,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    synced_gpus=synced,
+                )
+            completion = self.tokenizer.decode(
+                output[0][encoded["input_ids"].shape[1] :], skip_special_tokens=True
+            )
             results.append({"prompt": prompt, "completion": completion})
         if was_training:
             unwrapped.train()
@@ -86,10 +98,24 @@ class SampleGenerator:
         lines = []
         markdown = [f"# Sample generations: {ctx.job.metadata.name}", ""]
         for index, (old, new) in enumerate(zip(before, after, strict=False), start=1):
-            lines.append(json.dumps({"prompt": old["prompt"], "before": old["completion"],
-                                     "after": new["completion"]}))
-            markdown += [f"## Prompt {index}", "", "```", old["prompt"].strip(), "```", "",
-                         "**Before training**", "", old["completion"].strip() or "(empty)", "",
-                         "**After training**", "", new["completion"].strip() or "(empty)", ""]
+            lines.append(
+                json.dumps({"prompt": old["prompt"], "before": old["completion"], "after": new["completion"]})
+            )
+            markdown += [
+                f"## Prompt {index}",
+                "",
+                "```",
+                old["prompt"].strip(),
+                "```",
+                "",
+                "**Before training**",
+                "",
+                old["completion"].strip() or "(empty)",
+                "",
+                "**After training**",
+                "",
+                new["completion"].strip() or "(empty)",
+                "",
+            ]
         (out / "samples.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
         (out / "samples.md").write_text("\n".join(markdown))

@@ -48,8 +48,9 @@ class ExportError(ConfigError):
 # ----------------------------------------------------------------------------- the source model
 
 
-def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path, ctx: Any,
-                      kind: str) -> Any:
+def fp32_merged_model(
+    trainer: Any, base_model_dir: str, spec: Any, adapter_dir: Path, ctx: Any, kind: str
+) -> Any:
     """A private fp32 CPU copy of the merged model in eval mode on rank 0; None on other ranks.
 
     LoRA/QLoRA: merged_model() builds a fresh model (base reloaded, adapter merged). Full fine-tuning:
@@ -66,7 +67,9 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
         model = merged_model(trainer, base_model_dir, spec, adapter_dir)
     else:
         source = ctx.work_dir / "exports" / f".{kind}-source"
-        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(
+            trainer, "is_fsdp_enabled", False
+        )
         if sharded and ctx.world_size > 1:
             trainer.save_model(str(source))  # a collective: every rank gathers its shard
         elif ctx.is_main:
@@ -75,8 +78,9 @@ def fp32_merged_model(trainer: Any, base_model_dir: str, spec: Any, adapter_dir:
             return None
         try:
             with local_model_loading():
-                model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32,
-                                                             trust_remote_code=spec.model.trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(source), dtype=torch.float32, trust_remote_code=spec.model.trust_remote_code
+                )
         finally:
             shutil.rmtree(source, ignore_errors=True)
     model = model.to(device="cpu", dtype=torch.float32)
@@ -98,8 +102,9 @@ def _logits(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits
 
 
-def eval_loss(model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, batch_size: int = 4,
-              pad_token_id: int = 0) -> tuple[float, int]:
+def eval_loss(
+    model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, batch_size: int = 4, pad_token_id: int = 0
+) -> tuple[float, int]:
     """Mean held-out loss per target token (labels != -100, shifted as in causal LM training).
 
     Returns (loss, sequences used). Token-weighted, so it can differ slightly from the Trainer's
@@ -111,15 +116,23 @@ def eval_loss(model: Any, eval_set: Any, max_sequences: int = EVAL_SEQUENCES, ba
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for start in range(0, count, batch_size):
-            rows = eval_set[start:min(start + batch_size, count)]
-            batch = pad_batch([{"input_ids": ids, "labels": labs}
-                               for ids, labs in zip(rows["input_ids"], rows["labels"], strict=True)], pad_token_id)
+            rows = eval_set[start : min(start + batch_size, count)]
+            batch = pad_batch(
+                [
+                    {"input_ids": ids, "labels": labs}
+                    for ids, labs in zip(rows["input_ids"], rows["labels"], strict=True)
+                ],
+                pad_token_id,
+            )
             input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             logits = _logits(model, input_ids, mask).float()
             shifted = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     shifted.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                     reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             total += float(loss)
             tokens += int((shifted != IGNORE_INDEX).sum())
     if tokens == 0:
@@ -224,8 +237,10 @@ def quantize_int8(model: Any, names: list[str], backend: str | None = None) -> t
         backend = "torch.ao.quantize_dynamic" if ao is not None else "weight-only"
     if backend == "torch.ao.quantize_dynamic":
         if ao is None:
-            raise ExportError("this int8 export was made with torch.ao.quantization.quantize_dynamic, which this "
-                              "torch no longer has; re-export it with this torch (weight-only backend)")
+            raise ExportError(
+                "this int8 export was made with torch.ao.quantization.quantize_dynamic, which this "
+                "torch no longer has; re-export it with this torch (weight-only backend)"
+            )
         quantize_dynamic, qconfig = ao
         import torch
 
@@ -268,8 +283,17 @@ def load_int8(directory: str | Path) -> Any:
     return quantized
 
 
-def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any, adapter_dir: Path,
-                eval_set: Any = None, ctx: Any = None, **_: Any) -> dict[str, Any]:
+def export_int8(
+    trainer: Any,
+    target: Path,
+    base_model_dir: str,
+    spec: Any,
+    tokenizer: Any,
+    adapter_dir: Path,
+    eval_set: Any = None,
+    ctx: Any = None,
+    **_: Any,
+) -> dict[str, Any]:
     """int8 weights + config + tokenizer; details compare size and held-out perplexity with fp32."""
     import torch
 
@@ -287,13 +311,23 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    (target / INT8_CONFIG).write_text(json.dumps({
-        "format": "kubetune-int8", "version": 1, "backend": backend, "weightDtype": "qint8",
-        "scheme": "per-output-channel symmetric weights" + (", dynamic per-tensor activations"
-                                                            if backend != "weight-only" else ""),
-        "modules": names, "weights": INT8_WEIGHTS,
-        "loader": "from kubetune_trainer.export_formats import load_int8; model = load_int8(directory)",
-    }, indent=2) + "\n")
+    (target / INT8_CONFIG).write_text(
+        json.dumps(
+            {
+                "format": "kubetune-int8",
+                "version": 1,
+                "backend": backend,
+                "weightDtype": "qint8",
+                "scheme": "per-output-channel symmetric weights"
+                + (", dynamic per-tensor activations" if backend != "weight-only" else ""),
+                "modules": names,
+                "weights": INT8_WEIGHTS,
+                "loader": "from kubetune_trainer.export_formats import load_int8; model = load_int8(directory)",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     fp32_bytes = tensor_bytes(model.state_dict())
     int8_bytes = (target / INT8_WEIGHTS).stat().st_size
     details: dict[str, Any] = {
@@ -309,14 +343,17 @@ def export_int8(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
         int8_loss = eval_loss(quantized, eval_set, pad_token_id=pad)[0]
         fp32_ppl, int8_ppl = perplexity(fp32_loss), perplexity(int8_loss)
         change = round(int8_ppl - fp32_ppl, 4) if fp32_ppl is not None and int8_ppl is not None else None
-        details.update({
-            "fp32Perplexity": fp32_ppl,
-            "int8Perplexity": int8_ppl,
-            "int8PerplexityChange": change,
-            "int8PerplexityChangePercent": (round(100 * change / fp32_ppl, 3)
-                                            if change is not None and fp32_ppl is not None else None),
-            "int8EvalSequences": used,
-        })
+        details.update(
+            {
+                "fp32Perplexity": fp32_ppl,
+                "int8Perplexity": int8_ppl,
+                "int8PerplexityChange": change,
+                "int8PerplexityChangePercent": (
+                    round(100 * change / fp32_ppl, 3) if change is not None and fp32_ppl is not None else None
+                ),
+                "int8EvalSequences": used,
+            }
+        )
     return details
 
 
@@ -349,7 +386,7 @@ def onnx_sample_inputs(vocab_size: int, seed: int = 0) -> list[tuple[Any, Any]]:
         ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
         mask = torch.ones_like(ids)
         if batch > 1:
-            mask[-1, length - 4:] = 0
+            mask[-1, length - 4 :] = 0
         samples.append((ids, mask))
     return samples
 
@@ -369,8 +406,10 @@ def onnx_parity(path: Path, module: Any, vocab_size: int) -> float:
             expected = module(ids, mask).float().numpy()
             (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
             if got.shape != expected.shape:
-                raise ExportError(f"onnx export: logits shape {got.shape} != PyTorch {expected.shape} for inputs "
-                                  f"{tuple(ids.shape)}")
+                raise ExportError(
+                    f"onnx export: logits shape {got.shape} != PyTorch {expected.shape} for inputs "
+                    f"{tuple(ids.shape)}"
+                )
             worst = max(worst, float(np.max(np.abs(got.astype(np.float32) - expected))))
     return worst
 
@@ -386,8 +425,12 @@ def _export_onnx_graph(module: Any, path: Path, vocab_size: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
-            output_names=["logits"], verbose=False,
+            module,
+            (ids, mask),
+            dynamo=True,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            verbose=False,
             dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
         )
     assert program is not None  # dynamo=True always returns the ONNXProgram
@@ -395,8 +438,16 @@ def _export_onnx_graph(module: Any, path: Path, vocab_size: int) -> None:
     program.save(str(path))
 
 
-def export_onnx(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any, adapter_dir: Path,
-                ctx: Any = None, **_: Any) -> dict[str, Any]:
+def export_onnx(
+    trainer: Any,
+    target: Path,
+    base_model_dir: str,
+    spec: Any,
+    tokenizer: Any,
+    adapter_dir: Path,
+    ctx: Any = None,
+    **_: Any,
+) -> dict[str, Any]:
     """model.onnx (+ config and tokenizer), verified with ONNX Runtime; fails if parity is off."""
     import onnx
 
@@ -410,13 +461,17 @@ def export_onnx(trainer: Any, target: Path, base_model_dir: str, spec: Any, toke
     try:
         _export_onnx_graph(module, path, vocab_size)
     except Exception as error:  # noqa: BLE001 - any exporter failure becomes one clear message
-        raise ExportError(f"onnx export: torch.onnx.export failed for {type(model).__name__}: "
-                          f"{type(error).__name__}: {str(error)[:500]}") from error
+        raise ExportError(
+            f"onnx export: torch.onnx.export failed for {type(model).__name__}: "
+            f"{type(error).__name__}: {str(error)[:500]}"
+        ) from error
     tolerance = float(os.environ.get("KUBETUNE_ONNX_TOLERANCE", ONNX_TOLERANCE))
     diff = onnx_parity(path, module, vocab_size)
     if not diff <= tolerance:
-        raise ExportError(f"onnx export: ONNX Runtime logits differ from PyTorch by up to {diff:.3g} (tolerance "
-                          f"{tolerance:g}); the exported graph does not compute what the model does")
+        raise ExportError(
+            f"onnx export: ONNX Runtime logits differ from PyTorch by up to {diff:.3g} (tolerance "
+            f"{tolerance:g}); the exported graph does not compute what the model does"
+        )
     graph = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
     save_plain_config(model, target)

@@ -33,13 +33,16 @@ def export_adapter(trainer: Any, target: Path, **_: Any) -> dict[str, Any]:
     return {}
 
 
-def export_merged(trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any,
-                  adapter_dir: Path, **_: Any) -> dict[str, Any]:
+def export_merged(
+    trainer: Any, target: Path, base_model_dir: str, spec: Any, tokenizer: Any, adapter_dir: Path, **_: Any
+) -> dict[str, Any]:
     """Merged weights (safetensors) + tokenizer + generation config."""
     if not is_peft(trainer.model):
         trainer.save_model(str(target))  # full fine-tuning: every rank takes part (ZeRO-3/FSDP gather)
     elif trainer.is_world_process_zero():
-        merged_model(trainer, base_model_dir, spec, adapter_dir).save_pretrained(str(target), safe_serialization=True)
+        merged_model(trainer, base_model_dir, spec, adapter_dir).save_pretrained(
+            str(target), safe_serialization=True
+        )
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
     return {}
@@ -54,8 +57,14 @@ EXPORTERS: dict[ExportKind, ExportFn] = {
 }
 
 
-def model_card(ctx: Any, kind: str, data_report: dict[str, Any], baseline: dict[str, Any],
-               final: dict[str, Any], details: dict[str, Any]) -> str:
+def model_card(
+    ctx: Any,
+    kind: str,
+    data_report: dict[str, Any],
+    baseline: dict[str, Any],
+    final: dict[str, Any],
+    details: dict[str, Any],
+) -> str:
     """README.md beside each export: base model, data with hashes, method, hyperparameters, metrics."""
     spec = ctx.spec
     lines = [
@@ -69,23 +78,37 @@ def model_card(ctx: Any, kind: str, data_report: dict[str, Any], baseline: dict[
     ]
     if spec.method.lora:
         lora = spec.method.lora
-        lines.append(f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
-                     f"target modules={', '.join(lora.target_modules)}")
+        lines.append(
+            f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+            f"target modules={', '.join(lora.target_modules)}"
+        )
     if spec.method.quantization:
         quant = spec.method.quantization
-        lines.append(f"- 4-bit base: {quant.type}, double quantization={quant.double_quant}, "
-                     f"compute dtype={quant.compute_dtype}")
+        lines.append(
+            f"- 4-bit base: {quant.type}, double quantization={quant.double_quant}, "
+            f"compute dtype={quant.compute_dtype}"
+        )
     lines += ["", "## Data", ""]
     for report in data_report["datasets"]:
-        files = ", ".join(f"`{Path(f).name}` sha256:{report.get('hashes', {}).get(f, '?')[:16]}"
-                          for f in report["files"])
+        files = ", ".join(
+            f"`{Path(f).name}` sha256:{report.get('hashes', {}).get(f, '?')[:16]}" for f in report["files"]
+        )
         lines.append(f"- {report['source']}: {report['kept']} rows kept of {report['read']} read ({files})")
-    lines += ["", "## Hyperparameters", "", "```json",
-              json.dumps(spec.training.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2),
-              "```", "", "## Metrics", "",
-              "| | before | after |", "|---|---|---|",
-              f"| held-out loss | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
-              f"| held-out perplexity | {_number(baseline['perplexity'])} | {_number(final['perplexity'])} |"]
+    lines += [
+        "",
+        "## Hyperparameters",
+        "",
+        "```json",
+        json.dumps(spec.training.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2),
+        "```",
+        "",
+        "## Metrics",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| held-out loss | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
+        f"| held-out perplexity | {_number(baseline['perplexity'])} | {_number(final['perplexity'])} |",
+    ]
     for key, value in details.items():
         lines.append(f"| {key} | | {value} |")
     return "\n".join(lines) + "\n"
@@ -95,8 +118,16 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data_report: dict[str, Any],
-               baseline: dict[str, Any], final: dict[str, Any], eval_set: Any = None) -> list[dict[str, Any]]:
+def export_all(
+    ctx: Any,
+    trainer: Any,
+    tokenizer: Any,
+    base_model_dir: str,
+    data_report: dict[str, Any],
+    baseline: dict[str, Any],
+    final: dict[str, Any],
+    eval_set: Any = None,
+) -> list[dict[str, Any]]:
     """Run every requested export, write model cards and manifests, upload, and list the artifacts."""
     spec = ctx.spec
     kinds = list(spec.output.exports)
@@ -110,13 +141,23 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
         target = exports_dir / kind
         if ctx.is_main and target.exists():
             shutil.rmtree(target)
-        details = EXPORTERS[ExportKind(kind)](trainer=trainer, target=target, base_model_dir=base_model_dir, spec=spec,
-                                  tokenizer=tokenizer, adapter_dir=adapter_dir, eval_set=eval_set, ctx=ctx)
+        details = EXPORTERS[ExportKind(kind)](
+            trainer=trainer,
+            target=target,
+            base_model_dir=base_model_dir,
+            spec=spec,
+            tokenizer=tokenizer,
+            adapter_dir=adapter_dir,
+            eval_set=eval_set,
+            ctx=ctx,
+        )
         trainer.accelerator.wait_for_everyone()  # later exports read what this one wrote
         if not ctx.is_main or kind not in kinds:
             continue
         (target / "README.md").write_text(model_card(ctx, kind, data_report, baseline, final, details or {}))
-        manifest = write_manifest(target, step=trainer.state.global_step, config_hash="", extra={"kind": kind})
+        manifest = write_manifest(
+            target, step=trainer.state.global_step, config_hash="", extra={"kind": kind}
+        )
         digest = sha256_file(target / "manifest.json")
         size = sum(entry["size"] for entry in manifest["files"])
         uri = str(target)
@@ -134,6 +175,12 @@ def export_all(ctx: Any, trainer: Any, tokenizer: Any, base_model_dir: str, data
                 uri = ctx.output_path(name)
                 (storage.upload_tree if path.is_dir() else storage.upload_file)(path, uri, options=ctx.s3)
             if path.is_file():
-                artifacts.append({"kind": {"loss.png": "loss-plot", "metrics.jsonl": "metrics"}[name], "uri": uri,
-                                  "sha256": sha256_file(path), "sizeBytes": path.stat().st_size})
+                artifacts.append(
+                    {
+                        "kind": {"loss.png": "loss-plot", "metrics.jsonl": "metrics"}[name],
+                        "uri": uri,
+                        "sha256": sha256_file(path),
+                        "sizeBytes": path.stat().st_size,
+                    }
+                )
     return artifacts

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[kubetune] worker exit codes {sorted(codes)}: exiting {code}", file=sys.stderr, flush=True)
         return code
     except SignalException as error:
-        print(f"[kubetune] launcher stopped by {error.sigval.name}: workers stopped", file=sys.stderr, flush=True)
+        print(
+            f"[kubetune] launcher stopped by {error.sigval.name}: workers stopped",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_PREEMPTED
     return 0
 

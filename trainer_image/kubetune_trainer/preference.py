@@ -69,21 +69,41 @@ def _config(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: i
         import torch
 
         gradient_checkpointing = torch.cuda.is_available()
-    common: dict[str, Any] = {"beta": preference.beta, "max_length": training.max_seq_length,
-                              "disable_dropout": True, "gradient_checkpointing": gradient_checkpointing}
+    common: dict[str, Any] = {
+        "beta": preference.beta,
+        "max_length": training.max_seq_length,
+        "disable_dropout": True,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
     if objective == PreferenceObjective.dpo.value:
         from trl import DPOConfig
 
-        return training_arguments(ctx, precision, checkpoint_dir, eval_steps, DPOConfig, **common,
-                                  loss_type=[preference.loss_type or "sigmoid"],
-                                  precompute_ref_log_probs=full, pad_to_multiple_of=None)
+        return training_arguments(
+            ctx,
+            precision,
+            checkpoint_dir,
+            eval_steps,
+            DPOConfig,
+            **common,
+            loss_type=[preference.loss_type or "sigmoid"],
+            precompute_ref_log_probs=full,
+            pad_to_multiple_of=None,
+        )
     if objective == PreferenceObjective.kto.value:
         from trl import KTOConfig
 
-        args = training_arguments(ctx, precision, checkpoint_dir, eval_steps, KTOConfig, **common,
-                                  desirable_weight=preference.desirable_weight or 1.0,
-                                  undesirable_weight=preference.undesirable_weight or 1.0,
-                                  precompute_ref_log_probs=full, pad_to_multiple_of=None)
+        args = training_arguments(
+            ctx,
+            precision,
+            checkpoint_dir,
+            eval_steps,
+            KTOConfig,
+            **common,
+            desirable_weight=preference.desirable_weight or 1.0,
+            undesirable_weight=preference.undesirable_weight or 1.0,
+            precompute_ref_log_probs=full,
+            pad_to_multiple_of=None,
+        )
         # KTO's KL term pairs each example with its batch neighbours' completions (KL_completion_ids, made
         # in batch-sized chunks of the mixture, already shuffled by seed): batches must keep that order.
         args.train_sampling_strategy = "sequential"
@@ -129,11 +149,16 @@ def make_trainer(ctx: RunContext, seed: int, **kwargs: Any) -> Any:
             dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             if self.args.train_sampling_strategy == "sequential":
                 return torch.utils.data.SequentialSampler(dataset)
-            return seeded_sampler(seed, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                  example_lengths(dataset))
+            return seeded_sampler(
+                seed,
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                example_lengths(dataset),
+            )
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            if "input_ids" not in inputs and "chosen_attention_mask" in inputs:  # ORPO's batches: count tokens
+            if (
+                "input_ids" not in inputs and "chosen_attention_mask" in inputs
+            ):  # ORPO's batches: count tokens
                 mask = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
                 self.state.num_input_tokens_seen += int(self.accelerator.gather(mask.reshape(1)).sum())
             return super().training_step(model, inputs, *args, **kwargs)
@@ -157,12 +182,16 @@ def example_lengths(dataset: Any) -> list[int]:
     columns = dataset.column_names
     prompts = dataset["prompt_ids"] if "prompt_ids" in columns else dataset["prompt_input_ids"]
     if "chosen_ids" in columns:
-        return [len(p) + max(len(c), len(r))
-                for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+        return [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(prompts, dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        ]
     if "completion_ids" in columns:
         return [len(p) + len(c) for p, c in zip(prompts, dataset["completion_ids"], strict=True)]
-    return [max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"],
-                                                strict=True)]
+    return [
+        max(len(c), len(r))
+        for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"], strict=True)
+    ]
 
 
 def orpo_columns(feature: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +215,7 @@ def _dataset(examples: list[dict[str, Any]], objective: str, batch_size: int) ->
         completions = [e["completion_ids"] for e in examples]
         shifted = []
         for start in range(0, len(completions), batch_size):
-            chunk = completions[start:start + batch_size]
+            chunk = completions[start : start + batch_size]
             shifted += [chunk[-1], *chunk[:-1]]
         examples = [{**e, "KL_completion_ids": kl} for e, kl in zip(examples, shifted, strict=True)]
     return Dataset.from_list(examples)
@@ -206,7 +235,7 @@ def pair_logps(model: Any, pairs: list[dict[str, Any]], pad_token_id: int) -> li
     sequences = [(p["prompt_ids"], p[side]) for p in pairs for side in ("chosen_ids", "rejected_ids")]
     scores: list[tuple[float, int]] = []
     for start in range(0, len(sequences), 2 * HELD_OUT_BATCH):
-        batch = sequences[start:start + 2 * HELD_OUT_BATCH]
+        batch = sequences[start : start + 2 * HELD_OUT_BATCH]
         width = max(len(p) + len(c) for p, c in batch)
         ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -215,7 +244,7 @@ def pair_logps(model: Any, pairs: list[dict[str, Any]], pad_token_id: int) -> li
             length = len(prompt) + len(completion)
             ids[row, :length] = torch.tensor(prompt + completion)
             mask[row, :length] = 1
-            target[row, len(prompt):length] = True
+            target[row, len(prompt) : length] = True
         with torch.no_grad():
             logits = unwrapped(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -226,20 +255,32 @@ def pair_logps(model: Any, pairs: list[dict[str, Any]], pad_token_id: int) -> li
         scores += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist(), strict=True)]
     if was_training:
         unwrapped.train()
-    return [{"chosen": scores[2 * i][0], "rejected": scores[2 * i + 1][0],
-             "chosenMean": scores[2 * i][0] / max(1, scores[2 * i][1]),
-             "rejectedMean": scores[2 * i + 1][0] / max(1, scores[2 * i + 1][1])} for i in range(len(pairs))]
+    return [
+        {
+            "chosen": scores[2 * i][0],
+            "rejected": scores[2 * i + 1][0],
+            "chosenMean": scores[2 * i][0] / max(1, scores[2 * i][1]),
+            "rejectedMean": scores[2 * i + 1][0] / max(1, scores[2 * i + 1][1]),
+        }
+        for i in range(len(pairs))
+    ]
 
 
-def pair_metrics(logps: list[dict[str, float]], reference: list[dict[str, float]], beta: float) -> dict[str, Any]:
+def pair_metrics(
+    logps: list[dict[str, float]], reference: list[dict[str, float]], beta: float
+) -> dict[str, Any]:
     """Reward accuracy and margin against the reference, log-probabilities and preference accuracy."""
     count = max(1, len(logps))
     chosen_rewards = [beta * (a["chosen"] - r["chosen"]) for a, r in zip(logps, reference, strict=True)]
     rejected_rewards = [beta * (a["rejected"] - r["rejected"]) for a, r in zip(logps, reference, strict=True)]
     return {
         "pairs": len(logps),
-        "rewardAccuracy": round(sum(c > r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)) / count, 4),
-        "rewardMargin": round(sum(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)) / count, 4),
+        "rewardAccuracy": round(
+            sum(c > r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)) / count, 4
+        ),
+        "rewardMargin": round(
+            sum(c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=True)) / count, 4
+        ),
         "chosenRewards": round(sum(chosen_rewards) / count, 4),
         "rejectedRewards": round(sum(rejected_rewards) / count, 4),
         "chosenLogps": round(sum(p["chosen"] for p in logps) / count, 4),
@@ -255,16 +296,23 @@ class PreferenceSamples(SampleGenerator):
         if row.format not in preference_data.FORMATS:
             return super()._prompt_of(row)
         completion = row.content.get("chosen", row.content.get("completion"))
-        prompt, _ = preference_data._render(self.tokenizer, row.content["prompt"], completion,
-                                            self.ctx.spec.task.template, row.origin)
+        prompt, _ = preference_data._render(
+            self.tokenizer, row.content["prompt"], completion, self.ctx.spec.task.template, row.origin
+        )
         return prompt
 
 
 class HeldOutEvaluator:
     """Before/after figures on held-out pairs; the 'before' log-probabilities are the reference."""
 
-    def __init__(self, ctx: RunContext, pairs: list[dict[str, Any]], chosen_set: Any, pad_token_id: int,
-                 samples: PreferenceSamples):
+    def __init__(
+        self,
+        ctx: RunContext,
+        pairs: list[dict[str, Any]],
+        chosen_set: Any,
+        pad_token_id: int,
+        samples: PreferenceSamples,
+    ):
         self.ctx, self.pairs, self.chosen_set, self.pad = ctx, pairs, chosen_set, pad_token_id
         self.samples = samples
         preference = ctx.spec.task.preference
@@ -280,7 +328,8 @@ class HeldOutEvaluator:
         chosen_loss, _ = eval_loss(getattr(model, "module", model), self.chosen_set, pad_token_id=self.pad)
         result: dict[str, Any] = {
             "objective_loss": metrics.get("eval_loss"),
-            "eval_loss": chosen_loss, "perplexity": perplexity(chosen_loss),
+            "eval_loss": chosen_loss,
+            "perplexity": perplexity(chosen_loss),
             "logps": logps,
             "pairs": pair_metrics(logps, reference or logps, self.beta) if logps else None,
             "samples": self.samples.generate(model),
@@ -335,15 +384,23 @@ def run(ctx: RunContext) -> dict[str, Any]:
     tokenizer = model_lib.load_tokenizer(model_dir)
     unpaired = objective == PreferenceObjective.kto.value
     train_examples, train_stats = preference_data.tokenize_rows(prepared.train, tokenizer, spec, unpaired)
-    eval_examples, eval_stats = preference_data.tokenize_rows(prepared.validation, tokenizer, spec, unpaired,
-                                                              training=False)
+    eval_examples, eval_stats = preference_data.tokenize_rows(
+        prepared.validation, tokenizer, spec, unpaired, training=False
+    )
     paired_rows = [r for r in prepared.validation if "chosen" in r.content]
-    pairs = preference_data.tokenize_rows(paired_rows, tokenizer, spec, False, training=False)[0] if paired_rows else []
+    pairs = (
+        preference_data.tokenize_rows(paired_rows, tokenizer, spec, False, training=False)[0]
+        if paired_rows
+        else []
+    )
     from datasets import Dataset
 
     chosen_set = Dataset.from_list(preference_data.sft_view(pairs or eval_examples))
     batch = spec.training.batch_size_per_device
-    train_set, eval_set = _dataset(train_examples, objective, batch), _dataset(eval_examples, objective, batch)
+    train_set, eval_set = (
+        _dataset(train_examples, objective, batch),
+        _dataset(eval_examples, objective, batch),
+    )
     data_report = {
         "datasets": [r.as_dict() for r in prepared.reports],
         "validationDatasets": [r.as_dict() for r in prepared.validation_reports],
@@ -363,11 +420,20 @@ def run(ctx: RunContext) -> dict[str, Any]:
     publisher = cb.CheckpointPublisher(ctx, store, expected_hash, reporter)
     samples = PreferenceSamples(ctx, tokenizer, prepared.validation)
     evaluator = HeldOutEvaluator(ctx, pairs, chosen_set, tokenizer.pad_token_id, samples)
-    baseline_cb = _baseline_callback(ctx, evaluator,
-                                     Path(resume_from) / "kubetune_baseline.json" if resume_from else None)
+    baseline_cb = _baseline_callback(
+        ctx, evaluator, Path(resume_from) / "kubetune_baseline.json" if resume_from else None
+    )
     callbacks = recipe_callbacks(ctx, baseline_cb, reporter, publisher)
-    trainer = make_trainer(ctx, spec.training.seed, model=model, args=args, train_dataset=train_set,
-                           eval_dataset=eval_set, processing_class=tokenizer, callbacks=callbacks)
+    trainer = make_trainer(
+        ctx,
+        spec.training.seed,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     attach_trainer(ctx, trainer, reporter, baseline_cb)
 
     # ---- 5. held-out pairs before (at train begin), train, after
@@ -382,8 +448,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if ctx.is_main:
         samples.write(ctx, baseline["samples"], final["samples"])
         reporter.write_loss_plot()
-    artifacts = export_lib.export_all(ctx, trainer, tokenizer, model_dir, data_report=data_report,
-                                      baseline=baseline, final=final, eval_set=chosen_set)
+    artifacts = export_lib.export_all(
+        ctx,
+        trainer,
+        tokenizer,
+        model_dir,
+        data_report=data_report,
+        baseline=baseline,
+        final=final,
+        eval_set=chosen_set,
+    )
     after = final["pairs"]
     metrics: dict[str, Any] = {
         "baselineEvalLoss": baseline["eval_loss"],  # held-out loss of the chosen completions
@@ -394,29 +468,50 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "finalObjectiveLoss": final["objective_loss"],
     }
     if before and after:
-        metrics.update({
-            "heldOutPairs": after["pairs"],
-            "baselinePreferenceAccuracy": before["preferenceAccuracy"],
-            "finalPreferenceAccuracy": after["preferenceAccuracy"],
-            "finalRewardAccuracy": after["rewardAccuracy"],
-            "finalRewardMargin": after["rewardMargin"],
-            "finalChosenRewards": after["chosenRewards"],
-            "finalRejectedRewards": after["rejectedRewards"],
-            "baselineChosenLogps": before["chosenLogps"],
-            "baselineRejectedLogps": before["rejectedLogps"],
-            "finalChosenLogps": after["chosenLogps"],
-            "finalRejectedLogps": after["rejectedLogps"],
-        })
-    summary = run_summary(ctx, model, trainer, train_result, started=started, expected_hash=expected_hash,
-                          precision=precision, baseline_seconds=baseline_cb.seconds, publisher=publisher,
-                          reporter=reporter, store=store, resume_from=resume_from, artifacts=artifacts,
-                          data_report=data_report, metrics=metrics)
-    summary.update({
-        "objective": objective,
-        "reference": ("none (orpo)" if objective == PreferenceObjective.orpo.value else
-                      "precomputed log-probabilities" if spec.method.type == MethodType.full.value else
-                      "base with the adapter disabled"),
-        "preference": {"before": before, "after": after},
-    })
+        metrics.update(
+            {
+                "heldOutPairs": after["pairs"],
+                "baselinePreferenceAccuracy": before["preferenceAccuracy"],
+                "finalPreferenceAccuracy": after["preferenceAccuracy"],
+                "finalRewardAccuracy": after["rewardAccuracy"],
+                "finalRewardMargin": after["rewardMargin"],
+                "finalChosenRewards": after["chosenRewards"],
+                "finalRejectedRewards": after["rejectedRewards"],
+                "baselineChosenLogps": before["chosenLogps"],
+                "baselineRejectedLogps": before["rejectedLogps"],
+                "finalChosenLogps": after["chosenLogps"],
+                "finalRejectedLogps": after["rejectedLogps"],
+            }
+        )
+    summary = run_summary(
+        ctx,
+        model,
+        trainer,
+        train_result,
+        started=started,
+        expected_hash=expected_hash,
+        precision=precision,
+        baseline_seconds=baseline_cb.seconds,
+        publisher=publisher,
+        reporter=reporter,
+        store=store,
+        resume_from=resume_from,
+        artifacts=artifacts,
+        data_report=data_report,
+        metrics=metrics,
+    )
+    summary.update(
+        {
+            "objective": objective,
+            "reference": (
+                "none (orpo)"
+                if objective == PreferenceObjective.orpo.value
+                else "precomputed log-probabilities"
+                if spec.method.type == MethodType.full.value
+                else "base with the adapter disabled"
+            ),
+            "preference": {"before": before, "after": after},
+        }
+    )
     finish_run(ctx, reporter, summary)
     return summary

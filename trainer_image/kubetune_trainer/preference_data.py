@@ -41,8 +41,10 @@ def _text(value: Any, key: str) -> str:
     from kubetune_trainer.data import _encodable
 
     if not isinstance(value, str):
-        raise ValueError(f"field '{key}' must be a string or a list of {{role, content}}, got "
-                         f"{type(value).__name__} {value!r:.40}")
+        raise ValueError(
+            f"field '{key}' must be a string or a list of {{role, content}}, got "
+            f"{type(value).__name__} {value!r:.40}"
+        )
     return _encodable(value, f"field '{key}'")
 
 
@@ -61,8 +63,9 @@ def _completion(value: Any, key: str) -> str | list[dict[str, str]]:
     if isinstance(value, list):
         messages = _messages(value, key)
         if messages[0]["role"] != "assistant":
-            raise ValueError(f"{key}[0].role must be assistant (the reply to the prompt), got "
-                             f"{messages[0]['role']!r}")
+            raise ValueError(
+                f"{key}[0].role must be assistant (the reply to the prompt), got {messages[0]['role']!r}"
+            )
         return messages
     return _text(value, key)
 
@@ -73,8 +76,10 @@ def _prompt(value: Any) -> str | list[dict[str, str]]:
     if isinstance(value, list):
         messages = _messages(value, "prompt")
         if messages[-1]["role"] == "assistant":
-            raise ValueError("prompt must end with a user (or system/tool) turn, not assistant: the chosen and "
-                             "rejected completions answer it")
+            raise ValueError(
+                "prompt must end with a user (or system/tool) turn, not assistant: the chosen and "
+                "rejected completions answer it"
+            )
         return messages
     return _text(value, "prompt")
 
@@ -96,8 +101,9 @@ def _split_conversations(raw: dict[str, Any]) -> dict[str, Any]:
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise ValueError("missing required field 'prompt' (and chosen/rejected do not share leading turns to "
-                         "take it from)")
+        raise ValueError(
+            "missing required field 'prompt' (and chosen/rejected do not share leading turns to take it from)"
+        )
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
@@ -107,14 +113,27 @@ def check_row(raw: Any, fmt: str, spec: DatasetSpec) -> dict[str, Any]:
         raise ValueError(f"expected an object with fields, got {type(raw).__name__}")
     if fmt == UNPAIRED:
         if "label" not in raw or raw["label"] is None:
-            raise ValueError("missing required field 'label' (true for a desirable completion, false otherwise)")
-        return {"prompt": _prompt(raw.get("prompt")), "completion": _completion(raw.get("completion"), "completion"),
-                "label": _label(raw["label"])}
-    if raw.get("prompt") is None and isinstance(raw.get("chosen"), list) and isinstance(raw.get("rejected"), list):
-        raw = _split_conversations({"chosen": _messages(raw["chosen"], "chosen"),
-                                    "rejected": _messages(raw["rejected"], "rejected")})
-    content = {"prompt": _prompt(raw.get("prompt")), "chosen": _completion(raw.get("chosen"), "chosen"),
-               "rejected": _completion(raw.get("rejected"), "rejected")}
+            raise ValueError(
+                "missing required field 'label' (true for a desirable completion, false otherwise)"
+            )
+        return {
+            "prompt": _prompt(raw.get("prompt")),
+            "completion": _completion(raw.get("completion"), "completion"),
+            "label": _label(raw["label"]),
+        }
+    if (
+        raw.get("prompt") is None
+        and isinstance(raw.get("chosen"), list)
+        and isinstance(raw.get("rejected"), list)
+    ):
+        raw = _split_conversations(
+            {"chosen": _messages(raw["chosen"], "chosen"), "rejected": _messages(raw["rejected"], "rejected")}
+        )
+    content = {
+        "prompt": _prompt(raw.get("prompt")),
+        "chosen": _completion(raw.get("chosen"), "chosen"),
+        "rejected": _completion(raw.get("rejected"), "rejected"),
+    }
     if content["chosen"] == content["rejected"]:
         raise ValueError("chosen and rejected are the same completion: the pair expresses no preference")
     return content
@@ -163,16 +182,20 @@ def _render(tokenizer: Any, prompt: Any, completion: Any, template: str, origin:
     conversational = isinstance(prompt, list) or isinstance(completion, list) or template == "chat-template"
     if conversational:
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{origin}: the model's tokenizer has no chat template; use a model with one, or "
-                            "plain-text rows with task.template plain or alpaca")
+            raise DataError(
+                f"{origin}: the model's tokenizer has no chat template; use a model with one, or "
+                "plain-text rows with task.template plain or alpaca"
+            )
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         prefix = _render_chat(tokenizer, messages, origin, add_generation_prompt=True)
         full = _render_chat(tokenizer, messages + reply, origin)
         if not full.startswith(prefix):
-            raise DataError(f"{origin}: the chat template does not render the prompt as a prefix of the "
-                            "conversation; cannot locate the completion's tokens")
-        return prefix, full[len(prefix):]
+            raise DataError(
+                f"{origin}: the chat template does not render the prompt as a prefix of the "
+                "conversation; cannot locate the completion's tokens"
+            )
+        return prefix, full[len(prefix) :]
     eos = tokenizer.eos_token or ""
     if template == "alpaca":
         prompt = ALPACA_PROMPT.format(with_input="", instruction=prompt, input_block="")
@@ -192,9 +215,14 @@ class TokenizeStats:
     tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"rows": self.rows, "promptTruncated": self.prompt_truncated,
-                "completionTruncated": self.completion_truncated, "droppedNoCompletion": self.dropped,
-                "sequences": self.rows - self.dropped, "tokens": self.tokens}
+        return {
+            "rows": self.rows,
+            "promptTruncated": self.prompt_truncated,
+            "completionTruncated": self.completion_truncated,
+            "droppedNoCompletion": self.dropped,
+            "sequences": self.rows - self.dropped,
+            "tokens": self.tokens,
+        }
 
 
 def max_prompt_length(spec: FineTuneJobSpec) -> int:
@@ -204,8 +232,9 @@ def max_prompt_length(spec: FineTuneJobSpec) -> int:
     return min(configured or spec.training.max_seq_length // 2, spec.training.max_seq_length - 1)
 
 
-def tokenize_rows(rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpaired: bool,
-                  training: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def tokenize_rows(
+    rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpaired: bool, training: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Tokenize checked rows into TRL's preference columns; paired rows become two unpaired ones for kto.
     Training data for kto must hold both desirable and undesirable examples (held-out data need not)."""
     max_length = spec.training.max_seq_length
@@ -253,11 +282,15 @@ def tokenize_rows(rows: list[Any], tokenizer: Any, spec: FineTuneJobSpec, unpair
             else:
                 out.append({"prompt_ids": prompt_ids, "completion_ids": ids[0], "label": label})
     if not out:
-        raise DataError("no preference examples after tokenization (every completion was truncated away?); raise "
-                        "training.maxSeqLength or lower task.preference.maxPromptLength")
+        raise DataError(
+            "no preference examples after tokenization (every completion was truncated away?); raise "
+            "training.maxSeqLength or lower task.preference.maxPromptLength"
+        )
     if training and unpaired and len({e["label"] for e in out}) < 2 and len(out) > 1:
-        raise DataError("kto needs both desirable (label true) and undesirable (label false) examples; the data "
-                        f"has only {'desirable' if out[0]['label'] else 'undesirable'} ones")
+        raise DataError(
+            "kto needs both desirable (label true) and undesirable (label false) examples; the data "
+            f"has only {'desirable' if out[0]['label'] else 'undesirable'} ones"
+        )
     return out, stats.as_dict()
 
 
@@ -272,6 +305,10 @@ def sft_view(examples: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
             if not example["label"]:
                 continue
             completion = example["completion_ids"]
-        out.append({"input_ids": example["prompt_ids"] + completion,
-                    "labels": [IGNORE_INDEX] * len(example["prompt_ids"]) + completion})
+        out.append(
+            {
+                "input_ids": example["prompt_ids"] + completion,
+                "labels": [IGNORE_INDEX] * len(example["prompt_ids"]) + completion,
+            }
+        )
     return out

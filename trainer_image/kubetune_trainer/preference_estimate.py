@@ -34,26 +34,45 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int) -> dict[str
     from kubetune_trainer.estimate.tokens import sampled_counts, with_validation
 
     spec = job.spec
-    unpaired = spec.task.preference is not None and spec.task.preference.objective == PreferenceObjective.kto.value
+    unpaired = (
+        spec.task.preference is not None and spec.task.preference.objective == PreferenceObjective.kto.value
+    )
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", S3Options.from_spec(spec.storage))
 
     def measure(rows: list[Any], training: bool = True) -> dict[str, Any]:
         def tokenize(chosen: list[Any]) -> tuple[dict[str, int], list[int]]:
-            examples, stats = preference_data.tokenize_rows(chosen, tokenizer, spec, unpaired, training=training)
-            completions = [[e[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in e]
-                           for e in examples]
-            lengths = [len(e["prompt_ids"]) + len(c) for e, cs in zip(examples, completions, strict=True) for c in cs]
-            return ({"sequences": len(examples), "tokens": stats["tokens"],
-                     "trainableTokens": sum(len(c) for cs in completions for c in cs),
-                     "truncatedRows": stats["promptTruncated"] + stats["completionTruncated"]}, lengths)
+            examples, stats = preference_data.tokenize_rows(
+                chosen, tokenizer, spec, unpaired, training=training
+            )
+            completions = [
+                [e[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in e] for e in examples
+            ]
+            lengths = [
+                len(e["prompt_ids"]) + len(c) for e, cs in zip(examples, completions, strict=True) for c in cs
+            ]
+            return (
+                {
+                    "sequences": len(examples),
+                    "tokens": stats["tokens"],
+                    "trainableTokens": sum(len(c) for cs in completions for c in cs),
+                    "truncatedRows": stats["promptTruncated"] + stats["completionTruncated"],
+                },
+                lengths,
+            )
 
         return {**sampled_counts(rows, sample_rows, spec.training.seed, tokenize), "sequencesPerExample": 2}
 
     return with_validation(measure(prepared.train), measure(prepared.validation, training=False))
 
 
-def reference_costs(job: FineTuneJob, facts: dict[str, Any], data: dict[str, Any], tokens: float,
-                    flops: dict[str, Any], weight_bytes: float) -> tuple[dict[str, Any], list[str]]:
+def reference_costs(
+    job: FineTuneJob,
+    facts: dict[str, Any],
+    data: dict[str, Any],
+    tokens: float,
+    flops: dict[str, Any],
+    weight_bytes: float,
+) -> tuple[dict[str, Any], list[str]]:
     """FLOPs of the reference forwards added to `flops`, and the assumptions that explain them."""
     spec = job.spec
     preference = spec.task.preference
@@ -64,15 +83,25 @@ def reference_costs(job: FineTuneJob, facts: dict[str, Any], data: dict[str, Any
     elif spec.method.type == MethodType.full.value:
         data_tokens = data["tokens"] + data["validation"]["tokens"]
         reference = 2.0 * n * data_tokens
-        text = (f"{objective} with full fine-tuning: reference log-probabilities precomputed once, one forward over "
-                f"the data (2·N·{data_tokens:,} tokens); no frozen copy in memory (a copy would need "
-                f"{weight_bytes / 2**30:.2f} GiB more per GPU)")
+        text = (
+            f"{objective} with full fine-tuning: reference log-probabilities precomputed once, one forward over "
+            f"the data (2·N·{data_tokens:,} tokens); no frozen copy in memory (a copy would need "
+            f"{weight_bytes / 2**30:.2f} GiB more per GPU)"
+        )
     else:
         reference = 2.0 * n * tokens
-        text = (f"{objective} with {spec.method.type}: the reference is the base with the adapter disabled, one "
-                "more forward per trained token (2·N·T), no extra memory")
+        text = (
+            f"{objective} with {spec.method.type}: the reference is the base with the adapter disabled, one "
+            "more forward per trained token (2·N·T), no extra memory"
+        )
     out = {**flops, "reference": reference, "total": flops["total"] + reference}
-    pairs = ("a pair's chosen and rejected sequences" if objective != PreferenceObjective.kto.value
-             else "each completion and its KL completion")
-    return out, [text, f"preference batches hold 2 sequences per example ({pairs}): activations for "
-                       f"2 x {spec.training.batch_size_per_device} sequences"]
+    pairs = (
+        "a pair's chosen and rejected sequences"
+        if objective != PreferenceObjective.kto.value
+        else "each completion and its KL completion"
+    )
+    return out, [
+        text,
+        f"preference batches hold 2 sequences per example ({pairs}): activations for "
+        f"2 x {spec.training.batch_size_per_device} sequences",
+    ]

@@ -135,8 +135,12 @@ def load_dcp_metadata(file: Any) -> Any:
 
 
 def _offending_global(message: str) -> str | None:
-    for pattern in (r"GLOBAL (\S+) (?:was not|is not) an allowed global", r"GLOBAL (\S+) whose module \S+ is blocked",
-                    r"but got <class '([^']+)'>", r"call reduce for unrecognized function <(?:built-in )?function (\S+?)>"):
+    for pattern in (
+        r"GLOBAL (\S+) (?:was not|is not) an allowed global",
+        r"GLOBAL (\S+) whose module \S+ is blocked",
+        r"but got <class '([^']+)'>",
+        r"call reduce for unrecognized function <(?:built-in )?function (\S+?)>",
+    ):
         match = re.search(pattern, message)
         if match:
             return match.group(1).rstrip(".,")
@@ -147,8 +151,10 @@ def _refusal(label: str, relative: str, error: BaseException) -> UnsafeCheckpoin
     message = str(error)
     if isinstance(error, pickle.UnpicklingError):
         offender = _offending_global(message)
-        reason = (f"contains a non-allowlisted object{f' ({offender})' if offender else ''}: weights-only loading "
-                  "admits only tensors, plain containers and a few known library classes")
+        reason = (
+            f"contains a non-allowlisted object{f' ({offender})' if offender else ''}: weights-only loading "
+            "admits only tensors, plain containers and a few known library classes"
+        )
     else:
         first = message.splitlines()[0][:200] if message else ""
         # torch's own messages go on to suggest weights_only=False: not advice to pass on here
@@ -157,7 +163,8 @@ def _refusal(label: str, relative: str, error: BaseException) -> UnsafeCheckpoin
     return UnsafeCheckpointError(
         f"checkpoint {label}: file {relative} {reason}; refusing to resume from it. Checkpoint files are never "
         "unpickled beyond that: whoever can write the output could otherwise run code in the trainer. Check who "
-        "wrote it, then delete that checkpoint (an older complete one is resumed instead) or use a new output.uri")
+        "wrote it, then delete that checkpoint (an older complete one is resumed instead) or use a new output.uri"
+    )
 
 
 def _sniff_pickle(path: Path) -> bool:
@@ -232,8 +239,10 @@ def _check_dcp_metadata(metadata_file: Path, root: Path, label: str, allowed: li
     for relative, items in sorted(by_file.items()):
         data_file = (directory / relative).resolve()
         if not data_file.is_relative_to(root.resolve()) or not data_file.is_file():
-            raise UnsafeCheckpointError(f"checkpoint {label}: {metadata_file.relative_to(root).as_posix()} lists "
-                                        f"{relative!r}, which is not a file of this checkpoint; refusing to resume")
+            raise UnsafeCheckpointError(
+                f"checkpoint {label}: {metadata_file.relative_to(root).as_posix()} lists "
+                f"{relative!r}, which is not a file of this checkpoint; refusing to resume"
+            )
         shown = data_file.relative_to(root.resolve()).as_posix()
         with data_file.open("rb") as handle:
             for index, info in items:
@@ -242,7 +251,9 @@ def _check_dcp_metadata(metadata_file: Path, root: Path, label: str, allowed: li
                 byte_item = isinstance(kinds.get(getattr(index, "fqn", None)), BytesStorageMetadata)
                 view = _FileSlice(handle, int(info.offset), int(info.length))
                 try:
-                    _check_torch_file(io.BytesIO(view.read()) if byte_item else view, allowed, byte_item=byte_item)
+                    _check_torch_file(
+                        io.BytesIO(view.read()) if byte_item else view, allowed, byte_item=byte_item
+                    )
                 except Exception as error:  # noqa: BLE001 - any failure means the loader cannot have it either
                     raise _refusal(label, f"{shown} (item {getattr(index, 'fqn', index)})", error) from None
 
@@ -254,8 +265,10 @@ def _check_deepspeed_tag(root: Path, label: str) -> None:
         return
     tag = latest.read_text(errors="replace").strip()
     if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or not (root / tag).is_dir():
-        raise UnsafeCheckpointError(f"checkpoint {label}: file latest names {tag[:100]!r}, which is not a directory "
-                                    "of this checkpoint; refusing to resume from it")
+        raise UnsafeCheckpointError(
+            f"checkpoint {label}: file latest names {tag[:100]!r}, which is not a directory "
+            "of this checkpoint; refusing to resume from it"
+        )
 
 
 def _best_checkpoint(root: Path, label: str) -> Path | None:
@@ -275,8 +288,10 @@ def _best_checkpoint(root: Path, label: str) -> Path | None:
     if path.resolve() == root.resolve():
         return None
     if path.resolve().parent != root.resolve().parent:
-        raise UnsafeCheckpointError(f"checkpoint {label}: trainer_state.json names {best} as the best checkpoint, "
-                                    "which is not a checkpoint of this output; refusing to resume from it")
+        raise UnsafeCheckpointError(
+            f"checkpoint {label}: trainer_state.json names {best} as the best checkpoint, "
+            "which is not a checkpoint of this output; refusing to resume from it"
+        )
     return path
 
 
@@ -322,7 +337,9 @@ def verify_checkpoint(path: str | os.PathLike[str], label: str | None = None) ->
 
 # ----- 2. enforcement while the Trainer loads
 
-_refusals: list[UnsafeCheckpointError] = []  # what the load-time hooks refused, whatever wraps it on the way up
+_refusals: list[
+    UnsafeCheckpointError
+] = []  # what the load-time hooks refused, whatever wraps it on the way up
 
 
 def _restricted_dcp_read_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -390,7 +407,9 @@ def weights_only_loading(deepspeed: bool = False, checkpoint: str | None = None)
     with contextlib.ExitStack() as stack:
         # torch.load reads these at every call: FORCE wins over an explicit weights_only=False;
         # FORCE_NO (a user's escape hatch) must not re-open the hole while we load checkpoints.
-        stack.enter_context(_environment(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=None))
+        stack.enter_context(
+            _environment(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=None)
+        )
         stack.enter_context(torch.serialization.safe_globals(allowed_globals(deepspeed=deepspeed)))
         stack.enter_context(_restricted_dcp_metadata())
         start = len(_refusals)
@@ -408,7 +427,8 @@ def weights_only_loading(deepspeed: bool = False, checkpoint: str | None = None)
             where = f"checkpoint {checkpoint}" if checkpoint else "a checkpoint"
             raise UnsafeCheckpointError(
                 f"{where}: a file contains a non-allowlisted object{f' ({offender})' if offender else ''}: weights-only "
-                "loading refused it (delete that checkpoint, or use a new output.uri)") from None
+                "loading refused it (delete that checkpoint, or use a new output.uri)"
+            ) from None
         finally:
             del _refusals[start:]
 
@@ -426,6 +446,9 @@ def _find_refusal(error: BaseException) -> BaseException | None:
         pending += [e for e in (current.__cause__, current.__context__) if e is not None]
         failures = getattr(current, "failures", None)
         if isinstance(failures, dict):
-            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()
-                        if isinstance(f[0] if isinstance(f, tuple) else f, BaseException)]
+            pending += [
+                f[0] if isinstance(f, tuple) else f
+                for f in failures.values()
+                if isinstance(f[0] if isinstance(f, tuple) else f, BaseException)
+            ]
     return None

@@ -56,8 +56,10 @@ class StatusReporter:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        url = (f"https://{host}:{port}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/"
-               f"{name}/status")
+        url = (
+            f"https://{host}:{port}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/"
+            f"{name}/status"
+        )
         ca = sa_dir / "ca.crt"
         interval = float(os.environ.get("KUBETUNE_STATUS_INTERVAL", "10"))
         return cls(url, sa_dir / "token", ca if ca.exists() else None, interval)
@@ -94,10 +96,15 @@ class StatusReporter:
 
     def _send(self, fields: dict[str, Any]) -> bool:
         data = json.dumps({"status": fields}).encode()
-        request = urllib.request.Request(self.url, data=data, method="PATCH", headers={
-            "Content-Type": "application/merge-patch+json",
-            "Authorization": f"Bearer {self.token_file.read_text().strip()}",
-        })
+        request = urllib.request.Request(
+            self.url,
+            data=data,
+            method="PATCH",
+            headers={
+                "Content-Type": "application/merge-patch+json",
+                "Authorization": f"Bearer {self.token_file.read_text().strip()}",
+            },
+        )
         context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         try:
             with urllib.request.urlopen(request, context=context, timeout=10) as response:
@@ -107,6 +114,9 @@ class StatusReporter:
         except (urllib.error.URLError, OSError) as error:
             if not self._warned:
                 detail = getattr(error, "code", None) or getattr(error, "reason", error)
-                print(f"[kubetune] cannot update the FineTuneJob status ({detail}); training goes on", flush=True)
+                print(
+                    f"[kubetune] cannot update the FineTuneJob status ({detail}); training goes on",
+                    flush=True,
+                )
                 self._warned = True
             return False

@@ -60,8 +60,10 @@ def finish_runs(summary: dict[str, Any] | None = None) -> None:
         try:
             tracker.finish(summary)
         except Exception as error:  # noqa: BLE001 - a tracker problem must not fail a finished run
-            print(f"[kubetune] warning: closing the {tracker.name} run failed: {type(error).__name__}: {error}",
-                  flush=True)
+            print(
+                f"[kubetune] warning: closing the {tracker.name} run failed: {type(error).__name__}: {error}",
+                flush=True,
+            )
 
 
 def _register(tracker: Any) -> None:
@@ -99,8 +101,10 @@ class _NeverFailsTraining:
         except Exception as error:  # noqa: BLE001 - any tracker failure: warn once and go on
             self._disabled = True
             message = re.sub(r"//[^/@\s]+@", "//***@", f"{type(error).__name__}: {error}")[:300]
-            print(f"[kubetune] warning: {self.name} logging failed and is off for the rest of this run ({message})",
-                  flush=True)
+            print(
+                f"[kubetune] warning: {self.name} logging failed and is off for the rest of this run ({message})",
+                flush=True,
+            )
             return None
 
     def on_train_begin(self, *args: Any, **kwargs: Any) -> Any:
@@ -129,12 +133,23 @@ def _final_metrics(summary: dict[str, Any] | None) -> dict[str, float]:
 def _spec_params(ctx: Any) -> dict[str, Any]:
     """The job's own settings (secret references are names, never values)."""
     spec = ctx.spec
-    params = {"job": ctx.job.metadata.name, "model": spec.model.source, "method": spec.method.type,
-              "task": spec.task.type, "worldSize": ctx.world_size}
-    params.update({f"training.{k}": v for k, v in spec.training.model_dump(mode="json", by_alias=True,
-                                                                           exclude_none=True).items()})
+    params = {
+        "job": ctx.job.metadata.name,
+        "model": spec.model.source,
+        "method": spec.method.type,
+        "task": spec.task.type,
+        "worldSize": ctx.world_size,
+    }
+    params.update(
+        {
+            f"training.{k}": v
+            for k, v in spec.training.model_dump(mode="json", by_alias=True, exclude_none=True).items()
+        }
+    )
     if spec.method.lora is not None:
-        params.update({f"lora.{k}": v for k, v in spec.method.lora.model_dump(mode="json", by_alias=True).items()})
+        params.update(
+            {f"lora.{k}": v for k, v in spec.method.lora.model_dump(mode="json", by_alias=True).items()}
+        )
     return params
 
 
@@ -160,24 +175,31 @@ class KubetuneWandbCallback(_NeverFailsTraining, WandbCallback):
         try:
             super().__init__()
         except RuntimeError:
-            raise ConfigError("tracking.wandb needs the wandb package in the trainer image (pip install wandb)") \
-                from None
+            raise ConfigError(
+                "tracking.wandb needs the wandb package in the trainer image (pip install wandb)"
+            ) from None
         from transformers.integrations.integration_utils import WandbLogModel
 
         self._log_model = WandbLogModel("false")  # never upload model weights to W&B
         self.ctx, self.spec, self.run = ctx, spec, None
         if spec.mode == "online" and not _wandb_key_available():
-            raise ConfigError("tracking.wandb.mode online needs WANDB_API_KEY in the environment (in a cluster: "
-                              "tracking.wandb.apiKeySecretRef naming a Secret with WANDB_API_KEY); or use "
-                              "mode: offline to write the run under the output")
+            raise ConfigError(
+                "tracking.wandb.mode online needs WANDB_API_KEY in the environment (in a cluster: "
+                "tracking.wandb.apiKeySecretRef naming a Secret with WANDB_API_KEY); or use "
+                "mode: offline to write the run under the output"
+            )
 
     def setup(self, args: Any, state: Any, model: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero and self.run is None:
             directory = self.ctx.work_dir  # wandb adds wandb/<run>/ below it
             directory.mkdir(parents=True, exist_ok=True)
             self.run = self._wandb.init(
-                project=self.spec.project, entity=self.spec.entity, mode=self.spec.mode, dir=str(directory),
-                name=self.ctx.job.metadata.name, job_type="fine-tune",
+                project=self.spec.project,
+                entity=self.spec.entity,
+                mode=self.spec.mode,
+                dir=str(directory),
+                name=self.ctx.job.metadata.name,
+                job_type="fine-tune",
                 tags=[str(self.ctx.spec.method.type), str(self.ctx.spec.task.type)],
                 config={"kubetune": _spec_params(self.ctx)},
                 settings=self._wandb.Settings(silent=True),
@@ -214,8 +236,9 @@ class KubetuneMlflowCallback(_NeverFailsTraining, MLflowCallback):
         try:
             super().__init__()
         except RuntimeError:
-            raise ConfigError("tracking.mlflow needs the mlflow package in the trainer image (pip install "
-                              "mlflow-skinny)") from None
+            raise ConfigError(
+                "tracking.mlflow needs the mlflow package in the trainer image (pip install mlflow-skinny)"
+            ) from None
         self.ctx, self.spec, self.run_id = ctx, spec, None
         if spec.tracking_uri.startswith("file:"):
             # MLflow >= 3.7 refuses the file store unless told otherwise; the spec asked for it.
@@ -226,16 +249,26 @@ class KubetuneMlflowCallback(_NeverFailsTraining, MLflowCallback):
             mlflow = self._ml_flow
             mlflow.set_tracking_uri(self.spec.tracking_uri)
             experiment = mlflow.set_experiment(self.spec.experiment)
-            run = mlflow.start_run(run_name=self.ctx.job.metadata.name, experiment_id=experiment.experiment_id,
-                                   nested=mlflow.active_run() is not None,
-                                   tags={"kubetune.job": self.ctx.job.metadata.name,
-                                         "kubetune.method": str(self.ctx.spec.method.type)})
+            run = mlflow.start_run(
+                run_name=self.ctx.job.metadata.name,
+                experiment_id=experiment.experiment_id,
+                nested=mlflow.active_run() is not None,
+                tags={
+                    "kubetune.job": self.ctx.job.metadata.name,
+                    "kubetune.method": str(self.ctx.spec.method.type),
+                },
+            )
             self.run_id = run.info.run_id
-            params = {re.sub(r"[^0-9A-Za-z_\-. /]", "_", k): str(v)[:250] for k, v in _spec_params(self.ctx).items()}
+            params = {
+                re.sub(r"[^0-9A-Za-z_\-. /]", "_", k): str(v)[:250] for k, v in _spec_params(self.ctx).items()
+            }
             mlflow.log_params({f"kubetune.{k}": v for k, v in params.items()})
             _register(self)
-            print(f"[kubetune] logging to MLflow {redact_uri(self.spec.tracking_uri)} experiment "
-                  f"{self.spec.experiment} (run {self.run_id})", flush=True)
+            print(
+                f"[kubetune] logging to MLflow {redact_uri(self.spec.tracking_uri)} experiment "
+                f"{self.spec.experiment} (run {self.run_id})",
+                flush=True,
+            )
         super().setup(args, state, model)  # finds the active run; logs the TrainingArguments
         self._auto_end_run = False  # ended by finish(), after the final evaluation
 

@@ -71,14 +71,20 @@ class RunContext:
 
 def training_config_hash(spec: FineTuneJobSpec) -> str:
     """Hash of what decides the training trajectory; a checkpoint only resumes a run with the same hash."""
-    relevant = spec.model_dump(mode="json", include={"model", "method", "task", "datasets", "validation",
-                                                      "cleaning", "training"})
+    relevant = spec.model_dump(
+        mode="json", include={"model", "method", "task", "datasets", "validation", "cleaning", "training"}
+    )
     relevant["model"].pop("credentials_secret_ref", None)
     return config_hash(relevant)
 
 
-def make_context(job: FineTuneJob, output: str | None = None, deepspeed_config: dict | None = None,
-                 resume: str = "auto", show_progress: bool = True) -> RunContext:
+def make_context(
+    job: FineTuneJob,
+    output: str | None = None,
+    deepspeed_config: dict | None = None,
+    resume: str = "auto",
+    show_progress: bool = True,
+) -> RunContext:
     """Decide the output and work directories and read the rank from torchrun's environment."""
     output_uri = output or job.spec.output.uri or f"runs/{job.metadata.name}"
     rank = int(os.environ.get("RANK", "0"))
@@ -90,9 +96,17 @@ def make_context(job: FineTuneJob, output: str | None = None, deepspeed_config: 
         output_uri = str(Path(output_uri).expanduser().resolve())
         work_dir = Path(output_uri)
     work_dir.mkdir(parents=True, exist_ok=True)
-    return RunContext(job=job, output_uri=output_uri, work_dir=work_dir, rank=rank, world_size=world_size,
-                      deepspeed_config=deepspeed_config, resume=resume, show_progress=show_progress,
-                      s3=S3Options.from_spec(job.spec.storage))
+    return RunContext(
+        job=job,
+        output_uri=output_uri,
+        work_dir=work_dir,
+        rank=rank,
+        world_size=world_size,
+        deepspeed_config=deepspeed_config,
+        resume=resume,
+        show_progress=show_progress,
+        s3=S3Options.from_spec(job.spec.storage),
+    )
 
 
 def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_hash: str) -> str | None:
@@ -109,7 +123,8 @@ def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_has
         raise ConfigError(
             f"output {ctx.output_uri} holds checkpoints of a different training configuration "
             f"(hash {manifest.get('configHash')} != {expected_hash}); use a new output.uri, or delete the old "
-            "checkpoints to start over")
+            "checkpoints to start over"
+        )
     local = ctx.work_dir / "checkpoints" / step_name(latest.step)
     path = store.fetch(latest.step, local)
     # Whoever can write the output wrote these files: nothing in them may be unpickled beyond
@@ -119,8 +134,9 @@ def find_resume_checkpoint(ctx: RunContext, store: CheckpointStore, expected_has
     return str(path)
 
 
-def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedData | None = None
-                   ) -> tuple[Any, Any, dict[str, Any], list[data_lib.Row]]:
+def build_datasets(
+    ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedData | None = None
+) -> tuple[Any, Any, dict[str, Any], list[data_lib.Row]]:
     """Read (unless `prepared` is given), clean, split, mix and tokenize; returns (train, eval, data report,
     validation rows)."""
     from datasets import Dataset
@@ -128,7 +144,9 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
     if prepared is None:
         prepared = data_lib.prepare_rows(ctx.spec, model_lib.cache_root() / "data", ctx.s3)
     train_sequences, train_stats = data_lib.tokenize_rows(prepared.train, tokenizer, ctx.spec)
-    eval_sequences, eval_stats = data_lib.tokenize_rows(prepared.validation, tokenizer, ctx.spec, packing=False)
+    eval_sequences, eval_stats = data_lib.tokenize_rows(
+        prepared.validation, tokenizer, ctx.spec, packing=False
+    )
 
     def to_dataset(sequences: list[data_lib.TokenizedExample]) -> Any:
         from kubetune_trainer.packing import dataset_columns
@@ -146,8 +164,14 @@ def build_datasets(ctx: RunContext, tokenizer: Any, prepared: data_lib.PreparedD
     return to_dataset(train_sequences), to_dataset(eval_sequences), report, prepared.validation
 
 
-def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, eval_steps: int | None,
-                       args_class: type | None = None, **extra: Any) -> Any:
+def training_arguments(
+    ctx: RunContext,
+    precision: str,
+    checkpoint_dir: Path,
+    eval_steps: int | None,
+    args_class: type | None = None,
+    **extra: Any,
+) -> Any:
     """Map the spec onto transformers' TrainingArguments (or a subclass such as TRL's DPOConfig, with `extra`)."""
     import torch
     from transformers import TrainingArguments
@@ -165,12 +189,16 @@ def training_arguments(ctx: RunContext, precision: str, checkpoint_dir: Path, ev
     save_steps = ctx.spec.checkpoint.every_steps
     early = training.early_stopping
     if early is not None and eval_steps is None:
-        raise ConfigError("training.earlyStopping needs evaluation.everySteps (the plateau is measured there)")
+        raise ConfigError(
+            "training.earlyStopping needs evaluation.everySteps (the plateau is measured there)"
+        )
     if early is not None and eval_steps is not None:  # (eval_steps is set with early stopping: checked above)
         save_steps = save_steps or eval_steps
         if save_steps % eval_steps:
-            raise ConfigError(f"training.earlyStopping: checkpoint.everySteps ({save_steps}) must be a multiple of "
-                              f"evaluation.everySteps ({eval_steps}) so the best evaluation has a checkpoint")
+            raise ConfigError(
+                f"training.earlyStopping: checkpoint.everySteps ({save_steps}) must be a multiple of "
+                f"evaluation.everySteps ({eval_steps}) so the best evaluation has a checkpoint"
+            )
     strategy = ctx.spec.resources.strategy
     fsdp_kwargs: dict[str, Any] = {}
     if strategy == "fsdp" and ctx.world_size > 1:
@@ -306,11 +334,20 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in dataset["input_ids"]]
-            return seeded_sampler(seed, self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths,
-                                  group_by_length=group_by_length)
+            return seeded_sampler(
+                seed,
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths,
+                group_by_length=group_by_length,
+            )
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             """Next-token loss computing logits only where a label is learned.
 
             With prompt masking most positions carry no label; projecting them onto the vocabulary
@@ -329,8 +366,12 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
             outputs = model(**model_inputs, logits_to_keep=positions)
             logits = outputs.logits.float()
             target = next_labels[:, positions]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
                 if self.args.average_tokens_across_devices:
@@ -401,29 +442,57 @@ def run(ctx: RunContext) -> dict[str, Any]:
     baseline_seconds, baseline = baseline_eval.seconds, baseline_eval.result
     assert baseline is not None  # the BaselineEvaluator callback set it as training began
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+    if (
+        last_eval
+        and last_eval[-1].get("step") == trainer.state.global_step
+        and not trainer.args.load_best_model_at_end
+    ):
         final_metrics = {"eval_loss": last_eval[-1]["eval_loss"]}  # just evaluated at this very step
     else:
         final_metrics = trainer.evaluate(metric_key_prefix="eval")
-    final = {"eval_loss": final_metrics["eval_loss"], "perplexity": perplexity(final_metrics["eval_loss"]),
-             "samples": samples.generate(trainer.model)}
+    final = {
+        "eval_loss": final_metrics["eval_loss"],
+        "perplexity": perplexity(final_metrics["eval_loss"]),
+        "samples": samples.generate(trainer.model),
+    }
 
     # ---- 6. exports and the summary (written last)
     artifacts: list[dict[str, Any]] = []
     if ctx.is_main:
         samples.write(ctx, baseline["samples"], final["samples"])
         reporter.write_loss_plot()
-    artifacts = export_lib.export_all(ctx, trainer, tokenizer, model_dir, data_report=data_report,
-                                      baseline=baseline, final=final, eval_set=eval_set)
-    summary = run_summary(ctx, model, trainer, train_result, started=started, expected_hash=expected_hash,
-                          precision=precision, baseline_seconds=baseline_seconds, publisher=publisher,
-                          reporter=reporter, store=store, resume_from=resume_from, artifacts=artifacts,
-                          data_report=data_report, metrics={
-                              "baselineEvalLoss": baseline["eval_loss"],
-                              "baselinePerplexity": baseline["perplexity"],
-                              "finalEvalLoss": final["eval_loss"],
-                              "finalPerplexity": final["perplexity"],
-                          })
+    artifacts = export_lib.export_all(
+        ctx,
+        trainer,
+        tokenizer,
+        model_dir,
+        data_report=data_report,
+        baseline=baseline,
+        final=final,
+        eval_set=eval_set,
+    )
+    summary = run_summary(
+        ctx,
+        model,
+        trainer,
+        train_result,
+        started=started,
+        expected_hash=expected_hash,
+        precision=precision,
+        baseline_seconds=baseline_seconds,
+        publisher=publisher,
+        reporter=reporter,
+        store=store,
+        resume_from=resume_from,
+        artifacts=artifacts,
+        data_report=data_report,
+        metrics={
+            "baselineEvalLoss": baseline["eval_loss"],
+            "baselinePerplexity": baseline["perplexity"],
+            "finalEvalLoss": final["eval_loss"],
+            "finalPerplexity": final["perplexity"],
+        },
+    )
     finish_run(ctx, reporter, summary)
     return summary
 
@@ -454,8 +523,11 @@ def recipe_callbacks(ctx: RunContext, baseline: Any, reporter: Any, publisher: A
     if early is not None:
         from transformers import EarlyStoppingCallback
 
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early.patience,
-                                               early_stopping_threshold=early.min_delta))
+        callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=early.patience, early_stopping_threshold=early.min_delta
+            )
+        )
     return callbacks
 
 
@@ -470,13 +542,16 @@ def attach_trainer(ctx: RunContext, trainer: Any, reporter: Any, baseline: Any) 
         trainer.add_callback(callback)
 
 
-def train_until_done(ctx: RunContext, trainer: Any, publisher: Any, store: CheckpointStore,
-                     resume_from: str | None) -> Any:
+def train_until_done(
+    ctx: RunContext, trainer: Any, publisher: Any, store: CheckpointStore, resume_from: str | None
+) -> Any:
     """trainer.train() (every checkpoint load in there, the resume and the best model at the end, is
     weights-only), then wait for the checkpoint uploads; None when preempted (SIGTERM)."""
     from kubetune_trainer import callbacks as cb
 
-    with safe_loading.weights_only_loading(deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from):
+    with safe_loading.weights_only_loading(
+        deepspeed=ctx.deepspeed_config is not None, checkpoint=resume_from
+    ):
         train_result = trainer.train(resume_from_checkpoint=resume_from)
     publisher.wait()
     if cb.PreemptionHandler.requested:
@@ -485,10 +560,24 @@ def train_until_done(ctx: RunContext, trainer: Any, publisher: Any, store: Check
     return train_result
 
 
-def run_summary(ctx: RunContext, model: Any, trainer: Any, train_result: Any, *, started: float, expected_hash: str,
-                precision: str, baseline_seconds: float, publisher: Any, reporter: Any, store: CheckpointStore,
-                resume_from: str | None, artifacts: list[dict[str, Any]], data_report: dict[str, Any],
-                metrics: dict[str, Any]) -> dict[str, Any]:
+def run_summary(
+    ctx: RunContext,
+    model: Any,
+    trainer: Any,
+    train_result: Any,
+    *,
+    started: float,
+    expected_hash: str,
+    precision: str,
+    baseline_seconds: float,
+    publisher: Any,
+    reporter: Any,
+    store: CheckpointStore,
+    resume_from: str | None,
+    artifacts: list[dict[str, Any]],
+    data_report: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
     """Wait for the checkpoint uploads, prune old checkpoints (rank 0) and build the RunSummary."""
     spec = ctx.spec
     store.wait()
@@ -519,7 +608,8 @@ def run_summary(ctx: RunContext, model: Any, trainer: Any, train_result: Any, *,
         "tokensPerSecond": reporter.mean_tokens_per_second(),
         "durationSeconds": round(time.time() - started, 2),
         "resumedFrom": resume_from and Path(resume_from).name,
-        "earlyStopped": bool(spec.training.early_stopping) and trainer.state.global_step < trainer.state.max_steps,
+        "earlyStopped": bool(spec.training.early_stopping)
+        and trainer.state.global_step < trainer.state.max_steps,
         "bestStep": getattr(trainer.state, "best_global_step", None),
         "metrics": metrics,
         "data": data_report,
@@ -558,7 +648,9 @@ def tracking_callbacks(ctx: RunContext) -> list[Any]:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard"))))
+        callbacks.append(
+            TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard")))
+        )
     from kubetune_trainer import tracking
 
     callbacks += tracking.callbacks_for(ctx)  # Weights & Biases, MLflow

@@ -58,7 +58,9 @@ class S3Options:
         """
         env = os.environ if env is None else env
         s3 = getattr(spec, "s3", spec)  # StorageSpec -> its S3Spec
-        endpoint = getattr(s3, "endpoint_url", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            getattr(s3, "endpoint_url", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        )
         region = getattr(s3, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         ca_bundle = getattr(s3, "ca_bundle", None) or env.get("AWS_CA_BUNDLE") or None
         values: dict[str, Any] = {

@@ -7,14 +7,33 @@ from kubetune.storage.client import S3Options, get_client
 
 # Error codes, by what they mean for the caller.
 ACCESS_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-    "TokenRefreshRequired", "InvalidClientTokenId", "AllAccessDisabled", "AccountProblem", "403", "Forbidden",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "403",
+    "Forbidden",
 }
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 THROTTLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "RequestThrottled", "ProvisionedThroughputExceededException", "ServiceUnavailable", "InternalError",
-    "RequestTimeout", "RequestTimeTooSkewed", "BandwidthLimitExceeded", "PriorRequestNotComplete",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "RequestThrottled",
+    "ProvisionedThroughputExceededException",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "BandwidthLimitExceeded",
+    "PriorRequestNotComplete",
 }
 
 
@@ -86,34 +105,40 @@ def storage_error(exc: BaseException, bucket: str, key: str, action: str, option
                 f"access denied ({code or status}) to {action} {uri} (bucket {bucket!r}, key {key!r}) at "
                 f"{endpoint}: {cause}; check the credentials Secret (AWS_ACCESS_KEY_ID / "
                 f"AWS_SECRET_ACCESS_KEY) or the service account's IAM role and the bucket policy",
-                code or "403", False,
+                code or "403",
+                False,
             )
         if code == "NoSuchBucket":
             return make(
                 f"bucket {bucket!r} does not exist (NoSuchBucket) at {endpoint}; cannot {action} {uri} "
                 f"(key {key!r}): check the bucket name, the endpoint URL and the region",
-                code, False,
+                code,
+                False,
             )
         if code in NOT_FOUND_CODES or status == 404:
             return make(
                 f"no such object (NoSuchKey): cannot {action} {uri} (bucket {bucket!r}, key {key!r}) at {endpoint}",
-                "NoSuchKey", False,
+                "NoSuchKey",
+                False,
             )
         if code in THROTTLE_CODES or (isinstance(status, int) and status >= 500) or status == 429:
             return make(
                 f"S3 is unavailable or throttling ({code or status}: {server_message}) while trying to "
                 f"{action} {uri} (after {options.max_attempts} attempts with backoff)",
-                code or str(status), True,
+                code or str(status),
+                True,
             )
         return make(
             f"cannot {action} {uri} (bucket {bucket!r}, key {key!r}): {code or status}: {server_message}",
-            code or str(status), False,
+            code or str(status),
+            False,
         )
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return make(
             f"no usable AWS credentials to {action} {uri} (bucket {bucket!r}): set AWS_ACCESS_KEY_ID and "
             f"AWS_SECRET_ACCESS_KEY from the credentials Secret, or configure web identity (IRSA)",
-            "NoCredentials", False,
+            "NoCredentials",
+            False,
         )
     from botocore.exceptions import SSLError
 
@@ -122,10 +147,14 @@ def storage_error(exc: BaseException, bucket: str, key: str, action: str, option
             f"TLS verification failed for {endpoint} while trying to {action} {uri} (bucket {bucket!r}): "
             f"{exc}; set storage.s3.caBundle (or AWS_CA_BUNDLE) to the CA that signed the server's "
             f"certificate, or storage.s3.verifyTls false",
-            "SSLError", False,
+            "SSLError",
+            False,
         )
     retryable_types: tuple[type[BaseException], ...] = (
-        BotoConnectionError, HTTPClientError, TimeoutError, ConnectionError,
+        BotoConnectionError,
+        HTTPClientError,
+        TimeoutError,
+        ConnectionError,
     )
     try:
         from s3transfer.exceptions import RetriesExceededError
@@ -137,7 +166,8 @@ def storage_error(exc: BaseException, bucket: str, key: str, action: str, option
         return make(
             f"cannot reach S3 at {endpoint} to {action} {uri} (bucket {bucket!r}, key {key!r}): "
             f"{type(exc).__name__}: {exc}",
-            type(exc).__name__, True,
+            type(exc).__name__,
+            True,
         )
     if isinstance(exc, OSError):
         return make(f"local file error while trying to {action} {uri}: {exc}", type(exc).__name__, False)
@@ -161,11 +191,17 @@ def not_found_error(bucket: str, key: str, action: str, options: S3Options) -> S
         pass
     return StorageError(
         f"no such object (NoSuchKey): cannot {action} s3://{bucket}/{key} (bucket {bucket!r}, key {key!r})",
-        uri=f"s3://{bucket}/{key}", bucket=bucket, key=key, code="NoSuchKey", retryable=False,
+        uri=f"s3://{bucket}/{key}",
+        bucket=bucket,
+        key=key,
+        code="NoSuchKey",
+        retryable=False,
     )
 
 
-def classified_error(exc: BaseException, bucket: str, key: str, action: str, options: S3Options) -> StorageError:
+def classified_error(
+    exc: BaseException, bucket: str, key: str, action: str, options: S3Options
+) -> StorageError:
     err = storage_error(exc, bucket, key, action, options)
     if err.code == "NoSuchKey":
         err = not_found_error(bucket, key, action, options)

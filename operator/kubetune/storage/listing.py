@@ -31,7 +31,7 @@ def list_tree(prefix_uri: str, *, options: S3Options | None = None) -> dict[str,
         bucket, key = split_s3(prefix_uri)
         prefix = dir_key(key)
         return {
-            obj["Key"][len(prefix):]: int(obj["Size"])
+            obj["Key"][len(prefix) :]: int(obj["Size"])
             for obj in list_objects(bucket, prefix, opts)
             if not obj["Key"].endswith("/")
         }
@@ -54,11 +54,11 @@ def list_dir(prefix_uri: str, *, options: S3Options | None = None) -> list[str]:
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []) or []:
-                name = common["Prefix"][len(prefix):].rstrip("/")
+                name = common["Prefix"][len(prefix) :].rstrip("/")
                 if name:
                     names.add(name)
             for obj in page.get("Contents", []) or []:
-                name = obj["Key"][len(prefix):]
+                name = obj["Key"][len(prefix) :]
                 if name and "/" not in name:
                     names.add(name)
     except Exception as exc:  # noqa: BLE001
@@ -112,7 +112,9 @@ def expand(uri_or_glob: str, *, options: S3Options | None = None) -> list[str]:
     if has_glob(key):
         cut = min(i for i in (key.find(c) for c in GLOB_CHARS) if i >= 0)
         keys = [o["Key"] for o in list_objects(bucket, key[:cut], opts)]
-        return sorted(f"s3://{bucket}/{k}" for k in keys if not k.endswith("/") and fnmatch.fnmatchcase(k, key))
+        return sorted(
+            f"s3://{bucket}/{k}" for k in keys if not k.endswith("/") and fnmatch.fnmatchcase(k, key)
+        )
     keys = [o["Key"] for o in list_objects(bucket, key, opts)]
     if key and not key.endswith("/") and key in keys:
         return [f"s3://{bucket}/{key}"]

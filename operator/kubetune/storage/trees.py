@@ -79,7 +79,7 @@ def download_tree(
     objects = [
         (o["Key"], int(o["Size"]))
         for o in list_objects(bucket, prefix, opts)
-        if not o["Key"].endswith("/") and (only is None or o["Key"][len(prefix):] in only)
+        if not o["Key"].endswith("/") and (only is None or o["Key"][len(prefix) :] in only)
     ]
     return download_objects(bucket, prefix, objects, dest, opts)
 
@@ -91,7 +91,7 @@ def download_objects(
     with transfer_manager(options) as manager:
         futures = []
         for obj_key, size in objects:
-            target = dest / obj_key[len(prefix):]
+            target = dest / obj_key[len(prefix) :]
             if not target.resolve().is_relative_to(dest.resolve()):
                 raise StorageError(f"refusing to write s3://{bucket}/{obj_key} outside {dest}")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,9 @@ def upload_tree(
             futures = []
             for rel in batch:
                 subscribers = [_DoneSubscriber(functools.partial(on_uploaded, rel))] if on_uploaded else None
-                futures.append((rel, manager.upload(str(root / rel), bucket, prefix + rel, subscribers=subscribers)))
+                futures.append(
+                    (rel, manager.upload(str(root / rel), bucket, prefix + rel, subscribers=subscribers))
+                )
             errors = []
             for rel, future in futures:
                 try:
@@ -175,21 +177,21 @@ def delete_tree(prefix_uri: str, *, options: S3Options | None = None, first: Col
     if not prefix:
         raise StorageError(f"refusing to delete a whole bucket: {prefix_uri}", bucket=bucket)
     keys = [o["Key"] for o in list_objects(bucket, prefix, opts)]
-    early = [k for k in keys if k[len(prefix):] in first]
+    early = [k for k in keys if k[len(prefix) :] in first]
     rest = [k for k in keys if k not in early]
     # Servers backed by a file system (SeaweedFS, MinIO in some modes) keep emptied "directories",
     # which would still show in delimiter listings: delete those keys too, deepest first (on AWS
     # these keys usually do not exist and deleting them is a no-op).
     dirs = {prefix}
     for k in keys:
-        parts = k[len(prefix):].split("/")[:-1]
+        parts = k[len(prefix) :].split("/")[:-1]
         dirs.update(prefix + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1))
     by_depth = sorted({d.count("/") for d in dirs}, reverse=True)
     dir_batches = [[d for d in dirs if d.count("/") == depth] for depth in by_depth]
     client = get_client(opts)
     for batch_keys in (early, rest, *dir_batches):
         for start in range(0, len(batch_keys), 1000):
-            chunk = batch_keys[start:start + 1000]
+            chunk = batch_keys[start : start + 1000]
             try:
                 response = client.delete_objects(
                     Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
@@ -201,7 +203,10 @@ def delete_tree(prefix_uri: str, *, options: S3Options | None = None, first: Col
                 e = failed[0]
                 raise StorageError(
                     f"cannot delete s3://{bucket}/{e.get('Key')}: {e.get('Code')}: {e.get('Message')}",
-                    uri=f"s3://{bucket}/{e.get('Key')}", bucket=bucket, key=e.get("Key"), code=e.get("Code"),
+                    uri=f"s3://{bucket}/{e.get('Key')}",
+                    bucket=bucket,
+                    key=e.get("Key"),
+                    code=e.get("Code"),
                     retryable=e.get("Code") in THROTTLE_CODES,
                 )
     return len(keys)

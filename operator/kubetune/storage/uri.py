@@ -18,7 +18,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; the key may be empty."""
     if not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}")
     return bucket, key
@@ -38,7 +38,7 @@ def local_path(uri: str | os.PathLike[str]) -> Path:
     """A local path or ``file://`` URI as a Path (``~`` expanded)."""
     text = os.fspath(uri)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     return Path(text).expanduser()
 
 

@@ -51,7 +51,22 @@ from kubetune_trainer.estimate.report import format_gpu_table, format_report
 from kubetune_trainer.estimate.tokens import SAMPLE_ROWS, count_tokens
 
 __all__ = [
-    "DEFAULT_MFU", "GIB", "GPU_TABLE", "SAMPLE_ROWS", "activation_bytes", "bytes_per_parameter", "calibrate",
-    "count_tokens", "estimate", "format_gpu_table", "format_report", "load_gpu_table", "main",
-    "measure_peak_flops", "memory_per_gpu", "model_facts", "plan_steps", "training_flops",
+    "DEFAULT_MFU",
+    "GIB",
+    "GPU_TABLE",
+    "SAMPLE_ROWS",
+    "activation_bytes",
+    "bytes_per_parameter",
+    "calibrate",
+    "count_tokens",
+    "estimate",
+    "format_gpu_table",
+    "format_report",
+    "load_gpu_table",
+    "main",
+    "measure_peak_flops",
+    "memory_per_gpu",
+    "model_facts",
+    "plan_steps",
+    "training_flops",
 ]

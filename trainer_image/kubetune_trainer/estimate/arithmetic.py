@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GIB = 1024 ** 3
+GIB = 1024**3
 RUNTIME_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS/NCCL workspaces, allocator slack
 FIT_FRACTION = 0.95  # warn when the estimate exceeds this share of the GPU's memory
 TIGHT_FRACTION = 0.85
 
 
-def plan_steps(sequences: int, batch_size: int, world_size: int, accumulation: int, epochs: float | None,
-               max_steps: int | None) -> dict[str, Any]:
+def plan_steps(
+    sequences: int,
+    batch_size: int,
+    world_size: int,
+    accumulation: int,
+    epochs: float | None,
+    max_steps: int | None,
+) -> dict[str, Any]:
     """Optimizer steps as transformers' Trainer computes them.
 
     Each rank gets ceil(ceil(sequences / batch) / world) micro-batches per epoch (accelerate shards
@@ -23,15 +29,32 @@ def plan_steps(sequences: int, batch_size: int, world_size: int, accumulation: i
     per_rank = math.ceil(batches / world_size)
     per_epoch = max(1, math.ceil(per_rank / accumulation))
     total = max_steps if max_steps else math.ceil((epochs or 1.0) * per_epoch)
-    return {"sequences": sequences, "batchSizePerDevice": batch_size, "worldSize": world_size,
-            "gradientAccumulationSteps": accumulation, "globalBatchSize": batch_size * world_size * accumulation,
-            "microBatchesPerRankPerEpoch": per_rank, "stepsPerEpoch": per_epoch,
-            "epochs": round(total / per_epoch, 4), "maxSteps": max_steps, "totalSteps": total}
+    return {
+        "sequences": sequences,
+        "batchSizePerDevice": batch_size,
+        "worldSize": world_size,
+        "gradientAccumulationSteps": accumulation,
+        "globalBatchSize": batch_size * world_size * accumulation,
+        "microBatchesPerRankPerEpoch": per_rank,
+        "stepsPerEpoch": per_epoch,
+        "epochs": round(total / per_epoch, 4),
+        "maxSteps": max_steps,
+        "totalSteps": total,
+    }
 
 
-def training_flops(method: str, flop_parameters: int, adapter_parameters: int, tokens: float,
-                   gradient_checkpointing: bool, eval_tokens: float = 0, *, head_parameters: int = 0,
-                   head_tokens: float | None = None, eval_head_tokens: float | None = None) -> dict[str, Any]:
+def training_flops(
+    method: str,
+    flop_parameters: int,
+    adapter_parameters: int,
+    tokens: float,
+    gradient_checkpointing: bool,
+    eval_tokens: float = 0,
+    *,
+    head_parameters: int = 0,
+    head_tokens: float | None = None,
+    eval_head_tokens: float | None = None,
+) -> dict[str, Any]:
     """FLOPs of training on `tokens` tokens (and of `eval_tokens` forward-only evaluation tokens).
 
     full:       6·N·T  (forward 2N, backward 4N: gradients of activations 2N and of weights 2N)
@@ -53,9 +76,16 @@ def training_flops(method: str, flop_parameters: int, adapter_parameters: int, t
     recompute = 2 * (n - head + a) * t if gradient_checkpointing else 0
     evaluation = 2 * (n - head) * eval_tokens + 2 * head * head_e
     formula = "6·N·T" if method == "full" else "4·N·T + 6·N_adapter·T"
-    return {"formula": formula, "perToken": (base + adapters + recompute) / t if t else 0,
-            "base": base, "adapters": adapters, "model": base + adapters, "recompute": recompute,
-            "evaluation": evaluation, "total": base + adapters + recompute + evaluation}
+    return {
+        "formula": formula,
+        "perToken": (base + adapters + recompute) / t if t else 0,
+        "base": base,
+        "adapters": adapters,
+        "model": base + adapters,
+        "recompute": recompute,
+        "evaluation": evaluation,
+        "total": base + adapters + recompute + evaluation,
+    }
 
 
 def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any = None) -> dict[str, Any]:
@@ -74,7 +104,9 @@ def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any =
     frozen = weight
     four_bit = None
     if method == "qlora":
-        compute = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0}[quant.compute_dtype if quant else "bfloat16"]
+        compute = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0}[
+            quant.compute_dtype if quant else "bfloat16"
+        ]
         double = quant.double_quant if quant else True
         four_bit = (4 + (8 / 64 + 32 / (64 * 256) if double else 32 / 64)) / 8
         frozen = compute
@@ -86,12 +118,18 @@ def bytes_per_parameter(method: str, precision: str, strategy: str, quant: Any =
         trainable_weight, gradient, optimizer = weight, weight, 2 * weight
     else:
         trainable_weight, gradient, optimizer = 4.0, 4.0, 8.0
-    return {"frozen": frozen, "frozen4bit": four_bit, "weight": trainable_weight, "gradient": gradient,
-            "optimizer": optimizer}
+    return {
+        "frozen": frozen,
+        "frozen4bit": four_bit,
+        "weight": trainable_weight,
+        "gradient": gradient,
+        "optimizer": optimizer,
+    }
 
 
-def activation_bytes(facts: dict[str, Any], batch: int, seq: int, act_bytes: float,
-                     adapter_dropout: bool) -> dict[str, float]:
+def activation_bytes(
+    facts: dict[str, Any], batch: int, seq: int, act_bytes: float, adapter_dropout: bool
+) -> dict[str, float]:
     """Activation memory of one micro-batch (b sequences of s tokens), in bytes.
 
     Per layer and token a decoder layer keeps for backward about 7h + 2·h_kv + 4·i values (the two
@@ -104,18 +142,34 @@ def activation_bytes(facts: dict[str, Any], batch: int, seq: int, act_bytes: flo
     """
     h, i, layers = facts["hidden"], facts["intermediate"], facts["layers"]
     kv = facts["kvHeads"] * facts["headDim"]
-    per_token_layer = 7 * h + 2 * kv + 4 * i + (facts.get("adapterInputsPerLayer", 0) if adapter_dropout else 0)
+    per_token_layer = (
+        7 * h + 2 * kv + 4 * i + (facts.get("adapterInputsPerLayer", 0) if adapter_dropout else 0)
+    )
     tokens = batch * seq
     full = tokens * layers * per_token_layer * act_bytes
     checkpointed = tokens * (layers * h + per_token_layer) * act_bytes
     logits = tokens * facts["vocab"] * (2 * act_bytes + 8)
-    return {"perLayerPerToken": per_token_layer, "withoutCheckpointing": full, "withCheckpointing": checkpointed,
-            "logits": logits}
+    return {
+        "perLayerPerToken": per_token_layer,
+        "withoutCheckpointing": full,
+        "withCheckpointing": checkpointed,
+        "logits": logits,
+    }
 
 
-def memory_per_gpu(facts: dict[str, Any], *, method: str, precision: str, strategy: str, world_size: int,
-                   batch: int, seq: int, gradient_checkpointing: bool, quant: Any = None,
-                   adapter_dropout: bool = False) -> dict[str, Any]:
+def memory_per_gpu(
+    facts: dict[str, Any],
+    *,
+    method: str,
+    precision: str,
+    strategy: str,
+    world_size: int,
+    batch: int,
+    seq: int,
+    gradient_checkpointing: bool,
+    quant: Any = None,
+    adapter_dropout: bool = False,
+) -> dict[str, Any]:
     """Per-GPU memory in bytes: weights, gradients and optimizer states (sharded by the strategy when
     world_size > 1), activations and logits of one micro-batch, and a fixed runtime allowance."""
     per = bytes_per_parameter(method, precision, strategy, quant)
@@ -124,10 +178,15 @@ def memory_per_gpu(facts: dict[str, Any], *, method: str, precision: str, strate
         weights = total * per["weight"]
     elif method == "qlora":
         quantized = facts["quantizableParameters"]
-        weights = quantized * per["frozen4bit"] + (total - quantized) * per["frozen"] + \
-            facts["adapterParameters"] * per["weight"]
+        weights = (
+            quantized * per["frozen4bit"]
+            + (total - quantized) * per["frozen"]
+            + facts["adapterParameters"] * per["weight"]
+        )
     else:
-        weights = (total - facts["adapterParameters"]) * per["frozen"] + facts["adapterParameters"] * per["weight"]
+        weights = (total - facts["adapterParameters"]) * per["frozen"] + facts["adapterParameters"] * per[
+            "weight"
+        ]
     gradients = trainable * per["gradient"]
     optimizer = trainable * per["optimizer"]
     shard = {"weights": 1, "gradients": 1, "optimizer": 1}
@@ -140,7 +199,9 @@ def memory_per_gpu(facts: dict[str, Any], *, method: str, precision: str, strate
         if strategy in ("deepspeed-zero3", "fsdp"):
             shard["weights"] = world_size
             # two decoder layers gathered at a time (the current one and the prefetched next one)
-            gathered = 2 * (total / max(1, facts["layers"])) * (per["weight"] if method == "full" else per["frozen"])
+            gathered = (
+                2 * (total / max(1, facts["layers"])) * (per["weight"] if method == "full" else per["frozen"])
+            )
     act_dtype = 4.0 if precision == "fp32" else 2.0
     if method == "qlora" and quant is not None and quant.compute_dtype == "float32":
         act_dtype = 4.0
@@ -157,9 +218,14 @@ def memory_per_gpu(facts: dict[str, Any], *, method: str, precision: str, strate
     }
     total_bytes = sum(parts.values())
     return {
-        "precision": precision, "strategy": strategy, "worldSize": world_size, "batchSizePerDevice": batch,
-        "sequenceLength": seq, "gradientCheckpointing": gradient_checkpointing,
-        "bytesPerParameter": per, "shardedBy": shard,
+        "precision": precision,
+        "strategy": strategy,
+        "worldSize": world_size,
+        "batchSizePerDevice": batch,
+        "sequenceLength": seq,
+        "gradientCheckpointing": gradient_checkpointing,
+        "bytesPerParameter": per,
+        "shardedBy": shard,
         "activationsPerLayerPerToken": acts["perLayerPerToken"],
         "activationsWithoutCheckpointingGiB": round(acts["withoutCheckpointing"] / GIB, 3),
         "activationsWithCheckpointingGiB": round(acts["withCheckpointing"] / GIB, 3),
@@ -177,15 +243,27 @@ def fit_label(memory: dict[str, Any], gib: float) -> str:
 
 def memory_advice(memory: dict[str, Any], method: str) -> list[str]:
     advice = []
-    if not memory["gradientCheckpointing"] and \
-            memory["activationsWithoutCheckpointingGiB"] > 2 * memory["activationsWithCheckpointingGiB"]:
-        advice.append(f"training.gradientCheckpointing: true (activations {memory['activationsGiB']} -> "
-                      f"{memory['activationsWithCheckpointingGiB']} GiB)")
-    if memory["activationsGiB"] + memory["logitsGiB"] > 0.3 * memory["totalGiB"] and memory["batchSizePerDevice"] > 1:
+    if (
+        not memory["gradientCheckpointing"]
+        and memory["activationsWithoutCheckpointingGiB"] > 2 * memory["activationsWithCheckpointingGiB"]
+    ):
+        advice.append(
+            f"training.gradientCheckpointing: true (activations {memory['activationsGiB']} -> "
+            f"{memory['activationsWithCheckpointingGiB']} GiB)"
+        )
+    if (
+        memory["activationsGiB"] + memory["logitsGiB"] > 0.3 * memory["totalGiB"]
+        and memory["batchSizePerDevice"] > 1
+    ):
         advice.append("a smaller training.batchSizePerDevice with more gradientAccumulationSteps")
-    if memory["shardedBy"]["weights"] == 1 and memory["weightsGiB"] + memory["optimizerGiB"] > 0.3 * memory["totalGiB"]:
-        advice.append("resources.strategy deepspeed-zero3 or fsdp over more GPUs (shards weights, gradients and "
-                      "optimizer states)")
+    if (
+        memory["shardedBy"]["weights"] == 1
+        and memory["weightsGiB"] + memory["optimizerGiB"] > 0.3 * memory["totalGiB"]
+    ):
+        advice.append(
+            "resources.strategy deepspeed-zero3 or fsdp over more GPUs (shards weights, gradients and "
+            "optimizer states)"
+        )
     if method == "full":
         advice.append("method lora or qlora (no gradients or optimizer states for the base weights)")
     elif method == "lora":

@@ -38,7 +38,7 @@ def measure_peak_flops(device: str = "cpu", dtype: Any = None, seconds: float = 
             sync()
             elapsed = time.perf_counter() - started
             if elapsed >= seconds:
-                return 2 * size ** 3 * count / elapsed
+                return 2 * size**3 * count / elapsed
 
 
 def device_table_entry(table: dict[str, dict[str, float]], device_name: str) -> str | None:
@@ -67,15 +67,22 @@ def reduced_job(job: FineTuneJob, output: Path, measured_steps: int) -> dict[str
     spec["evaluation"].pop("everySteps", None)
     spec["checkpoint"] = {"keepLast": 1}
     spec["tracking"] = {"tensorboard": False}
-    spec["output"] = {"uri": str(output), "exports": ["adapter"] if spec.get("method", {}).get("type", "lora")
-                      != "full" else []}
+    spec["output"] = {
+        "uri": str(output),
+        "exports": ["adapter"] if spec.get("method", {}).get("type", "lora") != "full" else [],
+    }
     spec["resources"] = {**spec.get("resources", {}), "nodes": 1}
     manifest["metadata"] = {"name": job.metadata.name}
     return manifest
 
 
-def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None, steps: int = 3,
-              gpu_table: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+def calibrate(
+    job: FineTuneJob,
+    result: dict[str, Any],
+    mfu: float | None = None,
+    steps: int = 3,
+    gpu_table: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """Train a reduced copy of the job for a few steps here; compare predicted and measured step time."""
     import torch
     import transformers.trainer as hf_trainer
@@ -119,7 +126,9 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
             hf_trainer.DEFAULT_CALLBACKS.remove(timer)  # type: ignore[arg-type]
         peak_memory = torch.cuda.max_memory_allocated() if on_gpu else None
     if code != 0 or summary is None:
-        raise ConfigError(f"calibration: the reduced training run failed (exit code {code}); see the log above")
+        raise ConfigError(
+            f"calibration: the reduced training run failed (exit code {code}); see the log above"
+        )
     marks = timer.marks[1:]  # from the end of the first (warm-up) step
     if len(marks) < 2:
         raise ConfigError("calibration: too few steps were timed")
@@ -134,13 +143,20 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
     facts = result["model"]
     data = result["data"]
     learned = data["trainableTokens"] / data["tokens"] if facts.get("selectiveLogits") else 1.0
-    per_token = training_flops(result["method"], facts["flopParameters"], facts["adapterParameters"], 1,
-                               checkpointing, head_parameters=facts.get("headParameters", 0),
-                               head_tokens=learned)["perToken"]
+    per_token = training_flops(
+        result["method"],
+        facts["flopParameters"],
+        facts["adapterParameters"],
+        1,
+        checkpointing,
+        head_parameters=facts.get("headParameters", 0),
+        head_tokens=learned,
+    )["perToken"]
     flops_per_step = per_token * tokens_per_step
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    measured_peak = measure_peak_flops("cuda" if on_gpu else "cpu",
-                                       torch.float32 if precision == "fp32" else torch.bfloat16)
+    measured_peak = measure_peak_flops(
+        "cuda" if on_gpu else "cpu", torch.float32 if precision == "fp32" else torch.bfloat16
+    )
     entry = device_table_entry(table, device_name) if on_gpu else None
     peak = table[entry]["tflops"] * 1e12 if entry else measured_peak
     used_mfu = mfu if mfu is not None else (table[entry].get("mfu", DEFAULT_MFU) if entry else DEFAULT_MFU)
@@ -162,7 +178,7 @@ def calibrate(job: FineTuneJob, result: dict[str, Any], mfu: float | None = None
         "measuredOverPredicted": round(measured / predicted, 3) if predicted else None,
         "impliedMfu": round(flops_per_step / (measured * peak), 5) if measured > 0 else None,
         "note": "the reduced job keeps the model, method, batch size, sequence length and precision; the first "
-                "step is not timed. Use impliedMfu with --mfu to correct the estimate for this kind of device.",
+        "step is not timed. Use impliedMfu with --mfu to correct the estimate for this kind of device.",
     }
     if peak_memory is not None:
         calibration["measuredPeakMemoryGiB"] = round(peak_memory / GIB, 3)

@@ -46,11 +46,24 @@ def given_tokens(job: FineTuneJob, tokens: int, sequences: int | None = None) ->
     val_tokens = round(tokens * fraction) if spec.validation.datasets is None else round(tokens * 0.05)
     val_sequences = max(1, round(sequences * (fraction or 0.05)))
     method = "given (--tokens): not counted from the data"
-    return {"method": method, "exact": False, "rows": sequences, "sequences": sequences, "tokens": tokens,
-            "trainableTokens": tokens, "truncatedRows": 0, "meanSequenceLength": round(tokens / sequences, 1),
-            "longestSequence": min(seq_len, max(1, -(-tokens // sequences))),
-            "validation": {"method": method, "rows": val_sequences, "sequences": val_sequences,
-                           "tokens": val_tokens, "trainableTokens": val_tokens}}
+    return {
+        "method": method,
+        "exact": False,
+        "rows": sequences,
+        "sequences": sequences,
+        "tokens": tokens,
+        "trainableTokens": tokens,
+        "truncatedRows": 0,
+        "meanSequenceLength": round(tokens / sequences, 1),
+        "longestSequence": min(seq_len, max(1, -(-tokens // sequences))),
+        "validation": {
+            "method": method,
+            "rows": val_sequences,
+            "sequences": val_sequences,
+            "tokens": val_tokens,
+            "trainableTokens": val_tokens,
+        },
+    }
 
 
 def main(args: Any) -> int:
@@ -79,16 +92,26 @@ def main(args: Any) -> int:
                 facts = model_facts(job, _config_dir(args.model_config))
             if getattr(args, "tokens", None) is not None:
                 data = given_tokens(job, args.tokens, getattr(args, "sequences", None))
-            result = estimate(job, gpu=getattr(args, "gpu", None), gpus=getattr(args, "gpus", None),
-                              mfu=getattr(args, "mfu", None), gpu_table=table, facts=facts, data=data)
+            result = estimate(
+                job,
+                gpu=getattr(args, "gpu", None),
+                gpus=getattr(args, "gpus", None),
+                mfu=getattr(args, "mfu", None),
+                gpu_table=table,
+                facts=facts,
+                data=data,
+            )
         if getattr(args, "calibrate", False):
             result["calibration"] = calibrate(job, result, mfu=getattr(args, "mfu", None), gpu_table=table)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except StorageError as error:
-        print(f"error: {error}\n(to estimate without access to the model or the data, pass --model-config "
-              "with the model's config.json and --tokens with the training tokens per epoch)", file=sys.stderr)
+        print(
+            f"error: {error}\n(to estimate without access to the model or the data, pass --model-config "
+            "with the model's config.json and --tokens with the training tokens per epoch)",
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))

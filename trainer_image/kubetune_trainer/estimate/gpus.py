@@ -24,9 +24,18 @@ GPU_TABLE: dict[str, dict[str, float]] = {
     "B200": {"tflops": 2250.0, "memoryGiB": 179.0, "pricePerHour": 14.24, "mfu": 0.30},
 }
 # Substrings of torch.cuda.get_device_name() that identify a table entry (checked in order).
-DEVICE_NAMES = [("B200", "B200"), ("H200", "H200"), ("H100", "H100-SXM"), ("A100-SXM4-80GB", "A100-80GB"),
-                ("A100 80GB", "A100-80GB"), ("A100-PCIE-80GB", "A100-80GB"), ("A100", "A100-40GB"),
-                ("L40S", "L40S"), ("L4", "L4"), ("A10G", "A10G")]
+DEVICE_NAMES = [
+    ("B200", "B200"),
+    ("H200", "H200"),
+    ("H100", "H100-SXM"),
+    ("A100-SXM4-80GB", "A100-80GB"),
+    ("A100 80GB", "A100-80GB"),
+    ("A100-PCIE-80GB", "A100-80GB"),
+    ("A100", "A100-40GB"),
+    ("L40S", "L40S"),
+    ("L4", "L4"),
+    ("A10G", "A10G"),
+]
 
 
 def load_gpu_table(path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, float]]:
@@ -44,13 +53,15 @@ def load_gpu_table(path: str | os.PathLike[str] | None = None) -> dict[str, dict
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"--gpu-table {path}: {error}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"--gpu-table {path}: expected a mapping of GPU type to {{tflops, memoryGiB, "
-                          "pricePerHour, mfu}")
+        raise ConfigError(
+            f"--gpu-table {path}: expected a mapping of GPU type to {{tflops, memoryGiB, pricePerHour, mfu}}"
+        )
     allowed = {"tflops", "memoryGiB", "pricePerHour", "mfu"}
     for name, fields in loaded.items():
         if not isinstance(fields, dict) or not set(fields) <= allowed:
-            raise ConfigError(f"--gpu-table {path}: entry {name!r} must be a mapping with keys from "
-                              f"{sorted(allowed)}")
+            raise ConfigError(
+                f"--gpu-table {path}: entry {name!r} must be a mapping with keys from {sorted(allowed)}"
+            )
         entry = table.setdefault(str(name), {"mfu": DEFAULT_MFU})
         for key, value in fields.items():
             if not isinstance(value, (int, float)) or value < 0:
@@ -66,4 +77,6 @@ def find_gpu(table: dict[str, dict[str, float]], name: str) -> str:
     for known in table:
         if known.lower() == name.lower():
             return known
-    raise ConfigError(f"--gpu {name}: unknown GPU type; known: {', '.join(table)} (add others with --gpu-table)")
+    raise ConfigError(
+        f"--gpu {name}: unknown GPU type; known: {', '.join(table)} (add others with --gpu-table)"
+    )

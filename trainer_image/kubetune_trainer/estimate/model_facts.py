@@ -33,17 +33,18 @@ def model_files_dir(job: FineTuneJob) -> str:
         found = 0
         for pattern in small:
             for uri in storage.expand(prefix + pattern, options=s3):
-                storage.download_file(uri, target / uri[len(prefix):], options=s3)
+                storage.download_file(uri, target / uri[len(prefix) :], options=s3)
                 found += 1
         if not found:
             raise ConfigError(f"model.source {source}: no config.json or tokenizer files there")
         return str(target)
-    hub_id = source[len("hf://"):] if source.startswith("hf://") else source
+    hub_id = source[len("hf://") :] if source.startswith("hf://") else source
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(hub_id, revision=spec.model.revision, token=os.environ.get("HF_TOKEN"),
-                                 allow_patterns=list(small))
+        return snapshot_download(
+            hub_id, revision=spec.model.revision, token=os.environ.get("HF_TOKEN"), allow_patterns=list(small)
+        )
     except Exception:  # noqa: BLE001 - the same advice as the trainer gives
         return model_lib.resolve_model_dir(spec.model, s3)  # raises the trainer's ConfigError
 
@@ -100,20 +101,37 @@ def model_facts(job: FineTuneJob, model_dir: str) -> dict[str, Any]:
 def trainable_parameters(spec: Any, model: Any, facts: dict[str, Any]) -> dict[str, Any]:
     """Trainable parameters of the method and, for adapters, the inputs an adapter's dropout copies."""
     if spec.method.type == "full":
-        return {"trainableParameters": facts["parameters"], "adapterParameters": 0, "adapterInputsPerLayer": 0}
+        return {
+            "trainableParameters": facts["parameters"],
+            "adapterParameters": 0,
+            "adapterInputsPerLayer": 0,
+        }
     from peft import LoraConfig, get_peft_model
 
     lora = spec.method.lora
     targets: Any = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        bias=lora.bias, modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"method.lora.targetModules {lora.target_modules}: {error}") from None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapters = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" in n)
-    inputs = sum(m.in_features for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and
-                 hasattr(m, "in_features"))
-    return {"trainableParameters": trainable, "adapterParameters": adapters,
-            "adapterInputsPerLayer": inputs // max(1, facts["layers"])}
+    inputs = sum(
+        m.in_features
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and hasattr(m, "in_features")
+    )
+    return {
+        "trainableParameters": trainable,
+        "adapterParameters": adapters,
+        "adapterInputsPerLayer": inputs // max(1, facts["layers"]),
+    }

@@ -31,9 +31,16 @@ def evaluation_count(spec: Any, steps: int) -> int:
     return 1 + periodic + (0 if steps % every == 0 else 1)
 
 
-def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, gpus: int | None = None,
-             mfu: float | None = None, gpu_table: str | os.PathLike[str] | dict | None = None, *,
-             facts: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def estimate(
+    job: FineTuneJob | str | os.PathLike[str],
+    gpu: str | None = None,
+    gpus: int | None = None,
+    mfu: float | None = None,
+    gpu_table: str | os.PathLike[str] | dict | None = None,
+    *,
+    facts: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Estimate a job; returns a JSON-able dict (see the module docstring and docs/estimate.md).
 
     `facts` (model_facts) and `data` (count_tokens) can be given to skip loading the config and
@@ -58,72 +65,124 @@ def estimate(job: FineTuneJob | str | os.PathLike[str], gpu: str | None = None, 
     world = gpus or distributed.world_size(spec)
     training = spec.training
     method = str(spec.method.type)
-    steps = plan_steps(data["sequences"], training.batch_size_per_device, world,
-                       training.gradient_accumulation_steps, training.epochs, training.max_steps)
+    steps = plan_steps(
+        data["sequences"],
+        training.batch_size_per_device,
+        world,
+        training.gradient_accumulation_steps,
+        training.epochs,
+        training.max_steps,
+    )
     tokens = data["tokens"] * steps["totalSteps"] / steps["stepsPerEpoch"]
     checkpointing = True if training.gradient_checkpointing is None else training.gradient_checkpointing
     evaluations = evaluation_count(spec, steps["totalSteps"])
     validation = data["validation"]
     eval_tokens = validation["tokens"] * evaluations
     head_tokens, eval_head_tokens = tokens, eval_tokens
-    if facts.get("selectiveLogits") and not preference_estimate.is_preference(job):  # logits only where learned
+    if facts.get("selectiveLogits") and not preference_estimate.is_preference(
+        job
+    ):  # logits only where learned
         head_tokens = tokens * data["trainableTokens"] / data["tokens"]
         eval_head_tokens = evaluations * validation.get("trainableTokens", validation["tokens"])
-    flops = training_flops(method, facts["flopParameters"], facts["adapterParameters"], tokens, checkpointing,
-                           eval_tokens, head_parameters=facts.get("headParameters", 0), head_tokens=head_tokens,
-                           eval_head_tokens=eval_head_tokens)
+    flops = training_flops(
+        method,
+        facts["flopParameters"],
+        facts["adapterParameters"],
+        tokens,
+        checkpointing,
+        eval_tokens,
+        head_parameters=facts.get("headParameters", 0),
+        head_tokens=head_tokens,
+        eval_head_tokens=eval_head_tokens,
+    )
     precision = "bf16" if str(training.precision) == "auto" else str(training.precision)
     seq = min(training.max_seq_length, data["longestSequence"])  # the longest batch sets the peak
     lora = spec.method.lora
-    memory = memory_per_gpu(facts, method=method, precision=precision, strategy=str(spec.resources.strategy),
-                            world_size=world, seq=seq,
-                            batch=training.batch_size_per_device * data.get("sequencesPerExample", 1),
-                            gradient_checkpointing=checkpointing, quant=spec.method.quantization,
-                            adapter_dropout=bool(lora and lora.dropout > 0))
+    memory = memory_per_gpu(
+        facts,
+        method=method,
+        precision=precision,
+        strategy=str(spec.resources.strategy),
+        world_size=world,
+        seq=seq,
+        batch=training.batch_size_per_device * data.get("sequencesPerExample", 1),
+        gradient_checkpointing=checkpointing,
+        quant=spec.method.quantization,
+        adapter_dropout=bool(lora and lora.dropout > 0),
+    )
 
     preference_assumptions: list[str] = []
     if preference_estimate.is_preference(job):
         flops, preference_assumptions = preference_estimate.reference_costs(
-            job, facts, data, tokens, flops, facts["parameters"] * memory["bytesPerParameter"]["weight"])
+            job, facts, data, tokens, flops, facts["parameters"] * memory["bytesPerParameter"]["weight"]
+        )
     names = [find_gpu(table, gpu)] if gpu else list(table)
     rows: list[dict[str, Any]] = []
     for name in names:
         entry = table[name]
-        used_mfu = mfu if mfu is not None else entry.get("mfu", DEFAULT_MFU) * (
-            QLORA_MFU_FACTOR if method == "qlora" else 1.0)
-        seconds = flops["total"] / (world * entry["tflops"] * 1e12 * used_mfu) if entry["tflops"] else float("inf")
+        used_mfu = (
+            mfu
+            if mfu is not None
+            else entry.get("mfu", DEFAULT_MFU) * (QLORA_MFU_FACTOR if method == "qlora" else 1.0)
+        )
+        seconds = (
+            flops["total"] / (world * entry["tflops"] * 1e12 * used_mfu) if entry["tflops"] else float("inf")
+        )
         hours = seconds / 3600
-        rows.append({"gpu": name, "count": world, "peakTflops": entry["tflops"], "mfu": round(used_mfu, 4),
-                     "hours": round(hours, 4), "gpuHours": round(hours * world, 4),
-                     "pricePerGpuHour": entry["pricePerHour"], "cost": round(hours * world * entry["pricePerHour"], 2),
-                     "memoryGiB": entry["memoryGiB"], "fits": fit_label(memory, entry["memoryGiB"])})
+        rows.append(
+            {
+                "gpu": name,
+                "count": world,
+                "peakTflops": entry["tflops"],
+                "mfu": round(used_mfu, 4),
+                "hours": round(hours, 4),
+                "gpuHours": round(hours * world, 4),
+                "pricePerGpuHour": entry["pricePerHour"],
+                "cost": round(hours * world * entry["pricePerHour"], 2),
+                "memoryGiB": entry["memoryGiB"],
+                "fits": fit_label(memory, entry["memoryGiB"]),
+            }
+        )
 
     warnings = []
     if spec.resources.gpus_per_node == 0 and not gpus:
-        warnings.append("the job trains on CPU (resources.gpusPerNode 0); the GPU figures show what "
-                        f"{world} GPU(s) would do")
+        warnings.append(
+            "the job trains on CPU (resources.gpusPerNode 0); the GPU figures show what "
+            f"{world} GPU(s) would do"
+        )
     bad = [r["gpu"] for r in rows if r["fits"] == "no"]
     if bad:
-        warnings.append(f"does not fit in GPU memory: needs ~{memory['totalGiB']:.1f} GiB per GPU on "
-                        f"{', '.join(bad)}; consider " + "; ".join(memory_advice(memory, method)))
+        warnings.append(
+            f"does not fit in GPU memory: needs ~{memory['totalGiB']:.1f} GiB per GPU on "
+            f"{', '.join(bad)}; consider " + "; ".join(memory_advice(memory, method))
+        )
     tight = [r["gpu"] for r in rows if r["fits"] == "tight"]
     if tight:
-        warnings.append(f"tight on {', '.join(tight)} (~{memory['totalGiB']:.1f} GiB of "
-                        f"{min(table[t]['memoryGiB'] for t in tight)} GiB): fragmentation may still run out")
+        warnings.append(
+            f"tight on {', '.join(tight)} (~{memory['totalGiB']:.1f} GiB of "
+            f"{min(table[t]['memoryGiB'] for t in tight)} GiB): fragmentation may still run out"
+        )
     if not data["exact"]:
         warnings.append(f"token counts are estimated from a sample ({data['method']})")
     assumptions = [
         f"FLOPs {flops['formula']} with N = {facts['flopParameters']:,} parameters in matmuls (every Linear, the "
         "output head included even when tied) and T = tokens trained (non-padding; attention's s^2 term and "
         "padding are not counted)"
-        + (f"; the output head ({facts.get('headParameters', 0):,} of N) only multiplies the learned tokens "
-           f"({round(head_tokens):,}): the trainer computes logits only where a label is learned"
-           if facts.get("selectiveLogits") and not preference_estimate.is_preference(job) else ""),
+        + (
+            f"; the output head ({facts.get('headParameters', 0):,} of N) only multiplies the learned tokens "
+            f"({round(head_tokens):,}): the trainer computes logits only where a label is learned"
+            if facts.get("selectiveLogits") and not preference_estimate.is_preference(job)
+            else ""
+        ),
         "LoRA/QLoRA: forward 2N + backward through activations 2N, no weight gradients for frozen weights",
         f"gradient checkpointing {'on' if checkpointing else 'off'}"
-        + (" (default on GPUs): +2N per token to recompute the forward" if training.gradient_checkpointing is None
-           else ""),
-        f"precision {precision}" + (" (auto on a bf16-capable GPU)" if str(training.precision) == "auto" else ""),
+        + (
+            " (default on GPUs): +2N per token to recompute the forward"
+            if training.gradient_checkpointing is None
+            else ""
+        ),
+        f"precision {precision}"
+        + (" (auto on a bf16-capable GPU)" if str(training.precision) == "auto" else ""),
         f"time = total FLOPs / (GPUs x peak dense TFLOPS x MFU); MFU {DEFAULT_MFU} by default"
         + (f", x{QLORA_MFU_FACTOR} for QLoRA (4-bit dequantization)" if method == "qlora" else "")
         + "; model loading, checkpoint uploads and sample generation are not included",

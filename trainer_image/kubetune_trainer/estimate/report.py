@@ -59,9 +59,11 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'cost $':>10} {'memory':>8} {'fits':>5}",
     ]
     for row in result["gpus"]:
-        lines.append(f"  {row['gpu']:<11} {row['count']:>5} {row['peakTflops']:>7g} {row['mfu']:>5.2f} "
-                     f"{human_duration(row['hours']):>10} {row['gpuHours']:>10.2f} {row['pricePerGpuHour']:>8.2f} "
-                     f"{row['cost']:>10,.2f} {row['memoryGiB']:>6g}Gi {row['fits']:>5}")
+        lines.append(
+            f"  {row['gpu']:<11} {row['count']:>5} {row['peakTflops']:>7g} {row['mfu']:>5.2f} "
+            f"{human_duration(row['hours']):>10} {row['gpuHours']:>10.2f} {row['pricePerGpuHour']:>8.2f} "
+            f"{row['cost']:>10,.2f} {row['memoryGiB']:>6g}Gi {row['fits']:>5}"
+        )
     calibration = result.get("calibration")
     if calibration:
         lines += [
@@ -84,6 +86,8 @@ def format_report(result: dict[str, Any]) -> str:
 def format_gpu_table(table: dict[str, dict[str, float]]) -> str:
     lines = [f"{'GPU':<11} {'TFLOPS':>7} {'memory GiB':>10} {'$/GPU-h':>8} {'MFU':>5}"]
     for name, entry in table.items():
-        lines.append(f"{name:<11} {entry['tflops']:>7g} {entry['memoryGiB']:>10g} {entry['pricePerHour']:>8.2f} "
-                     f"{entry.get('mfu', DEFAULT_MFU):>5.2f}")
+        lines.append(
+            f"{name:<11} {entry['tflops']:>7g} {entry['memoryGiB']:>10g} {entry['pricePerHour']:>8.2f} "
+            f"{entry.get('mfu', DEFAULT_MFU):>5.2f}"
+        )
     return "\n".join(lines)

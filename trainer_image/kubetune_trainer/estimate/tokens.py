@@ -27,17 +27,24 @@ def count_tokens(job: FineTuneJob, tokenizer: Any, sample_rows: int = SAMPLE_ROW
     def measure(rows: list[Any], packing: bool | None) -> dict[str, Any]:
         def tokenize(chosen: list[Any]) -> tuple[dict[str, int], list[int]]:
             sequences, stats = data_lib.tokenize_rows(chosen, tokenizer, spec, packing=packing)
-            return ({"sequences": stats["sequences"], "tokens": stats["tokens"],
-                     "trainableTokens": stats["trainableTokens"], "truncatedRows": stats["truncated"]},
-                    [len(s.input_ids) for s in sequences])
+            return (
+                {
+                    "sequences": stats["sequences"],
+                    "tokens": stats["tokens"],
+                    "trainableTokens": stats["trainableTokens"],
+                    "truncatedRows": stats["truncated"],
+                },
+                [len(s.input_ids) for s in sequences],
+            )
 
         return sampled_counts(rows, sample_rows, spec.training.seed, tokenize)
 
     return with_validation(measure(prepared.train, None), measure(prepared.validation, False))
 
 
-def sampled_counts(rows: list[Any], limit: int, seed: int,
-                   tokenize: Callable[[list[Any]], tuple[dict[str, int], list[int]]]) -> dict[str, Any]:
+def sampled_counts(
+    rows: list[Any], limit: int, seed: int, tokenize: Callable[[list[Any]], tuple[dict[str, int], list[int]]]
+) -> dict[str, Any]:
     """Counts of `rows` through `tokenize` (-> counts, sequence lengths): exact up to `limit` rows, else
     of a seeded sample of `limit` rows, scaled to all of them."""
     exact = len(rows) <= limit
@@ -45,8 +52,9 @@ def sampled_counts(rows: list[Any], limit: int, seed: int,
     counts, lengths = tokenize(chosen)
     scale = len(rows) / len(chosen)
     return {
-        "method": "exact" if exact else f"sampled: {len(chosen)} of {len(rows)} rows tokenized, counts scaled "
-                                        f"x{scale:.2f}",
+        "method": "exact"
+        if exact
+        else f"sampled: {len(chosen)} of {len(rows)} rows tokenized, counts scaled x{scale:.2f}",
         "exact": exact,
         "rows": len(rows),
         **{name: round(value * scale) for name, value in counts.items()},
@@ -57,5 +65,9 @@ def sampled_counts(rows: list[Any], limit: int, seed: int,
 
 def with_validation(train: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
     """The training counts with the validation set's under "validation"."""
-    return {**train, "validation": {k: validation[k] for k in ("method", "rows", "sequences", "tokens",
-                                                               "trainableTokens")}}
+    return {
+        **train,
+        "validation": {
+            k: validation[k] for k in ("method", "rows", "sequences", "tokens", "trainableTokens")
+        },
+    }
