@@ -46,6 +46,7 @@ from kubetune_trainer.train import (
     seeded_sampler,
     train_until_done,
     training_arguments,
+    write_outputs,
 )
 
 HELD_OUT_BATCH = 4
@@ -369,7 +370,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     import torch
 
     from kubetune_trainer import callbacks as cb
-    from kubetune_trainer import exports as export_lib
 
     spec = ctx.spec
     objective = objective_of(ctx)
@@ -445,14 +445,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     before = pair_metrics(baseline["logps"], baseline["logps"], evaluator.beta) if baseline["logps"] else None
 
     # ---- 6. exports and the summary (written last)
-    if ctx.is_main:
-        samples.write(ctx, baseline["samples"], final["samples"])
-        reporter.write_loss_plot()
-    artifacts = export_lib.export_all(
+    artifacts = write_outputs(
         ctx,
         trainer,
         tokenizer,
         model_dir,
+        samples=samples,
+        reporter=reporter,
         data_report=data_report,
         baseline=baseline,
         final=final,

@@ -388,7 +388,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     import torch
 
     from kubetune_trainer import callbacks as cb
-    from kubetune_trainer import exports as export_lib
     from kubetune_trainer.evaluation import SampleGenerator, perplexity
     from kubetune_trainer.packing import data_collator
 
@@ -457,15 +456,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     }
 
     # ---- 6. exports and the summary (written last)
-    artifacts: list[dict[str, Any]] = []
-    if ctx.is_main:
-        samples.write(ctx, baseline["samples"], final["samples"])
-        reporter.write_loss_plot()
-    artifacts = export_lib.export_all(
+    artifacts = write_outputs(
         ctx,
         trainer,
         tokenizer,
         model_dir,
+        samples=samples,
+        reporter=reporter,
         data_report=data_report,
         baseline=baseline,
         final=final,
@@ -558,6 +555,38 @@ def train_until_done(
         store.wait()
         return None
     return train_result
+
+
+def write_outputs(
+    ctx: RunContext,
+    trainer: Any,
+    tokenizer: Any,
+    model_dir: str,
+    *,
+    samples: Any,
+    reporter: Any,
+    data_report: dict[str, Any],
+    baseline: dict[str, Any],
+    final: dict[str, Any],
+    eval_set: Any,
+) -> list[dict[str, Any]]:
+    """Rank 0 writes the sample generations before/after and the loss plot; then the exports
+    (exports.export_all, every rank takes part). Returns the exported artifacts."""
+    from kubetune_trainer import exports as export_lib
+
+    if ctx.is_main:
+        samples.write(ctx, baseline["samples"], final["samples"])
+        reporter.write_loss_plot()
+    return export_lib.export_all(
+        ctx,
+        trainer,
+        tokenizer,
+        model_dir,
+        data_report=data_report,
+        baseline=baseline,
+        final=final,
+        eval_set=eval_set,
+    )
 
 
 def run_summary(
