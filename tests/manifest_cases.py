@@ -11,27 +11,15 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from tests.support.manifests import job_with_secrets
+
 NS = "ml"
 DELETE = object()
 
 
 def base(name: str = "case") -> dict[str, Any]:
     """A valid manifest the cases change (the cluster tests create its Secrets)."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "model": {
-                "source": "bundled://smollm2-135m-instruct",
-                "credentialsSecretRef": {"name": "hf-token"},
-            },
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/chat.jsonl"}],
-            "output": {"uri": "s3://runs/case/", "credentialsSecretRef": {"name": "s3-creds"}},
-            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
-        },
-    }
+    return job_with_secrets(name, NS, "s3://runs/case/")
 
 
 def _set(body: dict[str, Any], path: str, value: Any) -> None:

@@ -31,6 +31,7 @@ from kubernetes import client
 from kubetune import cli, cluster
 from tests.support.cluster import make_cluster, running_operator
 from tests.support.controlplane import HOLD_ANNOTATION, STAGES_FILE, ControlPlane
+from tests.support.manifests import finetunejob, role, user_role_binding
 from tests.support.operator_process import install_crd
 from tests.support.policies import TRUSTED_POLICY
 from tests.support.waiting import ProcessOutput
@@ -144,43 +145,25 @@ def cp(request, log_file):
         add_node(plane, "mute-0", "mute", serves_logs=False)
         # viewer: read FineTuneJobs in ml, nothing else
         plane.apply(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "ftj-view", "namespace": NS},
-                "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]}],
-            }
+            role(
+                "ftj-view",
+                NS,
+                [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]}],
+            )
         )
-        plane.apply(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "ftj-view", "namespace": NS},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ftj-view"},
-                "subjects": [{"kind": "User", "name": "viewer", "apiGroup": "rbac.authorization.k8s.io"}],
-            }
-        )
+        plane.apply(user_role_binding("ftj-view", NS, "viewer", "ftj-view"))
         # podlister: read FineTuneJobs and list pods, but not their logs
         plane.apply(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "pod-list", "namespace": NS},
-                "rules": [
+            role(
+                "pod-list",
+                NS,
+                [
                     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list"]},
                     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
                 ],
-            }
+            )
         )
-        plane.apply(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "pod-list", "namespace": NS},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-list"},
-                "subjects": [{"kind": "User", "name": "podlister", "apiGroup": "rbac.authorization.k8s.io"}],
-            }
-        )
+        plane.apply(user_role_binding("pod-list", NS, "podlister", "pod-list"))
         yield plane
 
 
@@ -215,20 +198,43 @@ def kubetune(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "bundled://smollm2-135m-instruct"},
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/chat.jsonl"}],
-            "output": {"uri": f"s3://runs/{name}/"},
-            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
-        },
-    }
+    body = finetunejob(
+        name,
+        model={"source": "bundled://smollm2-135m-instruct"},
+        task={"type": "chat"},
+        datasets=[{"source": "s3://data/chat.jsonl"}],
+        output={"uri": f"s3://runs/{name}/"},
+        resources={"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
+    )
     body["spec"].update(spec)
     return body
+
+
+def apply_job(cp: ControlPlane, name: str, **spec: Any) -> None:
+    """Apply `manifest(name, **spec)` in namespace ml as the admin."""
+    cp.apply({**manifest(name, **spec), "metadata": {"name": name, "namespace": NS}})
+
+
+def cli_env(cp: ControlPlane, **extra: str) -> dict[str, str]:
+    """The environment of a `kubetune` process of this checkout with the admin's kubeconfig."""
+    return {
+        **os.environ,
+        "KUBECONFIG": cp.kubeconfig,
+        "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
+        **extra,
+    }
+
+
+def cli_process(cp: ControlPlane, *args: str, **extra_env: str) -> subprocess.Popen[str]:
+    """`python -m kubetune.cli ARGS` as a process, stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=cli_env(cp, **extra_env),
+    )
 
 
 def write(tmp_path: Path, body: dict[str, Any]) -> str:
@@ -456,7 +462,7 @@ def test_context_namespace_is_the_default(kube, operator, tmp_path, capsys, monk
     path = tmp_path / "ml.kubeconfig"
     path.write_text(json.dumps(config))
     monkeypatch.setenv("KUBECONFIG", str(path))
-    kube.apply({**manifest("ctx-ns"), "metadata": {"name": "ctx-ns", "namespace": NS}})
+    apply_job(kube, "ctx-ns")
     code, out, _ = kubetune(capsys, "get")
     assert code == 0 and "ctx-ns" in out
     code, out, _ = kubetune(capsys, "get", "--context", "kubetune-test", "-n", "default")
@@ -464,23 +470,11 @@ def test_context_namespace_is_the_default(kube, operator, tmp_path, capsys, monk
 
 
 def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) -> None:
-    kube.apply({**manifest("beta"), "metadata": {"name": "beta", "namespace": NS}})
+    apply_job(kube, "beta")
     pods = running(kube, api, "beta")
     wait_status(kube, api, "beta", lambda st: st.get("phase") == "Running", "Running")
     patch_status(api, "beta", {"progress": progress(10)})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.cli", "watch", "beta", "-n", NS, "--timeout", "90"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={
-            **os.environ,
-            "KUBECONFIG": kube.kubeconfig,
-            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-            "PYTHONUNBUFFERED": "1",
-        },
-    )
+    proc = cli_process(kube, "watch", "beta", "-n", NS, "--timeout", "90", PYTHONUNBUFFERED="1")
     output = ProcessOutput(proc)
     output.wait_for_stdout("step 10/100", 60)
     for step in (50, 90):
@@ -517,19 +511,7 @@ def test_watch_succeeds_with_the_summary(kube, operator, api, tmp_path, capsys) 
 
 def test_submit_wait_exits_with_the_failure(kube, operator, api, tmp_path) -> None:
     path = write(tmp_path, manifest("gamma", runPolicy={"maxRestarts": 0}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.cli", "submit", path, "-n", NS, "--wait", "--timeout", "90"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={
-            **os.environ,
-            "KUBECONFIG": kube.kubeconfig,
-            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-            "PYTHONUNBUFFERED": "1",
-        },
-    )
+    proc = cli_process(kube, "submit", path, "-n", NS, "--wait", "--timeout", "90", PYTHONUNBUFFERED="1")
     output = ProcessOutput(proc)
     pods = running(kube, api, "gamma")
     wait_status(kube, api, "gamma", lambda st: st.get("phase") == "Running", "Running")
@@ -544,14 +526,14 @@ def test_submit_wait_exits_with_the_failure(kube, operator, api, tmp_path) -> No
 
 
 def test_watch_timeout_and_deleted(kube, operator, api, capsys) -> None:
-    kube.apply({**manifest("delta"), "metadata": {"name": "delta", "namespace": NS}})
+    apply_job(kube, "delta")
     running(kube, api, "delta")
     code, out, err = kubetune(capsys, "watch", "delta", "-n", NS, "--timeout", "2")
     assert code == cluster.EXIT_TIMEOUT and "delta is still Running after 2s (--timeout)" in err
 
 
 def test_suspend_resume_cancel(kube, operator, api, capsys) -> None:
-    kube.apply({**manifest("eps"), "metadata": {"name": "eps", "namespace": NS}})
+    apply_job(kube, "eps")
     running(kube, api, "eps")
     patch_status(api, "eps", {"checkpoint": {"step": 20, "uri": "s3://runs/eps/checkpoints/step-20"}})
     code, out, err = kubetune(capsys, "suspend", "eps", "-n", NS)
@@ -590,20 +572,8 @@ def test_suspend_resume_cancel(kube, operator, api, capsys) -> None:
 
 
 def test_watch_reports_a_deletion(kube, operator, api) -> None:
-    kube.apply({**manifest("zeta"), "metadata": {"name": "zeta", "namespace": NS}})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.cli", "watch", "zeta", "-n", NS, "--timeout", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={
-            **os.environ,
-            "KUBECONFIG": kube.kubeconfig,
-            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-            "PYTHONUNBUFFERED": "1",
-        },
-    )
+    apply_job(kube, "zeta")
+    proc = cli_process(kube, "watch", "zeta", "-n", NS, "--timeout", "60", PYTHONUNBUFFERED="1")
     output = ProcessOutput(proc)
     running(kube, api, "zeta")
     output.wait_for_stdout("zeta: Running", 60)  # the watch has seen the job
@@ -613,7 +583,7 @@ def test_watch_reports_a_deletion(kube, operator, api) -> None:
 
 
 def test_logs_selects_the_current_attempt_and_rank(kube, operator, api, capsys, monkeypatch) -> None:
-    kube.apply({**manifest("eta"), "metadata": {"name": "eta", "namespace": NS}})
+    apply_job(kube, "eta")
     code, _, err = kubetune(
         capsys, "logs", "eta", "-n", NS
     )  # before the operator's first reconcile, or no pods
@@ -638,7 +608,7 @@ def test_logs_selects_the_current_attempt_and_rank(kube, operator, api, capsys, 
 
 def test_logs_of_the_pods(kube, operator, api, log_file, tmp_path, capsys) -> None:
     """kwok serves the trainer container's log (a ClusterLogs file) through the API server's pods/log."""
-    kube.apply({**manifest("theta"), "metadata": {"name": "theta", "namespace": NS}})
+    apply_job(kube, "theta")
     running(kube, api, "theta")
     code, out, err = kubetune(capsys, "logs", "theta", "-n", NS, "--rank", "0")
     assert code == 0, err
@@ -649,18 +619,7 @@ def test_logs_of_the_pods(kube, operator, api, log_file, tmp_path, capsys) -> No
         "[rank 0] rank log: step 2 loss 1.9000",
         "[rank 1] rank log: step 2 loss 1.9000",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.cli", "logs", "theta", "-n", NS, "--rank", "1", "-f"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={
-            **os.environ,
-            "KUBECONFIG": kube.kubeconfig,
-            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-        },
-    )
+    proc = cli_process(kube, "logs", "theta", "-n", NS, "--rank", "1", "-f")
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "rank log: step 1 loss 2.0000\n"
@@ -675,8 +634,7 @@ def test_logs_of_the_pods(kube, operator, api, log_file, tmp_path, capsys) -> No
 
 def test_logs_when_the_node_serves_none(kube, operator, api, capsys) -> None:
     """A node without a kubelet endpoint: the API server's refusal is reported with the pod."""
-    body = manifest("mute", resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "mute"}})
-    kube.apply({**body, "metadata": {"name": "mute", "namespace": NS}})
+    apply_job(kube, "mute", resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"pool": "mute"}})
     running(kube, api, "mute", count=1)
     code, _, err = kubetune(capsys, "logs", "mute", "-n", NS)
     assert code == cluster.EXIT_CLUSTER
@@ -684,7 +642,7 @@ def test_logs_when_the_node_serves_none(kube, operator, api, capsys) -> None:
 
 
 def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:
-    kube.apply({**manifest("iota"), "metadata": {"name": "iota", "namespace": NS}})
+    apply_job(kube, "iota")
     nobody = kube.kubeconfig_for("nobody")
     code, _, err = kubetune(capsys, "get", "-n", NS, "--kubeconfig", nobody)
     assert code == cluster.EXIT_CLUSTER
@@ -715,7 +673,7 @@ def test_rbac_denials_name_verb_and_resource(kube, operator, capsys) -> None:
 
 def test_kubectl_plugin(kube, operator, tmp_path) -> None:
     """`kubectl kubetune get` finds kubectl-kubetune on PATH and runs the same commands."""
-    kube.apply({**manifest("kappa"), "metadata": {"name": "kappa", "namespace": NS}})
+    apply_job(kube, "kappa")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     plugin = bindir / "kubectl-kubetune"
@@ -723,36 +681,23 @@ def test_kubectl_plugin(kube, operator, tmp_path) -> None:
         f"#!{sys.executable}\nimport sys\nfrom kubetune.cluster import plugin_main\nsys.exit(plugin_main())\n"
     )
     plugin.chmod(0o755)
-    env = {
-        **os.environ,
-        "KUBECONFIG": kube.kubeconfig,
-        "PATH": f"{bindir}:{os.environ['PATH']}",
-        "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
-    }
-    result = subprocess.run(
-        [str(kube.bin_dir / "kubectl"), "kubetune", "get", "kappa", "-n", NS],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    env = cli_env(kube, PATH=f"{bindir}:{os.environ['PATH']}")
+
+    def kubectl_kubetune(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(kube.bin_dir / "kubectl"), "kubetune", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    result = kubectl_kubetune("get", "kappa", "-n", NS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split()[:2] == ["NAME", "PHASE"] and "kappa" in result.stdout
-    result = subprocess.run(
-        [str(kube.bin_dir / "kubectl"), "kubetune", "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    result = kubectl_kubetune("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: kubectl kubetune")
-    result = subprocess.run(
-        [str(kube.bin_dir / "kubectl"), "kubetune", "get", "nope", "-n", NS],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    result = kubectl_kubetune("get", "nope", "-n", NS)
     assert result.returncode == cluster.EXIT_CLUSTER and "'nope' not found" in result.stderr
 
 
@@ -821,7 +766,7 @@ def test_checkpoints_from_storage(kube, operator, api, tmp_path, capsys) -> None
         (directory / "adapter_model.safetensors").write_bytes(b"w" * step)
         if step != 300:  # step 300 is still being written: no manifest, not complete
             write_manifest(directory, step, "cfg")
-    kube.apply({**manifest("lam", output={"uri": str(output)}), "metadata": {"name": "lam", "namespace": NS}})
+    apply_job(kube, "lam", output={"uri": str(output)})
     wait_status(kube, api, "lam", lambda st: st.get("phase") in ("Pending", "Running"), "reconciled")
     patch_status(api, "lam", {"checkpoint": {"step": 200, "uri": f"{output}/checkpoints/step-200"}})
     code, out, err = kubetune(capsys, "checkpoints", "lam", "-n", NS, "--storage")

@@ -42,6 +42,7 @@ from tests.support.operator_cluster import (
     operator_process,
     pods,
     running_pods,
+    start_running,
     status,
     wait_phase,
 )
@@ -243,8 +244,7 @@ def test_spec_is_immutable_except_safe_fields(cp, api) -> None:
 
 def test_job_runs_to_success_with_the_right_children(cp, api, operator) -> None:
     name = "happy"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     found = children(api, name)
     assert found == {
         "ServiceAccount": [f"{name}-trainer"],
@@ -296,8 +296,7 @@ def test_job_runs_to_success_with_the_right_children(cp, api, operator) -> None:
 def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
     """How progress travels: the pod's ServiceAccount may patch this job's status and nothing else."""
     name = "reporter"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     token = cp.kubectl("-n", NS, "create", "token", f"{name}-trainer").stdout.strip()
     config = client.Configuration()
     config.host = cp.server
@@ -312,15 +311,16 @@ def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
     assert st["progress"]["step"] == 40 and st["phase"] == "Running"
     row = cp.kubectl("-n", NS, "get", "ftj", name, "--no-headers").stdout.split()
     assert "40" in row and "1.25" in row and "90" in row
-    with pytest.raises(ApiException) as denied:
-        trainer.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name, {"spec": {"suspend": True}})
-    assert denied.value.status == 403
-    with pytest.raises(ApiException) as denied:
-        trainer.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "happy")
-    assert denied.value.status == 403
-    with pytest.raises(ApiException) as denied:
-        client.CoreV1Api(client.ApiClient(config)).read_namespaced_secret("s3-creds", NS)
-    assert denied.value.status == 403
+    for refused in (
+        lambda: trainer.patch_namespaced_custom_object(
+            GROUP, VERSION, NS, PLURAL, name, {"spec": {"suspend": True}}
+        ),
+        lambda: trainer.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "happy"),
+        lambda: client.CoreV1Api(client.ApiClient(config)).read_namespaced_secret("s3-creds", NS),
+    ):
+        with pytest.raises(ApiException) as denied:
+            refused()
+        assert denied.value.status == 403
     wait_reconciles(cp, operator)  # the operator's next reconciles leave the trainer's fields alone
     assert status(api, name)["progress"]["loss"] == 1.25
     release_all(cp, api, name, 1)
@@ -329,8 +329,7 @@ def test_trainer_can_patch_only_its_own_status(cp, api, operator) -> None:
 
 def test_failed_pod_restarts_with_resume_counted(cp, api, operator) -> None:
     name = "flaky"
-    cp.apply(manifest(name, runPolicy={"maxRestarts": 2}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"maxRestarts": 2})
     first = running_pods(cp, api, name, 1, 2)
     assert "--resume" not in first[0]["spec"]["containers"][0]["command"]
     cp.fail_pod(NS, first[0]["metadata"]["name"], exit_code=1, message="CUDA error: an illegal memory access")
@@ -351,8 +350,7 @@ def test_failed_pod_restarts_with_resume_counted(cp, api, operator) -> None:
 
 def test_exit_code_3_fails_without_restart(cp, api, operator) -> None:
     name = "badconfig"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     victim = running_pods(cp, api, name, 1, 2)[0]
     cp.fail_pod(NS, victim["metadata"]["name"], exit_code=3, message="datasets[0]: no such file")
     st = wait_phase(cp, api, name, "Failed")
@@ -449,8 +447,7 @@ def test_child_refused_by_the_api_server_fails_the_job(cp, api, operator) -> Non
 
 def test_preemption_restarts_without_counting(cp, api, operator) -> None:
     name = "preempted"
-    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"maxRestarts": 0})
     victim = running_pods(cp, api, name, 1, 2)[1]
     cp.fail_pod(NS, victim["metadata"]["name"], exit_code=143, message="SIGTERM: checkpoint saved")
     st = wait_phase(cp, api, name, "Running", check=lambda s: s.get("attempt") == 2)
@@ -467,8 +464,7 @@ def test_disruption_target_stops_the_group_before_the_next_attempt(cp, api, oper
     """A pod marked for preemption (DisruptionTarget) ends the attempt at once, not counted; the still
     running Job is deleted (Foreground) and attempt 2 starts only once attempt 1's pods are gone."""
     name = "disrupted"
-    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"maxRestarts": 0})
     victim = running_pods(cp, api, name, 1, 2)[0]
     condition_patch = {
         "status": {
@@ -498,8 +494,7 @@ def test_disruption_target_stops_the_group_before_the_next_attempt(cp, api, oper
 
 def test_restart_limit_fails_the_job(cp, api, operator) -> None:
     name = "fragile"
-    cp.apply(manifest(name, runPolicy={"maxRestarts": 0}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"maxRestarts": 0})
     cp.fail_pod(NS, running_pods(cp, api, name, 1, 2)[0]["metadata"]["name"], exit_code=1)
     st = wait_phase(cp, api, name, "Failed")
     assert condition(st, "Failed")["reason"] == "RestartLimitExceeded" and st["restarts"] == 0
@@ -507,8 +502,7 @@ def test_restart_limit_fails_the_job(cp, api, operator) -> None:
 
 def test_suspend_and_resume(cp, api, operator) -> None:
     name = "pausable"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     cp.kubectl("-n", NS, "patch", "ftj", name, "--type=merge", "-p", '{"spec": {"suspend": true}}')
     st = wait_phase(cp, api, name, "Suspended")
     assert condition(st, "Suspended")["status"] == "True"
@@ -535,8 +529,7 @@ def test_suspend_and_resume(cp, api, operator) -> None:
 
 def test_active_deadline(cp, api, operator) -> None:
     name = "slow"
-    cp.apply(manifest(name, runPolicy={"activeDeadlineSeconds": 4}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"activeDeadlineSeconds": 4})
     st = wait_phase(cp, api, name, "Failed", timeout=30)
     assert condition(st, "Failed")["reason"] == "DeadlineExceeded"
     cp.wait_for(lambda: not jobs(api, name) and not pods(api, name, phase="Running"), 60, "workers stopped")
@@ -544,8 +537,7 @@ def test_active_deadline(cp, api, operator) -> None:
 
 def test_ttl_after_finished_deletes_everything(cp, api, operator) -> None:
     name = "shortlived"
-    cp.apply(manifest(name, runPolicy={"ttlSecondsAfterFinished": 2}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"ttlSecondsAfterFinished": 2})
     release_all(cp, api, name, 1)
     wait_phase(cp, api, name, "Succeeded")
     cp.wait_for(lambda: ftj(api, name) is None, 60, "FineTuneJob deleted after its TTL")
@@ -556,8 +548,7 @@ def test_ttl_after_finished_deletes_everything(cp, api, operator) -> None:
 
 def test_deletion_garbage_collects_children(cp, api, operator) -> None:
     name = "doomed"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     assert all(children(api, name).values())
     cp.kubectl("-n", NS, "delete", "ftj", name, "--wait=true", "--timeout=60s")
     cp.wait_for(
@@ -569,8 +560,7 @@ def test_no_finalizer_so_deletion_never_waits_for_the_operator(cp, api, operator
     """Children go by ownerReferences, so jobs carry no finalizer: deleting one while no operator runs
     completes at once (and its children are collected); a finalizer left by an older version is removed."""
     name, legacy = "unblocked", "legacy"
-    cp.apply(manifest(name))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name)
     assert not ftj(api, name)["metadata"].get("finalizers")
     operator.kill()
     try:
@@ -605,8 +595,7 @@ def test_pod_changes_wake_the_job_without_polling(cp, api, operator, tmp_path) -
     watched = operator_process(cp, tmp_path / "watched.log", operator.kubeconfig, ("--interval", "600"))
     try:
         watched.start()
-        cp.apply(manifest(name))
-        wait_phase(cp, api, name, "Running")
+        start_running(cp, api, name)
         # past the Job controller's updates for the started pods: only the pod changes next
         cp.wait_for(
             lambda: (cp.get_json("-n", NS, "job", f"{name}-1").get("status") or {}).get("ready") == 2,
@@ -664,8 +653,7 @@ def test_kueue_labels_suspend_and_admission(cp, api, operator) -> None:
 
 def test_operator_restart_adopts_children_without_duplicates(cp, api, operator) -> None:
     name = "survivor"
-    cp.apply(manifest(name, runPolicy={"maxRestarts": 3}))
-    wait_phase(cp, api, name, "Running")
+    start_running(cp, api, name, runPolicy={"maxRestarts": 3})
     before = children(api, name)
     created = event_reasons(api, name).count("CreatedWorkers")
     operator.kill()
@@ -775,8 +763,7 @@ def test_peering_lets_one_replica_act(cp, api, operator, tmp_path) -> None:
         low.start()
         cp.wait_for(lambda: "clusterkopfpeerings" in low.log(), 60, "the low-priority replica to watch peers")
         name = "peered"
-        cp.apply(manifest(name))
-        wait_phase(cp, api, name, "Running")
+        start_running(cp, api, name)
         cp.wait_for(lambda: f"created Job {NS}/{name}-1" in high.log(), 60, "the high-priority replica's Job")
         wait_reconciles(cp, high)
         assert f"{NS}/{name}" not in low.log()

@@ -15,6 +15,7 @@ import pytest
 from kubetune import status as st
 from kubetune.policy import TenantPolicy
 from kubetune.render import PlatformDefaults, PolicyViolation, RenderError, render_children
+from tests.support.manifests import CROSS_NAMESPACE_ANTI_AFFINITY
 
 NAMESPACE = "team-a"
 DIGEST = "sha256:" + "a" * 64
@@ -233,19 +234,7 @@ ATTACKS = [
         "allowedWorkloadPriorityClasses",
     ),
     (
-        {
-            "resources.affinity": {
-                "podAntiAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": [
-                        {
-                            "labelSelector": {},
-                            "namespaceSelector": {},
-                            "topologyKey": "kubernetes.io/hostname",
-                        }
-                    ]
-                }
-            }
-        },
+        {"resources.affinity": CROSS_NAMESPACE_ANTI_AFFINITY},
         "spec.resources.affinity",
         "allowAffinity",
     ),

@@ -25,6 +25,8 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane, ensure_binaries
+from tests.support.manifests import CROSS_NAMESPACE_ANTI_AFFINITY, finetunejob, user_role_binding
+from tests.support.operator_cluster import finetunejob_events
 
 pytestmark = pytest.mark.slow  # a control plane and the operator
 
@@ -101,19 +103,7 @@ def cp(request, tmp_path_factory):
             for r in tenant_role(tmp_path_factory.mktemp("chart2"))
             if r["metadata"]["name"].endswith("-edit")
         )
-        plane.apply(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "alice-tunes", "namespace": NS},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": edit["metadata"]["name"],
-                },
-                "subjects": [{"kind": "User", "name": TENANT, "apiGroup": "rbac.authorization.k8s.io"}],
-            }
-        )
+        plane.apply(user_role_binding("alice-tunes", NS, TENANT, edit["metadata"]["name"], "ClusterRole"))
         # another team's credentials and a privileged account in the tenant's namespace
         plane.apply(
             {
@@ -157,17 +147,14 @@ def tenant(cp):
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "model": {"source": "s3://shared-models/smollm2/"},
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/team-a/chat.jsonl"}],
-            "resources": {"nodes": 2, "gpusPerNode": 1},
-        },
-    }
+    body = finetunejob(
+        name,
+        NS,
+        model={"source": "s3://shared-models/smollm2/"},
+        task={"type": "chat"},
+        datasets=[{"source": "s3://data/team-a/chat.jsonl"}],
+        resources={"nodes": 2, "gpusPerNode": 1},
+    )
     for dotted, value in spec.items():
         target = body["spec"]
         *parents, leaf = dotted.split(".")
@@ -200,14 +187,7 @@ def wait_phase(cp: ControlPlane, admin: client.ApiClient, name: str, phase: str,
 
 
 def warning_events(admin: client.ApiClient, name: str) -> list[dict[str, Any]]:
-    items = (
-        client.CoreV1Api(admin)
-        .list_namespaced_event(
-            NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
-        )
-        .items
-    )
-    return [admin.sanitize_for_serialization(e) for e in items if e.type == "Warning"]
+    return [e for e in finetunejob_events(admin, NS, name) if e.get("type") == "Warning"]
 
 
 def worker_jobs(admin: client.ApiClient, name: str) -> list[Any]:
@@ -258,19 +238,7 @@ ATTACKS = [
     ),
     (
         "block-others",
-        {
-            "resources.affinity": {
-                "podAntiAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": [
-                        {
-                            "labelSelector": {},
-                            "namespaceSelector": {},
-                            "topologyKey": "kubernetes.io/hostname",
-                        }
-                    ]
-                }
-            }
-        },
+        {"resources.affinity": CROSS_NAMESPACE_ANTI_AFFINITY},
         "spec.resources.affinity",
         "allowAffinity",
     ),

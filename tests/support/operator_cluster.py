@@ -16,6 +16,7 @@ from kubetune.spec import API_GROUP as GROUP
 from kubetune.spec import API_VERSION as VERSION
 from kubetune.spec import PLURAL
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
+from tests.support.manifests import job_with_secrets
 from tests.support.operator_process import OperatorProcess
 from tests.support.policies import TRUSTED_POLICY
 
@@ -38,21 +39,7 @@ def operator_process(
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "model": {
-                "source": "bundled://smollm2-135m-instruct",
-                "credentialsSecretRef": {"name": "hf-token"},
-            },
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/chat.jsonl"}],
-            "output": {"uri": f"s3://runs/{name}/", "credentialsSecretRef": {"name": "s3-creds"}},
-            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
-        },
-    }
+    body = job_with_secrets(name, NS, f"s3://runs/{name}/")
     for key, value in spec.items():
         body["spec"][key] = value
     return body
@@ -79,6 +66,12 @@ def wait_phase(
     except Exception:
         print(f"status of {name}: {json.dumps(status(api, name), indent=1)}")
         raise
+
+
+def start_running(cp: ControlPlane, api: client.ApiClient, name: str, **spec: Any) -> dict[str, Any]:
+    """Create the job `manifest(name, **spec)` and wait until it is Running: its status then."""
+    cp.apply(manifest(name, **spec))
+    return wait_phase(cp, api, name, "Running")
 
 
 def jobs(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
@@ -184,15 +177,20 @@ def pods(
     return [p for p in out if phase is None or p["status"].get("phase") == phase]
 
 
-def events(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
+def finetunejob_events(api: client.ApiClient, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The Events about the FineTuneJob NAME in NAMESPACE, in the API's order."""
     items = (
         client.CoreV1Api(api)
         .list_namespaced_event(
-            NS, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
+            namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
         )
         .items
     )
+    return [api.sanitize_for_serialization(e) for e in items]
+
+
+def events(api: client.ApiClient, name: str) -> list[dict[str, Any]]:
     return sorted(
-        (api.sanitize_for_serialization(e) for e in items),
+        finetunejob_events(api, NS, name),
         key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]),
     )
