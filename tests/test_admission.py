@@ -29,6 +29,7 @@ from kubetune import policy, render
 from tests.support.chart import apply_chart, find, one, render_chart, wait_counted
 from tests.support.cluster import FakeNode, make_cluster
 from tests.support.controlplane import ControlPlane
+from tests.support.manifests import CROSS_NAMESPACE_ANTI_AFFINITY, chat_job, role, user_role_binding
 from tests.support.operator_process import token_kubeconfig
 
 pytestmark = pytest.mark.slow  # a control plane with the chart installed
@@ -96,25 +97,12 @@ def chart(cp, tmp_path_factory) -> list[dict[str, Any]]:
         for name in ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity"):
             wait_counted(cp, namespace, name)
     # the tenant: the chart's tenant role only, in team-a; and one Secret of its own
+    cp.apply(user_role_binding("alice-kubetune", TEAM_A, TENANT, "kubetune-edit", "ClusterRole"))
     cp.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "alice-kubetune", "namespace": TEAM_A},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "kubetune-edit",
-            },
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TENANT}],
-        }
-    )
-    cp.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "alice-secrets", "namespace": TEAM_A},
-            "rules": [
+        role(
+            "alice-secrets",
+            TEAM_A,
+            [
                 {
                     "apiGroups": [""],
                     "resources": ["secrets"],
@@ -122,17 +110,9 @@ def chart(cp, tmp_path_factory) -> list[dict[str, Any]]:
                     "verbs": ["get"],
                 }
             ],
-        }
+        )
     )
-    cp.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "alice-secrets", "namespace": TEAM_A},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "alice-secrets"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TENANT}],
-        }
-    )
+    cp.apply(user_role_binding("alice-secrets", TEAM_A, TENANT, "alice-secrets"))
     for name in ("alice-creds", "other-team-creds", "s3-creds"):
         cp.apply(
             {
@@ -169,20 +149,9 @@ def platform(chart) -> render.PlatformDefaults:
 
 def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
     """A legitimate job of team-a under VALUES' policy; keyword arguments replace spec groups."""
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"source": "bundled://smollm2-135m-instruct"},
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://datasets/chat.jsonl"}],
-            "resources": {"nodes": 2, "gpusPerNode": 1},
-            "scheduling": {"queueName": TEAM_A},
-        },
-    }
-    body["spec"].update(spec)
-    return body
+    return chat_job(
+        name, namespace, "s3://datasets/chat.jsonl", **{"scheduling": {"queueName": TEAM_A}, **spec}
+    )
 
 
 LEGIT_SPEC: dict[str, Any] = {
@@ -248,6 +217,28 @@ def kubectl_as(
         text=True,
         timeout=60,
     )
+
+
+def create_as(
+    cp: ControlPlane, kubeconfig: str, body: dict[str, Any], *, dry_run: bool = True
+) -> subprocess.CompletedProcess:
+    """`kubectl create` of BODY with KUBECONFIG's identity: by default a server-side dry run."""
+    args = ["create", "--dry-run=server", "-f", "-"] if dry_run else ["create", "-f", "-"]
+    return kubectl_as(cp, kubeconfig, *args, input=json.dumps(body))
+
+
+def patch_configmap_as(
+    cp: ControlPlane, kubeconfig: str, name: str, patch: dict[str, Any]
+) -> subprocess.CompletedProcess:
+    """A merge patch of team-a's ConfigMap NAME with KUBECONFIG's identity."""
+    return kubectl_as(
+        cp, kubeconfig, "-n", TEAM_A, "patch", "configmap", name, "--type=merge", "-p", json.dumps(patch)
+    )
+
+
+def admin_dry_run(cp: ControlPlane, body: dict[str, Any]) -> subprocess.CompletedProcess:
+    """`kubectl create --dry-run=server` of BODY as the admin (admission only: RBAC allows all)."""
+    return admin_dry_run(cp, body)
 
 
 def operator_violations(
@@ -779,21 +770,10 @@ def test_operator_creates_exactly_the_children_render_makes(cp, chart, platform,
         kinds
     )
     for child in children:
-        result = kubectl_as(cp, operator_kubeconfig, "create", "-f", "-", input=json.dumps(child))
+        result = create_as(cp, operator_kubeconfig, child, dry_run=False)
         assert result.returncode == 0, (child["kind"], result.stderr)
     # and may change its own ConfigMap
-    result = kubectl_as(
-        cp,
-        operator_kubeconfig,
-        "-n",
-        TEAM_A,
-        "patch",
-        "configmap",
-        render.config_map_name(name),
-        "--type=merge",
-        "-p",
-        json.dumps({"data": {"x": "y"}}),
-    )
+    result = patch_configmap_as(cp, operator_kubeconfig, render.config_map_name(name), {"data": {"x": "y"}})
     assert result.returncode == 0, result.stderr
     # and delete its Job
     result = kubectl_as(cp, operator_kubeconfig, "-n", TEAM_A, "delete", "job", render.job_name(name, 1))
@@ -845,14 +825,12 @@ def test_operator_cannot_create_other_jobs(
         pod["containers"][0]["securityContext"].update(privileged=True, allowPrivilegeEscalation=True)
     elif change == "name":
         bad["metadata"]["name"] = "plain-backup"
-    result = kubectl_as(
-        cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(bad)
-    )
+    result = create_as(cp, operator_kubeconfig, bad)
     assert result.returncode != 0, change
     assert expected in result.stderr and "kubetune-operator-children" in result.stderr, result.stderr
     # the unchanged Job would be admitted
     good = _operator_job(job, platform)
-    ok = kubectl_as(cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(good))
+    ok = create_as(cp, operator_kubeconfig, good)
     assert ok.returncode == 0, ok.stderr
 
 
@@ -865,32 +843,17 @@ def test_operator_cannot_touch_objects_that_are_not_its_own(cp, chart, platform,
             "data": {"endpoint": "https://internal"},
         }
     )
-    result = kubectl_as(
-        cp,
-        operator_kubeconfig,
-        "-n",
-        TEAM_A,
-        "patch",
-        "configmap",
-        "team-settings",
-        "--type=merge",
-        "-p",
-        json.dumps({"data": {"endpoint": "https://exfil"}}),
+    result = patch_configmap_as(
+        cp, operator_kubeconfig, "team-settings", {"data": {"endpoint": "https://exfil"}}
     )
     assert result.returncode != 0 and "metadata.labels" in result.stderr, result.stderr
     # labelling it in the same patch does not make it the operator's
     labels = {"app.kubernetes.io/managed-by": "kubetune-operator", "kubetune.io/job-name": "team-settings"}
-    result = kubectl_as(
+    result = patch_configmap_as(
         cp,
         operator_kubeconfig,
-        "-n",
-        TEAM_A,
-        "patch",
-        "configmap",
         "team-settings",
-        "--type=merge",
-        "-p",
-        json.dumps({"metadata": {"labels": labels}, "data": {"endpoint": "https://exfil"}}),
+        {"metadata": {"labels": labels}, "data": {"endpoint": "https://exfil"}},
     )
     assert result.returncode != 0 and "is not the operator's" in result.stderr, result.stderr
     assert cp.get_json("-n", TEAM_A, "configmap", "team-settings")["data"]["endpoint"] == "https://internal"
@@ -898,30 +861,22 @@ def test_operator_cannot_touch_objects_that_are_not_its_own(cp, chart, platform,
     role, binding = [c for c in render.render_rbac(job) if c["kind"] in ("Role", "RoleBinding")]
     # (a rule it holds itself: RBAC refuses to grant more than that before admission is asked)
     role["rules"].append({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]})
-    result = kubectl_as(
-        cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(role)
-    )
+    result = create_as(cp, operator_kubeconfig, role)
     assert result.returncode != 0 and "rules:" in result.stderr, result.stderr
     good_role = next(c for c in render.render_rbac(job) if c["kind"] == "Role")  # (a binding needs its Role)
-    result = kubectl_as(cp, operator_kubeconfig, "create", "-f", "-", input=json.dumps(good_role))
+    result = create_as(cp, operator_kubeconfig, good_role, dry_run=False)
     assert result.returncode == 0 or "AlreadyExists" in result.stderr, result.stderr
     binding["subjects"].append({"kind": "ServiceAccount", "name": "default", "namespace": TEAM_A})
-    result = kubectl_as(
-        cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(binding)
-    )
+    result = create_as(cp, operator_kubeconfig, binding)
     assert result.returncode != 0 and "roleRef/subjects" in result.stderr, result.stderr
     # a NetworkPolicy or Service of the job's name and labels that selects other pods
     network_policy = render.render_network_policy(job, platform)
     network_policy["spec"]["podSelector"] = {}
-    result = kubectl_as(
-        cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(network_policy)
-    )
+    result = create_as(cp, operator_kubeconfig, network_policy)
     assert result.returncode != 0 and "spec.podSelector" in result.stderr, result.stderr
     service = render.render_service(job)
     service["spec"].update(selector={"app": "inference"}, clusterIP=None, type="NodePort")
-    result = kubectl_as(
-        cp, operator_kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(service)
-    )
+    result = create_as(cp, operator_kubeconfig, service)
     assert result.returncode != 0 and "headless" in result.stderr, result.stderr
 
 
@@ -938,40 +893,17 @@ def _pod(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def test_quota_refuses_system_priority_pods(cp, chart) -> None:
-    result = cp.kubectl(
-        "create",
-        "--dry-run=server",
-        "-f",
-        "-",
-        input=json.dumps(_pod("critical", priorityClassName="system-node-critical")),
-        check=False,
-    )
+    result = admin_dry_run(cp, _pod("critical", priorityClassName="system-node-critical"))
     assert result.returncode != 0 and "exceeded quota: kubetune-priority-classes" in result.stderr, (
         result.stderr
     )
     # a pod without a priority class is not in the scope (In, not NotIn)
-    result = cp.kubectl(
-        "create", "--dry-run=server", "-f", "-", input=json.dumps(_pod("plain-pod")), check=False
-    )
+    result = admin_dry_run(cp, _pod("plain-pod"))
     assert result.returncode == 0, result.stderr
 
 
 def test_quota_refuses_cross_namespace_affinity(cp, chart) -> None:
-    affinity = {
-        "podAntiAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": [
-                {"topologyKey": "kubernetes.io/hostname", "namespaceSelector": {}, "labelSelector": {}}
-            ]
-        }
-    }
-    result = cp.kubectl(
-        "create",
-        "--dry-run=server",
-        "-f",
-        "-",
-        input=json.dumps(_pod("anti", affinity=affinity)),
-        check=False,
-    )
+    result = admin_dry_run(cp, _pod("anti", affinity=CROSS_NAMESPACE_ANTI_AFFINITY))
     assert result.returncode != 0 and "exceeded quota: kubetune-cross-namespace-affinity" in result.stderr, (
         result.stderr
     )
@@ -982,14 +914,7 @@ def test_quota_refuses_cross_namespace_affinity(cp, chart) -> None:
             ]
         }
     }
-    result = cp.kubectl(
-        "create",
-        "--dry-run=server",
-        "-f",
-        "-",
-        input=json.dumps(_pod("anti", affinity=same_namespace)),
-        check=False,
-    )
+    result = admin_dry_run(cp, _pod("anti", affinity=same_namespace))
     assert result.returncode == 0, result.stderr
 
 
@@ -1015,7 +940,7 @@ def test_priority_class_scope_not_in_matches_pods_without_a_class(cp, chart) -> 
     )
     wait_counted(cp, namespace, "not-in")
     pod = {**_pod("plain-pod"), "metadata": {"name": "plain-pod", "namespace": namespace}}
-    result = cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    result = admin_dry_run(cp, pod)
     assert result.returncode != 0 and "exceeded quota: not-in" in result.stderr, result.stderr
 
 

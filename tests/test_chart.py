@@ -48,6 +48,7 @@ from tests.support.chart import (
 )
 from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
+from tests.support.manifests import chat_job, user_role_binding
 from tests.support.operator_process import OperatorProcess, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,31 +200,16 @@ def test_namespaced_rbac_is_roles_per_namespace(tmp_path: Path) -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--namespaced-rbac" in args
     parsed = operator_main.parse_args(args)
     assert parsed.namespace == ["team-a", "team-b"] and parsed.namespaced_rbac
-    result = helm(
-        "template",
-        RELEASE,
-        str(CHART),
-        "--set",
-        "rbac.scope=namespaced",
-        "--set",
-        "admission.enabled=false",
-        check=False,
-    )
-    assert result.returncode != 0 and "watchNamespaces" in result.stderr
-    # the admission policies are cluster-scoped: refused with the namespaced mode, with a clear message
-    result = helm(
-        "template",
-        RELEASE,
-        str(CHART),
-        "--set",
-        "rbac.scope=namespaced",
-        "--set",
-        "watchNamespaces={a}",
-        check=False,
-    )
-    assert result.returncode != 0 and "admission.enabled needs rbac.scope=cluster" in result.stderr, (
-        result.stderr
-    )
+    # without watchNamespaces; and with the admission policies, which are cluster-scoped: refused with
+    # the namespaced mode, with a clear message
+    for other, message in (
+        ("admission.enabled=false", "watchNamespaces"),
+        ("watchNamespaces={a}", "admission.enabled needs rbac.scope=cluster"),
+    ):
+        result = helm(
+            "template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", "--set", other, check=False
+        )
+        assert result.returncode != 0 and message in result.stderr, result.stderr
     assert (
         one(docs, "ConfigMap", "kubetune-defaults")["data"]["defaults.yaml"].count("tenantSecretRefs: Forbid")
         == 1
@@ -725,19 +711,7 @@ def operator(cp, chart_docs, tmp_path_factory) -> Iterator[ChartOperator]:
 
 def manifest(name: str, namespace: str = TEAM_A, **spec: Any) -> dict[str, Any]:
     """A job that leaves output, image and placement to the platform defaults."""
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"source": "bundled://smollm2-135m-instruct"},
-            "task": {"type": "chat"},
-            "datasets": [{"source": "s3://data/chat.jsonl"}],
-            "resources": {"nodes": 2, "gpusPerNode": 1},
-        },
-    }
-    body["spec"].update(spec)
-    return body
+    return chat_job(name, namespace, **spec)
 
 
 def ftj(api: client.ApiClient, name: str, namespace: str = TEAM_A) -> dict[str, Any]:
@@ -1046,15 +1020,7 @@ def test_subject_access_reviews_of_the_operator_account(api, chart_docs) -> None
 
 def test_namespace_editors_may_run_finetunejobs(cp, api, chart_docs) -> None:
     """The chart's user roles aggregate into `edit`/`view`: a namespace editor may create jobs there."""
-    cp.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "alice-edit", "namespace": TEAM_A},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
-        }
-    )
+    cp.apply(user_role_binding("alice-edit", TEAM_A, "alice", "edit", "ClusterRole"))
 
     def allowed(verb: str, namespace: str) -> bool:
         review = client.AuthorizationV1Api(api).create_subject_access_review(

@@ -31,7 +31,7 @@ from kubernetes import client
 from kubetune import cli, cluster
 from tests.support.cluster import make_cluster, running_operator
 from tests.support.controlplane import HOLD_ANNOTATION, STAGES_FILE, ControlPlane
-from tests.support.manifests import finetunejob, role, user_role_binding
+from tests.support.manifests import chat_job, role, user_role_binding
 from tests.support.operator_process import install_crd
 from tests.support.policies import TRUSTED_POLICY
 from tests.support.waiting import ProcessOutput
@@ -198,16 +198,14 @@ def kubetune(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    body = finetunejob(
+    return chat_job(
         name,
-        model={"source": "bundled://smollm2-135m-instruct"},
-        task={"type": "chat"},
-        datasets=[{"source": "s3://data/chat.jsonl"}],
-        output={"uri": f"s3://runs/{name}/"},
-        resources={"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
+        **{
+            "output": {"uri": f"s3://runs/{name}/"},
+            "resources": {"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
+            **spec,
+        },
     )
-    body["spec"].update(spec)
-    return body
 
 
 def apply_job(cp: ControlPlane, name: str, **spec: Any) -> None:

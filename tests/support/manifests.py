@@ -29,14 +29,28 @@ def finetunejob(name: str, namespace: str | None = None, **spec: Any) -> dict[st
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": metadata, "spec": spec}
 
 
+def chat_job(
+    name: str, namespace: str | None = None, dataset: str = "s3://data/chat.jsonl", **spec: Any
+) -> dict[str, Any]:
+    """The bundled model fine-tuned on one chat DATASET, 2 nodes of 1 GPU; SPEC adds or replaces groups."""
+    body = finetunejob(
+        name,
+        namespace,
+        model={"source": "bundled://smollm2-135m-instruct"},
+        task={"type": "chat"},
+        datasets=[{"source": dataset}],
+        resources={"nodes": 2, "gpusPerNode": 1},
+    )
+    body["spec"].update(spec)
+    return body
+
+
 def job_with_secrets(name: str, namespace: str, output_uri: str) -> dict[str, Any]:
     """A valid job on the `gpu` pool that reads the model with Secret hf-token and writes with s3-creds."""
-    return finetunejob(
+    return chat_job(
         name,
         namespace,
         model={"source": "bundled://smollm2-135m-instruct", "credentialsSecretRef": {"name": "hf-token"}},
-        task={"type": "chat"},
-        datasets=[{"source": "s3://data/chat.jsonl"}],
         output={"uri": output_uri, "credentialsSecretRef": {"name": "s3-creds"}},
         resources={"nodes": 2, "gpusPerNode": 1, "nodeSelector": {"pool": "gpu"}},
     )
