@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from kubetune import policy, render
-from tests.support.chart import apply_chart, find, one, render_chart, wait_counted
+from tests.support.chart import find, install_chart, one, wait_counted
 from tests.support.cluster import FakeNode, make_cluster
 from tests.support.controlplane import ControlPlane
 from tests.support.manifests import CROSS_NAMESPACE_ANTI_AFFINITY, chat_job, role, user_role_binding
@@ -91,11 +91,7 @@ def cp(request) -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="module")
 def chart(cp, tmp_path_factory) -> list[dict[str, Any]]:
-    docs = render_chart(tmp_path_factory.mktemp("chart"), VALUES, crds=True)
-    apply_chart(cp, docs)
-    for namespace in (TEAM_A, TEAM_B):
-        for name in ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity"):
-            wait_counted(cp, namespace, name)
+    docs = install_chart(cp, tmp_path_factory.mktemp("chart"), VALUES, (TEAM_A, TEAM_B))
     # the tenant: the chart's tenant role only, in team-a; and one Secret of its own
     cp.apply(user_role_binding("alice-kubetune", TEAM_A, TENANT, "kubetune-edit", "ClusterRole"))
     cp.apply(

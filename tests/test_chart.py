@@ -41,10 +41,10 @@ from tests.support.chart import (
     apply_chart,
     find,
     helm,
+    install_chart,
     one,
     render_chart,
     values_args,
-    wait_counted,
 )
 from tests.support.cluster import FakeNode, make_cluster, wait_reconciles
 from tests.support.controlplane import HOLD_ANNOTATION, ControlPlane
@@ -690,11 +690,7 @@ def cp(request):
 
 @pytest.fixture(scope="module")
 def chart_docs(cp, tmp_path_factory) -> list[dict[str, Any]]:
-    docs = render_chart(tmp_path_factory.mktemp("chart"), CLUSTER_VALUES, crds=True)
-    apply_chart(cp, docs)
-    # quota admission needs the quota controller's first count of every resource
-    for name in ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity"):
-        wait_counted(cp, TEAM_A, name)
+    docs = install_chart(cp, tmp_path_factory.mktemp("chart"), CLUSTER_VALUES, (TEAM_A,))
     return docs
 
 

@@ -109,3 +109,19 @@ def wait_counted(cp: ControlPlane, namespace: str, name: str = "kubetune", timeo
         return False
 
     cp.wait_for(counted, timeout, f"ResourceQuota {namespace}/{name} counted", interval=3)
+
+
+TENANT_QUOTAS = ("kubetune", "kubetune-priority-classes", "kubetune-cross-namespace-affinity")
+
+
+def install_chart(
+    cp: ControlPlane, tmp: Path, values: dict[str, Any], tenant_namespaces: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Render the chart with its CRDs, apply it, and wait for the quota controller's first count of
+    every tenant quota in TENANT_NAMESPACES (quota admission needs it): the documents."""
+    docs = render_chart(tmp, values, crds=True)
+    apply_chart(cp, docs)
+    for namespace in tenant_namespaces:
+        for name in TENANT_QUOTAS:
+            wait_counted(cp, namespace, name)
+    return docs
