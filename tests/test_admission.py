@@ -234,7 +234,7 @@ def patch_configmap_as(
 
 def admin_dry_run(cp: ControlPlane, body: dict[str, Any]) -> subprocess.CompletedProcess:
     """`kubectl create --dry-run=server` of BODY as the admin (admission only: RBAC allows all)."""
-    return admin_dry_run(cp, body)
+    return cp.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False)
 
 
 def operator_violations(
