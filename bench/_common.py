@@ -112,6 +112,24 @@ def summary_row(summary: dict[str, Any], final_loss: float) -> dict[str, Any]:
     }
 
 
+def trl_config(
+    args: argparse.Namespace, workdir: Path, model_dir: str, data: Path, lora: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The config (argv[1]) of a TRL script: the same model, data, LoRA, steps, batch and sequence
+    length as the kubetune run, its output in workdir/trl; `extra` adds script-specific keys."""
+    return {
+        "model_dir": model_dir,
+        "data": str(data),
+        "examples": args.examples,
+        "lora": lora,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "out": str(workdir / "trl"),
+        **extra,
+    }
+
+
 def run_result_script(script: str, config: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """Run `python -c script json(config)`; the JSON of its last `RESULT ` line (exit with its output
     if it fails)."""

@@ -27,6 +27,7 @@ from _common import (
     resolve_model,
     run_result_script,
     summary_row,
+    trl_config,
     write_manifest,
 )
 
@@ -87,16 +88,7 @@ print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen)
 
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str) -> dict:
-    config = {
-        "model_dir": model_dir,
-        "data": str(DATA),
-        "examples": args.examples,
-        "lora": LORA,
-        "steps": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
-        "out": str(workdir / "trl"),
-    }
+    config = trl_config(args, workdir, model_dir, DATA, LORA)
     return run_result_script(TRL_SCRIPT, config, {**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     resolve_model,
     run_result_script,
     summary_row,
+    trl_config,
     write_manifest,
 )
 from cpu_precision import matmul_peak  # noqa: E402
@@ -106,18 +107,7 @@ print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen)
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str, batching: str) -> dict:
     """One TRL SFTTrainer script in its own process."""
-    config = {
-        "model_dir": model_dir,
-        "data": str(DATA),
-        "examples": args.examples,
-        "lora": LORA,
-        "steps": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
-        "out": str(workdir / "trl"),
-        "precision": args.precision,
-        "batching": batching,
-    }
+    config = trl_config(args, workdir, model_dir, DATA, LORA, precision=args.precision, batching=batching)
     return run_result_script(TRL_SCRIPT, config, ENV)
 
 

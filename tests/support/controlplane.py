@@ -108,11 +108,11 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
-def raise_if_exited(components: Iterable[Component], error: type[Exception]) -> None:
-    """Raise `error` (naming the process and its log tail) if one of `components` has exited."""
+def raise_if_exited(components: Iterable[Component], error: type[Exception], during: str = "") -> None:
+    """Raise `error` (naming the process, `during` and its log tail) if one of `components` has exited."""
     for c in components:
         if not c.alive():
-            raise error(f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}")
+            raise error(f"{c.name} exited with {c.proc.returncode}{during}; log {c.log_path}:\n{c.tail()}")
 
 
 def poll(
@@ -680,12 +680,7 @@ class ControlPlane:
     def _wait(self, what: str, check, timeout: float, component: str | None = None) -> None:
         deadline = time.monotonic() + min(timeout, self.start_timeout)
         while True:
-            for c in self.components.values():
-                if not c.alive():
-                    raise ControlPlaneError(
-                        f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                        f"log {c.log_path}:\n{c.tail()}"
-                    )
+            raise_if_exited(self.components.values(), ControlPlaneError, f" while waiting for {what}")
             try:
                 if check():
                     return

@@ -642,12 +642,7 @@ oom_score = 0
     def _wait(self, what: str, check, timeout: float) -> None:
         deadline = time.monotonic() + min(timeout, self.start_timeout)
         while True:
-            for c in self.components.values():
-                if not c.alive():
-                    raise NodeError(
-                        f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                        f"log {c.log_path}:\n{c.tail()}"
-                    )
+            raise_if_exited(self.components.values(), NodeError, f" while waiting for {what}")
             with contextlib.suppress(Exception):
                 if check():
                     return
