@@ -10,11 +10,11 @@ MFU. With --checkpointing it adds the same steps with gradient checkpointing.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import torch
+from _common import bench_parser, resolve_model
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -68,20 +68,11 @@ def step(model: Any, optimizer: Any, batch: dict[str, torch.Tensor], autocast: b
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
+    parser = bench_parser(__doc__, steps=3, batch=4, seq=256)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    from kubetune.spec import ModelSpec
-    from kubetune_trainer.models import resolve_model_dir
-
-    model_dir = resolve_model_dir(ModelSpec(source=args.model))
+    model_dir = resolve_model(args.model)
     print(f"native bf16 (oneDNN): {cpu_has_native_bf16()}, threads {torch.get_num_threads()}")
     peaks = {
         name: max(matmul_peak(dtype) for _ in range(2))

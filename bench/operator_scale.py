@@ -121,12 +121,7 @@ class BenchOperator(OperatorProcess):
         return [
             sys.executable,
             *([self.script] if self.script else ["-m", "kubetune.operator_main"]),
-            "--liveness",
-            f"http://127.0.0.1:{self.health_port}/healthz",
-            "--metrics-port",
-            str(self.metrics_port),
-            "--metrics-address",
-            "127.0.0.1",
+            *self.endpoint_args(),
             *self.args,
         ]
 

@@ -14,18 +14,23 @@ prompt + chosen and prompt + rejected), divided by the wall time of training (ku
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from _common import (
+    REPO,
+    TRL_MODEL,
+    TRL_PRELUDE,
+    bench_parser,
+    resolve_model,
+    run_result_script,
+    summary_row,
+    trl_config,
+    write_manifest,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "pydoc_preferences.jsonl"
 LORA = {
     "r": 16,
@@ -36,68 +41,36 @@ LORA = {
 
 
 def kubetune_run(args: argparse.Namespace, workdir: Path) -> dict:
-    manifest = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench"},
-        "spec": {
-            "model": {"source": args.model},
-            "method": {"type": "lora", "lora": LORA},
-            "task": {
-                "type": "preference",
-                "template": "chat-template",
-                "preference": {"objective": "dpo", "beta": 0.1, "maxPromptLength": args.seq},
-            },
-            "datasets": [{"source": str(DATA), "maxExamples": args.examples}],
-            "validation": {"fraction": 0.02, "maxExamples": 2},
-            "cleaning": {"dropDuplicates": False},
-            "training": {
-                "maxSteps": args.steps,
-                "batchSizePerDevice": args.batch,
-                "maxSeqLength": args.seq,
-                "learningRate": 2e-4,
-                "loggingSteps": 5,
-                "precision": "fp32",
-                "seed": 0,
-            },
-            "evaluation": {"numSamplePrompts": 0},
-            "output": {"uri": str(workdir / "kubetune"), "exports": ["adapter"]},
-            "tracking": {"tensorboard": False},
+    path = write_manifest(
+        args,
+        workdir,
+        lora=LORA,
+        task={
+            "type": "preference",
+            "template": "chat-template",
+            "preference": {"objective": "dpo", "beta": 0.1, "maxPromptLength": args.seq},
         },
-    }
-    shutil.rmtree(workdir / "kubetune", ignore_errors=True)  # a fresh run, not a resume
-    path = workdir / "bench.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+        data=DATA,
+        validation={"fraction": 0.02, "maxExamples": 2},
+        precision="fp32",
+    )
     from kubetune_trainer.__main__ import run_trainer
 
     code, summary = run_trainer(str(path), show_progress=False)
     assert code == 0, code
-    seconds = summary["trainSeconds"]
-    return {
-        "tokens": summary["trainedTokens"],
-        "seconds": seconds,
-        "tokens_per_second": summary["trainedTokens"] / seconds,
-        "final_loss": summary["lastLoss"],
-    }
+    return summary_row(summary, summary["lastLoss"])
 
 
-TRL_SCRIPT = r"""
-import json, sys, time
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+TRL_SCRIPT = (
+    TRL_PRELUDE
+    + r"""
 from trl import DPOConfig, DPOTrainer
-
-cfg = json.loads(sys.argv[1])
-tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-rows = [json.loads(l) for l in open(cfg["data"])][: cfg["examples"]]
 data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                            "chosen": [{"role": "assistant", "content": r["chosen"]}],
                            "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype="float32")
-lora = cfg["lora"]
-peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                         target_modules=lora["targetModules"], task_type="CAUSAL_LM")
+"""
+    + TRL_MODEL
+    + r"""
 args = DPOConfig(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
                  max_length=cfg["seq"], beta=0.1, learning_rate=2e-4, logging_steps=5, report_to=[], use_cpu=True,
                  bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
@@ -111,46 +84,20 @@ print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen)
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
                               "final_loss": losses[-1]}))
 """
+)
 
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str) -> dict:
-    config = {
-        "model_dir": model_dir,
-        "data": str(DATA),
-        "examples": args.examples,
-        "lora": LORA,
-        "steps": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
-        "out": str(workdir / "trl"),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", TRL_SCRIPT, json.dumps(config)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    if result.returncode != 0:
-        raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
-    line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    config = trl_config(args, workdir, model_dir, DATA, LORA)
+    return run_result_script(TRL_SCRIPT, config, {**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=192)
+    parser = bench_parser(__doc__, steps=10, batch=4, seq=192)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is kept")
     args = parser.parse_args()
-    from kubetune.spec import ModelSpec
-    from kubetune_trainer.models import resolve_model_dir
-
-    model_dir = resolve_model_dir(ModelSpec(source=args.model))
+    model_dir = resolve_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         started = time.time()

@@ -25,19 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    REPO,
+    TRL_MODEL,
+    TRL_PRELUDE,
+    bench_parser,
+    resolve_model,
+    run_result_script,
+    summary_row,
+    trl_config,
+    write_manifest,
+)
 from cpu_precision import matmul_peak  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "pydoc_instructions.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": TARGETS}
@@ -46,35 +53,16 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict:
     """One `kubetune run` in its own process; figures from its summary."""
-    manifest = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench"},
-        "spec": {
-            "model": {"source": args.model},
-            "method": {"type": "lora", "lora": LORA},
-            "task": {"type": "instruction", "template": "chat-template"},
-            "datasets": [{"source": str(DATA), "maxExamples": args.examples}],
-            "validation": {"fraction": 0.02},
-            "cleaning": {"dropDuplicates": False},
-            "training": {
-                "maxSteps": args.steps,
-                "batchSizePerDevice": args.batch,
-                "maxSeqLength": args.seq,
-                "learningRate": 2e-4,
-                "loggingSteps": 5,
-                "precision": args.precision,
-                "seed": 0,
-                "packing": packing,
-            },
-            "evaluation": {"numSamplePrompts": 0},
-            "output": {"uri": str(workdir / "kubetune"), "exports": ["adapter"]},
-            "tracking": {"tensorboard": False},
-        },
-    }
-    shutil.rmtree(workdir / "kubetune", ignore_errors=True)  # a fresh run, not a resume
-    path = workdir / "bench.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path = write_manifest(
+        args,
+        workdir,
+        lora=LORA,
+        task={"type": "instruction", "template": "chat-template"},
+        data=DATA,
+        validation={"fraction": 0.02},
+        precision=args.precision,
+        training={"packing": packing},
+    )
     result = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "run", str(path), "--quiet"],
         capture_output=True,
@@ -84,34 +72,21 @@ def kubetune_run(args: argparse.Namespace, workdir: Path, packing: bool) -> dict
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     summary = json.loads((workdir / "kubetune" / "summary.json").read_text())
-    seconds = summary["trainSeconds"]
-    return {
-        "tokens": summary["trainedTokens"],
-        "seconds": seconds,
-        "tokens_per_second": summary["trainedTokens"] / seconds,
-        "final_loss": summary["lastLoss"] or summary["trainLoss"],
-    }
+    return summary_row(summary, summary["lastLoss"] or summary["trainLoss"])
 
 
-TRL_SCRIPT = r"""
-import json, sys, time
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+TRL_SCRIPT = (
+    TRL_PRELUDE
+    + r"""
 from trl import SFTConfig, SFTTrainer
-
-cfg = json.loads(sys.argv[1])
-tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-rows = [json.loads(l) for l in open(cfg["data"])][: cfg["examples"]]
 def prompt(r):
     user = r["instruction"] + (("\n\n" + r["input"]) if r["input"] else "")
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 data = Dataset.from_list([{"prompt": prompt(r), "completion": r["output"] + tokenizer.eos_token} for r in rows])
 bf16 = cfg["precision"] == "bf16"
-model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype="float32")
-lora = cfg["lora"]
-peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                         target_modules=lora["targetModules"], task_type="CAUSAL_LM")
+"""
+    + TRL_MODEL
+    + r"""
 batching = {"random": {}, "grouped": {"train_sampling_strategy": "group_by_length"}, "packed": {"packing": True}}
 args = SFTConfig(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
                  max_length=cfg["seq"], learning_rate=2e-4, logging_steps=5, report_to=[], use_cpu=True,
@@ -127,29 +102,13 @@ print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen)
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
                               "final_loss": losses[-1] if losses else result.training_loss}))
 """
+)
 
 
 def trl_run(args: argparse.Namespace, workdir: Path, model_dir: str, batching: str) -> dict:
     """One TRL SFTTrainer script in its own process."""
-    config = {
-        "model_dir": model_dir,
-        "data": str(DATA),
-        "examples": args.examples,
-        "lora": LORA,
-        "steps": args.steps,
-        "batch": args.batch,
-        "seq": args.seq,
-        "out": str(workdir / "trl"),
-        "precision": args.precision,
-        "batching": batching,
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", TRL_SCRIPT, json.dumps(config)], capture_output=True, text=True, env=ENV
-    )
-    if result.returncode != 0:
-        raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
-    line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    config = trl_config(args, workdir, model_dir, DATA, LORA, precision=args.precision, batching=batching)
+    return run_result_script(TRL_SCRIPT, config, ENV)
 
 
 def lora_flops_per_token(model_dir: str) -> tuple[float, int, int]:
@@ -178,13 +137,7 @@ CONFIGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="bundled://smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser = bench_parser(__doc__, steps=20, batch=8, seq=256)
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is kept")
@@ -194,10 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from kubetune.spec import ModelSpec
-    from kubetune_trainer.models import resolve_model_dir
-
-    model_dir = resolve_model_dir(ModelSpec(source=args.model))
+    model_dir = resolve_model(args.model)
     names = [n for n in args.only.split(",") if n]
     flops_per_token, n_base, n_lora = lora_flops_per_token(model_dir)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32

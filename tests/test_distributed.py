@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.distributed import deepspeed_config
 from kubetune.manifest import load_job
-from tests.support.trainer_fixtures import ENV, free_port, torchrun
+from tests.support.trainer_fixtures import ENV, free_port, torchrun, two_ranks
 
 pytestmark = pytest.mark.slow  # launches several training processes
 
@@ -69,23 +69,7 @@ def test_deepspeed_zero_on_cpu(make_job, stage: str) -> None:
     assert config["optimizer"]["params"]["torch_adam"] is True
     ds_file = job.parent / f"{stage}.json"
     ds_file.write_text(json.dumps(config))
-    result = subprocess.run(
-        torchrun(
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "kubetune_trainer",
-            "--config",
-            str(job),
-            "--deepspeed",
-            str(ds_file),
-        ),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = two_ranks(job, "--deepspeed", str(ds_file))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((job.parent / f"out-{stage}" / "summary.json").read_text())
     assert summary["worldSize"] == 2 and summary["steps"] == 3

@@ -91,6 +91,23 @@ BILLION = {
 }
 
 
+def _memory(
+    facts: dict[str, Any], method: str, strategy: str, world_size: int, **extra: Any
+) -> dict[str, Any]:
+    """memory_per_gpu in bf16 for one sequence of 10 tokens with gradient checkpointing."""
+    return memory_per_gpu(
+        facts,
+        method=method,
+        precision="bf16",
+        strategy=strategy,
+        world_size=world_size,
+        batch=1,
+        seq=10,
+        gradient_checkpointing=True,
+        **extra,
+    )
+
+
 @pytest.mark.parametrize(
     ("strategy", "weights", "gradients", "optimizer", "gathered"),
     [
@@ -106,16 +123,7 @@ BILLION = {
 def test_memory_is_sharded_by_the_strategy(
     strategy: str, weights: float, gradients: float, optimizer: float, gathered: float
 ) -> None:
-    memory = memory_per_gpu(
-        BILLION,
-        method="full",
-        precision="bf16",
-        strategy=strategy,
-        world_size=8,
-        batch=1,
-        seq=10,
-        gradient_checkpointing=True,
-    )
+    memory = _memory(BILLION, "full", strategy, 8)
     parts = memory["bytes"]
     assert (parts["weights"], parts["gradients"], parts["optimizer"], parts["gatheredLayers"]) == (
         int(weights),
@@ -129,16 +137,7 @@ def test_memory_is_sharded_by_the_strategy(
 
 def test_memory_of_adapters_and_4bit_bases() -> None:
     lora_facts = {**BILLION, "trainableParameters": 1_000_000, "adapterParameters": 1_000_000}
-    lora = memory_per_gpu(
-        lora_facts,
-        method="lora",
-        precision="bf16",
-        strategy="ddp",
-        world_size=1,
-        batch=1,
-        seq=10,
-        gradient_checkpointing=True,
-    )["bytes"]
+    lora = _memory(lora_facts, "lora", "ddp", 1)["bytes"]
     # frozen base in bf16; adapters in fp32 with fp32 gradients and AdamW m, v
     assert lora["weights"] == 999_000_000 * 2 + 1_000_000 * 4
     assert (lora["gradients"], lora["optimizer"]) == (4_000_000, 8_000_000)
@@ -146,30 +145,11 @@ def test_memory_of_adapters_and_4bit_bases() -> None:
     class Quant:
         compute_dtype, double_quant = "bfloat16", True
 
-    qlora = memory_per_gpu(
-        lora_facts,
-        method="qlora",
-        precision="bf16",
-        strategy="ddp",
-        world_size=1,
-        batch=1,
-        seq=10,
-        gradient_checkpointing=True,
-        quant=Quant(),
-    )["bytes"]
+    qlora = _memory(lora_facts, "qlora", "ddp", 1, quant=Quant())["bytes"]
     four_bit = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit weights + double-quantized absmax constants
     assert qlora["weights"] == int(900_000_000 * four_bit + 100_000_000 * 2 + 1_000_000 * 4)
     # zero3 on one GPU does not shard anything (the trainer uses DeepSpeed only when WORLD_SIZE > 1)
-    single = memory_per_gpu(
-        BILLION,
-        method="full",
-        precision="bf16",
-        strategy="deepspeed-zero3",
-        world_size=1,
-        batch=1,
-        seq=10,
-        gradient_checkpointing=True,
-    )
+    single = _memory(BILLION, "full", "deepspeed-zero3", 1)
     assert single["shardedBy"] == {"weights": 1, "gradients": 1, "optimizer": 1}
 
 

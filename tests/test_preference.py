@@ -4,7 +4,6 @@ data errors with file:line, truncation counts, resume after SIGKILL, torchrun wi
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,7 @@ from kubetune_trainer import preference_data
 from kubetune_trainer.__main__ import run_trainer
 from kubetune_trainer.data import Row, load_dataset_rows
 from kubetune_trainer.errors import DataError
-from tests.support.trainer_fixtures import ENV, REPO, free_port, progress_step, start, torchrun, write_jsonl
-from tests.support.waiting import wait_for, while_running
+from tests.support.trainer_fixtures import ENV, REPO, free_port, kill_after_checkpoint, two_ranks, write_jsonl
 
 DATA = REPO / "examples" / "data"
 PAIRS = {"source": str(DATA / "pydoc_preferences.jsonl"), "maxExamples": 40}
@@ -361,20 +359,7 @@ def test_sigkill_then_resume_continues_the_same_trajectory(make_job) -> None:
 
     job = preference_job(make_job, "killed", **settings)
     output = job.parent / "out-killed"
-    process = start(job)
-    wait_for(
-        while_running(
-            process,
-            lambda: (
-                (output / "checkpoints" / "step-3" / "manifest.json").exists() and progress_step(output) >= 4
-            ),
-        ),
-        300,
-        "checkpoint step-3 and step 4",
-    )
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "summary.json").exists()
+    kill_after_checkpoint(job, output, 3, 4, "checkpoint step-3 and step 4")
     code, resumed = run_trainer(str(job), show_progress=False)
     assert code == 0 and resumed["resumedFrom"] in ("step-3", "step-6")
     expected = {r["step"]: r["loss"] for r in train_logs(Path(reference["output"]))}
@@ -401,23 +386,7 @@ def test_two_ranks_under_torchrun(make_job) -> None:
         },
         output={"exports": ["adapter", "merged"]},
     )
-    result = subprocess.run(
-        torchrun(
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "kubetune_trainer",
-            "--config",
-            str(job),
-        ),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = two_ranks(job, torchrun_args=("--master-port", str(free_port())))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((job.parent / "out-ranks" / "summary.json").read_text())
     assert summary["worldSize"] == 2 and summary["steps"] == 3 and summary["objective"] == "dpo"

@@ -192,6 +192,46 @@ def first_step_time(node: RealNodeCluster, pod: str) -> float | None:
     return None
 
 
+def set_replicas(node: RealNodeCluster, replicas: int) -> None:
+    """`helm upgrade --reuse-values --wait` of the release with `replicas` operator replicas."""
+    helm(
+        node,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        SYSTEM_NS,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "300s",
+        "--set",
+        f"replicas={replicas}",
+    )
+
+
+def apply_s3_secret(node: RealNodeCluster, s3: SeaweedS3) -> None:
+    """The Secret `s3-creds` in NS (the job manifests' credentialsSecretRef) with the server's keys."""
+    node.cp.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+        }
+    )
+
+
+def wait_finished(node: RealNodeCluster, name: str) -> Any:
+    """The FineTuneJob `name` once its phase is Succeeded or Failed (15 minutes at most)."""
+    return node.wait_for(
+        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
+        900,
+        f"{name} finished",
+        interval=1.0,
+    )
+
+
 def upload_inputs(s3: SeaweedS3, prefix: str, tiny_model: Path) -> None:
     options = s3.options()
     storage.upload_tree(tiny_model, f"{prefix}/models/tiny/", last=(), options=options)
@@ -290,14 +330,7 @@ def test_apply_finetunejob_trains_on_the_node(
     prefix = f"s3://{s3.bucket}/node-{int(time.time())}"
     options = s3.options()
     upload_inputs(s3, prefix, tiny_model)
-    node.cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds", "namespace": NS},
-            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
-        }
-    )
+    apply_s3_secret(node, s3)
     output = f"{prefix}/run"
     statuses = StatusWatch(node.cp.api_client(), NS, name)
     applied = time.time()
@@ -462,14 +495,7 @@ def test_preference_finetunejob_succeeds_on_the_node(
     storage.upload_file(
         REPO / "examples" / "data" / "pydoc_preferences.jsonl", f"{prefix}/data/pairs.jsonl", options=options
     )
-    node.cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds", "namespace": NS},
-            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
-        }
-    )
+    apply_s3_secret(node, s3)
     manifest = job_manifest(name, prefix, s3.endpoint_url)
     manifest["spec"].update(
         {
@@ -492,12 +518,7 @@ def test_preference_finetunejob_succeeds_on_the_node(
         }
     )
     node.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-    final = node.wait_for(
-        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
-        900,
-        f"{name} finished",
-        interval=1.0,
-    )
+    final = wait_finished(node, name)
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert (
@@ -566,12 +587,7 @@ def test_killed_worker_resumes_from_checkpoint(
     node.wait_for(attempt2_running, 300, "attempt 2's pods Running", interval=1.0)
     FIGURES["worker killed -> attempt 2 pods Running"] = time.time() - killed
 
-    final = node.wait_for(
-        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
-        900,
-        f"{name} finished",
-        interval=1.0,
-    )
+    final = wait_finished(node, name)
     attempt2 = worker_pods(node, name, attempt=2)
     rank0 = logs(node, NS, attempt2[0]["metadata"]["name"])
     print(f"===== attempt 2 rank 0 =====\n{rank0[-3000:]}")
@@ -599,14 +615,7 @@ def test_evicted_worker_is_a_preemption(
     name = "tiny-evict"
     prefix = f"s3://{s3.bucket}/node-evict-{int(time.time())}"
     upload_inputs(s3, prefix, tiny_model)
-    node.cp.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds", "namespace": NS},
-            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
-        }
-    )
+    apply_s3_secret(node, s3)
     manifest_file = tmp_path / "job.yaml"
     manifest_file.write_text(yaml.safe_dump(job_manifest(name, prefix, s3.endpoint_url)))
     submitted = subprocess.Popen(
@@ -633,12 +642,7 @@ def test_evicted_worker_is_a_preemption(
         NS,
         client.V1Eviction(metadata=client.V1ObjectMeta(name=victim["metadata"]["name"], namespace=NS)),
     )
-    final = node.wait_for(
-        lambda: (o := ftj(node, name)).get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
-        900,
-        f"{name} finished",
-        interval=1.0,
-    )
+    final = wait_finished(node, name)
     status = final["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["preemptions"] >= 1 and status["restarts"] == 0 and status["attempt"] >= 2, status
@@ -709,20 +713,7 @@ def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeClus
     """Two replicas (kopf peering): SIGKILL the acting one's container; a job created right after is
     still reconciled (by the standby once the dead peer's record expires, or by the restarted
     container, whichever comes first)."""
-    helm(
-        node,
-        "upgrade",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        SYSTEM_NS,
-        "--reuse-values",
-        "--wait",
-        "--timeout",
-        "300s",
-        "--set",
-        "replicas=2",
-    )
+    set_replicas(node, 2)
 
     def replicas() -> list[dict[str, Any]] | None:
         """The two Ready replicas once both have registered in the ClusterKopfPeering."""
@@ -771,20 +762,7 @@ def test_operator_failover_after_the_active_replica_is_killed(node: RealNodeClus
     standby_log = logs(node, SYSTEM_NS, standby["metadata"]["name"])
     print("reconciled by the " + ("standby" if "Resuming operations" in standby_log else "restarted replica"))
     node.cp.kubectl("-n", NS, "delete", f"{PLURAL}.{GROUP}", name, "--wait=true", timeout=120)
-    helm(
-        node,
-        "upgrade",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        SYSTEM_NS,
-        "--reuse-values",
-        "--wait",
-        "--timeout",
-        "300s",
-        "--set",
-        "replicas=1",
-    )
+    set_replicas(node, 1)
 
 
 def test_privileged_pod_is_refused_under_restricted(node: RealNodeCluster) -> None:

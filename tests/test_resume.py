@@ -13,7 +13,7 @@ import pytest
 from kubetune.checkpoints import CheckpointStore
 from kubetune.spec import EXIT_PREEMPTED
 from kubetune_trainer.__main__ import run_trainer
-from tests.support.trainer_fixtures import progress_step, start
+from tests.support.trainer_fixtures import kill_after_checkpoint, progress_step, start
 from tests.support.waiting import wait_for, while_running
 
 pytestmark = pytest.mark.slow  # trains, is preempted and resumes
@@ -42,23 +42,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_job) -> None:
 
     job = make_job("killed", **job_kwargs())
     output = Path(job.parent / "out-killed")
-    process = start(job)
     # Kill it hard in the middle of the interval after the step-6 checkpoint completed.
-    wait_for(
-        while_running(
-            process,
-            lambda: (
-                (output / "checkpoints" / "step-6" / "manifest.json").exists() and progress_step(output) >= 7
-            ),
-        ),
-        300,
-        "the step-6 checkpoint and step 7",
-        interval=0.05,
-    )
-    killed_at = progress_step(output)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "summary.json").exists()
+    killed_at = kill_after_checkpoint(job, output, 6, 7, "the step-6 checkpoint and step 7", interval=0.05)
 
     store = CheckpointStore(str(output))
     latest = store.latest()

@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ from kubetune.checkpoints import read_manifest, write_manifest
 from kubetune_trainer.__main__ import run_trainer
 from kubetune_trainer.errors import UnsafeCheckpointError
 from kubetune_trainer.safe_loading import verify_checkpoint, weights_only_loading
-from tests.support.trainer_fixtures import PYDOC
+from tests.support.trainer_fixtures import PYDOC, two_ranks
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 LOSS_TOLERANCE = 1e-4  # same seed, same data order, restored RNG and optimizer: CPU runs agree to rounding
 STEPS, EVERY = 4, 2  # checkpoints at steps 2 and 4; a resume from step 2 retrains steps 3 and 4
 
@@ -91,22 +89,7 @@ def write_job(directory: Path, model: Path, name: str, strategy: str | None = No
 
 def torchrun(job: Path, output: Path) -> subprocess.CompletedProcess:
     """Two ranks on this machine (gloo); the trainer derives the DeepSpeed config from the spec."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "kubetune_trainer",
-        "--config",
-        str(job),
-        "--output",
-        str(output),
-        "--quiet",
-    ]
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    return two_ranks(job, "--output", str(output), "--quiet")
 
 
 def losses(output: Path) -> dict[int, float]:

@@ -78,8 +78,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-control-plane.sh"
@@ -100,8 +101,49 @@ SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
 
 
+T = TypeVar("T")
+
+
 class ControlPlaneError(RuntimeError):
     pass
+
+
+def raise_if_exited(components: Iterable[Component], error: type[Exception], during: str = "") -> None:
+    """Raise `error` (naming the process, `during` and its log tail) if one of `components` has exited."""
+    for c in components:
+        if not c.alive():
+            raise error(f"{c.name} exited with {c.proc.returncode}{during}; log {c.log_path}:\n{c.tail()}")
+
+
+def poll(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    interval: float,
+    before: Callable[[], None],
+    fatal: tuple[type[Exception], ...] = (),
+) -> T:
+    """Call `before()` (whose exceptions end the wait), then poll `predicate()` until it returns a
+    truthy value (returned). An exception from the predicate is remembered for the timeout message,
+    unless it is one of `fatal` (re-raised at once); ControlPlaneError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        before()
+        try:
+            v = predicate()
+            if v:
+                return v
+        except fatal:
+            raise
+        except Exception as e:  # noqa: BLE001
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(
+                f"timed out after {timeout}s waiting for {what}"
+                + (f" (last error: {last_exc!r})" if last_exc else "")
+            )
+        time.sleep(interval)
 
 
 def cache_dir() -> Path:
@@ -182,24 +224,15 @@ def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    from tests.support.certs import cert_builder, pem_private_key
+
     now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
     later = now + _dt.timedelta(days=3650)
-
-    def pem_key(k) -> bytes:
-        return k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune-test-ca")])
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(later)
+        cert_builder(ca_name, ca_name, ca_key.public_key(), now, later)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -223,14 +256,9 @@ def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
     sans = [x509.DNSName(n) for n in _SERVING_DNS] + [
         x509.IPAddress(ipaddress.ip_address(i)) for i in serving_ips
     ]
+    srv_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
     srv = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(later)
+        cert_builder(srv_name, ca_name, srv_key.public_key(), now, later)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -242,9 +270,9 @@ def _write_pki_cryptography(d: Path, serving_ips: Sequence[str]) -> None:
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    (d / "ca.key").write_bytes(pem_key(ca_key))
+    (d / "ca.key").write_bytes(pem_private_key(ca_key))
     (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "apiserver.key").write_bytes(pem_key(srv_key))
+    (d / "apiserver.key").write_bytes(pem_private_key(srv_key))
     (d / "apiserver.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
     (d / "sa.key").write_bytes(
         sa_key.private_bytes(
@@ -652,12 +680,7 @@ class ControlPlane:
     def _wait(self, what: str, check, timeout: float, component: str | None = None) -> None:
         deadline = time.monotonic() + min(timeout, self.start_timeout)
         while True:
-            for c in self.components.values():
-                if not c.alive():
-                    raise ControlPlaneError(
-                        f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                        f"log {c.log_path}:\n{c.tail()}"
-                    )
+            raise_if_exited(self.components.values(), ControlPlaneError, f" while waiting for {what}")
             try:
                 if check():
                     return
@@ -884,26 +907,13 @@ class ControlPlane:
         """Poll ``predicate()`` until it returns a truthy value (returned); raise on timeout.
 
         Also fails fast if a control-plane process died."""
-        deadline = time.monotonic() + timeout
-        last_exc: Exception | None = None
-        while True:
-            for c in self.components.values():
-                if not c.alive():
-                    raise ControlPlaneError(
-                        f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}"
-                    )
-            try:
-                v = predicate()
-                if v:
-                    return v
-            except Exception as e:  # noqa: BLE001
-                last_exc = e
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"timed out after {timeout}s waiting for {what}"
-                    + (f" (last error: {last_exc!r})" if last_exc else "")
-                )
-            time.sleep(interval)
+        return poll(
+            predicate,
+            timeout,
+            what,
+            interval,
+            before=lambda: raise_if_exited(self.components.values(), ControlPlaneError),
+        )
 
     def diagnostics(self, lines: int = 30) -> str:
         """Last log lines of every component (for failure reports)."""

@@ -47,10 +47,11 @@ from pathlib import Path
 from tests.support.controlplane import (
     Component,
     ControlPlane,
-    ControlPlaneError,
     cache_dir,
     ensure_binaries,
     free_port,
+    poll,
+    raise_if_exited,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -641,12 +642,7 @@ oom_score = 0
     def _wait(self, what: str, check, timeout: float) -> None:
         deadline = time.monotonic() + min(timeout, self.start_timeout)
         while True:
-            for c in self.components.values():
-                if not c.alive():
-                    raise NodeError(
-                        f"{c.name} exited with {c.proc.returncode} while waiting for {what}; "
-                        f"log {c.log_path}:\n{c.tail()}"
-                    )
+            raise_if_exited(self.components.values(), NodeError, f" while waiting for {what}")
             with contextlib.suppress(Exception):
                 if check():
                     return
@@ -659,32 +655,14 @@ oom_score = 0
 
     def wait_for(self, predicate, timeout: float = 60, what: str = "condition", interval: float = 0.5):
         """ControlPlane.wait_for, also failing fast when a node process died."""
-
-        def check():
-            for c in self.components.values():
-                if not c.alive():
-                    raise NodeError(
-                        f"{c.name} exited with {c.proc.returncode}; log {c.log_path}:\n{c.tail()}"
-                    )
-            return predicate()
-
-        deadline = time.monotonic() + timeout
-        last_exc: Exception | None = None
-        while True:
-            try:
-                v = check()
-                if v:
-                    return v
-            except NodeError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                last_exc = e
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"timed out after {timeout}s waiting for {what}"
-                    + (f" (last error: {last_exc!r})" if last_exc else "")
-                )
-            time.sleep(interval)
+        return poll(
+            predicate,
+            timeout,
+            what,
+            interval,
+            before=lambda: raise_if_exited(self.components.values(), NodeError),
+            fatal=(NodeError,),
+        )
 
     def diagnostics(self, lines: int = 30) -> str:
         out = [

@@ -126,13 +126,19 @@ class OperatorProcess:
             "--verbose",
             "--interval",
             "2",
+            *self.endpoint_args(),
+            *self.args,
+        ]
+
+    def endpoint_args(self) -> list[str]:
+        """The liveness and metrics flags, on this process's ports on 127.0.0.1."""
+        return [
             "--liveness",
             f"http://127.0.0.1:{self.health_port}/healthz",
             "--metrics-port",
             str(self.metrics_port),
             "--metrics-address",
             "127.0.0.1",
-            *self.args,
         ]
 
     def start(self) -> None:

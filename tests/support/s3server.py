@@ -138,6 +138,8 @@ class SeaweedS3:
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+        from tests.support.certs import cert_builder, pem_private_key
+
         tls_dir = self.base_dir / "tls"
         ca_path, cert_path, key_path = tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server-key.pem"
         if not key_path.exists():
@@ -145,25 +147,15 @@ class SeaweedS3:
             now = datetime.datetime.now(datetime.timezone.utc)
             ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
             ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune test CA")])
+            not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=7)
             ca = (
-                x509.CertificateBuilder()
-                .subject_name(ca_name)
-                .issuer_name(ca_name)
-                .public_key(ca_key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=7))
+                cert_builder(ca_name, ca_name, ca_key.public_key(), not_before, not_after)
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .sign(ca_key, hashes.SHA256())
             )
+            cert_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
             cert = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=7))
+                cert_builder(cert_name, ca_name, key.public_key(), not_before, not_after)
                 .add_extension(
                     x509.SubjectAlternativeName(
                         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
@@ -175,13 +167,7 @@ class SeaweedS3:
             )
             ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
             cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            key_path.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            key_path.write_bytes(pem_private_key(key))
         self.ca_bundle = str(ca_path)
         return [
             f"-s3.cert.file={cert_path}",

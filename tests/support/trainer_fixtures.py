@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from tests.support.tiny_model import tiny_llama_dir
+from tests.support.waiting import wait_for, while_running
 
 REPO = Path(__file__).resolve().parents[2]
 PYDOC = REPO / "examples" / "data" / "pydoc_instructions.jsonl"
@@ -89,6 +91,25 @@ def torchrun(*args: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def two_ranks(
+    job: Path, *trainer_args: str, torchrun_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """The trainer on `job` as two ranks on this machine (torchrun --standalone, ENV, 15 minutes at
+    most); `trainer_args` go to the trainer, `torchrun_args` to torchrun. The caller checks the result."""
+    command = torchrun(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *torchrun_args,
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        str(job),
+        *trainer_args,
+    )
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+
+
 def start(path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "kubetune_trainer", "--config", str(path), *extra],
@@ -104,3 +125,29 @@ def progress_step(output: Path) -> int:
         return json.loads((output / "progress.json").read_text())["step"]
     except (OSError, ValueError):
         return 0
+
+
+def kill_after_checkpoint(
+    job: Path, output: Path, checkpoint: int, step: int, what: str, interval: float = 0.2
+) -> int:
+    """Start the trainer on `job` and SIGKILL it once checkpoint step-`checkpoint` in `output` is
+    complete and it has reached step `step` (`what` names that wait); no summary may be written.
+    Returns the step it had reached when killed."""
+    process = start(job)
+    wait_for(
+        while_running(
+            process,
+            lambda: (
+                (output / "checkpoints" / f"step-{checkpoint}" / "manifest.json").exists()
+                and progress_step(output) >= step
+            ),
+        ),
+        300,
+        what,
+        interval=interval,
+    )
+    killed_at = progress_step(output)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "summary.json").exists()
+    return killed_at

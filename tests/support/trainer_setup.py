@@ -7,13 +7,12 @@ from typing import Any
 
 
 def build_trainer(job_path: Path, callbacks: list[Any] | None = None) -> Any:
-    """make_context, build_datasets, load_model, training_arguments, make_trainer: the order of run()."""
+    """make_context, build_datasets, load_model, training_arguments, sft_trainer: the order of run()."""
     import torch
 
     from kubetune.manifest import load_job
     from kubetune_trainer import models as model_lib
-    from kubetune_trainer import packing
-    from kubetune_trainer.train import build_datasets, make_context, make_trainer, training_arguments
+    from kubetune_trainer.train import build_datasets, make_context, sft_trainer, training_arguments
 
     ctx = make_context(load_job(job_path), show_progress=False)
     spec = ctx.spec
@@ -24,14 +23,4 @@ def build_trainer(job_path: Path, callbacks: list[Any] | None = None) -> Any:
     torch.manual_seed(spec.training.seed)
     model = model_lib.load_model(spec, model_dir, precision)
     args = training_arguments(ctx, precision, ctx.work_dir / "checkpoints", spec.evaluation.every_steps)
-    return make_trainer(
-        seed=spec.training.seed,
-        group_by_length=not spec.training.packing,
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=packing.data_collator(spec, tokenizer),
-        processing_class=tokenizer,
-        callbacks=callbacks or [],
-    )
+    return sft_trainer(ctx, model, args, tokenizer, train_set, eval_set, callbacks or [])

@@ -383,13 +383,40 @@ def make_trainer(seed: int, group_by_length: bool, **kwargs: Any) -> Any:
     return KubetuneTrainer(**kwargs)
 
 
+def sft_trainer(
+    ctx: RunContext,
+    model: Any,
+    args: Any,
+    tokenizer: Any,
+    train_set: Any,
+    eval_set: Any,
+    callbacks: list[Any],
+) -> Any:
+    """The SFT recipe's Trainer (make_trainer) for the spec: its seed, length-grouped batches unless
+    packing, and the data collator of packing.py (exact packing or padding)."""
+    from kubetune_trainer.packing import data_collator
+
+    spec = ctx.spec
+    return make_trainer(
+        seed=spec.training.seed,
+        group_by_length=not spec.training.packing,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=data_collator(spec, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        compute_metrics=None,
+    )
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
     """Train, evaluate and export as the spec says; returns the run summary (also written last)."""
     import torch
 
     from kubetune_trainer import callbacks as cb
     from kubetune_trainer.evaluation import SampleGenerator, perplexity
-    from kubetune_trainer.packing import data_collator
 
     spec = ctx.spec
     if spec.task.type == "preference":  # DPO, KTO, ORPO with TRL's trainers: the same steps in preference.py
@@ -420,18 +447,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     baseline_file = Path(resume_from) / "kubetune_baseline.json" if resume_from else None
     baseline_eval = cb.BaselineEvaluator(ctx, samples, baseline_file)
     callbacks = recipe_callbacks(ctx, baseline_eval, reporter, publisher)
-    trainer = make_trainer(
-        seed=spec.training.seed,
-        group_by_length=not spec.training.packing,
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=data_collator(spec, tokenizer),  # exact packing or padding (packing.py)
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        compute_metrics=None,
-    )
+    trainer = sft_trainer(ctx, model, args, tokenizer, train_set, eval_set, callbacks)
     attach_trainer(ctx, trainer, reporter, baseline_eval)
 
     # ---- 5. evaluate (BaselineEvaluator, once training has set up), train, evaluate
