@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,28 +224,63 @@ class ObjectCache:
                 del store.by_owner[(key[0], owner)]
 
 
-def install_watch_hook(cache: ObjectCache, watching: Any = None) -> None:
-    """Tap kopf's watch streams (`kopf._cogs.clients.watching.continuous_watch`, kopf 1.45): each raw
-    event of a watched kind goes into `cache` before kopf dispatches it; listings replace.
+EventHandler = Callable[[str, "str | None", Mapping[str, Any]], None]
 
-    kopf has no public hook for raw events nor for the end of a listing (its indexes are not replaced
-    on a relist, so a deletion missed during a watch gap would stay in them); this wraps the one
-    function that produces both. Raises if kopf's internals changed."""
+
+class WatchTap:
+    """What the watch hook feeds: the cache, the operator's event handler, kopf's pause switch."""
+
+    def __init__(self, cache: ObjectCache, on_event: EventHandler | None = None):
+        self.cache = cache
+        # called with (kind, event type, object) after the cache took the event; None for listed objects
+        self.on_event = on_event
+        # kopf's "operator paused" toggles (peering: another replica is active), once a watch started
+        self.operator_paused: Any = None
+
+    def paused(self) -> bool:
+        """Whether kopf paused this replica (a standby under peering): it must not act."""
+        return self.operator_paused is not None and self.operator_paused.is_on()
+
+    async def wait_until_active(self) -> None:
+        """Return once this replica is not paused."""
+        if self.paused():
+            await self.operator_paused.wait_for(False)
+
+
+def install_watch_hook(tap: WatchTap, watching: Any = None) -> None:
+    """Tap kopf's watch streams (`kopf._cogs.clients.watching`, kopf 1.45): each raw event of a
+    watched kind goes into `tap.cache`, then to `tap.on_event`; listings replace what the cache held.
+
+    With an `on_event` handler the events of the watched kinds stop there: kopf sees only the end of
+    each listing, so it keeps no per-object state (a worker task, a memory, a body) for 10,000
+    FineTuneJobs and their Jobs and pods; it still lists, watches, reconnects after 410 Gone,
+    pauses the streams under peering, and runs the probes. kopf has no public hook for raw events
+    nor for the end of a listing (its indexes are not replaced on a relist, so a deletion missed
+    during a watch gap would stay in them); this wraps the two functions that produce both and the
+    pause switch. Raises if kopf's internals changed."""
     if watching is None:
         from kopf._cogs.clients import watching
     original = watching.continuous_watch
-    if getattr(original, "_kubetune_cache", None) is not None:
-        original._kubetune_cache = cache
+    if getattr(original, "_kubetune_tap", None) is not None:
+        original._kubetune_tap = tap
+        watching.infinite_watch._kubetune_tap = tap
         return
+    original_infinite = watching.infinite_watch
     listed_mark = watching.Bookmark.LISTED
+
+    async def infinite_watch(*, operator_paused: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
+        if operator_paused is not None:
+            infinite_watch._kubetune_tap.operator_paused = operator_paused  # type: ignore[attr-defined]
+        async for event in original_infinite(operator_paused=operator_paused, **kwargs):
+            yield event
 
     async def continuous_watch(
         *, settings: Any, resource: Any, namespace: str | None, operator_pause_waiter: Any
     ) -> AsyncIterator[Any]:
         kind = WATCHED.get((resource.group, resource.plural))
-        target: ObjectCache = continuous_watch._kubetune_cache  # type: ignore[attr-defined]
+        current: WatchTap = continuous_watch._kubetune_tap  # type: ignore[attr-defined]
         if kind is not None:
-            target.begin_listing(kind, namespace)
+            current.cache.begin_listing(kind, namespace)
         async for event in original(
             settings=settings,
             resource=resource,
@@ -254,15 +289,24 @@ def install_watch_hook(cache: ObjectCache, watching: Any = None) -> None:
         ):
             if kind is not None:
                 if event is listed_mark:
-                    target.listed(kind, namespace)
+                    current.cache.listed(kind, namespace)
                 elif (
                     isinstance(event, Mapping)
                     and isinstance(event.get("object"), Mapping)
                     and event.get("type") in (None, "ADDED", "MODIFIED", "DELETED")
                 ):
-                    target.apply_event(kind, event.get("type"), event["object"])
+                    current.cache.apply_event(kind, event.get("type"), event["object"])
+                    if current.on_event is not None:
+                        try:
+                            current.on_event(kind, event.get("type"), event["object"])
+                        except Exception:  # one bad object must not end the watch of all of them
+                            log.exception("handling a %s watch event failed", kind)
+                        continue
             yield event
 
-    continuous_watch._kubetune_cache = cache  # type: ignore[attr-defined]
-    continuous_watch._kubetune_original = original  # type: ignore[attr-defined]
+    wrappers: list[tuple[Any, Any]] = [(original, continuous_watch), (original_infinite, infinite_watch)]
+    for function, wrapper in wrappers:
+        wrapper._kubetune_tap = tap
+        wrapper._kubetune_original = function
     watching.continuous_watch = continuous_watch
+    watching.infinite_watch = infinite_watch

@@ -1,11 +1,18 @@
-"""kopf handlers: thin glue between the API and the pure functions in render.py and status.py.
+"""kopf handlers: thin glue between the API and the pure functions in render.py, status.py and planner.py.
 
-One daemon per FineTuneJob runs a reconcile loop: read the CR, its Jobs and the current attempt's
-pods; `status.observe()` says what the status is and what to do; the loop patches the status, posts
-the events, and creates/deletes children (`render.render_children()`), then sleeps until a watch
-event on the FineTuneJob or one of its Jobs wakes it, or the next interval. Every step is
-idempotent and all state lives in the CR's status, so an operator restarted mid-job picks up where
-it was: children are created by name, and an existing child owned by the job is adopted as is.
+A reconcile of one FineTuneJob reads the CR, its Jobs and the current attempt's pods from the
+watch-fed cache (kubetune.cache); `status.observe()` says what the status is and what to do; the
+reconcile patches the status, posts the events, and creates/deletes children as `planner` plans
+them. Which job to reconcile when comes from one work queue (kubetune.workqueue), not one task per
+job: watch events on the FineTuneJob, its Jobs and its worker pods add its key, each reconcile
+requeues it for its next deadline or the resync interval, and a fixed set of workers run the due
+ones. Every step is idempotent and all state lives in the CR's status, so an operator restarted
+mid-job picks up where it was: children are created by name, and an existing child owned by the job
+is adopted as is.
+
+kopf lists and watches (reconnecting after 410 Gone), coordinates replicas (peering), and serves the
+probes; the watch events themselves stop at the cache hook and never reach kopf's per-object
+processing.
 
 The operator never reads Secrets: pods get their values through secretKeyRef.
 """
@@ -13,7 +20,6 @@ The operator never reads Secrets: pods get their values through secretKeyRef.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -30,13 +36,16 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune import planner, render, scheduling
 from kubetune import status as st
-from kubetune.cache import FTJ, JOBS, PODS, ObjectCache, install_watch_hook
+from kubetune.cache import FTJ, JOBS, PODS, ObjectCache, WatchTap, install_watch_hook
 from kubetune.metrics import METRICS
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, TERMINAL_PHASES
+from kubetune.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
-FINALIZER = f"{API_GROUP}/finalizer"
+FINALIZER = f"{API_GROUP}/finalizer"  # only removed: earlier versions put it on every job
+EVENT_COMPONENT = "kubetune-operator"
+EVENT_INSTANCE = os.environ.get("HOSTNAME") or "kubetune-operator"
 MERGE_PATCH = "application/merge-patch+json"
 KEEP_FINISHED_ATTEMPTS = planner.KEEP_FINISHED_ATTEMPTS
 
@@ -107,26 +116,25 @@ class OperatorConfig:
     # After a wake-up, wait this long before reconciling so that a burst of watch events (the Job
     # controller updates a new Job several times in a row) costs one reconcile, not one each.
     debounce: float = 0.5
-    # kopf processes at most this many objects (per watched resource) at once. Unbounded, an operator
-    # starting with 1,000 existing jobs sent 1,000 finalizer patches at once over as many TLS
-    # connections (350 MiB RSS, API Priority and Fairness answering 429).
-    kopf_workers: int = 100
+    # At start-up (or when this replica takes over) a job waits this long at most for the first
+    # listing of Jobs and pods to complete rather than list its own (1,000 jobs sent ~240 lists).
+    sync_timeout: float = 30.0
 
 
 CONFIG = OperatorConfig(defaults=render.PlatformDefaults())
-# FineTuneJobs, worker Jobs and worker pods as kopf's watches last saw them (kubetune.cache)
+# FineTuneJobs, worker Jobs and worker pods as the watches last saw them (kubetune.cache)
 CACHE = ObjectCache(render.LABEL_JOB)
-_WAKERS: dict[str, asyncio.Event] = {}
+# (namespace, FineTuneJob name): the jobs to reconcile and when
+QUEUE: WorkQueue[tuple[str, str]] = WorkQueue()
 # uid -> metadata.generation of the FineTuneJob as the job's last reconcile read it. Watch events
 # that bring no new generation (the operator's own status patches, the trainer's progress) do not
-# wake the loop: nothing the operator decides on comes from them (status.py reads only fields the
+# requeue the job: nothing the operator decides on comes from them (status.py reads only fields the
 # operator itself writes). At 1,000 jobs these wake-ups were most of the operator's API requests.
 _SEEN_GENERATION: dict[str, int | None] = {}
-# (namespace, FineTuneJob name) -> uid, for the jobs whose loop runs in this process (pods name their job
-# by label; their ownerReference is the worker Job)
+# (namespace, FineTuneJob name) -> uid of the FineTuneJob last reconciled under that name
 _JOB_UIDS: dict[tuple[str, str], str] = {}
 # worker pod uid -> hash of status.pod_observation_key() as last seen: pod events that change nothing the
-# loop reads do not wake it
+# reconcile reads do not requeue the job
 _POD_KEYS: dict[str, int] = {}
 
 
@@ -497,8 +505,74 @@ class Reconciler:
         ]
 
     def forget(self, uid: str) -> None:
-        """The job's loop ended (deleted, or another replica took over)."""
+        """The job is gone: drop what this process remembers of it."""
         self._written.pop(uid, None)
+
+    def drop_legacy_finalizer(self, job_cr: dict[str, Any]) -> None:
+        """Remove the finalizer that earlier versions put on every job (children go by
+        ownerReferences; nothing needs to run before a job goes)."""
+        finalizers = job_cr["metadata"].get("finalizers") or []
+        if FINALIZER not in finalizers:
+            return
+        meta = job_cr["metadata"]
+        index = finalizers.index(FINALIZER)
+        patch = [
+            {"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+            {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+        ]
+        try:
+            patched = self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], patch
+            )
+        except ApiException as error:
+            if error.status in (404, 422):  # gone, or the list changed meanwhile: the next reconcile
+                return
+            raise
+        log.info("%s/%s: removed the finalizer of an older version", meta["namespace"], meta["name"])
+        if self.cache is not None and isinstance(patched, dict):
+            self.cache.record(FTJ, patched)
+        job_cr["metadata"] = {**meta, "finalizers": [f for f in finalizers if f != FINALIZER]}
+
+    def post_events(self, job_cr: Mapping[str, Any], events: list[st.Event]) -> None:
+        """Post core/v1 Events about the FineTuneJob (as `kubectl describe ftj` shows them). A refused
+        event is logged and dropped: events are informational, the status is what counts."""
+        meta = job_cr.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        involved = {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "FineTuneJob",
+            "name": meta.get("name"),
+            "namespace": namespace,
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        }
+        for event in events:
+            now = _now().isoformat()
+            message = event.message if len(event.message) <= 1024 else event.message[:1021] + "..."
+            body = {
+                "metadata": {"namespace": namespace, "generateName": f"{meta.get('name')}."},
+                "involvedObject": involved,
+                "type": event.type,
+                "reason": event.reason,
+                "message": message,
+                "source": {"component": EVENT_COMPONENT},
+                "reportingComponent": EVENT_COMPONENT,
+                "reportingInstance": EVENT_INSTANCE,
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+            try:
+                _raw(self.core.create_namespaced_event, namespace, body)
+            except ApiException as error:
+                log.warning(
+                    "%s/%s: event %s not posted: %s %s",
+                    namespace,
+                    meta.get("name"),
+                    event.reason,
+                    error.status,
+                    error.reason,
+                )
 
 
 # ----- kopf wiring -----
@@ -522,204 +596,169 @@ def _reconciler() -> Reconciler:
     return _RECONCILER
 
 
-def _wake(uid: str | None) -> None:
-    if uid and uid in _WAKERS:
-        _WAKERS[uid].set()
+def _forget_job(key: tuple[str, str]) -> None:
+    """The FineTuneJob under `key` is gone (or replaced by a new one of that name): drop its state."""
+    uid = _JOB_UIDS.pop(key, None)
+    if uid is None:
+        return
+    _SEEN_GENERATION.pop(uid, None)
+    if _RECONCILER is not None:
+        _RECONCILER.forget(uid)
+    METRICS.forget(uid)
 
 
-class NoDiffBaseStorage(kopf.DiffBaseStorage):
-    """No "last-handled-configuration": kubetune has no on.create/on.update handlers to diff for.
+def reconcile_key(key: tuple[str, str]) -> tuple[float | None, list[st.Event], dict | None]:
+    """Reconcile the FineTuneJob now stored under `key` (run in a worker thread)."""
+    namespace, name = key
+    reconciler = _reconciler()
+    job_cr = reconciler.get_job_cr(namespace, name)
+    uid = (job_cr or {}).get("metadata", {}).get("uid")
+    if _JOB_UIDS.get(key) not in (None, uid):
+        _forget_job(key)  # deleted and created again under the same name
+    if job_cr is None or uid is None:
+        return None, [], None
+    _JOB_UIDS[key] = uid
+    reconciler.drop_legacy_finalizer(job_cr)
+    return reconciler.reconcile(namespace, name, uid)
 
-    kopf builds and compares this essence on every watch event of every watched resource (~5% of the
-    operator's CPU at 1,000 jobs); the operator decides from `metadata.generation` and the status."""
 
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> None:  # type: ignore[override]
-        return None
+async def _reconcile_worker(tap: WatchTap, started: float) -> None:
+    """Take due jobs off the queue, one at a time, for as long as the operator runs."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await tap.wait_until_active()  # a standby replica (peering) does nothing
+        key = await QUEUE.get()
+        requeue: float | None = None
+        try:
+            if tap.paused():
+                requeue = 0.0  # paused while waiting: the key waits for the replica's return
+                continue
+            namespace = key[0]
+            if not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace)) and (
+                loop.time() - started < CONFIG.sync_timeout
+            ):
+                requeue = 0.2  # the first listing of Jobs and pods is not complete yet
+                continue
+            try:
+                with METRICS.reconcile_timer():
+                    delay, events, current = await asyncio.to_thread(reconcile_key, key)
+            except ApiException as error:
+                log.warning("%s/%s: reconcile failed: %s %s", *key, error.status, error.reason)
+                delay, events, current = 5.0, [], None
+            except Exception:
+                log.exception("%s/%s: reconcile failed", *key)
+                requeue = 10.0
+                continue
+            if events:
+                target = current or CACHE.get(FTJ, *key)
+                if target is not None:
+                    await asyncio.to_thread(_reconciler().post_events, target, events)
+            if current is None and delay is None:
+                _forget_job(key)  # gone or being deleted: nothing left to do
+                continue
+            idle = CONFIG.interval
+            if (current or {}).get("status", {}).get("phase") in TERMINAL_PHASES:
+                idle *= CONFIG.finished_interval_factor
+            requeue = idle if delay is None else min(delay, idle)
+        finally:
+            QUEUE.done(key, requeue)
 
-    def fetch(self, *, body: kopf.Body) -> None:
-        return None
 
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
-        return None
+def on_watch_event(kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
+    """A watch event (type None: an object of a listing), after the cache took it: queue the FineTuneJob
+    it concerns if the reconcile may decide differently now. This is what lets a job sleep for a long
+    `--interval`."""
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or ""
+    if kind == FTJ:
+        key = (namespace, meta.get("name") or "")
+        uid = meta.get("uid")
+        if event_type in (None, "ADDED") or event_type == "DELETED":
+            QUEUE.add(key)  # a new (or listed) job, or one gone: reconcile it now
+        elif meta.get("deletionTimestamp") or meta.get("generation") != _SEEN_GENERATION.get(str(uid)):
+            QUEUE.add(key, CONFIG.debounce)  # a new generation or a deletion
+        return
+    owner = (meta.get("labels") or {}).get(render.LABEL_JOB)
+    if not owner:
+        return
+    key = (namespace, owner)
+    if kind == JOBS:
+        # Not its creation (ADDED while watching) nor a listing: only the operator creates worker
+        # Jobs and knows, and a job's first reconcile reads them.
+        if event_type in ("MODIFIED", "DELETED"):
+            QUEUE.add(key, CONFIG.debounce)
+        return
+    if (meta.get("labels") or {}).get(render.LABEL_COMPONENT) != render.TRAINER_COMPONENT:
+        return
+    pod_uid = str(meta.get("uid"))
+    if event_type == "DELETED":
+        _POD_KEYS.pop(pod_uid, None)
+        QUEUE.add(key, CONFIG.debounce)
+        return
+    # Not its creation nor a listing: the Job controller creates pods and updates its Job, which
+    # queues the job, and a job's first reconcile reads its pods.
+    pod_key = hash(st.pod_observation_key(obj))
+    before = _POD_KEYS.get(pod_uid)
+    _POD_KEYS[pod_uid] = pod_key
+    if event_type in (None, "ADDED") or pod_key == before:
+        return
+    QUEUE.add(key, CONFIG.debounce)
+
+
+TAP = WatchTap(CACHE, on_watch_event)
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """kopf's bookkeeping under our prefix (the finalizer name is only used to remove one left by an
-    older version); only explicit events are posted."""
+    """Settings of kopf's watches; the cache hook; the reconcile workers."""
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=CONFIG.workers, thread_name_prefix="kubetune-reconcile")
     )
-    settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{API_GROUP}")
-    settings.persistence.diffbase_storage = NoDiffBaseStorage()
-    settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     # (re)list in pages: a restart with 3,000 jobs parsed every pod and Job in one response (629 MiB peak)
     settings.watching.chunk_size = 500
-    settings.queueing.worker_limit = CONFIG.kopf_workers
-    settings.queueing.idle_timeout = 0.5  # an idle per-object worker frees its slot soon (default 5 s)
-    # Filter worker Jobs and pods on the server: kopf's `labels=` on a handler filters client-side, so
-    # without these the operator would stream every Job and pod of the cluster to pick out its own.
+    # Filter worker Jobs and pods on the server: without these the operator would stream every Job
+    # and pod of the cluster to pick out its own.
     settings.watching.label_selectors["batch", "jobs"] = render.LABEL_JOB
     settings.watching.label_selectors["v1", "pods"] = render.worker_selector()
-    install_watch_hook(CACHE)
+    install_watch_hook(TAP)
     _reconciler()
+    started = asyncio.get_running_loop().time()
+    for index in range(CONFIG.workers):
+        asyncio.get_running_loop().create_task(
+            _reconcile_worker(TAP, started), name=f"kubetune-reconcile-{index}"
+        )
 
 
-async def _cache_synced(namespace: str, stopped: kopf.DaemonStopped, timeout: float = 30.0) -> None:
-    """At start-up the FineTuneJobs' listing may end before those of the Jobs and pods: wait (up to
-    `timeout`) until the cache holds them too, rather than list them for every job (an operator
-    restarting with 1,000 jobs sent ~240 such lists)."""
-    waited = 0.0
-    while (
-        waited < timeout
-        and not stopped
-        and not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace))
-    ):
-        await asyncio.sleep(0.2)
-        waited += 0.2
+# kopf watches a resource only if a handler is registered for it. These three are never called: the
+# watch hook (kubetune.cache) hands every event to `on_watch_event` and keeps it from kopf's
+# per-object processing, which would hold a task, a memory and a body for each of 10,000 jobs, Jobs
+# and pods.
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL, id="watch-finetunejobs")
+def _watch_finetunejobs(**_: Any) -> None:
+    """Registers the FineTuneJob watch (events go to `on_watch_event`)."""
 
 
-async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
-    await stopped.wait()
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, id="watch-jobs")
+def _watch_worker_jobs(**_: Any) -> None:
+    """Registers the worker Job watch (events go to `on_watch_event`)."""
 
 
-# The arg-type ignore below: the resource is namespaced, so kopf's `str | None` namespace is always a str
-@kopf.daemon(  # type: ignore[arg-type]
-    API_GROUP, API_VERSION, PLURAL, id="reconcile", cancellation_backoff=5.0, cancellation_timeout=10.0
+@kopf.on.event(
+    "v1",
+    "pods",
+    labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT},
+    id="watch-pods",
 )
-async def reconcile_daemon(
-    name: str,
-    namespace: str,
-    uid: str,
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
-    logger: logging.Logger,
-    **_: Any,
-) -> None:
-    """The per-job loop: reconcile, post events, sleep until woken, stopped or the next interval."""
-    waker = _WAKERS.setdefault(uid, asyncio.Event())
-    _JOB_UIDS[namespace, name] = uid
-    stopping = asyncio.ensure_future(_until_stopped(stopped))
-    try:
-        await _cache_synced(namespace, stopped)
-        while not stopped:
-            waker.clear()
-            try:
-                with METRICS.reconcile_timer():
-                    requeue, events, current = await asyncio.to_thread(
-                        _reconciler().reconcile, namespace, name, uid
-                    )
-            except ApiException as error:
-                logger.warning("reconcile failed: %s %s", error.status, error.reason)
-                requeue, events, current = 5.0, [], None
-            for event in events:
-                kopf.event(current or body, type=event.type, reason=event.reason, message=event.message)
-            if current is None and requeue is None:
-                return  # the FineTuneJob is gone or being deleted: nothing left to do
-            idle = CONFIG.interval
-            if ((current or {}).get("status") or {}).get("phase") in TERMINAL_PHASES:
-                idle *= CONFIG.finished_interval_factor
-            delay = idle if requeue is None else min(requeue, idle)
-            current = events = None  # type: ignore[assignment]  # not held by 10,000 sleeping loops
-            woken = asyncio.ensure_future(waker.wait())
-            await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
-            if waker.is_set() and CONFIG.debounce > 0 and not stopped:
-                await asyncio.wait({stopping}, timeout=CONFIG.debounce)
-    finally:
-        stopping.cancel()
-        _WAKERS.pop(uid, None)
-        _SEEN_GENERATION.pop(uid, None)
-        if _JOB_UIDS.get((namespace, name)) == uid:
-            del _JOB_UIDS[namespace, name]
-        if _RECONCILER is not None:
-            _RECONCILER.forget(uid)
-        METRICS.forget(uid)
-
-
-def _daemon_without_finalizer(handler_id: str, registry: kopf.OperatorRegistry | None = None) -> None:
-    """Let kopf run the daemon without putting a finalizer on every FineTuneJob.
-
-    kopf marks every daemon as needing a finalizer so that it can stop the daemon before the object
-    goes, and has no public switch for it (kopf 1.45). This operator needs none: children are
-    garbage-collected through their ownerReferences, S3 artifacts are left in place, and the loop
-    ends by itself when it reads 404 after the deletion event woke it. Without it each job costs
-    one patch less on creation and one on deletion (the costliest requests of a job: every update of a
-    FineTuneJob runs the CRD's CEL rules; bench/README.md), deleting a job does not wait for the
-    operator, and the finalizer of older versions is removed by kopf on the next event."""
-    spawning = (registry or kopf.get_default_registry())._spawning
-    found = [h for h in spawning._handlers if h.id == handler_id]
-    if len(found) != 1:
-        raise RuntimeError(f"kopf daemon {handler_id!r} not registered exactly once: kopf's registry changed")
-    spawning._handlers = [
-        dataclasses.replace(h, requires_finalizer=False) if h.id == handler_id else h
-        for h in spawning._handlers
-    ]
-
-
-_daemon_without_finalizer("reconcile")
-
-
-@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def finetunejob_event(uid: str, meta: kopf.Meta, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
-    """Spec changes (a new generation) and deletion wake the job's loop; status-only changes do not."""
-    if (
-        type == "DELETED"
-        or meta.get("deletionTimestamp")
-        or meta.get("generation") != _SEEN_GENERATION.get(uid)
-    ):
-        _wake(uid)
-
-
-@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
-def worker_job_event(meta: kopf.Meta, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
-    """Changes of a worker Job (pods started, failed, finished) wake its FineTuneJob's loop.
-
-    Not its creation (ADDED while watching): only the operator creates worker Jobs, and knows."""
-    if type == "ADDED":
-        return
-    for ref in meta.get("ownerReferences") or []:
-        if ref.get("controller"):
-            _wake(ref.get("uid"))
-
-
-# The arg-type ignore below: pods are namespaced, so kopf's `str | None` namespace is always a str
-@kopf.on.event(  # type: ignore[arg-type]
-    "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.TRAINER_COMPONENT}
-)
-def worker_pod_event(
-    namespace: str,
-    uid: str,
-    meta: kopf.Meta,
-    body: kopf.Body,
-    type: str | None,  # noqa: A002
-    **_: Any,
-) -> None:
-    """A worker pod changed in a way the job's loop reads (scheduling, containers, exit, disruption,
-    deletion): wake it. This is what lets the loop sleep for a long `--interval`.
-
-    Not its creation (ADDED) nor the listing at start-up: the Job controller creates pods and updates
-    its Job, which wakes the loop, and a starting loop lists the pods itself."""
-    owner = _JOB_UIDS.get((namespace, (meta.get("labels") or {}).get(render.LABEL_JOB, "")))
-    if type == "DELETED":
-        _POD_KEYS.pop(uid, None)
-        _wake(owner)
-        return
-    key = hash(st.pod_observation_key(body))
-    before = _POD_KEYS.get(uid)
-    _POD_KEYS[uid] = key
-    if type in (None, "ADDED") or key == before:
-        return
-    _wake(owner)
+def _watch_worker_pods(**_: Any) -> None:
+    """Registers the worker pod watch (events go to `on_watch_event`)."""
 
 
 @kopf.on.probe(id="jobs")
 def probe_jobs(**_: Any) -> int:
-    """Liveness detail: how many FineTuneJob loops run in this process."""
-    return len(_WAKERS)
+    """Liveness detail: how many FineTuneJobs this replica has queued or is reconciling."""
+    return len(QUEUE)
 
 
 def configure_operator(
