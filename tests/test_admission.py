@@ -54,6 +54,7 @@ VALUES: dict[str, Any] = {
         "storageCredentialsSecret": "s3-creds",
         "s3EndpointUrl": "http://minio.storage:9000",
         "nodeSelector": {"pool": "gpu"},
+        "gangSchedulers": {"coscheduling": "scheduler-plugins-scheduler"},
     },
     "policy": {
         "allowedImagePrefixes": ["registry.example/kubetune/"],
@@ -327,6 +328,33 @@ def test_legitimate_job_is_admitted(cp, chart, platform) -> None:
     assert (
         cp.kubectl("-n", TEAM_A, "label", "ftj", "plain", "team=a", user=TENANT, check=False).returncode == 0
     )
+
+
+def test_gang_provider_the_platform_did_not_enable_is_refused_at_apply(cp, chart, platform) -> None:
+    """spec.scheduling.gang.provider picks one of the platform's gang schedulers (defaults.gangSchedulers),
+    never a scheduler of the tenant's choosing: an enabled provider is admitted, another one is refused
+    at apply with the same message the operator gives."""
+    gang_job = manifest(
+        "gang-ok",
+        resources={"nodes": 2},
+        scheduling={"queueName": TEAM_A, "gang": {"provider": "coscheduling"}},
+    )
+    assert operator_violations(gang_job["spec"], platform) == []
+    assert tenant_apply(cp, gang_job, dry_run=True).returncode == 0
+    body = manifest(
+        "gang-volcano",
+        resources={"nodes": 2},
+        scheduling={"queueName": TEAM_A, "gang": {"provider": "volcano"}},
+    )
+    expected = (
+        "spec.scheduling.gang.provider: volcano is not enabled on this platform "
+        "(enabled: coscheduling; the platform sets gangSchedulers)"
+    )
+    assert expected in operator_violations(body["spec"], platform)
+    result = tenant_apply(cp, body)
+    assert result.returncode != 0, "a gang provider the platform did not enable was admitted"
+    assert "ValidatingAdmissionPolicy 'kubetune-tenant-policy'" in result.stderr, result.stderr
+    assert expected in result.stderr, result.stderr
 
 
 def test_resources_service_account_name_is_an_unknown_field(cp, chart) -> None:

@@ -47,6 +47,7 @@ FINALIZER = f"{API_GROUP}/finalizer"  # only removed: earlier versions put it on
 EVENT_COMPONENT = "kubetune-operator"
 EVENT_INSTANCE = os.environ.get("HOSTNAME") or "kubetune-operator"
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 KEEP_FINISHED_ATTEMPTS = planner.KEEP_FINISHED_ATTEMPTS
 
 
@@ -522,7 +523,13 @@ class Reconciler:
         ]
         try:
             patched = self.custom.patch_namespaced_custom_object(
-                API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], patch
+                API_GROUP,
+                API_VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                patch,
+                _content_type=JSON_PATCH,
             )
         except ApiException as error:
             if error.status in (404, 422):  # gone, or the list changed meanwhile: the next reconcile
