@@ -350,7 +350,7 @@ def test_gang_provider_the_platform_did_not_enable_is_refused_at_apply(cp, chart
         "spec.scheduling.gang.provider: volcano is not enabled on this platform "
         "(enabled: coscheduling; the platform sets gangSchedulers)"
     )
-    assert expected in operator_violations(body["spec"], platform)
+    assert expected in "; ".join(operator_violations(body["spec"], platform))
     result = tenant_apply(cp, body)
     assert result.returncode != 0, "a gang provider the platform did not enable was admitted"
     assert "ValidatingAdmissionPolicy 'kubetune-tenant-policy'" in result.stderr, result.stderr

@@ -204,7 +204,8 @@ class Reconciler:
         self.networking = client.NetworkingV1Api(api)
         # uid -> the operator-owned status fields as this process last wrote (or read, at its first look)
         # them: a change by anyone else (the trainer's token may patch the status subresource) is undone
-        self._written: dict[str, dict[str, Any]] = {}
+        # (compact JSON: 10,000 jobs' conditions as Python dicts were tens of MB)
+        self._written: dict[str, bytes] = {}
 
     # ----- reads -----
     def get_job_cr(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -338,8 +339,7 @@ class Reconciler:
             created = _raw(create, namespace, obj)
             if kind == "Job" and self.cache is not None:
                 self.cache.record(JOBS, json.loads(created))  # read-your-writes
-            # one INFO line per job (its worker Job); the other children at DEBUG
-            (log.info if kind == "Job" else log.debug)("created %s %s/%s", kind, namespace, name)
+            log.debug("created %s %s/%s", kind, namespace, name)
             return "created"
         except ApiException as error:
             if error.status and 400 <= error.status < 500 and error.status not in RETRIED_STATUSES:
@@ -400,7 +400,9 @@ class Reconciler:
                 update.status.get("message", ""),
                 ", ".join(sorted(update.patch)),
             )
-        self._written[uid] = {k: v for k, v in update.status.items() if v is not None}
+        self._written[uid] = json.dumps(
+            {k: v for k, v in update.status.items() if v is not None}, separators=(",", ":")
+        ).encode()
         update.events[:0] = tamper_events
         METRICS.record_update(job_cr, update.status, now)
         job_cr = {**job_cr, "status": {**(job_cr.get("status") or {}), **update.status}}
@@ -456,14 +458,18 @@ class Reconciler:
                 if result == "deleting":
                     return 2.0
                 if result == "created" and child["kind"] == "Job":
-                    events.append(
-                        st.Event(
-                            "Normal",
-                            "CreatedWorkers",
-                            f"created Job {child['metadata']['name']} "
-                            f"with {child['spec']['completions']} worker pod(s)",
-                        )
+                    # posted at once (after this reconcile's earlier events, which are then done),
+                    # not at its end: a replica killed right after creating the Job would otherwise
+                    # lose the event, and the next one creates nothing
+                    created_workers = st.Event(
+                        "Normal",
+                        "CreatedWorkers",
+                        f"created Job {child['metadata']['name']} "
+                        f"with {child['spec']['completions']} worker pod(s)",
                     )
+                    self.post_events(job_cr, [*events, created_workers])
+                    events.clear()
+                    log.info("created Job %s/%s", namespace, child["metadata"]["name"])
         return None
 
     def _fail_refused(
@@ -484,9 +490,10 @@ class Reconciler:
         """Put back operator-owned status fields that someone else changed since this process wrote them.
 
         Updates `job_cr` in place so that the loop decides on the operator's own values."""
-        written = self._written.get(uid)
-        if written is None:
+        stored = self._written.get(uid)
+        if stored is None:
             return []
+        written = json.loads(stored)
         current = job_cr.get("status") or {}
         patch = st.restore_patch(current, written)
         if not patch:
@@ -644,7 +651,8 @@ async def _reconcile_worker(tap: WatchTap, started: float) -> None:
             if not (CACHE.synced(JOBS, namespace) and CACHE.synced(PODS, namespace)) and (
                 loop.time() - started < CONFIG.sync_timeout
             ):
-                requeue = 0.2  # the first listing of Jobs and pods is not complete yet
+                requeue = 0.0  # the first listing of Jobs and pods is not complete yet: wait a little
+                await asyncio.sleep(0.2)
                 continue
             try:
                 with METRICS.reconcile_timer():
