@@ -175,8 +175,8 @@ def main() -> None:
     others = sorted(((ms, op) for (c, op), ms in by_op.items() if c == "other ops"), reverse=True)
     print("other ops, ms per step: " + ", ".join(f"{op} {ms / args.steps:.0f}" for ms, op in others[:10]))
     print(
-        profiling.prof.key_averages().table(
-            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60
+        profiling.prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50, max_shapes_column_width=70
         )
     )
 

@@ -181,7 +181,9 @@ def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path
     from kubetune_trainer.train import accepts_logits_to_keep, make_trainer, selected_logits_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
     model = get_peft_model(model, config)
     assert accepts_logits_to_keep(model)
     torch.manual_seed(0)

@@ -253,10 +253,7 @@ def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the (possibly wrapped) causal LM can compute logits for selected positions only."""
     import inspect
 
-    inner = model_lib.unwrap_model(model)  # DDP / DeepSpeed engine
-    if hasattr(inner, "get_base_model"):  # PEFT
-        inner = inner.get_base_model()
-    forward = getattr(inner, "forward", None)
+    forward = getattr(base_model(model), "forward", None)
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
@@ -269,8 +266,12 @@ def selected_logits_inputs(model: Any, inputs: dict[str, Any]) -> tuple[dict[str
     - the attention mask is dropped when the batch is right-padded: under causal attention a real
       token never attends to the padding after it, so its output is the same without the mask, and
       SDPA takes its causal path (half the score blocks, no materialized mask).
+    - a packed batch (position_ids) on packing.PER_EXAMPLE_ATTENTION gets its segment boundaries
+      (`cu_seq_lens_q`): attention then runs on each example alone.
     """
     import torch
+
+    from kubetune_trainer.packing import PER_EXAMPLE_ATTENTION, segment_boundaries
 
     labels = inputs["labels"]
     next_labels = labels[:, 1:]
@@ -279,6 +280,8 @@ def selected_logits_inputs(model: Any, inputs: dict[str, Any]) -> tuple[dict[str
     mask = inputs.get("attention_mask")
     if mask is not None and "position_ids" not in inputs and is_right_padded(mask):
         del model_inputs["attention_mask"]
+    if "position_ids" in inputs and base_model(model).config._attn_implementation == PER_EXAMPLE_ATTENTION:
+        model_inputs["cu_seq_lens_q"] = segment_boundaries(inputs["position_ids"])
     if takes_logits_mask(model) and learned.any():
         model_inputs["logits_to_keep"] = learned
         return model_inputs, labels[:, 1:][learned[:, :-1]]
@@ -294,13 +297,16 @@ def is_right_padded(attention_mask: Any) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside DDP / DeepSpeed and PEFT wrappers."""
+    inner = model_lib.unwrap_model(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def takes_logits_mask(model: Any) -> bool:
     """Whether the causal LM is a transformers model (its forward slices hidden states with
     transformers' slice_logits_to_keep, which takes a boolean (batch, length) mask)."""
-    inner = model_lib.unwrap_model(model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return type(inner).__module__.startswith("transformers.models.")
+    return type(base_model(model)).__module__.startswith("transformers.models.")
 
 
 # checkpoints are <output>/checkpoints/step-N (kubetune.checkpoints.step_name), not checkpoint-N
@@ -431,10 +437,13 @@ def sft_trainer(
     callbacks: list[Any],
 ) -> Any:
     """The SFT recipe's Trainer (make_trainer) for the spec: its seed, length-grouped batches unless
-    packing, and the data collator of packing.py (exact packing or padding)."""
-    from kubetune_trainer.packing import data_collator
+    packing, and the data collator of packing.py (exact packing or padding); with packing, attention
+    per example on CPU attention implementations (packing.use_per_example_attention)."""
+    from kubetune_trainer.packing import data_collator, use_per_example_attention
 
     spec = ctx.spec
+    if spec.training.packing:
+        use_per_example_attention(base_model(model))
     return make_trainer(
         seed=spec.training.seed,
         group_by_length=not spec.training.packing,
