@@ -140,7 +140,7 @@ def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model: Path, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from kubetune_trainer.packing import PER_EXAMPLE_ATTENTION, segment_boundaries, use_per_example_attention
+    from kubetune_trainer.attention import CPU_ATTENTION, segment_boundaries, use_cpu_attention
     from kubetune_trainer.train import make_trainer, selected_logits_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
@@ -166,8 +166,8 @@ def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model: Path, 
     masked, masked_grads = loss_and_grads()
     with torch.no_grad():
         masked_tokens = token_losses(model, batch)
-    assert use_per_example_attention(model.get_base_model())
-    assert model.config._attn_implementation == PER_EXAMPLE_ATTENTION
+    assert use_cpu_attention(model.get_base_model())
+    assert model.config._attn_implementation == CPU_ATTENTION
     assert "cu_seq_lens_q" in selected_logits_inputs(model, batch)[0]  # so the mask is not used
     ours, ours_grads = loss_and_grads()
     assert ours.item() == pytest.approx(masked.item(), abs=TOLERANCE)
@@ -188,3 +188,21 @@ def test_packing_trains_end_to_end(make_job) -> None:
     train = summary["data"]["train"]
     assert train["sequences"] < train["rows"] - train["noTrainableTokens"]  # several examples per sequence
     assert 0 < summary["trainedTokens"] and summary["lastLoss"] > 0
+
+
+def test_cpu_attention_computes_bf16_in_fp32() -> None:
+    """bf16 query, key and value: the result of fp32 attention on them, returned in bf16."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from kubetune_trainer.attention import cpu_sdpa
+
+    module = LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, 9, 16, generator=generator).bfloat16() for h in (4, 2, 2))
+    output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), is_causal=True, scale=0.25, enable_gqa=True
+    )
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected.transpose(1, 2).bfloat16(), rtol=0, atol=0)

@@ -14,11 +14,8 @@ end of a row restarts its position ids too, so it forms a block of its own that 
 The batch carries use_cache=False: transformers only reads packed boundaries when there is no KV cache.
 The loss of every example is then that of the example alone (tests/test_packing.py).
 
-On CPU (sdpa or eager) the block-diagonal mask costs the full square of every row: SDPA cannot skip
-the masked blocks. The trainer therefore switches such models to PER_EXAMPLE_ATTENTION
-(use_per_example_attention): for a batch that carries `cu_seq_lens_q` (segment_boundaries, added by
-the trainer's compute_loss) it runs causal SDPA on each example (and padding run) alone, the work of
-unpacked examples without their padding; any other call (generation, unpacked batches) is plain sdpa.
+On CPU the block-diagonal mask costs the full square of every row (SDPA cannot skip masked blocks):
+there the trainer runs attention per example instead (attention.py).
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.data import IGNORE_INDEX, PaddingCollator, TokenizedExample
-
-PER_EXAMPLE_ATTENTION = "kubetune_per_example_sdpa"
 
 
 @dataclass
@@ -102,66 +97,3 @@ def dataset_columns(sequences: list[TokenizedExample]) -> dict[str, list[list[in
     if sequences and len(packed) == len(sequences):
         columns["position_ids"] = [s.position_ids for s in packed]
     return columns
-
-
-def segment_boundaries(position_ids: Any) -> Any:
-    """Cumulative lengths (int32, starting at 0) of the segments of the flattened batch: a segment
-    starts wherever the position id is 0 (every example, every padding run, every row)."""
-    import torch
-
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().squeeze(-1)
-    end = torch.tensor([flat.numel()], device=flat.device)
-    return torch.cat([starts, end]).to(torch.int32)
-
-
-def per_example_sdpa(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: Any = None,
-    **kwargs: Any,
-) -> tuple[Any, None]:
-    """transformers attention function: causal SDPA on each segment of `cu_seq_lens_q` (over the
-    flattened batch) alone; without it, transformers' sdpa with the mask it was given."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    batch, heads, length, dim = query.shape
-    lengths = cu_seq_lens_q.diff().tolist()
-
-    def segments(states: Any) -> Any:  # (batch, heads, length, dim) -> per segment (1, heads, tokens, dim)
-        flat = states.transpose(1, 2).reshape(batch * length, states.shape[1], dim)
-        return [s.transpose(0, 1).unsqueeze(0) for s in flat.split(lengths)]
-
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True
-        )
-        for q, k, v in zip(segments(query), segments(key), segments(value), strict=True)
-    ]
-    attention = torch.cat([o.squeeze(0).transpose(0, 1) for o in outputs])
-    return attention.view(batch, length, heads, value.shape[-1]), None
-
-
-def use_per_example_attention(model: Any) -> bool:
-    """Switch a model on sdpa or eager attention to PER_EXAMPLE_ATTENTION; False if it uses another
-    (flash attention: its variable-length kernel already reads the packed boundaries)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    config = model.config
-    if config._attn_implementation not in ("sdpa", "eager"):
-        return False
-    AttentionInterface.register(PER_EXAMPLE_ATTENTION, per_example_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PER_EXAMPLE_ATTENTION, sdpa_mask)  # for the calls it hands to sdpa
-    config._attn_implementation = PER_EXAMPLE_ATTENTION
-    return True

