@@ -191,7 +191,8 @@ def test_packing_trains_end_to_end(make_job) -> None:
 
 
 def test_cpu_attention_computes_bf16_in_fp32() -> None:
-    """bf16 query, key and value: the result of fp32 attention on them, returned in bf16."""
+    """bf16 query, key and value (under bf16 autocast, as in training): the result of fp32 attention
+    on them, returned in bf16."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -200,7 +201,8 @@ def test_cpu_attention_computes_bf16_in_fp32() -> None:
     module = LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(2, h, 9, 16, generator=generator).bfloat16() for h in (4, 2, 2))
-    output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key.float(), value.float(), is_causal=True, scale=0.25, enable_gqa=True
     )

@@ -116,9 +116,11 @@ def test_checkpoint_prefix_is_confined_and_restored() -> None:
 
 def test_precision_choice_on_cpu() -> None:
     from kubetune_trainer.errors import ConfigError
-    from kubetune_trainer.models import pick_precision
+    from kubetune_trainer.models import cpu_has_native_bf16, pick_precision
 
-    assert pick_precision("auto") == "fp32"  # no GPU here
+    native = "bf16" if cpu_has_native_bf16() else "fp32"  # no GPU here
+    assert pick_precision("auto", "lora") == pick_precision("auto", "qlora") == native
+    assert pick_precision("auto", "full") == "fp32"
     assert pick_precision("bf16") == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         pick_precision("fp16")

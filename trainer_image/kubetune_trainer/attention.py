@@ -42,7 +42,25 @@ def cpu_sdpa(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers attention function: causal SDPA on each segment of `cu_seq_lens_q` alone, or
-    transformers' sdpa with the mask it was given; bf16 inputs computed in fp32."""
+    transformers' sdpa with the mask it was given; bf16 inputs computed in fp32 (autocast, which
+    would cast them back to bf16, is off inside)."""
+    import torch
+
+    with torch.autocast(query.device.type, enabled=False):
+        return _cpu_sdpa(module, query, key, value, attention_mask, dropout, scaling, cu_seq_lens_q, **kwargs)
+
+
+def _cpu_sdpa(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float,
+    scaling: float | None,
+    cu_seq_lens_q: Any,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -478,7 +478,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     expected_hash, store, resume_from = output_and_resume_point(ctx)
 
     # ---- 2. data and 3. model
-    precision = model_lib.pick_precision(spec.training.precision)
+    precision = model_lib.pick_precision(spec.training.precision, spec.method.type)
     # every row is read and checked before the model is fetched: bad data fails fast (exit 3)
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", ctx.s3)
     model_dir = model_lib.resolve_model_dir(spec.model, ctx.s3)
