@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from _common import bench_parser, resolve_model
 
+from kubetune_trainer.models import cpu_has_native_bf16
+
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Best GFLOP/s of a size x size x size torch.matmul in `dtype` (the same kernels training calls)."""
@@ -28,11 +30,6 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively (oneDNN), not emulated."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def make_model(model_dir: str, weights: torch.dtype, checkpointing: bool) -> Any:

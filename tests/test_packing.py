@@ -134,6 +134,49 @@ def test_trainer_loss_on_a_packed_batch_is_the_loss_of_the_examples(tiny_model: 
     assert ours.item() == pytest.approx(total / learned, abs=TOLERANCE)
 
 
+def test_per_example_attention_equals_the_block_diagonal_mask(tiny_model: Path, tmp_path: Path) -> None:
+    """Attention per packed example (the CPU path) gives the loss and adapter gradients of sdpa with
+    transformers' block-diagonal mask; other calls (no boundaries) still take the mask."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kubetune_trainer.attention import CPU_ATTENTION, segment_boundaries, use_cpu_attention
+    from kubetune_trainer.train import make_trainer, selected_logits_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
+    model = get_peft_model(model, config)
+    packed = pack(examples([11, 25, 7, 19, 4], seed=3), max_length=40)
+    batch = PackedCollator(pad_token_id=0)([p.__dict__ for p in packed])
+    assert segment_boundaries(batch["position_ids"]).tolist()[:3] == [0, 11, 36]
+    trainer = make_trainer(
+        seed=0,
+        group_by_length=False,
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )
+    lora = [p for n, p in model.named_parameters() if "lora" in n]
+
+    def loss_and_grads() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        loss = trainer.compute_loss(model, dict(batch))
+        return loss, torch.autograd.grad(loss, lora)
+
+    masked, masked_grads = loss_and_grads()
+    with torch.no_grad():
+        masked_tokens = token_losses(model, batch)
+    assert use_cpu_attention(model.get_base_model())
+    assert model.config._attn_implementation == CPU_ATTENTION
+    assert "cu_seq_lens_q" in selected_logits_inputs(model, batch)[0]  # so the mask is not used
+    ours, ours_grads = loss_and_grads()
+    assert ours.item() == pytest.approx(masked.item(), abs=TOLERANCE)
+    for got, expected in zip(ours_grads, masked_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # a call without boundaries: transformers' mask, the same losses
+        torch.testing.assert_close(token_losses(model, batch), masked_tokens)
+
+
 def test_packing_trains_end_to_end(make_job) -> None:
     from kubetune_trainer.__main__ import run_trainer
 
@@ -145,3 +188,23 @@ def test_packing_trains_end_to_end(make_job) -> None:
     train = summary["data"]["train"]
     assert train["sequences"] < train["rows"] - train["noTrainableTokens"]  # several examples per sequence
     assert 0 < summary["trainedTokens"] and summary["lastLoss"] > 0
+
+
+def test_cpu_attention_computes_bf16_in_fp32() -> None:
+    """bf16 query, key and value (under bf16 autocast, as in training): the result of fp32 attention
+    on them, returned in bf16."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from kubetune_trainer.attention import cpu_sdpa
+
+    module = LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, 9, 16, generator=generator).bfloat16() for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), is_causal=True, scale=0.25, enable_gqa=True
+    )
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected.transpose(1, 2).bfloat16(), rtol=0, atol=0)

@@ -116,9 +116,11 @@ def test_checkpoint_prefix_is_confined_and_restored() -> None:
 
 def test_precision_choice_on_cpu() -> None:
     from kubetune_trainer.errors import ConfigError
-    from kubetune_trainer.models import pick_precision
+    from kubetune_trainer.models import cpu_has_native_bf16, pick_precision
 
-    assert pick_precision("auto") == "fp32"  # no GPU here
+    native = "bf16" if cpu_has_native_bf16() else "fp32"  # no GPU here
+    assert pick_precision("auto", "lora") == pick_precision("auto", "qlora") == native
+    assert pick_precision("auto", "full") == "fp32"
     assert pick_precision("bf16") == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         pick_precision("fp16")
@@ -172,23 +174,29 @@ def test_bundled_smollm2_loss_goes_down(make_job) -> None:
 
 
 def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path) -> None:
-    """Computing logits only where labels are learned gives exactly transformers' loss."""
+    """Logits only for tokens whose next token is learned (per row), no attention mask on a right-padded
+    batch: the loss and the adapter gradients are transformers' full-logits, masked ones."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from kubetune_trainer.train import accepts_logits_to_keep, make_trainer
+    from kubetune_trainer.train import accepts_logits_to_keep, make_trainer, selected_logits_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
+    model = get_peft_model(model, config)
     assert accepts_logits_to_keep(model)
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (3, 20))
     labels = ids.clone()
-    labels[:, :8] = -100  # prompts
+    for row, prompt in enumerate([8, 3, 12]):  # prompts of different lengths
+        labels[row, :prompt] = -100
     labels[1, 15:] = -100  # padding
     mask = torch.ones_like(ids)
     mask[1, 15:] = 0
+    ids[1, 15:] = 0
     trainer = make_trainer(
         seed=0,
         group_by_length=True,
@@ -196,8 +204,16 @@ def test_selective_logits_loss_equals_full_loss(tiny_model: Path, tmp_path: Path
         args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
     )
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    model_inputs, target = selected_logits_inputs(model, batch)
+    assert "attention_mask" not in model_inputs  # right padding: causal attention alone is exact
+    assert target.numel() == (labels[:, 1:] != -100).sum()  # one logit row per learned token
+    lora = [p for n, p in model.named_parameters() if "lora" in n]
     ours = trainer.compute_loss(model, dict(batch))
+    ours_grads = torch.autograd.grad(ours, lora)
     reference = model(**batch).loss
+    reference_grads = torch.autograd.grad(reference, lora)
     assert abs(ours.item() - reference.item()) < 1e-5
-    ours.backward()  # gradients flow to the adapter
-    assert any(p.grad is not None for n, p in model.named_parameters() if "lora" in n)
+    for got, expected in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    left_padded = {**batch, "attention_mask": mask.flip(1)}
+    assert "attention_mask" in selected_logits_inputs(model, left_padded)[0]  # left padding keeps the mask

@@ -16,7 +16,7 @@ def build_trainer(job_path: Path, callbacks: list[Any] | None = None) -> Any:
 
     ctx = make_context(load_job(job_path), show_progress=False)
     spec = ctx.spec
-    precision = model_lib.pick_precision(spec.training.precision)
+    precision = model_lib.pick_precision(spec.training.precision, spec.method.type)
     model_dir = model_lib.resolve_model_dir(spec.model)
     tokenizer = model_lib.load_tokenizer(model_dir)
     train_set, eval_set, _, _ = build_datasets(ctx, tokenizer)

@@ -13,6 +13,9 @@ installed) the same position ids select the variable-length kernel (cu_seqlens).
 end of a row restarts its position ids too, so it forms a block of its own that no real token sees.
 The batch carries use_cache=False: transformers only reads packed boundaries when there is no KV cache.
 The loss of every example is then that of the example alone (tests/test_packing.py).
+
+On CPU the block-diagonal mask costs the full square of every row (SDPA cannot skip masked blocks):
+there the trainer runs attention per example instead (attention.py).
 """
 
 from __future__ import annotations

@@ -378,7 +378,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     expected_hash, store, resume_from = output_and_resume_point(ctx)
 
     # ---- 2. data and 3. model
-    precision = model_lib.pick_precision(spec.training.precision)
+    precision = model_lib.pick_precision(spec.training.precision, spec.method.type)
     prepared = data_lib.prepare_rows(spec, model_lib.cache_root() / "data", ctx.s3)
     model_dir = model_lib.resolve_model_dir(spec.model, ctx.s3)
     tokenizer = model_lib.load_tokenizer(model_dir)

@@ -136,7 +136,7 @@ def calibrate(
     tokens_per_step = (marks[-1][1] - marks[0][1]) / (len(marks) - 1)
 
     spec = job.spec
-    precision = pick_precision(str(spec.training.precision))
+    precision = pick_precision(str(spec.training.precision), spec.method.type)
     checkpointing = spec.training.gradient_checkpointing
     if checkpointing is None:
         checkpointing = on_gpu
