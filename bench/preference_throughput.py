@@ -53,6 +53,7 @@ def kubetune_run(args: argparse.Namespace, workdir: Path) -> dict:
         data=DATA,
         validation={"fraction": 0.02, "maxExamples": 2},
         precision="fp32",
+        training={"loggingSteps": 1},  # the loss of the last step, as the TRL script logs it
     )
     from kubetune_trainer.__main__ import run_trainer
 
@@ -72,7 +73,7 @@ data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
     + TRL_MODEL
     + r"""
 args = DPOConfig(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
-                 max_length=cfg["seq"], beta=0.1, learning_rate=2e-4, logging_steps=5, report_to=[], use_cpu=True,
+                 max_length=cfg["seq"], beta=0.1, learning_rate=2e-4, logging_steps=1, report_to=[], use_cpu=True,
                  bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
                  include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
 trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
