@@ -4,8 +4,8 @@ Same model, pairs, sequence length, batch, LoRA settings, beta and steps. The TR
 careful user would pick on a CPU: fp32, no gradient checkpointing, conversational pairs (TRL applies
 the chat template), a PEFT config so that the reference is the base with the adapter disabled.
 Both count effective (non-padding) tokens the same way (`include_num_input_tokens_seen="non_padding"`:
-prompt + chosen and prompt + rejected), divided by the wall time of training (kubetune's summary
-`trainSeconds`, which leaves out its before-training evaluation). Runs alternate; each tool's best
+prompt + chosen and prompt + rejected), divided by the same clock: the Trainer's `train_runtime` (its
+training loop; kubetune's summary `trainSeconds` is that less its before-training evaluation). Runs alternate; each tool's best
 (least disturbed) run is kept.
 
     python bench/preference_throughput.py [--model bundled://smollm2-135m-instruct] [--steps 10]
@@ -77,9 +77,9 @@ args = DPOConfig(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train
                  bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
                  include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
 trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
-start = time.time()
-trainer.train()
-seconds = time.time() - start
+# the same clock as kubetune's trainSeconds: the Trainer's train_runtime (its training loop, after the
+# optimizer and the data loader are set up), not the wall time of trainer.train()
+seconds = trainer.train().metrics["train_runtime"]
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds,
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,
