@@ -4,8 +4,8 @@ Same model, pairs, sequence length, batch, LoRA settings, beta and steps. The TR
 careful user would pick on a CPU: fp32, no gradient checkpointing, conversational pairs (TRL applies
 the chat template), a PEFT config so that the reference is the base with the adapter disabled.
 Both count effective (non-padding) tokens the same way (`include_num_input_tokens_seen="non_padding"`:
-prompt + chosen and prompt + rejected), divided by the wall time of training (kubetune's summary
-`trainSeconds`, which leaves out its before-training evaluation). Runs alternate; each tool's best
+prompt + chosen and prompt + rejected), divided by the same clock: the Trainer's `train_runtime` (its
+training loop; kubetune's summary `trainSeconds` is that less its before-training evaluation). Runs alternate; each tool's best
 (least disturbed) run is kept.
 
     python bench/preference_throughput.py [--model bundled://smollm2-135m-instruct] [--steps 10]
@@ -53,6 +53,7 @@ def kubetune_run(args: argparse.Namespace, workdir: Path) -> dict:
         data=DATA,
         validation={"fraction": 0.02, "maxExamples": 2},
         precision="fp32",
+        training={"loggingSteps": 1},  # the loss of the last step, as the TRL script logs it
     )
     from kubetune_trainer.__main__ import run_trainer
 
@@ -72,13 +73,13 @@ data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
     + TRL_MODEL
     + r"""
 args = DPOConfig(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
-                 max_length=cfg["seq"], beta=0.1, learning_rate=2e-4, logging_steps=5, report_to=[], use_cpu=True,
+                 max_length=cfg["seq"], beta=0.1, learning_rate=2e-4, logging_steps=1, report_to=[], use_cpu=True,
                  bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
                  include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
 trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
-start = time.time()
-trainer.train()
-seconds = time.time() - start
+# the same clock as kubetune's trainSeconds: the Trainer's train_runtime (its training loop, after the
+# optimizer and the data loader are set up), not the wall time of trainer.train()
+seconds = trainer.train().metrics["train_runtime"]
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds,
                               "tokens_per_second": trainer.state.num_input_tokens_seen / seconds,

@@ -343,6 +343,11 @@ INVALID: list[Case] = [
     _bad("model-s3-no-key", "spec.model.source", spec__model__source="s3://bucket"),
     _bad("model-s3-bucket-slash", "spec.model.source", spec__model__source="s3://bucket/"),
     _bad("model-gcs", "spec.model.source", spec__model__source="gs://bucket/model"),
+    _bad("adapter-https", "spec.model.adapter", spec__model__adapter="https://example.com/adapter"),
+    _bad("adapter-hub", "spec.model.adapter", spec__model__adapter="hf://org/adapter"),
+    _bad("adapter-bundled", "spec.model.adapter", spec__model__adapter="bundled://smollm2-135m-instruct"),
+    _bad("adapter-s3-no-key", "spec.model.adapter", spec__model__adapter="s3://bucket/"),
+    _bad("adapter-empty", "spec.model.adapter", spec__model__adapter=""),
     _bad(
         "dataset-http", "spec.datasets[0].source", spec__datasets=[{"source": "http://example.com/d.jsonl"}]
     ),
@@ -473,6 +478,11 @@ VALID: list[Case] = [
     ),
     _ok("s3-model", spec__model={"source": "s3://models/llama/"}),
     _ok("local-model", spec__model={"source": "/models/llama"}),
+    _ok(
+        "s3-adapter",
+        spec__model={"source": "s3://models/llama/", "adapter": "s3://runs/sft/exports/adapter/"},
+    ),
+    _ok("local-adapter", spec__model={"source": "/models/llama", "adapter": "/models/sft-adapter"}),
     _ok(
         "s3-glob-and-local-datasets",
         spec__datasets=[

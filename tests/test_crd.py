@@ -55,6 +55,10 @@ def test_identity() -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Phase"] == ".status.phase" and columns["Method"] == ".spec.method.type"
     assert columns["Model"] == ".spec.model.source" and columns["Progress"] == ".status.progress.percent"
+    assert (
+        columns["Adapter"] == ".spec.model.adapter"
+        and columns["Reward-Acc"] == ".status.metrics.finalRewardAccuracy"
+    )
     assert columns["Loss"] == ".status.progress.loss" and columns["ETA"] == ".status.progress.etaSeconds"
     assert columns["Age"] == ".metadata.creationTimestamp"
 

@@ -269,6 +269,8 @@ ATTACKS = [
     ({"model.source": "/opt/venv/lib/python3.11/site-packages"}, "spec.model.source", "dataPaths"),
     ({"model.source": "../../proc/1"}, "spec.model.source", "dataPaths"),
     ({"model.source": "hf://../../proc/self"}, "spec.model.source", "dataPaths"),
+    ({"model.adapter": "/var/run/secrets/kubernetes.io"}, "spec.model.adapter", "dataPaths"),
+    ({"model.adapter": "../adapter"}, "spec.model.adapter", "dataPaths"),
     (
         {"datasets": [{"source": "s3:/../../proc/self/environ", "fileType": "txt"}]},
         "spec.datasets[0].source",
@@ -292,6 +294,11 @@ ATTACKS = [
         "allowedSourcePrefixes",
     ),
     ({"output": {"uri": "s3://runs/team-b/their-job/"}}, "spec.output.uri", "allowedOutputPrefixes"),
+    (
+        {"model.adapter": "s3://runs/team-b/sft/exports/adapter/"},
+        "spec.model.adapter",
+        "allowedSourcePrefixes",
+    ),
     # remote code
     (
         {"model": {"source": "org/model", "trustRemoteCode": True, "revision": "0" * 40}},
@@ -354,6 +361,9 @@ def test_output_defaults_inside_the_namespace_prefix_and_may_be_chained() -> Non
     assert "s3://runs/team-a/tenant-job/" in children["ConfigMap"]["data"]["job.yaml"]
     # an earlier job's export (under the namespace's output prefix) is a valid model source
     render_children(cr(**{"model.source": "s3://runs/team-a/sft-job/exports/merged/"}), PLATFORM)
+    # and so is its adapter, on the base it was trained on
+    render_children(cr(**{"model.adapter": "s3://runs/team-a/sft-job/exports/adapter/"}), PLATFORM)
+    render_children(cr(**{"model.adapter": "/data/adapters/sft"}), PLATFORM)
 
 
 def test_image_digest_required_of_tenants_and_of_the_platform() -> None:

@@ -168,6 +168,35 @@ def test_chat_pairs_with_multi_turn_prompts_and_exports(make_job) -> None:
     )  # the chat template's generation prompt
 
 
+def test_kubetune_run_names_the_preference_figures(make_job, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kubetune run` on a DPO job: the baseline and the summary give the DPO loss and the held-out pairs'
+    figures as such; the next-token loss and perplexity are those of the chosen completions."""
+    from kubetune.cli import main
+
+    job = preference_job(make_job, "cli", training={"maxSteps": 2, "loggingSteps": 1, "precision": "fp32"})
+    assert main(["run", str(job)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((job.parent / "out-cli" / "summary.json").read_text())
+    metrics = summary["metrics"]
+    baseline = next(line for line in out.splitlines() if line.startswith("baseline: "))
+    assert baseline.startswith(f"baseline: held-out pairs ({metrics['heldOutPairs']}): preference accuracy ")
+    assert (
+        f"; held-out DPO loss {metrics['baselineObjectiveLoss']:.4f}; chosen completions: held-out loss "
+        in baseline
+    )
+    assert (
+        f"held-out DPO loss {metrics['baselineObjectiveLoss']:.4f} -> {metrics['finalObjectiveLoss']:.4f}"
+        in out
+    )
+    assert (
+        f"held-out pairs ({metrics['heldOutPairs']}): reward accuracy {metrics['finalRewardAccuracy']:.3f}, "
+        f"reward margin {metrics['finalRewardMargin']:.4f}, preference accuracy" in out
+    )
+    assert f"chosen completions: held-out perplexity {metrics['baselinePerplexity']:.3f} ->" in out
+    card = (job.parent / "out-cli" / "exports" / "adapter" / "README.md").read_text()
+    assert "| held-out DPO loss |" in card and "| held-out loss of the chosen completions |" in card
+
+
 def test_kto_reads_unpaired_rows(make_job, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (DATA / "pydoc_preferences.jsonl").read_text().splitlines()[:24]]
     unpaired = [

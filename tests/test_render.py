@@ -215,6 +215,24 @@ def test_storage_and_platform_secret_fallbacks() -> None:
     }
 
 
+def test_model_credentials_read_an_s3_adapter() -> None:
+    """model.credentialsSecretRef's AWS keys are passed when only model.adapter is in S3 (the source is not)."""
+    spec: dict[str, Any] = {
+        "model": {"source": "bundled://smollm2-135m-instruct", "credentialsSecretRef": {"name": "hf"}},
+        "output": {"uri": "s3://runs/team-a/"},  # no credentialsSecretRef of its own
+    }
+    local = env_of(render_children(cr(spec), trusted()))
+    assert "AWS_ACCESS_KEY_ID" not in local
+    spec["model"]["adapter"] = "s3://runs/team-a/sft/exports/adapter/"
+    env = env_of(render_children(cr(spec), trusted()))
+    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {
+        "name": "hf",
+        "key": "AWS_ACCESS_KEY_ID",
+        "optional": True,
+    }
+    assert env["HF_TOKEN"]["secretKeyRef"]["name"] == "hf"
+
+
 def test_no_secret_values_anywhere() -> None:
     """The operator only ever handles Secret names; nothing rendered holds a value."""
     text = json.dumps(render_children(cr(), trusted(storage_credentials_secret="platform-s3")))

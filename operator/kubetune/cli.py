@@ -55,7 +55,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _format_summary(summary: dict) -> str:
-    from kubetune.cluster import format_number
+    from kubetune.cluster import held_out_lines
 
     metrics = summary["metrics"]
     minutes, seconds = divmod(int(summary["durationSeconds"]), 60)
@@ -63,16 +63,8 @@ def _format_summary(summary: dict) -> str:
         "",
         f"Finished {summary['job']}: {summary['steps']} steps, {summary['trainedTokens']:,} tokens trained "
         f"in {minutes}m{seconds:02d}s ({summary['tokensPerSecond']:.0f} tokens/s)",
-        f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-        f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  "
-        f"(loss {format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})",
     ]
-    if "finalRewardAccuracy" in metrics:  # a preference task
-        lines.append(
-            f"  held-out pairs ({metrics['heldOutPairs']}): preference accuracy "
-            f"{metrics['baselinePreferenceAccuracy']:.3f} -> {metrics['finalPreferenceAccuracy']:.3f}, "
-            f"reward accuracy {metrics['finalRewardAccuracy']:.3f}, margin {metrics['finalRewardMargin']:.4f}"
-        )
+    lines += held_out_lines(metrics, summary.get("objective"))
     for report in summary.get("data", {}).get("datasets", []):
         dropped = {
             k: report[k] for k in ("invalid", "empty", "duplicates", "too_short", "too_long") if report[k]

@@ -386,6 +386,43 @@ def format_number(value: Any, fmt: str = "{:.4f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def held_out_lines(metrics: dict[str, Any], objective: str | None) -> list[str]:
+    """The held-out figures of a finished run (RunSummary or status metrics), one indented line each.
+
+    SFT: perplexity and loss before -> after. Preference tasks (`objective` dpo, kto or orpo): the
+    objective's held-out loss, the held-out pairs' reward accuracy and margin and preference accuracy,
+    then perplexity and loss of the chosen completions (named so: they are not the objective's)."""
+
+    def known(*keys: str) -> bool:
+        return any(metrics.get(key) is not None for key in keys)
+
+    perplexity = (
+        f"held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
+        f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
+        f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})"
+    )
+    has_perplexity = known("baselinePerplexity", "finalPerplexity", "baselineEvalLoss", "finalEvalLoss")
+    if not objective:
+        return [f"  {perplexity}"] if has_perplexity else []
+    lines = []
+    if known("baselineObjectiveLoss", "finalObjectiveLoss"):
+        lines.append(
+            f"  held-out {objective.upper()} loss {format_number(metrics.get('baselineObjectiveLoss'))} -> "
+            f"{format_number(metrics.get('finalObjectiveLoss'))}"
+        )
+    if known("finalRewardAccuracy"):
+        count = f" ({metrics['heldOutPairs']})" if metrics.get("heldOutPairs") is not None else ""
+        lines.append(
+            f"  held-out pairs{count}: reward accuracy {format_number(metrics.get('finalRewardAccuracy'), '{:.3f}')}, "
+            f"reward margin {format_number(metrics.get('finalRewardMargin'))}, preference accuracy "
+            f"{format_number(metrics.get('baselinePreferenceAccuracy'), '{:.3f}')} -> "
+            f"{format_number(metrics.get('finalPreferenceAccuracy'), '{:.3f}')}"
+        )
+    if has_perplexity:
+        lines.append(f"  chosen completions: {perplexity}")
+    return lines
+
+
 def progress_text(status: dict[str, Any]) -> str:
     """`step/total (pct%)` from status.progress, `-` before the first report."""
     progress = status.get("progress") or {}
@@ -472,12 +509,11 @@ def summary_text(job: dict[str, Any]) -> str:
         f"{f'{tokens:,}' if tokens is not None else '?'} tokens trained{took}"
         f"{f' ({speed:.0f} tokens/s)' if speed is not None else ''}",
     ]
-    if metrics.get("baselinePerplexity") is not None or metrics.get("finalPerplexity") is not None:
-        lines.append(
-            f"  held-out perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
-            f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}  (loss "
-            f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))})"
-        )
+    task = (job.get("spec") or {}).get("task") or {}
+    objective = (
+        (task.get("preference") or {}).get("objective", "dpo") if task.get("type") == "preference" else None
+    )
+    lines += held_out_lines(metrics, objective)
     for artifact in status.get("artifacts") or []:
         lines.append(
             f"  {artifact.get('kind', '?'):<10} {artifact.get('uri', '?')}  "
@@ -534,7 +570,17 @@ def describe_text(job: dict[str, Any], events: list[dict[str, Any]] | str) -> st
             f"  Metrics:    perplexity {format_number(metrics.get('baselinePerplexity'), '{:.3f}')} -> "
             f"{format_number(metrics.get('finalPerplexity'), '{:.3f}')}, eval loss "
             f"{format_number(metrics.get('baselineEvalLoss'))} -> {format_number(metrics.get('finalEvalLoss'))}"
+            + (" (of the chosen completions)" if "finalObjectiveLoss" in metrics else "")
         )
+        if "finalObjectiveLoss" in metrics:  # a preference task
+            lines.append(
+                f"  Preference: objective loss {format_number(metrics.get('baselineObjectiveLoss'))} -> "
+                f"{format_number(metrics.get('finalObjectiveLoss'))}, reward accuracy "
+                f"{format_number(metrics.get('finalRewardAccuracy'), '{:.3f}')}, reward margin "
+                f"{format_number(metrics.get('finalRewardMargin'))}, preference accuracy "
+                f"{format_number(metrics.get('baselinePreferenceAccuracy'), '{:.3f}')} -> "
+                f"{format_number(metrics.get('finalPreferenceAccuracy'), '{:.3f}')}"
+            )
     checkpoint = status.get("checkpoint")
     lines.append(
         "Checkpoint:   "

@@ -126,6 +126,13 @@ PRINTER_COLUMNS = [
     },
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model."},
     {
+        "name": "Adapter",
+        "type": "string",
+        "jsonPath": ".spec.model.adapter",
+        "priority": 1,
+        "description": "The earlier job's adapter merged into the base model before training (model.adapter).",
+    },
+    {
         "name": "Progress",
         "type": "integer",
         "jsonPath": ".status.progress.percent",

@@ -479,6 +479,9 @@ def check(
     _check_local_source(v, "spec.model.source", spec.model.source, policy, model=True)
     read_prefixes = source_prefixes(policy, output_uri_prefix, namespace)
     _check_s3_source(v, "spec.model.source", spec.model.source, read_prefixes)
+    if spec.model.adapter is not None:
+        _check_local_source(v, "spec.model.adapter", spec.model.adapter, policy, model=False)
+        _check_s3_source(v, "spec.model.adapter", spec.model.adapter, read_prefixes)
     datasets = [("spec.datasets", d) for d in spec.datasets]
     datasets += [("spec.validation.datasets", d) for d in spec.validation.datasets or []]
     counters: dict[str, int] = {}

@@ -292,7 +292,8 @@ def apply_defaults(
 
 def _uses_s3(data: Mapping[str, Any], defaults: PlatformDefaults) -> bool:
     """Whether a spec (camelCase dict) reads or writes any s3:// location, its default output included."""
-    sources = [(data.get("model") or {}).get("source", "")]
+    model = data.get("model") or {}
+    sources = [model.get("source", ""), model.get("adapter") or ""]
     sources += [d.get("source", "") for d in data.get("datasets") or []]
     sources += [d.get("source", "") for d in (data.get("validation") or {}).get("datasets") or []]
     sources.append((data.get("output") or {}).get("uri") or defaults.output_uri_prefix or "")
@@ -379,7 +380,7 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     """Environment variables read from Secrets by reference (the values never pass through the operator).
 
     AWS keys come from output.credentialsSecretRef, else storage.credentialsSecretRef, else (for an
-    s3:// model) model.credentialsSecretRef. HF_TOKEN from model.credentialsSecretRef, WANDB_API_KEY
+    s3:// model.source or model.adapter) model.credentialsSecretRef. HF_TOKEN from model.credentialsSecretRef, WANDB_API_KEY
     and MLFLOW_TRACKING_* from the tracking Secrets.
     """
     env: list[dict[str, Any]] = []
@@ -387,7 +388,9 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     aws_ref = spec.output.credentials_secret_ref or spec.storage.credentials_secret_ref
     if aws_ref is not None:
         env += _secret_env(aws_ref.name, AWS_KEYS)
-    elif model_ref is not None and spec.model.source.startswith("s3://"):
+    elif model_ref is not None and any(
+        location.startswith("s3://") for location in (spec.model.source, spec.model.adapter or "")
+    ):
         env += _secret_env(model_ref.name, MODEL_S3_KEYS)
     if model_ref is not None:
         env += _secret_env(model_ref.name, HF_KEYS)

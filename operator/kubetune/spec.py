@@ -180,6 +180,13 @@ OutputRule = Rule(
     "(!self.startsWith('s3://') || self.matches('^s3://[^/]+(/.*)?$'))",
     "use s3://bucket/prefix/ (a bucket is required) or a local directory; other schemes are not written",
 )
+AdapterRule = Rule(
+    lambda v: _location(v, key=True) and not v.startswith(("hf://", "bundled://")),
+    "(!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://') || self.startsWith('s3://')) && "
+    "(!self.startsWith('s3://') || self.matches('^s3://[^/]+/[^/].*$'))",
+    "use s3://bucket/prefix/ (a bucket and a key) or a local directory holding a PEFT adapter "
+    "(adapter_config.json); hub ids, http(s) URLs and other schemes are not read",
+)
 EndpointRule = Rule(
     _match("^https?://[^/]+"),
     "self.matches('^https?://[^/]+')",
@@ -410,8 +417,19 @@ class ModelSpec(JobModel):
         "a Hugging Face hub id (org/name, or hf://org/name), or bundled://smollm2-135m-instruct.",
     )
     revision: NonEmpty | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    adapter: Annotated[Location, AdapterRule] | None = Field(
+        None,
+        description="A PEFT (LoRA) adapter to apply to source before training: the adapter export of an "
+        "earlier job (<output>/exports/adapter), a local directory or s3://bucket/prefix/. It is merged into the "
+        "base weights first (merged once per node and cached, keyed by the base and the adapter's content), so "
+        "training starts from the adapted model and, for preference tasks, the reference model is the adapted "
+        "model: lora trains a new adapter on the merged weights, qlora quantizes the merged weights, full trains "
+        "them all. The adapter must have been trained on this source (same architecture and shapes). Read with "
+        "credentialsSecretRef, like source.",
+    )
     credentials_secret_ref: SecretKeyRef | None = Field(
-        None, description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model."
+        None,
+        description="Secret with HF_TOKEN (hub) or AWS keys (S3) for reading the model (source and adapter).",
     )
     trust_remote_code: bool = Field(
         False,
@@ -1327,7 +1345,10 @@ class ProgressStatus(SpecModel):
     total_steps: int | None = Field(None, description="Optimizer steps planned.")
     epoch: float | None = Field(None, description="Epochs done (fractional).")
     loss: float | None = Field(None, description="Latest training loss.")
-    eval_loss: float | None = Field(None, description="Latest held-out loss.")
+    eval_loss: float | None = Field(
+        None,
+        description="Latest held-out loss (preference tasks: of the objective, for example the DPO loss).",
+    )
     tokens_per_second: float | None = Field(None, description="Training throughput in non-padding tokens/s.")
     trained_tokens: int | None = Field(None, description="Non-padding tokens trained so far.")
     eta_seconds: int | None = Field(None, description="Estimated seconds to finish training.")
@@ -1355,10 +1376,21 @@ class ArtifactStatus(SpecModel):
 class MetricsStatus(SpecModel):
     """Evaluation results (written by the trainer)."""
 
-    baseline_perplexity: float | None = Field(None, description="Held-out perplexity before training.")
+    baseline_perplexity: float | None = Field(
+        None, description="Held-out perplexity before training (preference tasks: of the chosen completions)."
+    )
     final_perplexity: float | None = Field(None, description="Held-out perplexity after training.")
-    baseline_eval_loss: float | None = Field(None, description="Held-out loss before training.")
+    baseline_eval_loss: float | None = Field(
+        None, description="Held-out loss before training (preference tasks: of the chosen completions)."
+    )
     final_eval_loss: float | None = Field(None, description="Held-out loss after training.")
+    baseline_objective_loss: float | None = Field(
+        None,
+        description="Preference tasks: held-out loss of the objective (DPO, KTO or ORPO) before training.",
+    )
+    final_objective_loss: float | None = Field(
+        None, description="Preference tasks: held-out loss of the objective after training."
+    )
     baseline_preference_accuracy: float | None = Field(
         None,
         description="Preference tasks: share of held-out "

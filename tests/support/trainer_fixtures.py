@@ -39,41 +39,48 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def write_job(directory: Path, model_dir: Path, name: str = "t", **spec_overrides: Any) -> Path:
+    """Write `directory`/<name>.yaml, a FineTuneJob for `model_dir` (LoRA SFT on the pydoc instructions, 3
+    steps, output `directory`/out-<name>); keyword arguments are merged into spec (dicts one level deep)."""
+    spec: dict[str, Any] = {
+        "model": {"source": str(model_dir)},
+        "method": {"type": "lora"},
+        "task": {"type": "instruction"},
+        "datasets": [{"source": str(PYDOC), "maxExamples": 60}],
+        "training": {
+            "maxSteps": 3,
+            "batchSizePerDevice": 4,
+            "maxSeqLength": 96,
+            "loggingSteps": 1,
+            "learningRate": 1e-3,
+        },
+        "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
+        "output": {"uri": str(directory / f"out-{name}"), "exports": ["adapter"]},
+        "tracking": {"tensorboard": False},
+    }
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
 @pytest.fixture
 def make_job(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
-    """Write a FineTuneJob YAML for the tiny model; keyword arguments are merged into spec."""
+    """Write a FineTuneJob YAML for the tiny model (write_job in tmp_path); keyword arguments are merged
+    into spec."""
 
     def make(name: str = "t", **spec_overrides: Any) -> Path:
-        spec: dict[str, Any] = {
-            "model": {"source": str(tiny_model)},
-            "method": {"type": "lora"},
-            "task": {"type": "instruction"},
-            "datasets": [{"source": str(PYDOC), "maxExamples": 60}],
-            "training": {
-                "maxSteps": 3,
-                "batchSizePerDevice": 4,
-                "maxSeqLength": 96,
-                "loggingSteps": 1,
-                "learningRate": 1e-3,
-            },
-            "evaluation": {"numSamplePrompts": 1, "maxNewTokens": 4},
-            "output": {"uri": str(tmp_path / f"out-{name}"), "exports": ["adapter"]},
-            "tracking": {"tensorboard": False},
-        }
-        for key, value in spec_overrides.items():
-            if isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        manifest = {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(manifest))
-        return path
+        return write_job(tmp_path, tiny_model, name, **spec_overrides)
 
     return make
 

@@ -23,6 +23,8 @@ def _now() -> str:
 
 
 PREFERENCE_STATUS_METRICS = (
+    "baselineObjectiveLoss",
+    "finalObjectiveLoss",
     "baselinePreferenceAccuracy",
     "finalPreferenceAccuracy",
     "finalRewardAccuracy",
@@ -48,6 +50,9 @@ class ProgressReporter(TrainerCallback):
         self.start_tokens = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
+        # what eval_loss is: the held-out loss of the next tokens, or of a preference objective (DPO, ...)
+        preference = ctx.spec.task.preference
+        self.objective = str(preference.objective).upper() if preference else None
         self.bar: Any = None
         self.task: Any = None
         self.status = None
@@ -145,8 +150,10 @@ class ProgressReporter(TrainerCallback):
                 tps=f"{progress['tokensPerSecond']:.0f}",
             )
             if "eval_loss" in logs and state.global_step > 0:
-                self.bar.console.print(f"step {state.global_step}: held-out loss {self.last_eval_loss}")
-        if self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
+                self.bar.console.print(f"step {state.global_step}: {self.held_out_text(logs)}")
+        if self.objective and state.global_step == 0 and "eval_loss" in logs:
+            pass  # the preference recipe prints its baseline (held-out pairs) itself
+        elif self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
             ppl = perplexity(logs["eval_loss"])
             print(
                 f"baseline: held-out loss {self.last_eval_loss} (perplexity "
@@ -157,10 +164,26 @@ class ProgressReporter(TrainerCallback):
             eta = progress["etaSeconds"]
             print(
                 f"step {state.global_step}/{state.max_steps}  loss {self.last_loss or '-'}  "
-                f"eval_loss {self.last_eval_loss or '-'}  {progress['tokensPerSecond']:.0f} tok/s  "
+                f"{'eval_loss' if not self.objective else f'eval_{self.objective.lower()}_loss'} "
+                f"{self.last_eval_loss or '-'}  {progress['tokensPerSecond']:.0f} tok/s  "
                 f"ETA {eta if eta is not None else '-'}s",
                 flush=True,
             )
+
+    def held_out_text(self, logs: dict[str, Any]) -> str:
+        """An evaluation's figures in words: the held-out loss, or for preference tasks the objective's
+        held-out loss with TRL's reward accuracy and margin."""
+        if not self.objective:
+            return f"held-out loss {self.last_eval_loss}"
+        extras = [
+            f", {name} {float(logs[key]):.4g}"
+            for key, name in (
+                ("eval_rewards/accuracies", "reward accuracy"),
+                ("eval_rewards/margins", "reward margin"),
+            )
+            if key in logs
+        ]
+        return f"held-out {self.objective} loss {self.last_eval_loss}" + "".join(extras)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:

@@ -70,7 +70,9 @@ def model_card(
     lines = [
         f"# {ctx.job.metadata.name} ({kind})",
         "",
-        f"Fine-tuned with kubetune from `{spec.model.source}`.",
+        f"Fine-tuned with kubetune from `{spec.model.source}`"
+        + (f" with the adapter `{spec.model.adapter}` merged in" if spec.model.adapter else "")
+        + ".",
         "",
         "## Method",
         "",
@@ -87,6 +89,11 @@ def model_card(
         lines.append(
             f"- 4-bit base: {quant.type}, double quantization={quant.double_quant}, "
             f"compute dtype={quant.compute_dtype}"
+        )
+    if spec.model.adapter and kind == ExportKind.adapter.value:
+        lines.append(
+            f"- this adapter applies to `{spec.model.source}` with `{spec.model.adapter}` merged in (the model it "
+            "was trained on), not to the base alone; the merged export holds all three"
         )
     lines += ["", "## Data", ""]
     for report in data_report["datasets"]:
@@ -106,16 +113,35 @@ def model_card(
         "",
         "| | before | after |",
         "|---|---|---|",
-        f"| held-out loss | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
-        f"| held-out perplexity | {_number(baseline['perplexity'])} | {_number(final['perplexity'])} |",
+    ]
+    preference = spec.task.preference
+    if (
+        preference is not None
+    ):  # the objective's loss and the held-out pairs; the next-token loss is the chosen's
+        lines.append(
+            f"| held-out {str(preference.objective).upper()} loss | {_number(baseline.get('objective_loss'), 4)} "
+            f"| {_number(final.get('objective_loss'), 4)} |"
+        )
+        before, after = baseline.get("pairs") or {}, final.get("pairs") or {}
+        for key, label in (
+            ("rewardAccuracy", "held-out reward accuracy"),
+            ("rewardMargin", "held-out reward margin"),
+            ("preferenceAccuracy", "held-out preference accuracy"),
+        ):
+            if key in after:
+                lines.append(f"| {label} | {_number(before.get(key), 4)} | {_number(after.get(key), 4)} |")
+    of = " of the chosen completions" if preference is not None else ""
+    lines += [
+        f"| held-out loss{of} | {baseline['eval_loss']:.4f} | {final['eval_loss']:.4f} |",
+        f"| held-out perplexity{of} | {_number(baseline['perplexity'])} | {_number(final['perplexity'])} |",
     ]
     for key, value in details.items():
         lines.append(f"| {key} | | {value} |")
     return "\n".join(lines) + "\n"
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def export_all(

@@ -1,4 +1,5 @@
-"""The local model cache: an S3 model prefix downloaded once per content (URI, keys, sizes, ETags).
+"""The local model cache: an S3 model prefix downloaded once per content (URI, keys, sizes, ETags), and
+a base model with an adapter merged in (model.adapter), merged once per content of both.
 
 Only the trainer loads models, so the cache lives here and not in the base `kubetune.storage`; its
 file lock (the `filelock` package) comes with the trainer's dependencies.
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -109,6 +111,76 @@ def cached_model(
                 total / 1e6,
                 time.monotonic() - started,
                 target,
+            )
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _tree_identity(path: Path, names: tuple[str, ...] | None = None) -> list[list[object]]:
+    """[relative path, size, mtime or sha256] of the files under `path` that make the model.
+
+    `names` given (an adapter's few files): those files' contents are hashed. Otherwise (a base model,
+    perhaps many GB): every file but hidden ones (cache markers), by size and modification time, which a
+    rewritten file changes and the model cache's downloads (written once) keep."""
+    entries: list[list[object]] = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if names is not None and relative not in names:
+            continue
+        if names is None and any(part.startswith(".") for part in relative.split("/")):
+            continue
+        stat = file.stat()
+        if names is not None:
+            entries.append([relative, stat.st_size, hashlib.sha256(file.read_bytes()).hexdigest()])
+        else:
+            entries.append([relative, stat.st_size, stat.st_mtime_ns])
+    return entries
+
+
+def merged_base(
+    base_dir: Path,
+    adapter_dir: Path,
+    merge: Callable[[Path], None],
+    cache_root: str | os.PathLike[str],
+    *,
+    adapter_files: tuple[str, ...],
+) -> Path:
+    """The directory of `base_dir` with the adapter in `adapter_dir` merged in, made by `merge(target)` once.
+
+    Kept under ``cache_root/merged/<base>-with-adapter-<hash>``, the hash covering the base's files (path,
+    sizes, modification times) and the adapter's (`adapter_files`, their contents): a resumed run, another
+    rank or another job on the node merges nothing, and a changed base or adapter gives a new directory.
+    Written to a temporary directory, marked complete and renamed, under a file lock, as cached_model."""
+    identity = {
+        "base": str(base_dir.resolve()),
+        "baseFiles": _tree_identity(base_dir),
+        "adapterFiles": _tree_identity(adapter_dir, adapter_files),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    # named by the base only: the same adapter read from another place (a local copy, S3) is the same merge
+    name = "".join(c if c.isalnum() or c in "-._" else "-" for c in base_dir.name)[:60] + "-with-adapter"
+    root = Path(cache_root).expanduser() / "merged"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}-{digest}"
+    if (target / CACHE_MARKER).is_file():
+        log.info("model.adapter %s: merged model cached at %s", adapter_dir, target)
+        return target
+    with FileLock(root / f".{name}-{digest}.lock"):
+        if (target / CACHE_MARKER).is_file():  # another rank or job merged it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+        try:
+            started = time.monotonic()
+            merge(tmp)
+            atomic_write(tmp / CACHE_MARKER, json.dumps(identity, indent=1).encode())
+            if target.exists():
+                shutil.rmtree(target)  # an unfinished leftover (no marker)
+            tmp.chmod(0o755)
+            os.replace(tmp, target)
+            log.info(
+                "model.adapter %s: merged into %s in %.1fs", adapter_dir, target, time.monotonic() - started
             )
         finally:
             if tmp.exists():

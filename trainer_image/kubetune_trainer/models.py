@@ -68,7 +68,54 @@ def bundled_model_dir(name: str) -> Path:
 
 
 def resolve_model_dir(model: ModelSpec, s3: S3Options | None = None) -> str:
-    """A local directory (or, for the hub, an id) that from_pretrained can load."""
+    """The directory training starts from: model.source (resolve_source_dir), with model.adapter merged
+    in when the spec names one (merged once and cached: model_cache.merged_base)."""
+    base_dir = resolve_source_dir(model, s3)
+    if model.adapter is None:
+        return base_dir
+    from kubetune_trainer.merge import ADAPTER_FILES, save_base_with_adapter
+    from kubetune_trainer.model_cache import merged_base
+
+    adapter = model.adapter
+    if storage.is_s3(adapter):
+        try:
+            adapter_dir = cached_model(adapter, options=s3, cache_root=cache_root() / "models")
+        except storage.StorageError as error:
+            if error.code != "NoSuchKey":
+                raise
+            raise ConfigError(
+                f"model.adapter {adapter}: no files there; expected a PEFT adapter (adapter_config.json and "
+                "weights), such as the adapter export of an earlier job (<output>/exports/adapter)"
+            ) from None
+    else:
+        adapter_dir = Path(adapter).expanduser()
+        if not adapter_dir.is_dir():
+            raise ConfigError(
+                f"model.adapter {adapter}: no such directory; expected a PEFT adapter directory (local or "
+                "s3://bucket/prefix/), such as the adapter export of an earlier job (<output>/exports/adapter)"
+            )
+    base = Path(base_dir)
+    if not base.is_dir():  # a hub id that snapshot_download did not resolve to a directory
+        raise ConfigError(
+            f"model.source {model.source}: model.adapter needs the base model in a local directory"
+        )
+
+    def merge(target: Path) -> None:
+        save_base_with_adapter(
+            base_dir,
+            adapter_dir,
+            target,
+            adapter=adapter,
+            source=model.source,
+            trust_remote_code=model.trust_remote_code,
+        )
+
+    merged = merged_base(base, adapter_dir, merge, cache_root() / "models", adapter_files=ADAPTER_FILES)
+    return str(merged)
+
+
+def resolve_source_dir(model: ModelSpec, s3: S3Options | None = None) -> str:
+    """A local directory (or, for the hub, an id) that from_pretrained can load: model.source alone."""
     source = model.source
     if source.startswith(BUNDLED_PREFIX):
         return str(bundled_model_dir(source[len(BUNDLED_PREFIX) :]))

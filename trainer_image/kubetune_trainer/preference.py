@@ -340,6 +340,26 @@ class HeldOutEvaluator:
         return result
 
 
+def baseline_text(ctx: RunContext, result: dict[str, Any]) -> str:
+    """The baseline line of a preference run: the held-out pairs the model already prefers, the objective's
+    held-out loss, and the held-out loss of the chosen completions (next-token, with its perplexity)."""
+    from kubetune.cluster import format_number
+
+    parts = []
+    pairs = result.get("pairs")
+    if pairs:
+        parts.append(
+            f"held-out pairs ({pairs['pairs']}): preference accuracy {pairs['preferenceAccuracy']:.3f} "
+            "(chosen likelier per token than rejected)"
+        )
+    parts.append(f"held-out {objective_of(ctx).upper()} loss {format_number(result['objective_loss'])}")
+    parts.append(
+        f"chosen completions: held-out loss {format_number(result['eval_loss'])} (perplexity "
+        f"{format_number(result['perplexity'], '{:.2f}')})"
+    )
+    return f"baseline: {'; '.join(parts)} on {ctx.job.metadata.name}"
+
+
 def _baseline_callback(ctx: RunContext, evaluator: HeldOutEvaluator, resumed: Path | None) -> Any:
     from transformers import TrainerCallback
 
@@ -357,6 +377,8 @@ def _baseline_callback(ctx: RunContext, evaluator: HeldOutEvaluator, resumed: Pa
             if self.result is None:
                 self.result = evaluator.measure(self.trainer.model, self.trainer, None)
                 self.seconds = self.result["seconds"]
+                if ctx.is_main and ctx.show_progress:
+                    print(baseline_text(ctx, self.result), flush=True)
             (ctx.work_dir / "baseline.json").write_text(json.dumps(self.result))
 
     return PreferenceBaseline()

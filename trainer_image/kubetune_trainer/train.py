@@ -689,6 +689,7 @@ def run_summary(
         "method": spec.method.type,
         "task": spec.task.type,
         "model": spec.model.source,
+        "adapter": spec.model.adapter,
         "precision": precision,
         "modelInfo": model_info(model),
         "worldSize": ctx.world_size,

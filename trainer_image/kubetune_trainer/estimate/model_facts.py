@@ -23,7 +23,7 @@ def model_files_dir(job: FineTuneJob) -> str:
     source = spec.model.source
     s3 = S3Options.from_spec(spec.storage)
     if source.startswith(BUNDLED_PREFIX) or Path(source).expanduser().exists():
-        return model_lib.resolve_model_dir(spec.model, s3)
+        return model_lib.resolve_source_dir(spec.model, s3)
     small = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
     if storage.is_s3(source):
         from kubetune.checkpoints import config_hash
@@ -46,7 +46,7 @@ def model_files_dir(job: FineTuneJob) -> str:
             hub_id, revision=spec.model.revision, token=os.environ.get("HF_TOKEN"), allow_patterns=list(small)
         )
     except Exception:  # noqa: BLE001 - the same advice as the trainer gives
-        return model_lib.resolve_model_dir(spec.model, s3)  # raises the trainer's ConfigError
+        return model_lib.resolve_source_dir(spec.model, s3)  # raises the trainer's ConfigError
 
 
 def model_facts(job: FineTuneJob, model_dir: str) -> dict[str, Any]:

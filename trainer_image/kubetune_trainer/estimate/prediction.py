@@ -189,9 +189,14 @@ def estimate(
         f"activations for the longest batch: {training.batch_size_per_device} x {seq} tokens",
         *preference_assumptions,
     ]
+    if spec.model.adapter:
+        assumptions.append(
+            f"model.adapter {spec.model.adapter} is merged into the base before training (the same shapes: "
+            "it does not change the FLOPs or the memory); the merge itself, once per node, is not included"
+        )
     return {
         "job": job.metadata.name,
-        "model": {"source": spec.model.source, **facts},
+        "model": {"source": spec.model.source, "adapter": spec.model.adapter, **facts},
         "method": method,
         "data": data,
         "steps": steps,
