@@ -590,6 +590,21 @@ ATTACKS: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.model.source", "s3://models/team-a/", "policy.allowedSourcePrefixes"],
     ),
     (
+        "adapter-path",
+        {"model": {"source": "s3://models/team-a/base/", "adapter": "/var/run/secrets/kubernetes.io"}},
+        ["spec.model.adapter", "policy.dataPaths"],
+    ),
+    (
+        "other-namespace-adapter",
+        {
+            "model": {
+                "source": "s3://models/team-a/base/",
+                "adapter": "s3://models/team-b/sft/exports/adapter/",
+            }
+        },
+        ["spec.model.adapter", "s3://models/team-a/", "policy.allowedSourcePrefixes"],
+    ),
+    (
         "trust-remote-code",
         {"model": {"source": "org/model", "revision": "a" * 40, "trustRemoteCode": True}},
         ["spec.model.trustRemoteCode", "policy.allowTrustRemoteCode"],
