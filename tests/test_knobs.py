@@ -224,6 +224,7 @@ def test_gradient_accumulation_steps_and_loss_normalisation(make_job) -> None:
                 "gradientAccumulationSteps": accumulation,
                 "maxGradNorm": 0.0,
                 "loggingSteps": 1,
+                "precision": "fp32",  # equal up to fp32 rounding (auto is bf16 on CPUs with native bf16)
             },
         )
         trainer = build_trainer(path, callbacks=[probe.callback()])
