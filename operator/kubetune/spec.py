@@ -180,10 +180,9 @@ OutputRule = Rule(
     "(!self.startsWith('s3://') || self.matches('^s3://[^/]+(/.*)?$'))",
     "use s3://bucket/prefix/ (a bucket is required) or a local directory; other schemes are not written",
 )
-AdapterRule = Rule(
-    lambda v: _location(v, key=True) and not v.startswith(("hf://", "bundled://")),
-    "(!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://') || self.startsWith('s3://')) && "
-    "(!self.startsWith('s3://') || self.matches('^s3://[^/]+/[^/].*$'))",
+AdapterRule = Rule(  # where it may be read from is where a dataset may: s3://bucket/key or a local path
+    DatasetSourceRule.check,
+    DatasetSourceRule.cel,
     "use s3://bucket/prefix/ (a bucket and a key) or a local directory holding a PEFT adapter "
     "(adapter_config.json); hub ids, http(s) URLs and other schemes are not read",
 )

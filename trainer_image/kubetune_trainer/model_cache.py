@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -79,39 +80,47 @@ def cached_model(
         c if c.isalnum() or c in "-._" else "-" for c in (prefix.rstrip("/").rsplit("/", 1)[-1] or bucket)
     )
     root = Path(cache_root if cache_root is not None else DEFAULT_CACHE_ROOT).expanduser()
+
+    def download(tmp: Path) -> None:
+        started = time.monotonic()
+        download_objects(bucket, prefix, [(k, size) for _, size, _, k in listing], tmp, opts)
+        for rel, size, _etag, _key in listing:
+            if (tmp / rel).stat().st_size != size:
+                raise StorageError(
+                    f"downloaded s3://{bucket}/{prefix}{rel} has the wrong size",
+                    uri=uri,
+                    bucket=bucket,
+                    key=prefix + rel,
+                    retryable=True,
+                )
+        total = sum(size for _, size, _, _ in listing)
+        log.info("model %s: downloaded %.1f MB in %.1fs", uri, total / 1e6, time.monotonic() - started)
+
+    return build_once(root, f"{name}-{digest}", identity, download, f"model {uri}")
+
+
+def build_once(
+    root: Path, name: str, identity: Mapping[str, Any], build: Callable[[Path], None], what: str
+) -> Path:
+    """``root/name``, made by `build(directory)` once: written to a temporary directory, marked
+    complete (the marker holds `identity`) and renamed, under a file lock, so that concurrent
+    processes (ranks, jobs on the node) build it once and never read a partial one."""
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{name}-{digest}"
+    target = root / name
     if (target / CACHE_MARKER).is_file():
-        log.info("model %s: cache hit at %s", uri, target)
+        log.info("%s: cached at %s", what, target)
         return target
-    with FileLock(root / f".{name}-{digest}.lock"):
+    with FileLock(root / f".{name}.lock"):
         if (target / CACHE_MARKER).is_file():  # another process finished it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
-            started = time.monotonic()
-            download_objects(bucket, prefix, [(k, size) for _, size, _, k in listing], tmp, opts)
-            for rel, size, _etag, _key in listing:
-                if (tmp / rel).stat().st_size != size:
-                    raise StorageError(
-                        f"downloaded s3://{bucket}/{prefix}{rel} has the wrong size",
-                        uri=uri,
-                        bucket=bucket,
-                        key=prefix + rel,
-                        retryable=True,
-                    )
+            build(tmp)
             atomic_write(tmp / CACHE_MARKER, json.dumps(identity, indent=1).encode())
             if target.exists():
                 shutil.rmtree(target)  # an unfinished leftover (no marker)
+            tmp.chmod(0o755)
             os.replace(tmp, target)
-            total = sum(size for _, size, _, _ in listing)
-            log.info(
-                "model %s: downloaded %.1f MB in %.1fs to %s",
-                uri,
-                total / 1e6,
-                time.monotonic() - started,
-                target,
-            )
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -161,28 +170,16 @@ def merged_base(
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     # named by the base only: the same adapter read from another place (a local copy, S3) is the same merge
     name = "".join(c if c.isalnum() or c in "-._" else "-" for c in base_dir.name)[:60] + "-with-adapter"
-    root = Path(cache_root).expanduser() / "merged"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{name}-{digest}"
-    if (target / CACHE_MARKER).is_file():
-        log.info("model.adapter %s: merged model cached at %s", adapter_dir, target)
-        return target
-    with FileLock(root / f".{name}-{digest}.lock"):
-        if (target / CACHE_MARKER).is_file():  # another rank or job merged it while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        try:
-            started = time.monotonic()
-            merge(tmp)
-            atomic_write(tmp / CACHE_MARKER, json.dumps(identity, indent=1).encode())
-            if target.exists():
-                shutil.rmtree(target)  # an unfinished leftover (no marker)
-            tmp.chmod(0o755)
-            os.replace(tmp, target)
-            log.info(
-                "model.adapter %s: merged into %s in %.1fs", adapter_dir, target, time.monotonic() - started
-            )
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def merge_into(tmp: Path) -> None:
+        started = time.monotonic()
+        merge(tmp)
+        log.info("model.adapter %s: merged in %.1fs", adapter_dir, time.monotonic() - started)
+
+    return build_once(
+        Path(cache_root).expanduser() / "merged",
+        f"{name}-{digest}",
+        identity,
+        merge_into,
+        f"model.adapter {adapter_dir}",
+    )
