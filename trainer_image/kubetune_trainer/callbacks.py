@@ -151,15 +151,15 @@ class ProgressReporter(TrainerCallback):
             )
             if "eval_loss" in logs and state.global_step > 0:
                 self.bar.console.print(f"step {state.global_step}: {self.held_out_text(logs)}")
-        if self.objective and state.global_step == 0 and "eval_loss" in logs:
-            pass  # the preference recipe prints its baseline (held-out pairs) itself
-        elif self.ctx.show_progress and state.global_step == 0 and "eval_loss" in logs:
-            ppl = perplexity(logs["eval_loss"])
-            print(
-                f"baseline: held-out loss {self.last_eval_loss} (perplexity "
-                f"{'-' if ppl is None else f'{ppl:.2f}'}) on {self.ctx.job.metadata.name}",
-                flush=True,
-            )
+        if state.global_step == 0 and "eval_loss" in logs:
+            # the baseline evaluation; the preference recipe prints its own (on the held-out pairs)
+            if not self.objective and self.ctx.show_progress:
+                ppl = perplexity(logs["eval_loss"])
+                print(
+                    f"baseline: held-out loss {self.last_eval_loss} (perplexity "
+                    f"{'-' if ppl is None else f'{ppl:.2f}'}) on {self.ctx.job.metadata.name}",
+                    flush=True,
+                )
         elif self.bar is None and self.ctx.show_progress and ("loss" in logs or "eval_loss" in logs):
             eta = progress["etaSeconds"]
             print(
