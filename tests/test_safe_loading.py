@@ -65,6 +65,9 @@ def write_job(directory: Path, model: Path, name: str, strategy: str | None = No
             "maxSeqLength": 96,
             "loggingSteps": 1,
             "learningRate": 1e-3,
+            # fp32: the DeepSpeed checkpoint files named below are those of fp32 ZeRO (auto would be bf16
+            # for LoRA on CPUs with native bf16, whose optimizer shards are named bf16_zero_pp_rank_...)
+            "precision": "fp32",
         },
         "checkpoint": {"everySteps": EVERY, "keepLast": 3},
         "evaluation": {"numSamplePrompts": 0},
