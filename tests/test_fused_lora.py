@@ -30,7 +30,9 @@ def peft_model(dropout: float, bias: str = "all", **config: Any) -> nn.Module:
     torch.manual_seed(0)
     model = get_peft_model(
         TwoLayers(),
-        LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["up", "down"], bias=bias, **config),
+        LoraConfig(
+            r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["up", "down"], bias=bias, **config
+        ),
     )
     with torch.no_grad():  # B starts at zero: give it values so that the adapter path counts
         for name, parameter in model.named_parameters():
@@ -62,7 +64,9 @@ def test_fused_layer_equals_peft_outputs_and_gradients(dropout: float) -> None:
         name.removeprefix("base_model.model.") for name in found
     }
     for name in expected:
-        torch.testing.assert_close(found[name], expected[name], rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            found[name], expected[name], rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_dropout_masks_differ_between_calls_and_are_off_in_eval() -> None:
@@ -125,7 +129,10 @@ def test_peft_forward_runs_where_the_fused_one_does_not_apply() -> None:
 def test_the_trainer_trains_lora_through_the_fused_layers(make_job) -> None:
     path = make_job(
         "fused",
-        method={"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targetModules": ["all-linear"]}},
+        method={
+            "type": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targetModules": ["all-linear"]},
+        },
     )
     trainer = build_trainer(path)
     model = trainer.model

@@ -47,7 +47,9 @@ class FusedLoraLinear(torch.autograd.Function):
         dropout: float,
         training: bool,
     ) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        )
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             weight_c, lora_a_c, lora_b_c = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
@@ -102,7 +104,12 @@ def fused_call(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
     name = active[0]
-    base, lora_a, lora_b, dropout = layer.base_layer, layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    base, lora_a, lora_b, dropout = (
+        layer.base_layer,
+        layer.lora_A[name],
+        layer.lora_B[name],
+        layer.lora_dropout[name],
+    )
     if type(base) is not nn.Linear or base.weight.requires_grad or lora_b.bias is not None:
         return None
     if type(dropout) not in (nn.Identity, nn.Dropout):
@@ -114,7 +121,14 @@ def fused_call(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.
         return None  # PEFT's promotion rules for mixed dtypes without autocast
     rate = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     return FusedLoraLinear.apply(
-        x, base.weight, base.bias, lora_a.weight, lora_b.weight, float(layer.scaling[name]), rate, dropout.training
+        x,
+        base.weight,
+        base.bias,
+        lora_a.weight,
+        lora_b.weight,
+        float(layer.scaling[name]),
+        rate,
+        dropout.training,
     )
 
 
