@@ -36,7 +36,7 @@ class FusedLoraLinear(torch.autograd.Function):
     """`x W^T + b + scaling * dropout(x) A^T B^T` with its gradients, in GEMMs that accumulate in place."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -68,7 +68,7 @@ class FusedLoraLinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         dropped, weight, hidden, lora_a, lora_b, noise = ctx.saved_tensors
         scaling = ctx.scaling
         x_shape, x_dtype = ctx.x_meta
@@ -147,6 +147,6 @@ def fuse_lora_layers(model: Any) -> int:
             fused = fused_call(self, x, args, kwargs)
             return _peft(x, *args, **kwargs) if fused is None else fused
 
-        module.forward = types.MethodType(forward, module)
+        module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
         count += 1
     return count

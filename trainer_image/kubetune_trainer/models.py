@@ -243,8 +243,8 @@ def load_model(spec: FineTuneJobSpec, model_dir: str, precision: str) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"method.lora.targetModules {lora.target_modules}: {error}") from None
-    fuse_lora_layers(model)  # PEFT's arithmetic in fewer passes over memory (fused_lora.py)
-    return model
+    fuse_lora_layers(peft_model)  # PEFT's arithmetic in fewer passes over memory (fused_lora.py)
+    return peft_model
