@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer.fused_lora import fuse_lora_layers
@@ -54,7 +55,7 @@ def main() -> None:
             parameter.data = parameter.data.float()  # fp32 adapters, as the trainer keeps them
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
     fuse_lora_layers(model)
     fused_forwards = {m: m.__dict__["forward"] for m in layers}
     tokens = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))

@@ -141,12 +141,14 @@ def fuse_lora_layers(model: Any) -> int:
     for module in model.modules():
         if type(module) is not LoraLinear or "forward" in module.__dict__:
             continue
-        peft_forward = module.forward
-
-        def forward(self: Any, x: torch.Tensor, *args: Any, _peft: Any = peft_forward, **kwargs: Any) -> Any:
-            fused = fused_call(self, x, args, kwargs)
-            return _peft(x, *args, **kwargs) if fused is None else fused
-
-        module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+        module.forward = types.MethodType(_fused_or_peft_forward, module)  # type: ignore[method-assign]
         count += 1
     return count
+
+
+def _fused_or_peft_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """A lora.Linear's forward: the fused one where it applies, PEFT's class forward otherwise."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fused = fused_call(layer, x, args, kwargs)
+    return LoraLinear.forward(layer, x, *args, **kwargs) if fused is None else fused
